@@ -1,0 +1,612 @@
+//! The terminal client: one subcommand per RPC.
+
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use prost_types::Struct;
+use serde_json::json;
+use tonic::{Request, transport::Channel};
+
+use agent_lifecycle::{
+    domain::{AgentCategory, AgentState},
+    grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient},
+};
+
+use super::{
+    Command, Format,
+    output::{self, agent_json, agent_line, agent_text, transition_json, transition_line},
+};
+
+type Client = AgentLifecycleServiceClient<Channel>;
+
+/// An agent id.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Agent id (UUID).
+    pub agent_id: String,
+}
+
+/// What every change may carry.
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    /// Why (recorded in the history).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who (recorded in the history); the server defaults to `system`.
+    #[arg(long = "by", default_value = "")]
+    pub triggered_by: String,
+    /// Metadata entry KEY=VALUE (string value); repeatable.
+    #[arg(long = "meta", value_parser = parse_pair)]
+    pub meta: Vec<(String, String)>,
+    /// Metadata as a JSON object (merged under --meta).
+    #[arg(long = "metadata")]
+    pub metadata_json: Option<String>,
+    /// Apply only if the agent is at this version.
+    #[arg(long)]
+    pub expected_version: Option<u64>,
+}
+
+/// `register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Agent id (UUID); default: the server generates one.
+    #[arg(long = "id")]
+    pub agent_id: Option<String>,
+    /// Display name.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only agents in this state; repeatable.
+    #[arg(long = "state", value_parser = parse_state)]
+    pub states: Vec<AgentState>,
+    /// operational, available, error or maintenance.
+    #[arg(long, value_parser = parse_category)]
+    pub category: Option<AgentCategory>,
+    /// Only agents with label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    /// Agents per request.
+    #[arg(long, default_value_t = 500)]
+    pub page_size: u32,
+}
+
+/// `history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Agent id.
+    pub agent_id: String,
+    /// Only the newest N transitions.
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+}
+
+/// `transition`.
+#[derive(Debug, Args)]
+pub struct TransitionArgs {
+    /// Agent id.
+    pub agent_id: String,
+    /// Target state (e.g. online).
+    #[arg(value_parser = parse_state)]
+    pub target: AgentState,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `deploy`, `start`, `stop`, `maintenance`, `resume`.
+#[derive(Debug, Args)]
+pub struct OpArgs {
+    /// Agent id.
+    pub agent_id: String,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `assign`, `complete`.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// Agent id.
+    pub agent_id: String,
+    /// Task id, recorded in the metadata.
+    #[arg(long = "task", default_value = "")]
+    pub task_id: String,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `error`.
+#[derive(Debug, Args)]
+pub struct ErrorArgs {
+    /// Agent id.
+    pub agent_id: String,
+    /// What went wrong.
+    pub message: String,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this agent; repeatable.
+    #[arg(long = "agent")]
+    pub agent_ids: Vec<String>,
+    /// Only events into this state; repeatable.
+    #[arg(long = "state", value_parser = parse_state)]
+    pub states: Vec<AgentState>,
+    /// Only `registered` or `transitioned` events; repeatable.
+    #[arg(long = "type", value_parser = parse_event_type)]
+    pub types: Vec<pb::EventType>,
+    /// Only agents with label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    /// Replay from this sequence, then follow.
+    #[arg(long = "from", default_value_t = 0)]
+    pub start_sequence: u64,
+    /// Print the matching agents first, then follow.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Also print progress messages.
+    #[arg(long)]
+    pub progress: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+fn parse_state(text: &str) -> Result<AgentState, String> {
+    text.parse::<AgentState>().map_err(|e| e.to_string())
+}
+
+fn parse_category(text: &str) -> Result<AgentCategory, String> {
+    text.parse::<AgentCategory>()
+}
+
+fn parse_event_type(text: &str) -> Result<pb::EventType, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "registered" => Ok(pb::EventType::Registered),
+        "transitioned" => Ok(pb::EventType::Transitioned),
+        _ => Err(format!("unknown event type {text:?} (registered, transitioned)")),
+    }
+}
+
+fn wire_state(state: AgentState) -> i32 {
+    agent_lifecycle::grpc::convert::state_to_pb(state) as i32
+}
+
+fn metadata(change: &ChangeArgs) -> anyhow::Result<Option<Struct>> {
+    let mut map = match &change.metadata_json {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text)
+            .context("--metadata is not JSON")?
+        {
+            serde_json::Value::Object(map) => map,
+            _ => bail!("--metadata must be a JSON object"),
+        },
+        None => serde_json::Map::new(),
+    };
+    for (k, v) in &change.meta {
+        map.insert(k.clone(), json!(v));
+    }
+    Ok(agent_lifecycle::grpc::convert::metadata_to_pb(&map))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+async fn connect(server: &str) -> anyhow::Result<Client> {
+    let channel = Channel::from_shared(server.to_string())
+        .with_context(|| format!("bad server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {server}"))?;
+    Ok(AgentLifecycleServiceClient::new(channel))
+}
+
+fn call<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+fn print_change(format: Format, agent: Option<pb::Agent>, transitions: Vec<pb::StateTransition>) {
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "agent": agent.as_ref().map(agent_json),
+                "transitions": transitions.iter().map(transition_json).collect::<Vec<_>>(),
+            })
+        ),
+        Format::Text => {
+            for t in &transitions {
+                println!("{}", transition_line(t));
+            }
+            if transitions.is_empty() {
+                println!("no change");
+            }
+            if let Some(agent) = &agent {
+                println!("{}", agent_line(agent));
+            }
+        }
+    }
+}
+
+/// Runs one client command.
+///
+/// # Errors
+/// Connection failures and error statuses.
+pub async fn run(server: &str, format: Format, timeout: Duration, command: Command) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    macro_rules! change {
+        ($method:ident, $message:expr) => {{
+            let response = client
+                .$method(call($message, timeout))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_change(format, response.agent, response.transitions);
+        }};
+    }
+    match command {
+        Command::Register(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                register_agent,
+                pb::RegisterAgentRequest {
+                    agent_id: a.agent_id.unwrap_or_default(),
+                    name: a.name,
+                    labels: a.labels.into_iter().collect(),
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                }
+            )
+        }
+        Command::Transition(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                transition_agent,
+                pb::TransitionAgentRequest {
+                    agent_id: a.agent_id,
+                    target_state: wire_state(a.target),
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Deploy(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                deploy_agent,
+                pb::DeployAgentRequest {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Start(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                start_agent,
+                pb::StartAgentRequest {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Stop(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                stop_agent,
+                pb::StopAgentRequest {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Assign(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                assign_task,
+                pb::AssignTaskRequest {
+                    agent_id: a.agent_id,
+                    task_id: a.task_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Complete(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                complete_task,
+                pb::CompleteTaskRequest {
+                    agent_id: a.agent_id,
+                    task_id: a.task_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Error(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                handle_error,
+                pb::HandleErrorRequest {
+                    agent_id: a.agent_id,
+                    error_message: a.message,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Maintenance(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                put_in_maintenance,
+                pb::PutInMaintenanceRequest {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Resume(a) => {
+            let metadata = metadata(&a.change)?;
+            change!(
+                resume_from_maintenance,
+                pb::ResumeFromMaintenanceRequest {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }
+        Command::Get(a) => {
+            let agent = client
+                .get_agent(call(pb::GetAgentRequest { agent_id: a.agent_id }, timeout))
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .agent
+                .context("the server sent no agent")?;
+            match format {
+                Format::Json => println!("{}", agent_json(&agent)),
+                Format::Text => println!("{}", agent_text(&agent)),
+            }
+        }
+        Command::List(a) => {
+            let mut token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let page = client
+                    .list_agents(call(
+                        pb::ListAgentsRequest {
+                            states: a.states.iter().map(|s| wire_state(*s)).collect(),
+                            category: a.category.map_or(0, |c| match c {
+                                AgentCategory::Operational => pb::AgentCategory::Operational,
+                                AgentCategory::Available => pb::AgentCategory::Available,
+                                AgentCategory::Error => pb::AgentCategory::Error,
+                                AgentCategory::Maintenance => pb::AgentCategory::Maintenance,
+                            } as i32),
+                            labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
+                            page_size: a.page_size,
+                            page_token: token,
+                        },
+                        timeout,
+                    ))
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if format == Format::Text {
+                    for agent in &page.agents {
+                        println!("{}", agent_line(agent));
+                    }
+                } else {
+                    all.extend(page.agents);
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if format == Format::Json {
+                println!("{}", json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() }));
+            }
+        }
+        Command::History(a) => {
+            let mut token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let page = client
+                    .get_agent_history(call(
+                        pb::GetAgentHistoryRequest {
+                            agent_id: a.agent_id.clone(),
+                            limit: a.limit,
+                            page_size: 0,
+                            page_token: token,
+                        },
+                        timeout,
+                    ))
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                all.extend(page.transitions);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
+                ),
+                Format::Text => {
+                    for t in &all {
+                        println!("{}", transition_line(t));
+                    }
+                }
+            }
+        }
+        Command::Metrics => {
+            let m = client
+                .get_lifecycle_metrics(call(pb::GetLifecycleMetricsRequest {}, timeout))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let distribution: std::collections::BTreeMap<_, _> = m.state_distribution.iter().collect();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({
+                        "total_agents": m.total_agents,
+                        "operational_agents": m.operational_agents,
+                        "available_agents": m.available_agents,
+                        "error_agents": m.error_agents,
+                        "maintenance_agents": m.maintenance_agents,
+                        "state_distribution": distribution,
+                        "head_sequence": m.head_sequence,
+                    })
+                ),
+                Format::Text => {
+                    println!("total:       {}", m.total_agents);
+                    println!("operational: {}", m.operational_agents);
+                    println!("available:   {}", m.available_agents);
+                    println!("error:       {}", m.error_agents);
+                    println!("maintenance: {}", m.maintenance_agents);
+                    println!("head:        {}", m.head_sequence);
+                    for (state, count) in distribution {
+                        println!("  {state:<12} {count}");
+                    }
+                }
+            }
+        }
+        Command::Rules => {
+            let rules = client
+                .get_transition_rules(call(pb::GetTransitionRulesRequest {}, timeout))
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .rules;
+            match format {
+                Format::Json => {
+                    let map: serde_json::Map<String, serde_json::Value> = rules
+                        .iter()
+                        .map(|r| {
+                            (
+                                output::state_name(r.from_state),
+                                json!(r.allowed_targets.iter().map(|s| output::state_name(*s)).collect::<Vec<_>>()),
+                            )
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Object(map));
+                }
+                Format::Text => {
+                    for r in &rules {
+                        let targets: Vec<_> = r.allowed_targets.iter().map(|s| output::state_name(*s)).collect();
+                        println!("{:<12} -> {}", output::state_name(r.from_state), targets.join(", "));
+                    }
+                }
+            }
+        }
+        Command::Watch(a) => watch(&mut client, format, a).await?,
+        Command::Serve(_) | Command::Bench(_) => unreachable!("dispatched before connecting"),
+    }
+    Ok(())
+}
+
+async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Result<()> {
+    use pb::watch_events_response::Kind;
+    let request = pb::WatchEventsRequest {
+        agent_ids: a.agent_ids,
+        states: a.states.iter().map(|s| wire_state(*s)).collect(),
+        event_types: a.types.iter().map(|t| *t as i32).collect(),
+        labels: a.labels.into_iter().collect(),
+        start_sequence: a.start_sequence,
+        include_snapshot: a.snapshot,
+    };
+    let mut stream = client.watch_events(request).await.map_err(status_error)?.into_inner();
+    let mut seen = 0u64;
+    while let Some(message) = stream.message().await.map_err(status_error)? {
+        let Some(kind) = message.kind else { continue };
+        match (kind, format) {
+            (Kind::Event(e), Format::Json) => {
+                println!(
+                    "{}",
+                    json!({
+                        "type": "event",
+                        "sequence": e.sequence,
+                        "agent_id": e.agent_id,
+                        "event_type": output::event_type_name(e.r#type),
+                        "transition": e.transition.as_ref().map(transition_json),
+                        "agent": e.agent.as_ref().map(agent_json),
+                    })
+                );
+                seen += 1;
+            }
+            (Kind::Event(e), Format::Text) => {
+                let line = e.transition.as_ref().map(transition_line).unwrap_or_default();
+                println!("{}  {}", e.agent_id, line);
+                seen += 1;
+            }
+            (Kind::Progress(p), Format::Json) if a.progress => {
+                println!("{}", json!({"type": "progress", "head_sequence": p.head_sequence}));
+            }
+            (Kind::Progress(p), Format::Text) if a.progress => println!("progress head={}", p.head_sequence),
+            (Kind::Progress(_), _) => {}
+            (Kind::SnapshotAgent(agent), Format::Json) => {
+                println!("{}", json!({"type": "snapshot_agent", "agent": agent_json(&agent)}));
+            }
+            (Kind::SnapshotAgent(agent), Format::Text) => println!("snapshot {}", agent_line(&agent)),
+            (Kind::SnapshotComplete(c), Format::Json) => println!(
+                "{}",
+                json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count})
+            ),
+            (Kind::SnapshotComplete(c), Format::Text) => {
+                println!("snapshot complete: {} agents at sequence {}", c.agent_count, c.head_sequence);
+            }
+        }
+        if a.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Settings of `agent-lifecycle serve`: where to listen, which store, and
+//! the service's capacities. The binary fills them from flags and
+//! `AGENT_LIFECYCLE_*` environment variables.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+
+use crate::{
+    service::ServiceConfig,
+    store::{MemoryStore, Retention, SqliteStore, Store, StoreError},
+};
+
+/// The default store: a SQLite file under `./data`.
+pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
+
+/// Largest request message the server decodes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Which back end holds the data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `memory`: nothing survives a restart.
+    Memory,
+    /// `sqlite://PATH` (`sqlite:PATH` too).
+    Sqlite(PathBuf),
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "memory" || s == "memory://" {
+            return Ok(StoreUrl::Memory);
+        }
+        if let Some(path) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+            if path.is_empty() {
+                return Err("sqlite:// needs a file path, e.g. sqlite://./data/agent-lifecycle.db".into());
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Err("the PostgreSQL store is not available in this version; use sqlite://PATH or memory".into());
+        }
+        Err(format!("unknown store {s:?}: expected memory or sqlite://PATH"))
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+impl StoreUrl {
+    /// Opens the store.
+    ///
+    /// # Errors
+    /// The SQLite file cannot be created, opened or written.
+    pub fn open(&self, retention: &Retention) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match self {
+            StoreUrl::Memory => Arc::new(MemoryStore::new(retention)),
+            StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+        })
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// The store.
+    pub store: StoreUrl,
+    /// Service capacities and policy.
+    pub service: ServiceConfig,
+}
+
+/// Parses durations like `500ms`, `30s`, `15m`, `12h`, `7d` (a bare number
+/// is seconds).
+///
+/// # Errors
+/// Anything else.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 15m, 12h, 7d)"))?;
+    let seconds = |factor: u64| Duration::from_secs(n.saturating_mul(factor));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(seconds(1)),
+        "m" => Ok(seconds(60)),
+        "h" => Ok(seconds(3600)),
+        "d" => Ok(seconds(86_400)),
+        _ => Err(format!("{text:?} has an unknown unit (ms, s, m, h, d)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_and_durations_parse() {
+        assert_eq!("memory".parse::<StoreUrl>(), Ok(StoreUrl::Memory));
+        assert_eq!(
+            DEFAULT_STORE.parse::<StoreUrl>(),
+            Ok(StoreUrl::Sqlite("./data/agent-lifecycle.db".into()))
+        );
+        assert!("postgres://x".parse::<StoreUrl>().is_err());
+        assert!("redis://x".parse::<StoreUrl>().is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("7 parsecs").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! The lifecycle domain: states, categories, the transition policy, agents,
+//! transition records and events.
+//!
+//! Pure and synchronous: no tokio, tonic, prost or SQL. Everything above
+//! depends on this module; it depends on nothing of the crate.
+
+pub mod agent;
+pub mod error;
+pub mod handler;
+pub mod limits;
+pub mod state;
+pub mod transition;
+
+pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, TransitionRecord};
+pub use error::TransitionError;
+pub use handler::{HandlerError, HandlerPhase, TransitionContext};
+pub use limits::FieldViolation;
+pub use state::{AgentCategory, AgentState};
+pub use transition::TransitionPolicy;

@@ -1,0 +1,63 @@
+//! The crate's error: every way a library or RPC call can fail.
+//!
+//! `grpc::status` maps each variant to one gRPC code; nothing else builds a
+//! `Status`.
+
+use crate::{
+    domain::{AgentId, AgentState, FieldViolation, TransitionError},
+    store::StoreError,
+};
+
+/// A failed operation. Nothing was applied when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed input, naming the field.
+    #[error(transparent)]
+    InvalidArgument(#[from] FieldViolation),
+    /// No agent has this id.
+    #[error("agent {0} not found")]
+    AgentNotFound(AgentId),
+    /// Registration of an id that has left REGISTERED.
+    #[error("agent {agent_id} already exists in state {state}")]
+    AgentExists {
+        /// The agent.
+        agent_id: AgentId,
+        /// Its current state.
+        state: AgentState,
+    },
+    /// The domain refused the transition.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// A watch asked for events that retention deleted.
+    #[error("sequence {requested} has been compacted; the oldest available sequence is {oldest}")]
+    SequenceCompacted {
+        /// What was asked for.
+        requested: u64,
+        /// The oldest retained sequence.
+        oldest: u64,
+    },
+    /// A watch asked to start beyond the next sequence.
+    #[error("sequence {requested} is beyond the head sequence {head}")]
+    SequenceNotYetWritten {
+        /// What was asked for.
+        requested: u64,
+        /// The newest committed sequence.
+        head: u64,
+    },
+    /// The service is shutting down and takes no more work.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    /// The store failed; the change was not applied. Shared because one
+    /// failed batch fails every request in it.
+    #[error("store failure: {0}")]
+    Store(std::sync::Arc<StoreError>),
+}
+
+/// Shorthand for crate results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<StoreError> for Error {
+    fn from(err: StoreError) -> Self {
+        Error::Store(std::sync::Arc::new(err))
+    }
+}

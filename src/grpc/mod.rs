@@ -1,0 +1,19 @@
+//! The tonic edge: the generated code, conversions between wire and domain
+//! types, the service handler and the one mapping from [`crate::Error`] to
+//! `tonic::Status`. Nothing below this module names tonic, prost or `pb`.
+
+pub mod convert;
+pub mod handler;
+pub mod status;
+
+/// Generated protobuf and gRPC code for `agentlifecycle.v1`.
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("agentlifecycle.v1");
+
+    /// The encoded descriptor set of `proto/`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("agentlifecycle_descriptor");
+}
+
+pub use handler::LifecycleHandler;

@@ -1,0 +1,153 @@
+//! The one place that turns a [`crate::Error`] into a `tonic::Status`
+//! (etcd's `toGRPCErrorMap`). Every status carries google.rpc details: an
+//! `ErrorInfo` with a stable reason in the `agentlifecycle.v1` domain, plus
+//! `BadRequest` or `PreconditionFailure` where they apply.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::warn;
+
+use crate::{
+    Error,
+    domain::{AgentState, TransitionError},
+};
+
+/// `ErrorInfo.domain` of every error.
+pub const ERROR_DOMAIN: &str = "agentlifecycle.v1";
+
+fn info(reason: &str, pairs: &[(&str, String)]) -> ErrorDetails {
+    let metadata: HashMap<String, String> =
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+}
+
+fn names(states: &[AgentState]) -> String {
+    states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let message = err.to_string();
+        let (code, details) = match &err {
+            Error::InvalidArgument(v) => {
+                let mut details = info("INVALID_ARGUMENT", &[("field", v.field.clone())]);
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                (Code::InvalidArgument, details)
+            }
+            Error::AgentNotFound(id) => (
+                Code::NotFound,
+                info("AGENT_NOT_FOUND", &[("agent_id", id.to_string())]),
+            ),
+            Error::AgentExists { agent_id, state } => (
+                Code::AlreadyExists,
+                info(
+                    "AGENT_ALREADY_EXISTS",
+                    &[("agent_id", agent_id.to_string()), ("state", state.to_string())],
+                ),
+            ),
+            Error::Transition(TransitionError::NotAllowed { agent_id, from, to, allowed }) => {
+                let mut details = info(
+                    "TRANSITION_NOT_ALLOWED",
+                    &[
+                        ("agent_id", agent_id.to_string()),
+                        ("current_state", from.to_string()),
+                        ("target_state", to.to_string()),
+                        ("allowed_targets", names(allowed)),
+                    ],
+                );
+                details.add_precondition_failure_violation(
+                    "STATE",
+                    format!("agents/{agent_id}"),
+                    format!(
+                        "current state is {from}; allowed targets: {}",
+                        if allowed.is_empty() { "none".into() } else { names(allowed) }
+                    ),
+                );
+                (Code::FailedPrecondition, details)
+            }
+            Error::Transition(TransitionError::RequiresState {
+                agent_id,
+                operation,
+                state,
+                required,
+            }) => {
+                let mut details = info(
+                    "TRANSITION_NOT_ALLOWED",
+                    &[
+                        ("agent_id", agent_id.to_string()),
+                        ("current_state", state.to_string()),
+                        ("operation", operation.to_string()),
+                        ("required_states", names(required)),
+                    ],
+                );
+                details.add_precondition_failure_violation(
+                    "STATE",
+                    format!("agents/{agent_id}"),
+                    format!("current state is {state}; {operation} needs {}", names(required)),
+                );
+                (Code::FailedPrecondition, details)
+            }
+            Error::Transition(TransitionError::VersionMismatch { agent_id, expected, actual }) => (
+                Code::Aborted,
+                info(
+                    "VERSION_MISMATCH",
+                    &[
+                        ("agent_id", agent_id.to_string()),
+                        ("expected_version", expected.to_string()),
+                        ("actual_version", actual.to_string()),
+                    ],
+                ),
+            ),
+            Error::Transition(TransitionError::Vetoed { agent_id, from, to, reason }) => {
+                let mut details = info(
+                    "TRANSITION_VETOED",
+                    &[
+                        ("agent_id", agent_id.to_string()),
+                        ("current_state", from.to_string()),
+                        ("target_state", to.to_string()),
+                        ("veto_reason", reason.clone()),
+                    ],
+                );
+                details.add_precondition_failure_violation(
+                    "HANDLER_VETO",
+                    format!("agents/{agent_id}"),
+                    reason.clone(),
+                );
+                (Code::FailedPrecondition, details)
+            }
+            Error::SequenceCompacted { requested, oldest } => (
+                Code::OutOfRange,
+                info(
+                    "SEQUENCE_COMPACTED",
+                    &[
+                        ("requested_sequence", requested.to_string()),
+                        ("oldest_available_sequence", oldest.to_string()),
+                    ],
+                ),
+            ),
+            Error::SequenceNotYetWritten { requested, head } => (
+                Code::OutOfRange,
+                info(
+                    "SEQUENCE_NOT_YET_WRITTEN",
+                    &[
+                        ("requested_sequence", requested.to_string()),
+                        ("head_sequence", head.to_string()),
+                    ],
+                ),
+            ),
+            Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
+            Error::Store(source) => {
+                warn!(error = %source, "store failure answered with UNAVAILABLE");
+                let details = info("STORE_UNAVAILABLE", &[]);
+                return Status::with_error_details(
+                    Code::Unavailable,
+                    "the store could not complete the operation; nothing was applied",
+                    details,
+                );
+            }
+        };
+        Status::with_error_details(code, message, details)
+    }
+}

@@ -1,0 +1,33 @@
+//! agent-lifecycle: a control plane that owns the lifecycle of AI agents.
+//!
+//! # Layout
+//! Dependencies point one way: `domain <- store <- service <- grpc <- server`.
+//!
+//! - [`domain`]: states, categories, the transition policy, agents,
+//!   transition records, events. Pure and synchronous.
+//! - [`store`]: the durable record (`Store` trait; in-memory and SQLite back
+//!   ends). Knows nothing of gRPC.
+//! - [`service`]: the library API ([`AgentLifecycleService`],
+//!   [`AgentLifecycleManager`]), the commit thread (group commit), the event
+//!   bus, handlers and event streams. Usable without any network.
+//! - [`grpc`]: the tonic edge: generated code, conversions, the handler and
+//!   the one place that maps errors to `Status`.
+//! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
+//! - [`config`]: settings for `serve`.
+//! - `cli` (binary only): the terminal client and the benchmark tool.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use service::{AgentLifecycleManager, AgentLifecycleService};
+
+/// Port of the default listen address.
+pub const DEFAULT_PORT: u16 = 50051;

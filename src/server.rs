@@ -1,0 +1,105 @@
+//! The server: the lifecycle service plus grpc.health.v1 and server
+//! reflection (v1 and v1alpha) on one listener, with a request span per
+//! call, size limits and graceful shutdown.
+//!
+//! Shutdown order: health turns NOT_SERVING, open watch streams end with
+//! UNAVAILABLE after their last delivered event, tonic stops accepting and
+//! waits for in-flight calls, then the commit thread flushes and the store
+//! closes.
+
+use std::{future::Future, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+use tracing::{info, info_span};
+
+use crate::{
+    config::MAX_REQUEST_BYTES,
+    grpc::{LifecycleHandler, pb, pb::agent_lifecycle_service_server::AgentLifecycleServiceServer},
+    service::AgentLifecycleService,
+};
+
+/// The fully qualified name of the lifecycle service, as health checks name it.
+pub const SERVICE_NAME: &str = "agentlifecycle.v1.AgentLifecycleService";
+
+/// Concurrent HTTP/2 streams per connection (watch streams included).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// HTTP/2 keepalive pings, so dead peers of long watch streams are noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Why the server stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Reflection could not be built from the descriptor set.
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Closing the service failed.
+    #[error("closing: {0}")]
+    Close(#[from] crate::Error),
+}
+
+/// Serves `service` on `listener` until `shutdown` completes, then shuts
+/// down gracefully and closes the service.
+///
+/// # Errors
+/// See [`ServerError`].
+pub async fn run(
+    listener: TcpListener,
+    service: AgentLifecycleService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let lifecycle = AgentLifecycleServiceServer::new(LifecycleHandler::new(service.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    let local = listener.local_addr().ok();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stopping = {
+        let service = service.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            info!("shutting down: health NOT_SERVING, ending watch streams");
+            health
+                .set_not_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
+                .await;
+            health.set_service_status("", ServingStatus::NotServing).await;
+            service.begin_shutdown();
+        }
+    };
+    if let Some(addr) = local {
+        info!(%addr, "serving gRPC");
+    }
+    Server::builder()
+        .trace_fn(|request| info_span!("grpc", method = %request.uri().path()))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(lifecycle)
+        .serve_with_incoming_shutdown(incoming, stopping)
+        .await?;
+    service.close().await?;
+    info!("stopped");
+    Ok(())
+}

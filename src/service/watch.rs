@@ -1,0 +1,308 @@
+//! Event streams: replay or snapshot, then live, with progress messages.
+//!
+//! A [`Watcher`] subscribes to the broadcast channel *before* it reads the
+//! log or the table, then tracks `last_seen`, the sequence up to which every
+//! event has been considered: catch-up pages come from the store, live
+//! events from the channel, and anything at or below `last_seen` is skipped,
+//! so the seam has no gap and no duplicate. When the channel reports that
+//! the watcher lagged, it catches up from the store again (etcd's
+//! unsynced -> synced). Events that retention deleted end the stream with
+//! [`Error::SequenceCompacted`]. A watcher holds no task of its own:
+//! dropping it cancels it.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
+use tracing::{debug, warn};
+
+use super::Shared;
+use crate::{
+    domain::{Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, limits},
+    error::{Error, Result},
+};
+
+/// Events read from the store per catch-up step.
+const CATCH_UP_PAGE: usize = 512;
+
+/// What to watch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WatchRequest {
+    /// Only these agents (empty: all).
+    pub agent_ids: Vec<AgentId>,
+    /// Only events into these states; for the snapshot, agents in them.
+    pub states: Vec<AgentState>,
+    /// Only these kinds of event.
+    pub kinds: Vec<EventKind>,
+    /// Only agents carrying all these labels.
+    pub labels: Labels,
+    /// 0: live only. N > 0: every event from N on, then live.
+    pub start_sequence: u64,
+    /// Snapshot of the matching agents first, then live.
+    pub include_snapshot: bool,
+}
+
+/// One item of the stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WatchItem {
+    /// A committed event.
+    Event(Arc<LifecycleEvent>),
+    /// The stream is idle; every matching event up to `head_sequence` has
+    /// been delivered.
+    Progress {
+        /// Resume point minus one.
+        head_sequence: u64,
+    },
+    /// One agent of the snapshot.
+    SnapshotAgent(Arc<Agent>),
+    /// The snapshot showed every matching agent as of `head_sequence`.
+    SnapshotComplete {
+        /// Events after it follow.
+        head_sequence: u64,
+        /// Agents in the snapshot.
+        agent_count: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Filter {
+    agent_ids: HashSet<AgentId>,
+    states: Vec<AgentState>,
+    kinds: Vec<EventKind>,
+    labels: Labels,
+}
+
+impl Filter {
+    fn matches_agent(&self, agent: &Agent) -> bool {
+        (self.agent_ids.is_empty() || self.agent_ids.contains(&agent.id))
+            && (self.states.is_empty() || self.states.contains(&agent.state))
+            && agent.has_labels(&self.labels)
+    }
+
+    fn matches_event(&self, event: &LifecycleEvent) -> bool {
+        (self.agent_ids.is_empty() || self.agent_ids.contains(&event.record.agent_id))
+            && (self.states.is_empty() || self.states.contains(&event.record.to))
+            && (self.kinds.is_empty() || self.kinds.contains(&event.kind()))
+            && event.agent.has_labels(&self.labels)
+    }
+}
+
+/// An open event stream. Pull items with [`Watcher::next`].
+pub struct Watcher {
+    shared: Arc<Shared>,
+    filter: Filter,
+    /// Subscribed before anything was read; bounded by the bus capacity.
+    rx: broadcast::Receiver<Arc<LifecycleEvent>>,
+    /// Every event with a sequence up to this one has been considered.
+    last_seen: u64,
+    /// Items ready to hand out (snapshot agents, one catch-up page).
+    pending: VecDeque<WatchItem>,
+    /// Read the store before the channel.
+    catching_up: bool,
+    progress_interval: Duration,
+    idle_deadline: Instant,
+    shutdown: watch::Receiver<bool>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("filter", &self.filter)
+            .field("last_seen", &self.last_seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    pub(crate) fn open(
+        shared: Arc<Shared>,
+        request: WatchRequest,
+        progress_interval: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self> {
+        if request.agent_ids.len() > limits::MAX_FILTER_IDS {
+            return Err(FieldViolation::new(
+                "agent_ids",
+                format!("{} ids, at most {} allowed", request.agent_ids.len(), limits::MAX_FILTER_IDS),
+            )
+            .into());
+        }
+        limits::check_labels("labels", &request.labels)?;
+        if request.include_snapshot && request.start_sequence > 0 {
+            return Err(FieldViolation::new(
+                "include_snapshot",
+                "cannot be combined with start_sequence; a snapshot is followed by live events",
+            )
+            .into());
+        }
+        let progress_interval = progress_interval.max(Duration::from_millis(10));
+        let filter = Filter {
+            agent_ids: request.agent_ids.into_iter().collect(),
+            states: request.states,
+            kinds: request.kinds,
+            labels: request.labels,
+        };
+        let rx = shared.bus.subscribe();
+        let mut pending = VecDeque::new();
+        let mut catching_up = false;
+        let last_seen = if request.include_snapshot {
+            let table = shared.read_table();
+            for slot in table.agents.values() {
+                if filter.matches_agent(&slot.agent) {
+                    pending.push_back(WatchItem::SnapshotAgent(Arc::clone(&slot.agent)));
+                }
+            }
+            pending.push_back(WatchItem::SnapshotComplete {
+                head_sequence: table.head,
+                agent_count: pending.len() as u64,
+            });
+            table.head
+        } else if request.start_sequence == 0 {
+            shared.head()
+        } else {
+            let start = request.start_sequence;
+            let head = shared.head();
+            if start > head + 1 {
+                return Err(Error::SequenceNotYetWritten { requested: start, head });
+            }
+            let oldest = shared.store.oldest_sequence();
+            if start < oldest {
+                return Err(Error::SequenceCompacted { requested: start, oldest });
+            }
+            catching_up = true;
+            start - 1
+        };
+        Ok(Watcher {
+            shared,
+            filter,
+            rx,
+            last_seen,
+            pending,
+            catching_up,
+            progress_interval,
+            idle_deadline: Instant::now() + progress_interval,
+            shutdown,
+            finished: false,
+        })
+    }
+
+    /// Every event up to this sequence has been considered.
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen
+    }
+
+    fn fail(&mut self, err: Error) -> Option<Result<WatchItem>> {
+        self.finished = true;
+        Some(Err(err))
+    }
+
+    fn deliver(&mut self, item: WatchItem) -> Option<Result<WatchItem>> {
+        self.idle_deadline = Instant::now() + self.progress_interval;
+        Some(Ok(item))
+    }
+
+    /// The next item; `None` after the stream ended. Ends with
+    /// [`Error::ShuttingDown`] on shutdown and [`Error::SequenceCompacted`]
+    /// when needed events are gone.
+    pub async fn next(&mut self) -> Option<Result<WatchItem>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            if *self.shutdown.borrow() {
+                return self.fail(Error::ShuttingDown);
+            }
+            if let Some(item) = self.pending.pop_front() {
+                return self.deliver(item);
+            }
+            if self.catching_up {
+                if let Err(err) = self.catch_up_page().await {
+                    return self.fail(err);
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                changed = self.shutdown.changed() => {
+                    if changed.is_err() {
+                        return self.fail(Error::ShuttingDown);
+                    }
+                }
+                received = self.rx.recv() => match received {
+                    Ok(event) => {
+                        if event.sequence() <= self.last_seen {
+                            continue;
+                        }
+                        self.last_seen = event.sequence();
+                        if self.filter.matches_event(&event) {
+                            return self.deliver(WatchItem::Event(event));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        warn!(missed, last_seen = self.last_seen, "watcher fell behind; backfilling from the event log");
+                        self.catching_up = true;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return self.fail(Error::ShuttingDown);
+                    }
+                },
+                () = tokio::time::sleep_until(self.idle_deadline) => {
+                    let head_sequence = self.last_seen;
+                    return self.deliver(WatchItem::Progress { head_sequence });
+                }
+            }
+        }
+    }
+
+    /// Reads one page after `last_seen` from the store into `pending`;
+    /// leaves catch-up when the store has nothing more.
+    async fn catch_up_page(&mut self) -> Result<()> {
+        let after = self.last_seen;
+        let store = Arc::clone(&self.shared.store);
+        let records = tokio::task::spawn_blocking(move || store.events_after(after, CATCH_UP_PAGE))
+            .await
+            .map_err(|e| crate::store::StoreError::backend("reading the event log", e))??;
+        let contiguous = records.first().map_or(after >= self.shared.head(), |r| r.sequence == after + 1);
+        if !contiguous {
+            return Err(Error::SequenceCompacted {
+                requested: after + 1,
+                oldest: self.shared.store.oldest_sequence(),
+            });
+        }
+        if records.is_empty() {
+            debug!(last_seen = after, "watcher caught up");
+            self.catching_up = false;
+            return Ok(());
+        }
+        let table = self.shared.read_table();
+        for record in records {
+            self.last_seen = record.sequence;
+            let Some(slot) = table.agents.get(&record.agent_id) else {
+                continue;
+            };
+            let current = &slot.agent;
+            let agent = Arc::new(Agent {
+                id: current.id,
+                name: Arc::clone(&current.name),
+                labels: Arc::clone(&current.labels),
+                state: record.to,
+                version: record.version,
+                created_at: current.created_at,
+                updated_at: record.at,
+                last_transition: Arc::clone(&record),
+            });
+            let event = LifecycleEvent { record, agent };
+            if self.filter.matches_event(&event) {
+                self.pending.push_back(WatchItem::Event(Arc::new(event)));
+            }
+        }
+        Ok(())
+    }
+}

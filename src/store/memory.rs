@@ -1,0 +1,167 @@
+//! The in-memory store: everything in process memory, nothing survives a
+//! restart. The event log is a bounded ring (`Retention::max_events`, default
+//! [`MemoryStore::DEFAULT_MAX_EVENTS`]): an agent's history is the part of
+//! the ring that is its own, so memory stays bounded however long it runs.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use super::{AgentChange, HistoryRange, Recovered, Result, Retention, Store};
+use crate::domain::{Agent, AgentId, TransitionRecord};
+
+/// The in-memory back end.
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// Short critical sections only (no I/O inside); readers and the commit
+    /// thread never hold it across anything slow.
+    inner: RwLock<Inner>,
+    /// Ring capacity.
+    max_events: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    agents: HashMap<AgentId, Arc<Agent>>,
+    /// The retained global log, oldest first.
+    log: VecDeque<Arc<TransitionRecord>>,
+    /// Each agent's retained records, oldest first (shared with `log`).
+    by_agent: HashMap<AgentId, VecDeque<Arc<TransitionRecord>>>,
+    head: u64,
+}
+
+impl MemoryStore {
+    /// Ring capacity when no retention is configured.
+    pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
+
+    /// An empty store retaining at most `retention.max_events` events (or
+    /// the default); `max_age` is applied by [`Store::compact`].
+    pub fn new(retention: &Retention) -> Self {
+        MemoryStore {
+            inner: RwLock::new(Inner::default()),
+            max_events: retention.max_events.unwrap_or(Self::DEFAULT_MAX_EVENTS).max(1),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn evict_oldest(&mut self) -> bool {
+        let Some(oldest) = self.log.pop_front() else {
+            return false;
+        };
+        if let Some(list) = self.by_agent.get_mut(&oldest.agent_id) {
+            list.pop_front();
+            if list.is_empty() {
+                self.by_agent.remove(&oldest.agent_id);
+            }
+        }
+        true
+    }
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Recovered> {
+        let inner = self.read();
+        Ok(Recovered {
+            agents: inner.agents.values().map(|a| Agent::clone(a)).collect(),
+            head: inner.head,
+        })
+    }
+
+    fn commit(&self, batch: &[AgentChange]) -> Result<()> {
+        let mut inner = self.write();
+        for change in batch {
+            let actual = inner.agents.get(&change.agent.id).map_or(0, |a| a.version);
+            if actual != change.prior_version {
+                return Err(super::StoreError::Conflict {
+                    agent_id: change.agent.id,
+                    expected: change.prior_version,
+                    actual,
+                });
+            }
+        }
+        for change in batch {
+            inner.agents.insert(change.agent.id, Arc::clone(&change.agent));
+            for record in &change.records {
+                inner.head = inner.head.max(record.sequence);
+                inner.log.push_back(Arc::clone(record));
+                inner
+                    .by_agent
+                    .entry(record.agent_id)
+                    .or_default()
+                    .push_back(Arc::clone(record));
+            }
+        }
+        while inner.log.len() as u64 > self.max_events {
+            inner.evict_oldest();
+        }
+        Ok(())
+    }
+
+    fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
+        let inner = self.read();
+        let start = inner.log.partition_point(|r| r.sequence <= after);
+        Ok(inner.log.range(start..).take(max).cloned().collect())
+    }
+
+    fn oldest_sequence(&self) -> u64 {
+        let inner = self.read();
+        inner.log.front().map_or(inner.head + 1, |r| r.sequence)
+    }
+
+    fn history(&self, agent_id: AgentId, range: HistoryRange) -> Result<Vec<Arc<TransitionRecord>>> {
+        let inner = self.read();
+        let Some(list) = inner.by_agent.get(&agent_id) else {
+            return Ok(Vec::new());
+        };
+        let start = list.partition_point(|r| r.sequence <= range.after);
+        Ok(list
+            .range(start..)
+            .take_while(|r| r.sequence <= range.upto)
+            .take(range.max)
+            .cloned()
+            .collect())
+    }
+
+    fn nth_newest(&self, agent_id: AgentId, upto: u64, n: u64) -> Result<Option<u64>> {
+        let inner = self.read();
+        let Some(list) = inner.by_agent.get(&agent_id) else {
+            return Ok(None);
+        };
+        let end = list.partition_point(|r| r.sequence <= upto);
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        Ok(end.checked_sub(n).map(|i| list[i].sequence))
+    }
+
+    fn history_count(&self, agent_id: AgentId) -> Result<u64> {
+        Ok(self.read().by_agent.get(&agent_id).map_or(0, |l| l.len() as u64))
+    }
+
+    fn compact(&self, retention: &Retention, _head: u64, max_rows: usize) -> Result<usize> {
+        let Some(max_age) = retention.max_age else {
+            return Ok(0);
+        };
+        let cutoff = SystemTime::now().checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut inner = self.write();
+        let mut deleted = 0;
+        while deleted < max_rows && inner.log.front().is_some_and(|r| r.at < cutoff) {
+            inner.evict_oldest();
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}

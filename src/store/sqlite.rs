@@ -1,0 +1,540 @@
+//! The embedded durable store: one SQLite file in WAL mode with
+//! `synchronous = FULL`, so a committed batch is fsync'd before `commit`
+//! returns. The `events` table is the global event log (its primary key is
+//! the sequence) and every agent's history; the `agents` table holds each
+//! agent's latest version, including its last transition, so that start-up
+//! reads one row per agent and compaction never loses an agent's state.
+//!
+//! One writer connection (the service's commit thread, behind a mutex) and
+//! a small pool of reader connections, which WAL lets run beside the writer.
+
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{AgentChange, HistoryRange, Recovered, Result, Retention, Store, StoreError};
+use crate::domain::{Agent, AgentId, AgentState, Labels, Metadata, TransitionRecord};
+
+/// Schema version written to `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Reader connections kept open for reuse; more may be opened under load and
+/// are closed after use.
+const MAX_IDLE_READERS: usize = 8;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id          BLOB PRIMARY KEY,
+    name              TEXT NOT NULL,
+    labels            TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    version           INTEGER NOT NULL,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    last_sequence     INTEGER NOT NULL,
+    last_from         TEXT,
+    last_reason       TEXT NOT NULL,
+    last_triggered_by TEXT NOT NULL,
+    last_metadata     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    sequence     INTEGER PRIMARY KEY,
+    agent_id     BLOB NOT NULL,
+    version      INTEGER NOT NULL,
+    from_state   TEXT,
+    to_state     TEXT NOT NULL,
+    at           INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    triggered_by TEXT NOT NULL,
+    metadata     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_agent ON events (agent_id, sequence);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+const INSERT_AGENT: &str = "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+const UPDATE_AGENT: &str = "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
+    last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9
+    WHERE agent_id = ?1 AND version = ?10";
+const INSERT_EVENT: &str = "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+    triggered_by, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata FROM agents";
+const EVENT_COLUMNS: &str =
+    "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata";
+
+/// The SQLite back end.
+pub struct SqliteStore {
+    path: PathBuf,
+    /// The only connection that writes; used by the commit thread and by
+    /// compaction, which runs on the same thread between batches.
+    writer: Mutex<Connection>,
+    /// Idle reader connections.
+    readers: Mutex<Vec<Connection>>,
+    /// Cached oldest retained sequence (see [`Store::oldest_sequence`]).
+    oldest: AtomicU64,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |err| StoreError::backend(context, err)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and its directory,
+    /// and checks that it can be written.
+    ///
+    /// # Errors
+    /// The directory cannot be created, the file cannot be opened or written
+    /// (read-only, disk full), or it holds a newer schema.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::backend("creating the data directory", e))?;
+        }
+        let writer = Connection::open(&path).map_err(sql("opening the database"))?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA busy_timeout = 5000;
+                 PRAGMA cache_size = -65536;",
+            )
+            .map_err(sql("configuring the database"))?;
+        migrate(&writer)?;
+        // A real write at start-up: a read-only file or a full disk fails
+        // here, with a clear error, instead of on the first transition.
+        writer
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('opened_at', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [to_micros(SystemTime::now())],
+            )
+            .map_err(sql("writing to the database"))?;
+        let store = SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            oldest: AtomicU64::new(1),
+        };
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(sql("opening a reader"))?;
+                conn.busy_timeout(Duration::from_secs(5))
+                    .map_err(sql("configuring a reader"))?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+
+    fn refresh_oldest(&self, conn: &Connection, head: u64) -> Result<()> {
+        let min: Option<i64> = conn
+            .query_row("SELECT min(sequence) FROM events", [], |r| r.get(0))
+            .map_err(sql("reading the oldest event"))?;
+        let oldest = min.map_or(head + 1, |s| s as u64);
+        self.oldest.store(oldest, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading the schema version"))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found < 1 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
+        ))
+        .map_err(sql("creating the schema"))?;
+    }
+    // Later schema versions add their steps here, each in its own
+    // transaction that ends by setting user_version.
+    Ok(())
+}
+
+fn to_micros(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+fn from_micros(micros: i64) -> SystemTime {
+    if micros >= 0 {
+        UNIX_EPOCH + Duration::from_micros(micros as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
+    }
+}
+
+fn encode_map<T: serde::Serialize>(map: &T, empty: bool) -> String {
+    if empty {
+        return String::new();
+    }
+    serde_json::to_string(map).unwrap_or_default()
+}
+
+fn decode_metadata(text: &str) -> rusqlite::Result<Metadata> {
+    if text.is_empty() {
+        return Ok(Metadata::new());
+    }
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn decode_labels(text: &str) -> rusqlite::Result<Labels> {
+    if text.is_empty() {
+        return Ok(Labels::new());
+    }
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn decode_state(text: &str) -> rusqlite::Result<AgentState> {
+    AgentState::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn decode_id(row: &Row<'_>, index: usize) -> rusqlite::Result<AgentId> {
+    let bytes: [u8; 16] = row.get(index)?;
+    Ok(AgentId::from_bytes(bytes))
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Arc<TransitionRecord>> {
+    let from: Option<String> = row.get(3)?;
+    Ok(Arc::new(TransitionRecord {
+        sequence: row.get::<_, i64>(0)? as u64,
+        agent_id: decode_id(row, 1)?,
+        version: row.get::<_, i64>(2)? as u64,
+        from: from.as_deref().map(decode_state).transpose()?,
+        to: decode_state(&row.get::<_, String>(4)?)?,
+        at: from_micros(row.get(5)?),
+        reason: row.get(6)?,
+        triggered_by: row.get(7)?,
+        metadata: decode_metadata(&row.get::<_, String>(8)?)?,
+    }))
+}
+
+fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
+    let id = decode_id(row, 0)?;
+    let state = decode_state(&row.get::<_, String>(3)?)?;
+    let version = row.get::<_, i64>(4)? as u64;
+    let updated_at = from_micros(row.get(6)?);
+    let last_from: Option<String> = row.get(8)?;
+    let last = TransitionRecord {
+        agent_id: id,
+        from: last_from.as_deref().map(decode_state).transpose()?,
+        to: state,
+        at: updated_at,
+        reason: row.get(9)?,
+        triggered_by: row.get(10)?,
+        metadata: decode_metadata(&row.get::<_, String>(11)?)?,
+        sequence: row.get::<_, i64>(7)? as u64,
+        version,
+    };
+    Ok(Agent {
+        id,
+        name: Arc::from(row.get::<_, String>(1)?),
+        labels: Arc::new(decode_labels(&row.get::<_, String>(2)?)?),
+        state,
+        version,
+        created_at: from_micros(row.get(5)?),
+        updated_at,
+        last_transition: Arc::new(last),
+    })
+}
+
+fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<()> {
+    let agent = &change.agent;
+    let last = &agent.last_transition;
+    let last_from = last.from.map(AgentState::as_str);
+    let last_metadata = encode_map(&last.metadata, last.metadata.is_empty());
+    if change.prior_version == 0 {
+        let labels = encode_map(&*agent.labels, agent.labels.is_empty());
+        let inserted = tx
+            .prepare_cached(INSERT_AGENT)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    agent.id.as_bytes(),
+                    &*agent.name,
+                    labels,
+                    agent.state.as_str(),
+                    agent.version as i64,
+                    to_micros(agent.created_at),
+                    to_micros(agent.updated_at),
+                    last.sequence as i64,
+                    last_from,
+                    last.reason,
+                    last.triggered_by,
+                    last_metadata,
+                ])
+            });
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Conflict {
+                    agent_id: agent.id,
+                    expected: 0,
+                    actual: stored_version(tx, agent.id)?,
+                });
+            }
+            Err(e) => return Err(StoreError::backend("inserting an agent", e)),
+        }
+    } else {
+        let updated = tx
+            .prepare_cached(UPDATE_AGENT)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    agent.id.as_bytes(),
+                    agent.state.as_str(),
+                    agent.version as i64,
+                    to_micros(agent.updated_at),
+                    last.sequence as i64,
+                    last_from,
+                    last.reason,
+                    last.triggered_by,
+                    last_metadata,
+                    change.prior_version as i64,
+                ])
+            })
+            .map_err(sql("updating an agent"))?;
+        if updated == 0 {
+            return Err(StoreError::Conflict {
+                agent_id: agent.id,
+                expected: change.prior_version,
+                actual: stored_version(tx, agent.id)?,
+            });
+        }
+    }
+    let mut insert = tx.prepare_cached(INSERT_EVENT).map_err(sql("inserting an event"))?;
+    for record in &change.records {
+        insert
+            .execute(params![
+                record.sequence as i64,
+                record.agent_id.as_bytes(),
+                record.version as i64,
+                record.from.map(AgentState::as_str),
+                record.to.as_str(),
+                to_micros(record.at),
+                record.reason,
+                record.triggered_by,
+                encode_map(&record.metadata, record.metadata.is_empty()),
+            ])
+            .map_err(sql("inserting an event"))?;
+    }
+    Ok(())
+}
+
+fn stored_version(conn: &Connection, id: AgentId) -> Result<u64> {
+    let version: Option<i64> = conn
+        .query_row(
+            "SELECT version FROM agents WHERE agent_id = ?1",
+            [id.as_bytes()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("reading an agent's version"))?;
+    Ok(version.map_or(0, |v| v as u64))
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Recovered> {
+        let conn = self.lock_writer();
+        let mut stmt = conn.prepare(SELECT_AGENTS).map_err(sql("loading agents"))?;
+        let agents = stmt
+            .query_map([], agent_from_row)
+            .map_err(sql("loading agents"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql("loading agents"))?;
+        let head: Option<i64> = conn
+            .query_row("SELECT max(last_sequence) FROM agents", [], |r| r.get(0))
+            .map_err(sql("reading the head sequence"))?;
+        let head = head.map_or(0, |h| h as u64);
+        self.refresh_oldest(&conn, head)?;
+        Ok(Recovered { agents, head })
+    }
+
+    fn commit(&self, batch: &[AgentChange]) -> Result<()> {
+        let mut conn = self.lock_writer();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("beginning a commit"))?;
+        for change in batch {
+            write_change(&tx, change)?;
+        }
+        tx.commit().map_err(sql("committing"))
+    }
+
+    fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
+                ))
+                .map_err(sql("reading events"))?;
+            stmt.query_map(params![after as i64, max as i64], record_from_row)
+                .and_then(|rows| rows.collect())
+                .map_err(sql("reading events"))
+        })
+    }
+
+    fn oldest_sequence(&self) -> u64 {
+        self.oldest.load(Ordering::Acquire)
+    }
+
+    fn history(&self, agent_id: AgentId, range: HistoryRange) -> Result<Vec<Arc<TransitionRecord>>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE agent_id = ?1 AND sequence > ?2
+                     AND sequence <= ?3 ORDER BY sequence LIMIT ?4"
+                ))
+                .map_err(sql("reading history"))?;
+            stmt.query_map(
+                params![
+                    agent_id.as_bytes(),
+                    range.after as i64,
+                    range.upto.min(i64::MAX as u64) as i64,
+                    range.max as i64
+                ],
+                record_from_row,
+            )
+            .and_then(|rows| rows.collect())
+            .map_err(sql("reading history"))
+        })
+    }
+
+    fn nth_newest(&self, agent_id: AgentId, upto: u64, n: u64) -> Result<Option<u64>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        self.with_reader(|conn| {
+            conn.prepare_cached(
+                "SELECT sequence FROM events WHERE agent_id = ?1 AND sequence <= ?2
+                 ORDER BY sequence DESC LIMIT 1 OFFSET ?3",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![
+                        agent_id.as_bytes(),
+                        upto.min(i64::MAX as u64) as i64,
+                        (n - 1).min(i64::MAX as u64) as i64
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            })
+            .map(|s| s.map(|s| s as u64))
+            .map_err(sql("reading history"))
+        })
+    }
+
+    fn history_count(&self, agent_id: AgentId) -> Result<u64> {
+        self.with_reader(|conn| {
+            conn.prepare_cached("SELECT count(*) FROM events WHERE agent_id = ?1")
+                .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
+                .map(|c| c as u64)
+                .map_err(sql("counting history"))
+        })
+    }
+
+    fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize> {
+        if retention.keeps_everything() || max_rows == 0 {
+            return Ok(0);
+        }
+        let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
+        let cutoff = retention
+            .max_age
+            .map(|age| to_micros(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH)));
+        let conn = self.lock_writer();
+        // The oldest rows, in sequence order: delete the longest prefix that
+        // retention lets go, so that what remains is one contiguous range.
+        let mut last_deletable = None;
+        let mut count = 0;
+        {
+            let mut stmt = conn
+                .prepare_cached("SELECT sequence, at FROM events ORDER BY sequence LIMIT ?1")
+                .map_err(sql("compacting"))?;
+            let mut rows = stmt.query([max_rows as i64]).map_err(sql("compacting"))?;
+            while let Some(row) = rows.next().map_err(sql("compacting"))? {
+                let sequence = row.get::<_, i64>(0).map_err(sql("compacting"))? as u64;
+                let at: i64 = row.get(1).map_err(sql("compacting"))?;
+                let by_count = sequence <= keep_from;
+                let by_age = cutoff.is_some_and(|c| at < c);
+                if !(by_count || by_age) {
+                    break;
+                }
+                last_deletable = Some(sequence);
+                count += 1;
+            }
+        }
+        if let Some(last) = last_deletable {
+            conn.execute("DELETE FROM events WHERE sequence <= ?1", [last as i64])
+                .map_err(sql("compacting"))?;
+            self.refresh_oldest(&conn, head)?;
+        }
+        Ok(count)
+    }
+
+    fn close(&self) -> Result<()> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let conn = self.lock_writer();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(sql("checkpointing"))
+    }
+}
