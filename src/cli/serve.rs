@@ -131,6 +131,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // One machine-readable line on stdout, so that scripts and tests that
+    // pass port 0 learn the real address.
+    let local = listener.local_addr().context("reading the bound address")?;
+    println!("listening on {local}");
     server::run(listener, service, shutdown_signal()).await?;
     Ok(())
 }
