@@ -13,6 +13,16 @@ pub type Metadata = serde_json::Map<String, serde_json::Value>;
 /// stable.
 pub type Labels = BTreeMap<String, String>;
 
+/// The current time at the precision events are stored with
+/// (microseconds), so that a record reads back exactly as it was committed.
+pub fn commit_time() -> SystemTime {
+    let now = SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => std::time::UNIX_EPOCH + std::time::Duration::from_micros(d.as_micros() as u64),
+        Err(_) => now,
+    }
+}
+
 /// An agent's identity: a UUID. New ids are UUIDv7 (time-ordered), so that
 /// listings by id roughly follow registration order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

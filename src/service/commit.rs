@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, mpsc},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -169,7 +169,7 @@ struct Prepared {
 }
 
 fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
-    let at = SystemTime::now();
+    let at = crate::domain::agent::commit_time();
     let mut prepared: Vec<(Prepared, Reply)> = Vec::with_capacity(batch.len());
     // Registrations of an id that an earlier proposal of this batch creates:
     // answered after the commit, with that agent.

@@ -147,14 +147,22 @@ impl Store for MemoryStore {
         Ok(self.read().by_agent.get(&agent_id).map_or(0, |l| l.len() as u64))
     }
 
-    fn compact(&self, retention: &Retention, _head: u64, max_rows: usize) -> Result<usize> {
-        let Some(max_age) = retention.max_age else {
+    fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize> {
+        if retention.keeps_everything() {
             return Ok(0);
-        };
-        let cutoff = SystemTime::now().checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+        }
+        let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
+        let cutoff = retention
+            .max_age
+            .map(|age| SystemTime::now().checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH));
         let mut inner = self.write();
         let mut deleted = 0;
-        while deleted < max_rows && inner.log.front().is_some_and(|r| r.at < cutoff) {
+        while deleted < max_rows
+            && inner
+                .log
+                .front()
+                .is_some_and(|r| r.sequence <= keep_from || cutoff.is_some_and(|c| r.at < c))
+        {
             inner.evict_oldest();
             deleted += 1;
         }
