@@ -1,0 +1,178 @@
+//! A real server on 127.0.0.1:0 for the integration tests, and helpers.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use agent_lifecycle::{
+    AgentLifecycleService,
+    grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient},
+    server::{self, ServerError},
+    service::ServiceConfig,
+    store::{MemoryStore, SqliteStore, Store},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Streaming, transport::Channel};
+
+/// The generated client.
+pub type Client = AgentLifecycleServiceClient<Channel>;
+
+/// Deadline for any single stream read or call in tests.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub service: AgentLifecycleService,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// Memory store, default settings.
+    pub async fn start() -> Self {
+        Self::start_with(ServiceConfig::default(), false).await
+    }
+
+    /// With `config`, on SQLite in a temporary directory when `sqlite`.
+    pub async fn start_with(config: ServiceConfig, sqlite: bool) -> Self {
+        let (store, dir): (Arc<dyn Store>, _) = if sqlite {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = SqliteStore::open(dir.path().join("test.db")).expect("sqlite");
+            (Arc::new(store), Some(dir))
+        } else {
+            (Arc::new(MemoryStore::new(&config.retention)), None)
+        };
+        let service = AgentLifecycleService::open(store, config).expect("service");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server::run(listener, service.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, service, stop: Some(stop), task: Some(task), _dir: dir }
+    }
+
+    /// The endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        let channel = Channel::from_shared(self.url()).expect("url").connect().await.expect("connect");
+        AgentLifecycleServiceClient::new(channel)
+    }
+
+    /// A raw channel (for health and reflection clients).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect")
+    }
+
+    /// Signals shutdown and waits for the server task.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("server task");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server stops within 30 s")
+            .expect("server task joins")
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Takes the server task (after `signal_shutdown`).
+    pub fn take_task(&mut self) -> JoinHandle<Result<(), ServerError>> {
+        self.task.take().expect("server task")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Registers an agent with a fresh id and optional labels.
+pub async fn register(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
+    client
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: uuid::Uuid::new_v4().to_string(),
+            name: "test-agent".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .agent
+        .expect("agent")
+}
+
+/// A registered, deployed and started agent (ONLINE).
+pub async fn online(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
+    let agent = register(client, labels).await;
+    client
+        .deploy_agent(pb::DeployAgentRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .await
+        .expect("deploy");
+    client
+        .start_agent(pb::StartAgentRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .await
+        .expect("start")
+        .into_inner()
+        .agent
+        .expect("agent")
+}
+
+/// One TransitionAgent call.
+pub async fn transition(
+    client: &mut Client,
+    agent_id: &str,
+    target: pb::AgentState,
+) -> Result<pb::TransitionAgentResponse, tonic::Status> {
+    client
+        .transition_agent(pb::TransitionAgentRequest {
+            agent_id: agent_id.to_string(),
+            target_state: target as i32,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Opens a watch stream.
+pub async fn watch(client: &mut Client, request: pb::WatchEventsRequest) -> Streaming<pb::WatchEventsResponse> {
+    client.watch_events(request).await.expect("watch").into_inner()
+}
+
+/// The next message, failing the test after [`STEP`].
+pub async fn next(stream: &mut Streaming<pb::WatchEventsResponse>) -> pb::watch_events_response::Kind {
+    tokio::time::timeout(STEP, stream.message())
+        .await
+        .expect("a message within the step deadline")
+        .expect("stream ok")
+        .expect("stream open")
+        .kind
+        .expect("kind set")
+}
+
+/// The next event, skipping progress messages.
+pub async fn next_event(stream: &mut Streaming<pb::WatchEventsResponse>) -> pb::LifecycleEvent {
+    loop {
+        match next(stream).await {
+            pb::watch_events_response::Kind::Event(event) => return event,
+            pb::watch_events_response::Kind::Progress(_) => continue,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
