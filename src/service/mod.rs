@@ -272,6 +272,8 @@ pub(crate) struct Shared {
     /// Committed events, in sequence order.
     pub bus: broadcast::Sender<Arc<LifecycleEvent>>,
     pub store: Arc<dyn Store>,
+    /// Times a watcher fell behind the bus and was backfilled from the log.
+    pub backfills: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -414,6 +416,7 @@ impl AgentLifecycleService {
             table: RwLock::new(table),
             bus,
             store,
+            backfills: std::sync::atomic::AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let settings = commit::Settings {
@@ -470,6 +473,12 @@ impl AgentLifecycleService {
     /// The oldest sequence still in the event log.
     pub fn oldest_sequence(&self) -> u64 {
         self.inner.shared.store.oldest_sequence()
+    }
+
+    /// Times a watcher fell behind the broadcast buffer and was backfilled
+    /// from the event log, since start.
+    pub fn watch_backfills(&self) -> u64 {
+        self.inner.shared.backfills.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Registers a service-wide handler.

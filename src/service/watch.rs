@@ -247,6 +247,7 @@ impl Watcher {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         warn!(missed, last_seen = self.last_seen, "watcher fell behind; backfilling from the event log");
+                        self.shared.backfills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.catching_up = true;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
@@ -265,11 +266,14 @@ impl Watcher {
     /// leaves catch-up when the store has nothing more.
     async fn catch_up_page(&mut self) -> Result<()> {
         let after = self.last_seen;
+        // Read the head first: the table's head never runs ahead of the
+        // store, so every event up to it must come back from the read.
+        let head = self.shared.head();
         let store = Arc::clone(&self.shared.store);
         let records = tokio::task::spawn_blocking(move || store.events_after(after, CATCH_UP_PAGE))
             .await
             .map_err(|e| crate::store::StoreError::backend("reading the event log", e))??;
-        let contiguous = records.first().map_or(after >= self.shared.head(), |r| r.sequence == after + 1);
+        let contiguous = records.first().map_or(after >= head, |r| r.sequence == after + 1);
         if !contiguous {
             return Err(Error::SequenceCompacted {
                 requested: after + 1,

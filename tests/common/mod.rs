@@ -64,6 +64,20 @@ impl TestServer {
         AgentLifecycleServiceClient::new(channel)
     }
 
+    /// A client whose HTTP/2 windows are tiny (8 KiB), so that a stream it
+    /// does not read stops being polled on the server almost at once: the
+    /// way to make a subscriber fall behind the broadcast buffer.
+    pub async fn small_window_client(&self) -> Client {
+        let channel = Channel::from_shared(self.url())
+            .expect("url")
+            .initial_stream_window_size(Some(8 * 1024))
+            .initial_connection_window_size(Some(8 * 1024))
+            .connect()
+            .await
+            .expect("connect");
+        AgentLifecycleServiceClient::new(channel)
+    }
+
     /// A raw channel (for health and reflection clients).
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url()).expect("url").connect().await.expect("connect")
