@@ -12,7 +12,7 @@ use std::{future::Future, time::Duration};
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 use crate::{
     config::MAX_REQUEST_BYTES,
@@ -25,6 +25,10 @@ pub const SERVICE_NAME: &str = "agentlifecycle.v1.AgentLifecycleService";
 
 /// Concurrent HTTP/2 streams per connection (watch streams included).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// How long shutdown waits for open calls (a health Watch, a slow unary
+/// call) after the watch streams ended, before closing their connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// HTTP/2 keepalive pings, so dead peers of long watch streams are noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -73,6 +77,7 @@ pub async fn run(
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (signalled, grace) = tokio::sync::oneshot::channel::<()>();
     let stopping = {
         let service = service.clone();
         let health = health.clone();
@@ -84,12 +89,13 @@ pub async fn run(
                 .await;
             health.set_service_status("", ServingStatus::NotServing).await;
             service.begin_shutdown();
+            let _ = signalled.send(());
         }
     };
     if let Some(addr) = local {
         info!(%addr, "serving gRPC");
     }
-    Server::builder()
+    let serve = Server::builder()
         .trace_fn(|request| info_span!("grpc", method = %request.uri().path()))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -97,8 +103,17 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(lifecycle)
-        .serve_with_incoming_shutdown(incoming, stopping)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, stopping);
+    tokio::pin!(serve);
+    tokio::select! {
+        served = &mut serve => served?,
+        () = async {
+            if grace.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "calls still open after the grace period; closing their connections"),
+    }
     service.close().await?;
     info!("stopped");
     Ok(())
