@@ -43,6 +43,13 @@ impl TestServer {
         } else {
             (Arc::new(MemoryStore::new(&config.retention)), None)
         };
+        let mut server = Self::start_on(store, config).await;
+        server._dir = dir;
+        server
+    }
+
+    /// On a given store.
+    pub async fn start_on(store: Arc<dyn Store>, config: ServiceConfig) -> Self {
         let service = AgentLifecycleService::open(store, config).expect("service");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -50,7 +57,7 @@ impl TestServer {
         let task = tokio::spawn(server::run(listener, service.clone(), async {
             let _ = stopped.await;
         }));
-        TestServer { addr, service, stop: Some(stop), task: Some(task), _dir: dir }
+        TestServer { addr, service, stop: Some(stop), task: Some(task), _dir: None }
     }
 
     /// The endpoint URL.
