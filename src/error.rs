@@ -61,3 +61,15 @@ impl From<StoreError> for Error {
         Error::Store(std::sync::Arc::new(err))
     }
 }
+
+/// An error and its sources, `": "`-separated, for logs.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

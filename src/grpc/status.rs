@@ -139,7 +139,7 @@ impl From<Error> for Status {
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
             Error::Store(source) => {
-                warn!(error = %source, "store failure answered with UNAVAILABLE");
+                warn!(error = %crate::error::chain(&**source), "store failure answered with UNAVAILABLE");
                 let details = info("STORE_UNAVAILABLE", &[]);
                 return Status::with_error_details(
                     Code::Unavailable,

@@ -115,7 +115,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if let Err(err) = shared.store.close() {
-                    error!(error = %err, "closing the store failed");
+                    error!(error = %crate::error::chain(&err), "closing the store failed");
                 }
                 return;
             }
@@ -152,7 +152,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
                     };
                 }
                 Err(err) => {
-                    warn!(error = %err, "compaction failed; retrying later");
+                    warn!(error = %crate::error::chain(&err), "compaction failed; retrying later");
                     next_compaction = Instant::now() + settings.compaction_interval;
                 }
             }
@@ -287,7 +287,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
     let changes: Vec<AgentChange> = prepared.iter().map(|(p, _)| p.change.clone()).collect();
     if let Err(err) = shared.store.commit(&changes) {
         let err = Arc::new(err);
-        error!(error = %err, batch = changes.len(), "commit failed; the batch was not applied");
+        error!(error = %crate::error::chain(&*err), batch = changes.len(), "commit failed; the batch was not applied");
         for (_, reply) in prepared {
             let _ = reply.send(Err(Rejected::Store(Arc::clone(&err))));
         }

@@ -24,7 +24,9 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The back end failed (I/O, disk full, read-only file, corruption).
-    #[error("{context}: {source}")]
+    /// Display shows the context; the back end's error is the source (see
+    /// [`crate::error::chain`]).
+    #[error("{context}")]
     Backend {
         /// What the store was doing.
         context: &'static str,
