@@ -87,6 +87,9 @@ pub(crate) enum Message {
     Propose(Proposal, Reply),
     /// Commit what is queued before it, close the store, stop.
     Close(oneshot::Sender<Result<(), Arc<StoreError>>>),
+    /// Run compaction to completion now (chunk by chunk, committing queued
+    /// proposals between chunks); reply with the rows deleted.
+    Compact(oneshot::Sender<Result<u64, Arc<StoreError>>>),
 }
 
 /// Settings of the thread.
@@ -109,9 +112,11 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
         };
         let mut close = None;
+        let mut compact_now = Vec::new();
         match first {
             Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
             Ok(Message::Close(done)) => close = Some(done),
+            Ok(Message::Compact(done)) => compact_now.push(done),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if let Err(err) = shared.store.close() {
@@ -124,11 +129,15 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             match rx.try_recv() {
                 Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
                 Ok(Message::Close(done)) => close = Some(done),
+                Ok(Message::Compact(done)) => compact_now.push(done),
                 Err(_) => break,
             }
         }
         if !batch.is_empty() {
             commit_batch(&shared, &mut batch);
+        }
+        for done in compact_now {
+            let _ = done.send(compact_all(&shared, &settings.retention));
         }
         if let Some(done) = close {
             let result = shared.store.close().map_err(Arc::new);
@@ -156,6 +165,21 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
                     next_compaction = Instant::now() + settings.compaction_interval;
                 }
             }
+        }
+    }
+}
+
+/// Compacts until nothing more is due.
+fn compact_all(shared: &Shared, retention: &Retention) -> Result<u64, Arc<StoreError>> {
+    let mut total = 0u64;
+    loop {
+        let deleted = shared
+            .store
+            .compact(retention, shared.head(), COMPACTION_CHUNK)
+            .map_err(Arc::new)?;
+        total += deleted as u64;
+        if deleted < COMPACTION_CHUNK {
+            return Ok(total);
         }
     }
 }

@@ -1040,6 +1040,24 @@ impl AgentLifecycleService {
         )
     }
 
+    /// Runs compaction to completion now, under the configured retention,
+    /// and returns the number of events deleted (compaction otherwise runs
+    /// by itself every `compaction_interval`).
+    ///
+    /// # Errors
+    /// The store failed, or the service is closed.
+    pub async fn compact_now(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commits
+            .send(Message::Compact(tx))
+            .map_err(|_| Error::ShuttingDown)?;
+        match rx.await {
+            Ok(result) => result.map_err(Error::Store),
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
     /// Begins shutdown: open watch streams end with [`Error::ShuttingDown`]
     /// after what they have delivered, and new requests are refused.
     pub fn begin_shutdown(&self) {

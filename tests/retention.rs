@@ -1,0 +1,73 @@
+//! Retention on the durable store: compaction deletes the oldest events,
+//! watchers asking for them get OUT_OF_RANGE naming the oldest available
+//! sequence, history shrinks but agents keep their state, across restarts.
+
+mod common;
+
+use std::sync::Arc;
+
+use agent_lifecycle::{
+    grpc::pb::{self, AgentState as S},
+    service::ServiceConfig,
+    store::{Retention, SqliteStore, Store},
+};
+use common::{TestServer, next_event, online, transition, watch};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn config() -> ServiceConfig {
+    ServiceConfig {
+        retention: Retention { max_events: Some(50), max_age: None },
+        ..Default::default()
+    }
+}
+
+/// 300 events with "keep the newest 50": compaction leaves 251..=300; a
+/// watch from 1 is OUT_OF_RANGE with oldest_available_sequence 251, a watch
+/// from 251 replays; the agent keeps its version; all of it holds after a
+/// restart, and new writes continue while compaction runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_on_sqlite_survives_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("retention.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+    let server = TestServer::start_on(store, config()).await;
+    let mut c = server.client().await;
+    let agent = online(&mut c, &[]).await;
+    for i in 0..295 {
+        transition(&mut c, &agent.agent_id, if i % 2 == 0 { S::Idle } else { S::Online }).await.expect("flip");
+    }
+    let deleted = server.service.compact_now().await.expect("compact");
+    assert_eq!(deleted, 250);
+    assert_eq!(server.service.oldest_sequence(), 251);
+
+    let err = c.watch_events(pb::WatchEventsRequest { start_sequence: 1, ..Default::default() }).await.expect_err("compacted");
+    assert_eq!(err.code(), Code::OutOfRange);
+    let info = err.get_details_error_info().expect("info");
+    assert_eq!(info.reason, "SEQUENCE_COMPACTED");
+    assert_eq!(info.metadata.get("oldest_available_sequence").map(String::as_str), Some("251"));
+    let mut stream = watch(&mut c, pb::WatchEventsRequest { start_sequence: 251, ..Default::default() }).await;
+    assert_eq!(next_event(&mut stream).await.sequence, 251);
+
+    let history = c
+        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(history.total_count, 50);
+    assert_eq!(history.transitions.first().map(|t| t.sequence), Some(251));
+    let got = c.get_agent(pb::GetAgentRequest { agent_id: agent.agent_id.clone() }).await.expect("get").into_inner().agent.expect("agent");
+    assert_eq!((got.version, got.history_count), (300, 300));
+    drop(stream);
+    server.shutdown().await.expect("stop");
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("reopen"));
+    let server = TestServer::start_on(store, config()).await;
+    assert_eq!(server.service.oldest_sequence(), 251);
+    assert_eq!(server.service.head_sequence(), 300);
+    let mut c = server.client().await;
+    let next = transition(&mut c, &agent.agent_id, S::Online).await.expect("after restart");
+    assert_eq!(next.transitions[0].sequence, 301);
+    assert_eq!(next.transitions[0].version, 301);
+    server.shutdown().await.expect("stop");
+}
