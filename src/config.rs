@@ -31,16 +31,23 @@ impl FromStr for StoreUrl {
         if s == "memory" || s == "memory://" {
             return Ok(StoreUrl::Memory);
         }
-        if let Some(path) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+        if let Some(path) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
             if path.is_empty() {
-                return Err("sqlite:// needs a file path, e.g. sqlite://./data/agent-lifecycle.db".into());
+                return Err(
+                    "sqlite:// needs a file path, e.g. sqlite://./data/agent-lifecycle.db".into(),
+                );
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             return Err("the PostgreSQL store is not available in this version; use sqlite://PATH or memory".into());
         }
-        Err(format!("unknown store {s:?}: expected memory or sqlite://PATH"))
+        Err(format!(
+            "unknown store {s:?}: expected memory or sqlite://PATH"
+        ))
     }
 }
 
@@ -84,7 +91,9 @@ pub struct ServerConfig {
 /// Anything else.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()

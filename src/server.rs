@@ -87,7 +87,9 @@ pub async fn run(
             health
                 .set_not_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
                 .await;
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             service.begin_shutdown();
             let _ = signalled.send(());
         }

@@ -11,7 +11,10 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 fn reason(status: &tonic::Status) -> String {
-    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
 }
 
 fn bad_field(status: &tonic::Status) -> String {
@@ -46,18 +49,32 @@ async fn register_and_get_agent() {
         triggered_by: "ci".into(),
         metadata: None,
     };
-    let first = client.register_agent(request.clone()).await.expect("register").into_inner();
+    let first = client
+        .register_agent(request.clone())
+        .await
+        .expect("register")
+        .into_inner();
     let agent = first.agent.expect("agent");
     assert_eq!(agent.agent_id, id);
     assert_eq!(agent.state, S::Registered as i32);
     assert_eq!(agent.version, 1);
     assert_eq!(first.transitions.len(), 1);
     let t = &first.transitions[0];
-    assert_eq!((t.from_state, t.to_state), (S::Unspecified as i32, S::Registered as i32));
-    assert_eq!((t.reason.as_str(), t.triggered_by.as_str(), t.version), ("new", "ci", 1));
+    assert_eq!(
+        (t.from_state, t.to_state),
+        (S::Unspecified as i32, S::Registered as i32)
+    );
+    assert_eq!(
+        (t.reason.as_str(), t.triggered_by.as_str(), t.version),
+        ("new", "ci", 1)
+    );
     assert!(t.sequence > 0 && t.timestamp.is_some());
 
-    let again = client.register_agent(request.clone()).await.expect("idempotent").into_inner();
+    let again = client
+        .register_agent(request.clone())
+        .await
+        .expect("idempotent")
+        .into_inner();
     assert!(again.transitions.is_empty());
     assert_eq!(again.agent.expect("agent").version, 1);
 
@@ -72,7 +89,10 @@ async fn register_and_get_agent() {
     assert!(uuid::Uuid::parse_str(&generated.agent_id).is_ok());
 
     client
-        .deploy_agent(pb::DeployAgentRequest { agent_id: id.clone(), ..Default::default() })
+        .deploy_agent(pb::DeployAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("deploy");
     let err = client.register_agent(request).await.expect_err("exists");
@@ -80,7 +100,9 @@ async fn register_and_get_agent() {
     assert_eq!(reason(&err), "AGENT_ALREADY_EXISTS");
 
     let got = client
-        .get_agent(pb::GetAgentRequest { agent_id: id.clone() })
+        .get_agent(pb::GetAgentRequest {
+            agent_id: id.clone(),
+        })
         .await
         .expect("get")
         .into_inner()
@@ -91,9 +113,20 @@ async fn register_and_get_agent() {
     assert_eq!(got.history_count, 3);
     assert_eq!(got.name, "alpha");
     assert_eq!(got.labels.get("team").map(String::as_str), Some("ml"));
-    assert_eq!(got.valid_transitions, vec![S::Starting as i32, S::Updating as i32, S::Deleted as i32]);
-    assert!(!got.is_operational && !got.is_available_for_tasks && !got.is_in_error_state && !got.is_in_maintenance);
-    assert_eq!(got.last_transition.expect("last").to_state, S::Deployed as i32);
+    assert_eq!(
+        got.valid_transitions,
+        vec![S::Starting as i32, S::Updating as i32, S::Deleted as i32]
+    );
+    assert!(
+        !got.is_operational
+            && !got.is_available_for_tasks
+            && !got.is_in_error_state
+            && !got.is_in_maintenance
+    );
+    assert_eq!(
+        got.last_transition.expect("last").to_state,
+        S::Deployed as i32
+    );
     assert!(got.created_at.is_some() && got.updated_at.is_some());
 }
 
@@ -108,7 +141,11 @@ async fn high_level_operations() {
     assert_eq!(agent.version, 5);
 
     let r = c
-        .assign_task(pb::AssignTaskRequest { agent_id: id.clone(), task_id: "t1".into(), ..Default::default() })
+        .assign_task(pb::AssignTaskRequest {
+            agent_id: id.clone(),
+            task_id: "t1".into(),
+            ..Default::default()
+        })
         .await
         .expect("assign")
         .into_inner();
@@ -116,32 +153,49 @@ async fn high_level_operations() {
     let meta = r.transitions[0].metadata.clone().expect("metadata");
     assert!(meta.fields.contains_key("task_id"));
     let r = c
-        .complete_task(pb::CompleteTaskRequest { agent_id: id.clone(), ..Default::default() })
+        .complete_task(pb::CompleteTaskRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("complete")
         .into_inner();
     assert_eq!(r.agent.expect("agent").state, S::Idle as i32);
     let r = c
-        .handle_error(pb::HandleErrorRequest { agent_id: id.clone(), error_message: "oom".into(), ..Default::default() })
+        .handle_error(pb::HandleErrorRequest {
+            agent_id: id.clone(),
+            error_message: "oom".into(),
+            ..Default::default()
+        })
         .await
         .expect("error")
         .into_inner();
     assert_eq!(r.transitions[0].reason, "Error: oom");
     assert!(r.agent.expect("agent").is_in_error_state);
     let r = c
-        .put_in_maintenance(pb::PutInMaintenanceRequest { agent_id: id.clone(), reason: "patch".into(), ..Default::default() })
+        .put_in_maintenance(pb::PutInMaintenanceRequest {
+            agent_id: id.clone(),
+            reason: "patch".into(),
+            ..Default::default()
+        })
         .await
         .expect("maintenance")
         .into_inner();
     assert_eq!(r.transitions[0].reason, "patch");
     let r = c
-        .resume_from_maintenance(pb::ResumeFromMaintenanceRequest { agent_id: id.clone(), ..Default::default() })
+        .resume_from_maintenance(pb::ResumeFromMaintenanceRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("resume")
         .into_inner();
     assert_eq!(r.agent.expect("agent").state, S::Online as i32);
     let r = c
-        .stop_agent(pb::StopAgentRequest { agent_id: id.clone(), ..Default::default() })
+        .stop_agent(pb::StopAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("stop")
         .into_inner();
@@ -152,18 +206,34 @@ async fn high_level_operations() {
 
     // Operations in the wrong state: FAILED_PRECONDITION naming the state.
     let err = c
-        .assign_task(pb::AssignTaskRequest { agent_id: id.clone(), ..Default::default() })
+        .assign_task(pb::AssignTaskRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect_err("offline is not available");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(reason(&err), "TRANSITION_NOT_ALLOWED");
-    let violation = err.get_details_precondition_failure().expect("precondition failure");
-    assert!(violation.violations[0].description.contains("offline"), "{violation:?}");
+    let violation = err
+        .get_details_precondition_failure()
+        .expect("precondition failure");
+    assert!(
+        violation.violations[0].description.contains("offline"),
+        "{violation:?}"
+    );
     for err in [
-        c.complete_task(pb::CompleteTaskRequest { agent_id: id.clone(), ..Default::default() }).await.expect_err("not busy"),
-        c.resume_from_maintenance(pb::ResumeFromMaintenanceRequest { agent_id: id.clone(), ..Default::default() })
-            .await
-            .expect_err("not in maintenance"),
+        c.complete_task(pb::CompleteTaskRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not busy"),
+        c.resume_from_maintenance(pb::ResumeFromMaintenanceRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not in maintenance"),
     ] {
         assert_eq!(err.code(), Code::FailedPrecondition);
     }
@@ -181,15 +251,29 @@ async fn transition_agent_codes_and_details() {
     let id = agent.agent_id.clone();
     let before = head(&mut c).await;
 
-    let err = transition(&mut c, &id, S::Online).await.expect_err("not allowed");
+    let err = transition(&mut c, &id, S::Online)
+        .await
+        .expect_err("not allowed");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(reason(&err), "TRANSITION_NOT_ALLOWED");
-    assert!(err.message().contains("registered") && err.message().contains("deploying, deleted"), "{}", err.message());
+    assert!(
+        err.message().contains("registered") && err.message().contains("deploying, deleted"),
+        "{}",
+        err.message()
+    );
     let info = err.get_details_error_info().expect("error info");
     assert_eq!(info.domain, "agentlifecycle.v1");
-    assert_eq!(info.metadata.get("current_state").map(String::as_str), Some("registered"));
-    assert_eq!(info.metadata.get("allowed_targets").map(String::as_str), Some("deploying,deleted"));
-    let pf = err.get_details_precondition_failure().expect("precondition failure");
+    assert_eq!(
+        info.metadata.get("current_state").map(String::as_str),
+        Some("registered")
+    );
+    assert_eq!(
+        info.metadata.get("allowed_targets").map(String::as_str),
+        Some("deploying,deleted")
+    );
+    let pf = err
+        .get_details_precondition_failure()
+        .expect("precondition failure");
     assert_eq!(pf.violations[0].subject, format!("agents/{id}"));
 
     let err = c
@@ -215,7 +299,9 @@ async fn transition_agent_codes_and_details() {
             metadata: Some(prost_types::Struct {
                 fields: [(
                     "n".to_string(),
-                    prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(2.5)) },
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(2.5)),
+                    },
                 )]
                 .into(),
             }),
@@ -228,13 +314,23 @@ async fn transition_agent_codes_and_details() {
     assert_eq!(t.metadata.as_ref().expect("metadata").fields.len(), 1);
 
     let unknown = uuid::Uuid::new_v4().to_string();
-    let err = transition(&mut c, &unknown, S::Deploying).await.expect_err("unknown");
+    let err = transition(&mut c, &unknown, S::Deploying)
+        .await
+        .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(reason(&err), "AGENT_NOT_FOUND");
-    let err = c.get_agent(pb::GetAgentRequest { agent_id: unknown.clone() }).await.expect_err("unknown");
+    let err = c
+        .get_agent(pb::GetAgentRequest {
+            agent_id: unknown.clone(),
+        })
+        .await
+        .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
     let err = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: unknown, ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: unknown,
+            ..Default::default()
+        })
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
@@ -251,12 +347,22 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     let before = head(&mut c).await;
     let big = |n: usize| "x".repeat(n);
     let nan = prost_types::Struct {
-        fields: [("x".to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)) })]
-            .into(),
+        fields: [(
+            "x".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+            },
+        )]
+        .into(),
     };
     let huge_meta = prost_types::Struct {
-        fields: [("x".to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(big(20_000))) })]
-            .into(),
+        fields: [(
+            "x".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(big(20_000))),
+            },
+        )]
+        .into(),
     };
     let tr = |f: &dyn Fn(&mut pb::TransitionAgentRequest)| {
         let mut r = pb::TransitionAgentRequest {
@@ -279,70 +385,144 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     ];
     for (request, field) in cases {
         let err = c.transition_agent(request).await.expect_err("invalid");
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
         assert_eq!(bad_field(&err), field, "{}", err.message());
         assert_eq!(reason(&err), "INVALID_ARGUMENT");
         assert!(err.message().contains(field));
     }
 
-    let labels: std::collections::HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect();
+    let labels: std::collections::HashMap<_, _> = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
     let err = c
-        .register_agent(pb::RegisterAgentRequest { labels, ..Default::default() })
+        .register_agent(pb::RegisterAgentRequest {
+            labels,
+            ..Default::default()
+        })
         .await
         .expect_err("too many labels");
-    assert_eq!((err.code(), bad_field(&err)), (Code::InvalidArgument, "labels".to_string()));
+    assert_eq!(
+        (err.code(), bad_field(&err)),
+        (Code::InvalidArgument, "labels".to_string())
+    );
     let err = c
-        .register_agent(pb::RegisterAgentRequest { agent_id: "zzz".into(), ..Default::default() })
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: "zzz".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("bad id");
     assert_eq!(bad_field(&err), "agent_id");
     let err = c
-        .handle_error(pb::HandleErrorRequest { agent_id: id.clone(), error_message: big(2000), ..Default::default() })
+        .handle_error(pb::HandleErrorRequest {
+            agent_id: id.clone(),
+            error_message: big(2000),
+            ..Default::default()
+        })
         .await
         .expect_err("long message");
     assert_eq!(bad_field(&err), "error_message");
     let err = c
-        .assign_task(pb::AssignTaskRequest { agent_id: id.clone(), task_id: big(300), ..Default::default() })
+        .assign_task(pb::AssignTaskRequest {
+            agent_id: id.clone(),
+            task_id: big(300),
+            ..Default::default()
+        })
         .await
         .expect_err("long task id");
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
-        .list_agents(pb::ListAgentsRequest { page_token: "garbage".into(), ..Default::default() })
+        .list_agents(pb::ListAgentsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("bad token");
     assert_eq!(bad_field(&err), "page_token");
     let err = c
-        .list_agents(pb::ListAgentsRequest { states: vec![0], ..Default::default() })
+        .list_agents(pb::ListAgentsRequest {
+            states: vec![0],
+            ..Default::default()
+        })
         .await
         .expect_err("unspecified state filter");
     assert_eq!(bad_field(&err), "states");
     let err = c
-        .list_agents(pb::ListAgentsRequest { category: 42, ..Default::default() })
+        .list_agents(pb::ListAgentsRequest {
+            category: 42,
+            ..Default::default()
+        })
         .await
         .expect_err("unknown category");
     assert_eq!(bad_field(&err), "category");
     let err = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: id.clone(), page_token: "agents.v1.0".into(), ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: id.clone(),
+            page_token: "agents.v1.0".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("bad token");
     assert_eq!(bad_field(&err), "page_token");
     for (request, field) in [
-        (pb::WatchEventsRequest { agent_ids: vec!["nope".into()], ..Default::default() }, "agent_ids"),
-        (pb::WatchEventsRequest { event_types: vec![0], ..Default::default() }, "event_types"),
-        (pb::WatchEventsRequest { states: vec![77], ..Default::default() }, "states"),
-        (pb::WatchEventsRequest { include_snapshot: true, start_sequence: 1, ..Default::default() }, "include_snapshot"),
+        (
+            pb::WatchEventsRequest {
+                agent_ids: vec!["nope".into()],
+                ..Default::default()
+            },
+            "agent_ids",
+        ),
+        (
+            pb::WatchEventsRequest {
+                event_types: vec![0],
+                ..Default::default()
+            },
+            "event_types",
+        ),
+        (
+            pb::WatchEventsRequest {
+                states: vec![77],
+                ..Default::default()
+            },
+            "states",
+        ),
+        (
+            pb::WatchEventsRequest {
+                include_snapshot: true,
+                start_sequence: 1,
+                ..Default::default()
+            },
+            "include_snapshot",
+        ),
     ] {
         let err = c.watch_events(request).await.expect_err("invalid watch");
-        assert_eq!((err.code(), bad_field(&err)), (Code::InvalidArgument, field.to_string()));
+        assert_eq!(
+            (err.code(), bad_field(&err)),
+            (Code::InvalidArgument, field.to_string())
+        );
     }
     // A request over the 1 MiB message limit is refused before decoding.
     let err = c
-        .register_agent(pb::RegisterAgentRequest { name: big(2 * 1024 * 1024), ..Default::default() })
+        .register_agent(pb::RegisterAgentRequest {
+            name: big(2 * 1024 * 1024),
+            ..Default::default()
+        })
         .await
         .expect_err("too large");
     assert_ne!(err.code(), Code::Ok);
     assert_eq!(head(&mut c).await, before, "nothing was applied");
-    let got = c.get_agent(pb::GetAgentRequest { agent_id: id }).await.expect("get").into_inner().agent.expect("agent");
+    let got = c
+        .get_agent(pb::GetAgentRequest { agent_id: id })
+        .await
+        .expect("get")
+        .into_inner()
+        .agent
+        .expect("agent");
     assert_eq!(got.version, 1);
 }
 
@@ -359,9 +539,12 @@ async fn list_agents_filters_and_pages_without_duplicates() {
         ids.insert(agent.agent_id);
     }
     let busy = online(&mut c, &[("team", "even")]).await;
-    c.assign_task(pb::AssignTaskRequest { agent_id: busy.agent_id.clone(), ..Default::default() })
-        .await
-        .expect("assign");
+    c.assign_task(pb::AssignTaskRequest {
+        agent_id: busy.agent_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("assign");
     ids.insert(busy.agent_id.clone());
 
     // Page through everything while more agents register and others move.
@@ -370,13 +553,21 @@ async fn list_agents_filters_and_pages_without_duplicates() {
     let mut pages = 0;
     loop {
         let page = c
-            .list_agents(pb::ListAgentsRequest { page_size: 25, page_token: token.clone(), ..Default::default() })
+            .list_agents(pb::ListAgentsRequest {
+                page_size: 25,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .expect("list")
             .into_inner();
         pages += 1;
         for agent in &page.agents {
-            assert!(seen.insert(agent.agent_id.clone()), "listed twice: {}", agent.agent_id);
+            assert!(
+                seen.insert(agent.agent_id.clone()),
+                "listed twice: {}",
+                agent.agent_id
+            );
         }
         register(&mut c, &[("team", "late")]).await;
         if let Some(first) = page.agents.first() {
@@ -388,24 +579,40 @@ async fn list_agents_filters_and_pages_without_duplicates() {
         token = page.next_page_token;
         assert!(pages < 100, "paging terminates");
     }
-    assert!(ids.is_subset(&seen), "every agent that existed before the listing is listed");
+    assert!(
+        ids.is_subset(&seen),
+        "every agent that existed before the listing is listed"
+    );
 
-    let list = |states: Vec<i32>, category: pb::AgentCategory, labels: &[(&str, &str)]| pb::ListAgentsRequest {
-        states,
-        category: category as i32,
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        page_size: 1000,
-        page_token: String::new(),
+    let list = |states: Vec<i32>, category: pb::AgentCategory, labels: &[(&str, &str)]| {
+        pb::ListAgentsRequest {
+            states,
+            category: category as i32,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            page_size: 1000,
+            page_token: String::new(),
+        }
     };
     let busy_only = c
-        .list_agents(list(vec![S::Busy as i32], pb::AgentCategory::Unspecified, &[]))
+        .list_agents(list(
+            vec![S::Busy as i32],
+            pb::AgentCategory::Unspecified,
+            &[],
+        ))
         .await
         .expect("list")
         .into_inner();
     assert_eq!(busy_only.agents.len(), 1);
     assert_eq!(busy_only.agents[0].agent_id, busy.agent_id);
     let operational = c
-        .list_agents(list(vec![], pb::AgentCategory::Operational, &[("team", "even")]))
+        .list_agents(list(
+            vec![],
+            pb::AgentCategory::Operational,
+            &[("team", "even")],
+        ))
         .await
         .expect("list")
         .into_inner();
@@ -417,7 +624,11 @@ async fn list_agents_filters_and_pages_without_duplicates() {
         .into_inner();
     assert!(available.agents.is_empty());
     let odd = c
-        .list_agents(list(vec![], pb::AgentCategory::Unspecified, &[("team", "odd")]))
+        .list_agents(list(
+            vec![],
+            pb::AgentCategory::Unspecified,
+            &[("team", "odd")],
+        ))
         .await
         .expect("list")
         .into_inner();
@@ -438,21 +649,39 @@ async fn history_limits_and_pages() {
         transition(&mut c, &id, S::Online).await.expect("online");
     }
     let all = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: id.clone(), ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("history")
         .into_inner();
     assert_eq!(all.total_count, 25);
     assert_eq!(all.transitions.len(), 25);
     assert!(all.next_page_token.is_empty());
-    assert!(all.transitions.windows(2).all(|w| w[0].sequence < w[1].sequence && w[0].version + 1 == w[1].version));
+    assert!(
+        all.transitions
+            .windows(2)
+            .all(|w| w[0].sequence < w[1].sequence && w[0].version + 1 == w[1].version)
+    );
 
     let newest = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: id.clone(), limit: 4, ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: id.clone(),
+            limit: 4,
+            ..Default::default()
+        })
         .await
         .expect("history")
         .into_inner();
-    assert_eq!(newest.transitions.iter().map(|t| t.version).collect::<Vec<_>>(), vec![22, 23, 24, 25]);
+    assert_eq!(
+        newest
+            .transitions
+            .iter()
+            .map(|t| t.version)
+            .collect::<Vec<_>>(),
+        vec![22, 23, 24, 25]
+    );
 
     let mut versions = Vec::new();
     let mut token = String::new();
@@ -470,7 +699,17 @@ async fn history_limits_and_pages() {
         assert!(page.transitions.len() <= 7);
         versions.extend(page.transitions.iter().map(|t| t.version));
         // New transitions during paging do not extend the listing.
-        transition(&mut c, &id, if versions.len() % 2 == 0 { S::Idle } else { S::Online }).await.ok();
+        transition(
+            &mut c,
+            &id,
+            if versions.len() % 2 == 0 {
+                S::Idle
+            } else {
+                S::Online
+            },
+        )
+        .await
+        .ok();
         if page.next_page_token.is_empty() {
             break;
         }
@@ -487,35 +726,67 @@ async fn metrics_and_rules() {
     let mut c = server.client().await;
     register(&mut c, &[]).await;
     let a = online(&mut c, &[]).await;
-    c.handle_error(pb::HandleErrorRequest { agent_id: a.agent_id.clone(), error_message: "x".into(), ..Default::default() })
-        .await
-        .expect("error");
+    c.handle_error(pb::HandleErrorRequest {
+        agent_id: a.agent_id.clone(),
+        error_message: "x".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("error");
     online(&mut c, &[]).await;
-    let m = c.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {}).await.expect("metrics").into_inner();
-    assert_eq!((m.total_agents, m.operational_agents, m.available_agents, m.error_agents, m.maintenance_agents), (3, 1, 1, 1, 0));
+    let m = c
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .await
+        .expect("metrics")
+        .into_inner();
+    assert_eq!(
+        (
+            m.total_agents,
+            m.operational_agents,
+            m.available_agents,
+            m.error_agents,
+            m.maintenance_agents
+        ),
+        (3, 1, 1, 1, 0)
+    );
     assert_eq!(m.state_distribution.get("online"), Some(&1));
     assert_eq!(m.state_distribution.get("registered"), Some(&1));
     assert_eq!(m.state_distribution.get("error"), Some(&1));
     assert_eq!(m.head_sequence, 1 + 5 + 1 + 5);
 
-    let rules = c.get_transition_rules(pb::GetTransitionRulesRequest {}).await.expect("rules").into_inner().rules;
+    let rules = c
+        .get_transition_rules(pb::GetTransitionRulesRequest {})
+        .await
+        .expect("rules")
+        .into_inner()
+        .rules;
     assert_eq!(rules.len(), 18);
     assert_eq!(rules[0].from_state, S::Registered as i32);
-    assert_eq!(rules[0].allowed_targets, vec![S::Deploying as i32, S::Deleted as i32]);
+    assert_eq!(
+        rules[0].allowed_targets,
+        vec![S::Deploying as i32, S::Deleted as i32]
+    );
     assert!(rules[17].allowed_targets.is_empty());
-    assert_eq!(rules.iter().map(|r| r.allowed_targets.len()).sum::<usize>(), 66);
+    assert_eq!(
+        rules.iter().map(|r| r.allowed_targets.len()).sum::<usize>(),
+        66
+    );
 }
 
 /// grpc.health.v1 reports SERVING for "" and the lifecycle service; server
 /// reflection lists the services.
 #[tokio::test]
 async fn health_and_reflection() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let server = TestServer::start().await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "agentlifecycle.v1.AgentLifecycleService"] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health")
             .into_inner()
@@ -546,7 +817,10 @@ async fn health_and_reflection() {
         panic!("unexpected reflection response");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"agentlifecycle.v1.AgentLifecycleService"), "{names:?}");
+    assert!(
+        names.contains(&"agentlifecycle.v1.AgentLifecycleService"),
+        "{names:?}"
+    );
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
 
@@ -562,7 +836,11 @@ async fn concurrent_transitions_on_one_agent_are_linearizable() {
             let mut c = c.clone();
             let id = agent.agent_id.clone();
             tokio::spawn(async move {
-                c.assign_task(pb::AssignTaskRequest { agent_id: id, ..Default::default() }).await
+                c.assign_task(pb::AssignTaskRequest {
+                    agent_id: id,
+                    ..Default::default()
+                })
+                .await
             })
         })
         .collect();
@@ -571,11 +849,26 @@ async fn concurrent_transitions_on_one_agent_are_linearizable() {
         codes.push(call.await.expect("join").map(|_| ()).map_err(|e| e.code()));
     }
     assert_eq!(codes.iter().filter(|r| r.is_ok()).count(), 1);
-    assert!(codes.iter().filter_map(|r| r.err()).all(|c| c == Code::FailedPrecondition));
+    assert!(
+        codes
+            .iter()
+            .filter_map(|r| r.err())
+            .all(|c| c == Code::FailedPrecondition)
+    );
     let history = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("history")
         .into_inner();
-    assert_eq!(history.transitions.iter().filter(|t| t.to_state == S::Busy as i32).count(), 1);
+    assert_eq!(
+        history
+            .transitions
+            .iter()
+            .filter(|t| t.to_state == S::Busy as i32)
+            .count(),
+        1
+    );
 }

@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S, agent_lifecycle_service_client::AgentLifecycleServiceClient};
+use agent_lifecycle::grpc::pb::{
+    self, AgentState as S, agent_lifecycle_service_client::AgentLifecycleServiceClient,
+};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -26,7 +28,14 @@ struct Process {
 impl Process {
     fn start(db: &Path) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn", "--store"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+                "--store",
+            ])
             .arg(format!("sqlite://{}", db.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -39,8 +48,14 @@ impl Process {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server reports its address");
-        let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server reports its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_string();
         Process { child, addr }
     }
 
@@ -68,7 +83,10 @@ impl Process {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "server did not exit in {limit:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not exit in {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -90,28 +108,64 @@ type Acks = Arc<Mutex<HashMap<String, Vec<(u64, i32, u64)>>>>;
 fn record(acks: &Acks, transitions: &[pb::StateTransition]) -> usize {
     let mut acks = acks.lock().expect("acks");
     for t in transitions {
-        acks.entry(t.agent_id.clone()).or_default().push((t.version, t.to_state, t.sequence));
+        acks.entry(t.agent_id.clone())
+            .or_default()
+            .push((t.version, t.to_state, t.sequence));
     }
     transitions.len()
 }
 
 /// One client: full lifecycles until the server goes away. Counts
 /// acknowledged transitions into `progress`.
-async fn lifecycle_client(mut c: AgentLifecycleServiceClient<Channel>, acks: Acks, progress: watch::Sender<usize>) {
+async fn lifecycle_client(
+    mut c: AgentLifecycleServiceClient<Channel>,
+    acks: Acks,
+    progress: watch::Sender<usize>,
+) {
     loop {
         let id = uuid::Uuid::new_v4().to_string();
         let step = async {
-            let r = c.register_agent(pb::RegisterAgentRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .register_agent(pb::RegisterAgentRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             let mut n = record(&acks, &r.into_inner().transitions);
-            let r = c.deploy_agent(pb::DeployAgentRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .deploy_agent(pb::DeployAgentRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             n += record(&acks, &r.into_inner().transitions);
-            let r = c.start_agent(pb::StartAgentRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .start_agent(pb::StartAgentRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             n += record(&acks, &r.into_inner().transitions);
-            let r = c.assign_task(pb::AssignTaskRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .assign_task(pb::AssignTaskRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             n += record(&acks, &r.into_inner().transitions);
-            let r = c.complete_task(pb::CompleteTaskRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .complete_task(pb::CompleteTaskRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             n += record(&acks, &r.into_inner().transitions);
-            let r = c.stop_agent(pb::StopAgentRequest { agent_id: id.clone(), ..Default::default() }).await?;
+            let r = c
+                .stop_agent(pb::StopAgentRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?;
             n += record(&acks, &r.into_inner().transitions);
             Ok::<usize, tonic::Status>(n)
         };
@@ -126,12 +180,20 @@ async fn lifecycle_client(mut c: AgentLifecycleServiceClient<Channel>, acks: Ack
 
 /// Runs 8 clients until `threshold` transitions were acknowledged, then
 /// stops the server with `stop`; returns what was acknowledged.
-async fn load_then_stop(server: &mut Process, threshold: usize, stop: impl FnOnce(&mut Process)) -> Acks {
+async fn load_then_stop(
+    server: &mut Process,
+    threshold: usize,
+    stop: impl FnOnce(&mut Process),
+) -> Acks {
     let acks: Acks = Arc::default();
     let (progress, mut seen) = watch::channel(0usize);
     let mut clients = Vec::new();
     for _ in 0..8 {
-        clients.push(tokio::spawn(lifecycle_client(server.client().await, Arc::clone(&acks), progress.clone())));
+        clients.push(tokio::spawn(lifecycle_client(
+            server.client().await,
+            Arc::clone(&acks),
+            progress.clone(),
+        )));
     }
     tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|n| *n >= threshold))
         .await
@@ -139,7 +201,10 @@ async fn load_then_stop(server: &mut Process, threshold: usize, stop: impl FnOnc
         .expect("progress");
     stop(server);
     for client in clients {
-        tokio::time::timeout(Duration::from_secs(30), client).await.expect("clients stop").expect("join");
+        tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("clients stop")
+            .expect("join");
     }
     acks
 }
@@ -154,19 +219,28 @@ async fn verify(server: &Process, acks: &Acks) {
     let mut max_seq = 0;
     for (agent_id, acked) in &acks {
         let agent = c
-            .get_agent(pb::GetAgentRequest { agent_id: agent_id.clone() })
+            .get_agent(pb::GetAgentRequest {
+                agent_id: agent_id.clone(),
+            })
             .await
             .expect("an acknowledged agent survives")
             .into_inner()
             .agent
             .expect("agent");
         let history = c
-            .get_agent_history(pb::GetAgentHistoryRequest { agent_id: agent_id.clone(), ..Default::default() })
+            .get_agent_history(pb::GetAgentHistoryRequest {
+                agent_id: agent_id.clone(),
+                ..Default::default()
+            })
             .await
             .expect("history")
             .into_inner();
         let transitions = &history.transitions;
-        assert_eq!(transitions.len() as u64, agent.version, "history length equals version");
+        assert_eq!(
+            transitions.len() as u64,
+            agent.version,
+            "history length equals version"
+        );
         assert_eq!(history.total_count, agent.version);
         for (i, t) in transitions.iter().enumerate() {
             assert_eq!(t.version, i as u64 + 1, "versions are contiguous");
@@ -175,7 +249,11 @@ async fn verify(server: &Process, acks: &Acks) {
         assert_eq!(last.to_state, agent.state, "state agrees with history");
         for (version, state, sequence) in acked {
             let t = &transitions[*version as usize - 1];
-            assert_eq!((t.to_state, t.sequence), (*state, *sequence), "acknowledged transition {version} of {agent_id}");
+            assert_eq!(
+                (t.to_state, t.sequence),
+                (*state, *sequence),
+                "acknowledged transition {version} of {agent_id}"
+            );
             max_seq = max_seq.max(*sequence);
         }
     }
@@ -191,11 +269,18 @@ async fn verify(server: &Process, acks: &Acks) {
         .await
         .expect("register after restart")
         .into_inner();
-    assert_eq!(fresh.transitions[0].sequence, head + 1, "the sequence continues, never reused");
+    assert_eq!(
+        fresh.transitions[0].sequence,
+        head + 1,
+        "the sequence continues, never reused"
+    );
 
     // The event log replays across the restart.
     let mut stream = c
-        .watch_events(pb::WatchEventsRequest { start_sequence: 1, ..Default::default() })
+        .watch_events(pb::WatchEventsRequest {
+            start_sequence: 1,
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -246,7 +331,10 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything() {
     .await
     .expect("register");
     let before = c
-        .list_agents(pb::ListAgentsRequest { page_size: 1000, ..Default::default() })
+        .list_agents(pb::ListAgentsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner()
@@ -257,12 +345,22 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything() {
     let after = again
         .client()
         .await
-        .list_agents(pb::ListAgentsRequest { page_size: 1000, ..Default::default() })
+        .list_agents(pb::ListAgentsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner()
         .agents;
-    assert_eq!(before, after, "agents, versions, names, labels and timestamps survive");
-    assert!(after.iter().any(|a| a.name == "named" && a.labels.get("k").map(String::as_str) == Some("v")));
+    assert_eq!(
+        before, after,
+        "agents, versions, names, labels and timestamps survive"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|a| a.name == "named" && a.labels.get("k").map(String::as_str) == Some("v"))
+    );
     assert!(after.iter().any(|a| a.state == S::Offline as i32));
 }

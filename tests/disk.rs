@@ -29,7 +29,10 @@ impl Tmpfs {
             .arg(dir.path())
             .status()
             .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs needs root; run the suite as root (as CI does)");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root; run the suite as root (as CI does)"
+        );
         Tmpfs { dir }
     }
 
@@ -49,7 +52,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -80,11 +86,23 @@ async fn full_disk_fails_the_write_and_keeps_every_acknowledged_one() {
     };
     let (failed_id, status) = failure;
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
-    assert_eq!(status.get_details_error_info().expect("info").reason, "STORE_UNAVAILABLE");
-    let err = c.get_agent(pb::GetAgentRequest { agent_id: failed_id }).await.expect_err("not applied");
+    assert_eq!(
+        status.get_details_error_info().expect("info").reason,
+        "STORE_UNAVAILABLE"
+    );
+    let err = c
+        .get_agent(pb::GetAgentRequest {
+            agent_id: failed_id,
+        })
+        .await
+        .expect_err("not applied");
     assert_eq!(err.code(), Code::NotFound);
     for id in acked.iter().step_by(37) {
-        c.get_agent(pb::GetAgentRequest { agent_id: id.clone() }).await.expect("still readable");
+        c.get_agent(pb::GetAgentRequest {
+            agent_id: id.clone(),
+        })
+        .await
+        .expect("still readable");
     }
     let _ = server.shutdown().await;
 
@@ -98,7 +116,8 @@ async fn full_disk_fails_the_write_and_keeps_every_acknowledged_one() {
     }
     let reopened = SqliteStore::open(copy.path().join("full.db")).expect("reopen the copy");
     let loaded = reopened.load().expect("load");
-    let stored: std::collections::HashSet<String> = loaded.agents.iter().map(|a| a.id.to_string()).collect();
+    let stored: std::collections::HashSet<String> =
+        loaded.agents.iter().map(|a| a.id.to_string()).collect();
     assert!(acked.len() > 10);
     for id in &acked {
         assert!(stored.contains(id), "acknowledged {id} is durable");
@@ -111,7 +130,10 @@ async fn full_disk_fails_the_write_and_keeps_every_acknowledged_one() {
 fn read_only_data_directory_fails_at_start_up() {
     let fs = Tmpfs::mount("4m");
     let existing = fs.path().join("existing.db");
-    SqliteStore::open(&existing).expect("create").close().expect("close");
+    SqliteStore::open(&existing)
+        .expect("create")
+        .close()
+        .expect("close");
     fs.remount_read_only();
     assert!(SqliteStore::open(&existing).is_err());
     assert!(SqliteStore::open(fs.path().join("new.db")).is_err());

@@ -17,7 +17,10 @@ use tonic_types::StatusExt;
 
 fn config() -> ServiceConfig {
     ServiceConfig {
-        retention: Retention { max_events: Some(50), max_age: None },
+        retention: Retention {
+            max_events: Some(50),
+            max_age: None,
+        },
         ..Default::default()
     }
 }
@@ -35,28 +38,63 @@ async fn compaction_on_sqlite_survives_restart() {
     let mut c = server.client().await;
     let agent = online(&mut c, &[]).await;
     for i in 0..295 {
-        transition(&mut c, &agent.agent_id, if i % 2 == 0 { S::Idle } else { S::Online }).await.expect("flip");
+        transition(
+            &mut c,
+            &agent.agent_id,
+            if i % 2 == 0 { S::Idle } else { S::Online },
+        )
+        .await
+        .expect("flip");
     }
     let deleted = server.service.compact_now().await.expect("compact");
     assert_eq!(deleted, 250);
     assert_eq!(server.service.oldest_sequence(), 251);
 
-    let err = c.watch_events(pb::WatchEventsRequest { start_sequence: 1, ..Default::default() }).await.expect_err("compacted");
+    let err = c
+        .watch_events(pb::WatchEventsRequest {
+            start_sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("compacted");
     assert_eq!(err.code(), Code::OutOfRange);
     let info = err.get_details_error_info().expect("info");
     assert_eq!(info.reason, "SEQUENCE_COMPACTED");
-    assert_eq!(info.metadata.get("oldest_available_sequence").map(String::as_str), Some("251"));
-    let mut stream = watch(&mut c, pb::WatchEventsRequest { start_sequence: 251, ..Default::default() }).await;
+    assert_eq!(
+        info.metadata
+            .get("oldest_available_sequence")
+            .map(String::as_str),
+        Some("251")
+    );
+    let mut stream = watch(
+        &mut c,
+        pb::WatchEventsRequest {
+            start_sequence: 251,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(next_event(&mut stream).await.sequence, 251);
 
     let history = c
-        .get_agent_history(pb::GetAgentHistoryRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .get_agent_history(pb::GetAgentHistoryRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("history")
         .into_inner();
     assert_eq!(history.total_count, 50);
     assert_eq!(history.transitions.first().map(|t| t.sequence), Some(251));
-    let got = c.get_agent(pb::GetAgentRequest { agent_id: agent.agent_id.clone() }).await.expect("get").into_inner().agent.expect("agent");
+    let got = c
+        .get_agent(pb::GetAgentRequest {
+            agent_id: agent.agent_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .agent
+        .expect("agent");
     assert_eq!((got.version, got.history_count), (300, 300));
     drop(stream);
     server.shutdown().await.expect("stop");
@@ -66,7 +104,9 @@ async fn compaction_on_sqlite_survives_restart() {
     assert_eq!(server.service.oldest_sequence(), 251);
     assert_eq!(server.service.head_sequence(), 300);
     let mut c = server.client().await;
-    let next = transition(&mut c, &agent.agent_id, S::Online).await.expect("after restart");
+    let next = transition(&mut c, &agent.agent_id, S::Online)
+        .await
+        .expect("after restart");
     assert_eq!(next.transitions[0].sequence, 301);
     assert_eq!(next.transitions[0].version, 301);
     server.shutdown().await.expect("stop");

@@ -6,7 +6,9 @@ mod common;
 use agent_lifecycle::grpc::pb;
 use common::{TestServer, next_event, online, watch};
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::StatusExt;
 
 /// Three subscribers hold open streams and have read every event; on
@@ -19,7 +21,9 @@ async fn shutdown_ends_open_streams_after_their_last_event() {
     let mut c = server.client().await;
     let mut health = HealthClient::new(server.channel().await);
     let mut health_stream = health
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health watch")
         .into_inner();
@@ -51,10 +55,15 @@ async fn shutdown_ends_open_streams_after_their_last_event() {
     drop(health_stream);
 
     for mut stream in streams {
-        let end = tokio::time::timeout(common::STEP, stream.message()).await.expect("in time");
+        let end = tokio::time::timeout(common::STEP, stream.message())
+            .await
+            .expect("in time");
         let status = end.expect_err("the stream ends with a status");
         assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(status.get_details_error_info().expect("info").reason, "SHUTTING_DOWN");
+        assert_eq!(
+            status.get_details_error_info().expect("info").reason,
+            "SHUTTING_DOWN"
+        );
     }
     let task = server.take_task();
     tokio::time::timeout(common::STEP, task)
@@ -74,13 +83,21 @@ async fn work_after_shutdown_is_refused() {
     let agent = online(&mut c, &[]).await;
     service.begin_shutdown();
     let err = c
-        .assign_task(pb::AssignTaskRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .assign_task(pb::AssignTaskRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable);
-    let err = c.watch_events(pb::WatchEventsRequest::default()).await.expect_err("refused");
+    let err = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable);
-    let got = service.get_agent(agent.agent_id.parse::<uuid::Uuid>().expect("uuid").into()).expect("agent");
+    let got = service
+        .get_agent(agent.agent_id.parse::<uuid::Uuid>().expect("uuid").into())
+        .expect("agent");
     assert_eq!(got.version, 5);
     server.shutdown().await.expect("clean stop");
 }

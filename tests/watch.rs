@@ -5,7 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use agent_lifecycle::{grpc::pb::{self, AgentState as S, watch_events_response::Kind}, service::ServiceConfig, store::Retention};
+use agent_lifecycle::{
+    grpc::pb::{self, AgentState as S, watch_events_response::Kind},
+    service::ServiceConfig,
+    store::Retention,
+};
 use common::{TestServer, next, next_event, online, register, transition, watch};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -17,12 +21,20 @@ async fn drive(server: &TestServer, agents: usize) {
         .map(|_| {
             let url = server.url();
             tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(url).expect("url").connect().await.expect("connect");
-                let mut c = pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
-                let agent = online(&mut c, &[]).await;
-                c.stop_agent(pb::StopAgentRequest { agent_id: agent.agent_id, ..Default::default() })
+                let channel = tonic::transport::Channel::from_shared(url)
+                    .expect("url")
+                    .connect()
                     .await
-                    .expect("stop");
+                    .expect("connect");
+                let mut c =
+                    pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+                let agent = online(&mut c, &[]).await;
+                c.stop_agent(pb::StopAgentRequest {
+                    agent_id: agent.agent_id,
+                    ..Default::default()
+                })
+                .await
+                .expect("stop");
             })
         })
         .collect();
@@ -50,7 +62,10 @@ async fn hundred_subscribers_see_every_event_in_order() {
                 let mut seen = Vec::new();
                 while seen.len() < 140 {
                     let event = next_event(&mut stream).await;
-                    assert_eq!(event.sequence, event.transition.as_ref().expect("transition").sequence);
+                    assert_eq!(
+                        event.sequence,
+                        event.transition.as_ref().expect("transition").sequence
+                    );
                     seen.push(event.sequence);
                 }
                 seen
@@ -69,12 +84,24 @@ async fn resume_from_a_sequence_has_no_gap_or_duplicate() {
     let server = TestServer::start().await;
     drive(&server, 10).await; // sequences 1..=70
     let mut c = server.client().await;
-    let mut stream = watch(&mut c, pb::WatchEventsRequest { start_sequence: 30, ..Default::default() }).await;
+    let mut stream = watch(
+        &mut c,
+        pb::WatchEventsRequest {
+            start_sequence: 30,
+            ..Default::default()
+        },
+    )
+    .await;
     let writer = {
         let server_url = server.url();
         tokio::spawn(async move {
-            let channel = tonic::transport::Channel::from_shared(server_url).expect("url").connect().await.expect("connect");
-            let mut c = pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+            let channel = tonic::transport::Channel::from_shared(server_url)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let mut c =
+                pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
             for _ in 0..10 {
                 register(&mut c, &[]).await;
             }
@@ -89,7 +116,14 @@ async fn resume_from_a_sequence_has_no_gap_or_duplicate() {
     writer.await.expect("writer");
     // The replayed events carry the agent as it was after each event.
     let mut c2 = server.client().await;
-    let mut replay = watch(&mut c2, pb::WatchEventsRequest { start_sequence: 1, ..Default::default() }).await;
+    let mut replay = watch(
+        &mut c2,
+        pb::WatchEventsRequest {
+            start_sequence: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let first = next_event(&mut replay).await;
     assert_eq!(first.r#type, pb::EventType::Registered as i32);
     let agent = first.agent.expect("agent");
@@ -129,10 +163,15 @@ async fn snapshot_then_live() {
     let mut want = vec![a.agent_id.clone(), b.agent_id.clone()];
     want.sort();
     assert_eq!(ids, want);
-    let a_now = snapshot.iter().find(|x| x.agent_id == a.agent_id).expect("a");
+    let a_now = snapshot
+        .iter()
+        .find(|x| x.agent_id == a.agent_id)
+        .expect("a");
     assert_eq!(a_now.state, S::Online as i32);
 
-    transition(&mut c, &a.agent_id, S::Idle).await.expect("idle");
+    transition(&mut c, &a.agent_id, S::Idle)
+        .await
+        .expect("idle");
     let event = next_event(&mut stream).await;
     assert_eq!(event.sequence, head.head_sequence + 1);
     assert_eq!(event.agent_id, a.agent_id);
@@ -146,11 +185,31 @@ async fn filters_select_events() {
     let mut c = server.client().await;
     let a = register(&mut c, &[("env", "prod")]).await;
     let b = register(&mut c, &[("env", "dev")]).await;
-    let mut by_id = watch(&mut c, pb::WatchEventsRequest { agent_ids: vec![b.agent_id.clone()], start_sequence: 1, ..Default::default() }).await;
-    let mut by_state = watch(&mut c, pb::WatchEventsRequest { states: vec![S::Deployed as i32], start_sequence: 1, ..Default::default() }).await;
+    let mut by_id = watch(
+        &mut c,
+        pb::WatchEventsRequest {
+            agent_ids: vec![b.agent_id.clone()],
+            start_sequence: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut by_state = watch(
+        &mut c,
+        pb::WatchEventsRequest {
+            states: vec![S::Deployed as i32],
+            start_sequence: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut by_type = watch(
         &mut c,
-        pb::WatchEventsRequest { event_types: vec![pb::EventType::Registered as i32], start_sequence: 1, ..Default::default() },
+        pb::WatchEventsRequest {
+            event_types: vec![pb::EventType::Registered as i32],
+            start_sequence: 1,
+            ..Default::default()
+        },
     )
     .await;
     let mut by_label = watch(
@@ -164,7 +223,12 @@ async fn filters_select_events() {
     )
     .await;
     for id in [&a.agent_id, &b.agent_id] {
-        c.deploy_agent(pb::DeployAgentRequest { agent_id: id.clone(), ..Default::default() }).await.expect("deploy");
+        c.deploy_agent(pb::DeployAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
     }
     let e = next_event(&mut by_id).await;
     assert_eq!((e.agent_id.as_str(), e.sequence), (b.agent_id.as_str(), 2));
@@ -172,14 +236,20 @@ async fn filters_select_events() {
     assert_eq!(next_event(&mut by_id).await.sequence, 6);
     for want in [4, 6] {
         let e = next_event(&mut by_state).await;
-        assert_eq!((e.sequence, e.transition.expect("t").to_state), (want, S::Deployed as i32));
+        assert_eq!(
+            (e.sequence, e.transition.expect("t").to_state),
+            (want, S::Deployed as i32)
+        );
     }
     for want in [1, 2] {
         assert_eq!(next_event(&mut by_type).await.sequence, want);
     }
     for want in [3, 4] {
         let e = next_event(&mut by_label).await;
-        assert_eq!((e.sequence, e.agent_id.as_str()), (want, a.agent_id.as_str()));
+        assert_eq!(
+            (e.sequence, e.agent_id.as_str()),
+            (want, a.agent_id.as_str())
+        );
     }
     // Nothing else arrives on the narrow streams: the next register is
     // matched only by the type stream.
@@ -190,7 +260,10 @@ async fn filters_select_events() {
 /// An idle stream gets progress messages carrying the head sequence.
 #[tokio::test]
 async fn idle_streams_get_progress() {
-    let config = ServiceConfig { progress_interval: Duration::from_millis(50), ..Default::default() };
+    let config = ServiceConfig {
+        progress_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
     let server = TestServer::start_with(config, false).await;
     let mut c = server.client().await;
     register(&mut c, &[]).await;
@@ -214,7 +287,10 @@ async fn idle_streams_get_progress() {
 /// held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_subscriber_is_backfilled_from_the_log() {
-    let config = ServiceConfig { event_buffer: 16, ..Default::default() };
+    let config = ServiceConfig {
+        event_buffer: 16,
+        ..Default::default()
+    };
     let server = TestServer::start_with(config, true).await;
     let mut c = server.client().await;
     let mut slow_client = server.small_window_client().await;
@@ -230,12 +306,19 @@ async fn lagging_subscriber_is_backfilled_from_the_log() {
         .map(|_| {
             let url = server.url();
             tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(url).expect("url").connect().await.expect("connect");
-                let mut c = pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+                let channel = tonic::transport::Channel::from_shared(url)
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+                let mut c =
+                    pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
                 let agent = online(&mut c, &[]).await; // 5 events
                 for i in 0..(total / 10 - 5) {
                     let target = if i % 2 == 0 { S::Idle } else { S::Online };
-                    transition(&mut c, &agent.agent_id, target).await.expect("flip");
+                    transition(&mut c, &agent.agent_id, target)
+                        .await
+                        .expect("flip");
                 }
             })
         })
@@ -243,11 +326,16 @@ async fn lagging_subscriber_is_backfilled_from_the_log() {
     for writer in writers {
         writer.await.expect("writer");
     }
-    fast_reader.await.expect("fast subscriber got everything while the slow one slept");
+    fast_reader
+        .await
+        .expect("fast subscriber got everything while the slow one slept");
     for want in 1..=total {
         assert_eq!(next_event(&mut slow).await.sequence, want);
     }
-    assert!(server.service.watch_backfills() >= 1, "the slow subscriber was backfilled from the log");
+    assert!(
+        server.service.watch_backfills() >= 1,
+        "the slow subscriber was backfilled from the log"
+    );
 }
 
 /// Asking for compacted events is OUT_OF_RANGE with SEQUENCE_COMPACTED and
@@ -258,7 +346,10 @@ async fn lagging_subscriber_is_backfilled_from_the_log() {
 async fn compacted_sequences_are_out_of_range() {
     let config = ServiceConfig {
         event_buffer: 4,
-        retention: Retention { max_events: Some(20), max_age: None },
+        retention: Retention {
+            max_events: Some(20),
+            max_age: None,
+        },
         ..Default::default()
     };
     let server = TestServer::start_with(config, false).await;
@@ -267,30 +358,60 @@ async fn compacted_sequences_are_out_of_range() {
     let mut lagging = watch(&mut lagging_client, pb::WatchEventsRequest::default()).await;
     let agent = online(&mut c, &[]).await;
     for i in 0..1995 {
-        transition(&mut c, &agent.agent_id, if i % 2 == 0 { S::Idle } else { S::Online }).await.expect("flip");
+        transition(
+            &mut c,
+            &agent.agent_id,
+            if i % 2 == 0 { S::Idle } else { S::Online },
+        )
+        .await
+        .expect("flip");
     }
     let err = c
-        .watch_events(pb::WatchEventsRequest { start_sequence: 1, ..Default::default() })
+        .watch_events(pb::WatchEventsRequest {
+            start_sequence: 1,
+            ..Default::default()
+        })
         .await
         .expect_err("compacted");
     assert_eq!(err.code(), Code::OutOfRange);
     let info = err.get_details_error_info().expect("info");
     assert_eq!(info.reason, "SEQUENCE_COMPACTED");
-    assert_eq!(info.metadata.get("oldest_available_sequence").map(String::as_str), Some("1981"));
-    let mut ok = watch(&mut c, pb::WatchEventsRequest { start_sequence: 1981, ..Default::default() }).await;
+    assert_eq!(
+        info.metadata
+            .get("oldest_available_sequence")
+            .map(String::as_str),
+        Some("1981")
+    );
+    let mut ok = watch(
+        &mut c,
+        pb::WatchEventsRequest {
+            start_sequence: 1981,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(next_event(&mut ok).await.sequence, 1981);
 
     let err = c
-        .watch_events(pb::WatchEventsRequest { start_sequence: 5000, ..Default::default() })
+        .watch_events(pb::WatchEventsRequest {
+            start_sequence: 5000,
+            ..Default::default()
+        })
         .await
         .expect_err("future");
     assert_eq!(err.code(), Code::OutOfRange);
-    assert_eq!(err.get_details_error_info().expect("info").reason, "SEQUENCE_NOT_YET_WRITTEN");
+    assert_eq!(
+        err.get_details_error_info().expect("info").reason,
+        "SEQUENCE_NOT_YET_WRITTEN"
+    );
 
     // The lagging stream delivers what it still can, in order, then ends.
     let mut last = 0;
     let status = loop {
-        match tokio::time::timeout(common::STEP, lagging.message()).await.expect("in time") {
+        match tokio::time::timeout(common::STEP, lagging.message())
+            .await
+            .expect("in time")
+        {
             Ok(Some(message)) => {
                 if let Some(Kind::Event(e)) = message.kind {
                     assert_eq!(e.sequence, last + 1, "contiguous until the end");
@@ -302,6 +423,9 @@ async fn compacted_sequences_are_out_of_range() {
         }
     };
     assert_eq!(status.code(), Code::OutOfRange);
-    assert_eq!(status.get_details_error_info().expect("info").reason, "SEQUENCE_COMPACTED");
+    assert_eq!(
+        status.get_details_error_info().expect("info").reason,
+        "SEQUENCE_COMPACTED"
+    );
     assert!(last < 2000);
 }

@@ -297,7 +297,11 @@ fn nanos(d: Duration) -> u64 {
 }
 
 fn rate(count: u64, elapsed: Duration) -> f64 {
-    if elapsed.is_zero() { 0.0 } else { count as f64 / elapsed.as_secs_f64() }
+    if elapsed.is_zero() {
+        0.0
+    } else {
+        count as f64 / elapsed.as_secs_f64()
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -367,7 +371,10 @@ async fn create_agent(mut client: Client, name: String, start: bool) -> anyhow::
         }),
     )
     .await?;
-    let id = registered.agent.context("RegisterAgent returned no agent")?.agent_id;
+    let id = registered
+        .agent
+        .context("RegisterAgent returned no agent")?
+        .agent_id;
     if start {
         call(
             "DeployAgent",
@@ -403,19 +410,33 @@ async fn create_agents(
         bail!("no connection to create agents on");
     }
     stream::iter(0..count)
-        .map(|i| create_agent(clients[i % clients.len()].clone(), format!("{prefix}-{i}"), start))
+        .map(|i| {
+            create_agent(
+                clients[i % clients.len()].clone(),
+                format!("{prefix}-{i}"),
+                start,
+            )
+        })
         .buffered(SETUP_CONCURRENCY)
         .try_collect()
         .await
 }
 
 fn flip(state: AgentState) -> AgentState {
-    if state == AgentState::Online { AgentState::Idle } else { AgentState::Online }
+    if state == AgentState::Online {
+        AgentState::Idle
+    } else {
+        AgentState::Online
+    }
 }
 
 /// The target that moves an agent in `state` between ONLINE and IDLE.
 fn target_from(state: i32) -> AgentState {
-    if state == AgentState::Online as i32 { AgentState::Idle } else { AgentState::Online }
+    if state == AgentState::Online as i32 {
+        AgentState::Idle
+    } else {
+        AgentState::Online
+    }
 }
 
 fn timestamp_nanos(ts: &prost_types::Timestamp) -> i128 {
@@ -449,7 +470,11 @@ impl Worker {
             .transitions
             .first()
             .context("TransitionAgent returned no transition")?;
-        let at = transition.timestamp.as_ref().map(timestamp_nanos).unwrap_or(0);
+        let at = transition
+            .timestamp
+            .as_ref()
+            .map(timestamp_nanos)
+            .unwrap_or(0);
         Ok((transition.sequence, at))
     }
 
@@ -506,7 +531,12 @@ impl WorkerOutcome {
 
 /// Requests back to back until `end`; latencies of those started after
 /// `warm_end` are recorded.
-async fn load_worker(op: LoadOp, mut worker: Worker, warm_end: Instant, end: Instant) -> (Worker, WorkerOutcome) {
+async fn load_worker(
+    op: LoadOp,
+    mut worker: Worker,
+    warm_end: Instant,
+    end: Instant,
+) -> (Worker, WorkerOutcome) {
     let mut out = WorkerOutcome::default();
     let mut consecutive_errors = 0;
     loop {
@@ -520,7 +550,9 @@ async fn load_worker(op: LoadOp, mut worker: Worker, warm_end: Instant, end: Ins
                 let request = pb::GetAgentRequest {
                     agent_id: worker.agent_id.clone(),
                 };
-                call("GetAgent", worker.client.get_agent(request)).await.map(|_| None)
+                call("GetAgent", worker.client.get_agent(request))
+                    .await
+                    .map(|_| None)
             }
         };
         let latency = started.elapsed();
@@ -602,7 +634,11 @@ async fn bench_load(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Result<
     let mut clients = connect_clients(server, args.connections).await?;
     let setup = Instant::now();
     let ids = create_agents(&clients, args.concurrency, true, &format!("bench-{name}")).await?;
-    println!("setup: {} agents registered, deployed, started in {}", ids.len(), secs(setup.elapsed()));
+    println!(
+        "setup: {} agents registered, deployed, started in {}",
+        ids.len(),
+        secs(setup.elapsed())
+    );
     let mut workers: Vec<Worker> = ids
         .into_iter()
         .enumerate()
@@ -652,7 +688,11 @@ async fn bench_load(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Result<
         );
         if op == LoadOp::Transition {
             let check = check_sequences(commits);
-            let batch = if check.batches == 0 { 0.0 } else { check.committed as f64 / check.batches as f64 };
+            let batch = if check.batches == 0 {
+                0.0
+            } else {
+                check.committed as f64 / check.batches as f64
+            };
             println!(
                 "  sequences: {} committed (warm-up included), head +{}, gaps {}, duplicates {}; \
                  {} group commits, {batch:.1} transitions per commit",
@@ -873,7 +913,9 @@ async fn bench_watch(server: &str, args: WatchBenchArgs) -> anyhow::Result<()> {
     if args.rate == 0 || args.duration.is_zero() {
         bail!("--rate and --duration must be positive");
     }
-    let writers = args.writers.min(usize::try_from(args.rate).unwrap_or(usize::MAX));
+    let writers = args
+        .writers
+        .min(usize::try_from(args.rate).unwrap_or(usize::MAX));
     println!(
         "bench watch: server {server}, subscribers {}, connections {}, rate {}/s by {writers} writers, duration {}, runs {}",
         args.subscribers,
@@ -959,7 +1001,13 @@ async fn watch_run(
         .into_iter()
         .enumerate()
         .map(|(i, events)| {
-            tokio::spawn(subscriber(i, events, control_rx.clone(), ready_tx.clone(), args.drain_timeout))
+            tokio::spawn(subscriber(
+                i,
+                events,
+                control_rx.clone(),
+                ready_tx.clone(),
+                args.drain_timeout,
+            ))
         })
         .collect();
     drop(ready_tx);
@@ -1029,7 +1077,10 @@ async fn watch_run(
 
     let expected_each = last_seq.saturating_sub(marker_seq);
     let received: u64 = outcomes.iter().map(|o| o.received).sum();
-    let missing: u64 = outcomes.iter().map(|o| expected_each.saturating_sub(o.received)).sum();
+    let missing: u64 = outcomes
+        .iter()
+        .map(|o| expected_each.saturating_sub(o.received))
+        .sum();
     let gap_events: u64 = outcomes.iter().map(|o| o.gap_events).sum();
     let duplicates: u64 = outcomes.iter().map(|o| o.duplicates).sum();
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
@@ -1054,7 +1105,11 @@ async fn watch_run(
         secs(write_time),
         args.rate,
         achieved * 100.0,
-        if achieved >= 0.99 { "achieved" } else { "NOT achieved" },
+        if achieved >= 0.99 {
+            "achieved"
+        } else {
+            "NOT achieved"
+        },
         writer_latency.line()
     );
     if let Some(err) = writer_error {
@@ -1106,7 +1161,11 @@ fn send_sigterm(pid: u32) -> anyhow::Result<()> {
 }
 
 fn parse_listening(line: &str) -> Option<SocketAddr> {
-    line.trim().strip_prefix("listening on ")?.trim().parse().ok()
+    line.trim()
+        .strip_prefix("listening on ")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl ServerProcess {
@@ -1114,7 +1173,15 @@ impl ServerProcess {
     /// and waits for its `listening on` line.
     async fn spawn(binary: &Path, store: &str, timeout: Duration) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
-            .args(["serve", "--store", store, "--listen", "127.0.0.1:0", "--log", "warn"])
+            .args([
+                "serve",
+                "--store",
+                store,
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1148,9 +1215,15 @@ impl ServerProcess {
             Ok(Ok(addr)) => addr,
             Ok(Err(_)) => {
                 let status = process.try_status();
-                bail!("the server (pid {}) exited before listening: {status}", process.pid);
+                bail!(
+                    "the server (pid {}) exited before listening: {status}",
+                    process.pid
+                );
             }
-            Err(_) => bail!("the server (pid {}) did not listen within {timeout:?}", process.pid),
+            Err(_) => bail!(
+                "the server (pid {}) did not listen within {timeout:?}",
+                process.pid
+            ),
         };
         process.url = format!("http://{addr}");
         Ok(process)
@@ -1192,7 +1265,10 @@ impl ServerProcess {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.child = None;
-                bail!("the server (pid {}) did not exit within {STOP_GRACE:?} of SIGTERM; killed", self.pid);
+                bail!(
+                    "the server (pid {}) did not exit within {STOP_GRACE:?} of SIGTERM; killed",
+                    self.pid
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -1201,7 +1277,9 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -1221,7 +1299,12 @@ impl Drop for ServerProcess {
 
 fn proc_status_kib(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A directory this tool created, removed when dropped.
@@ -1332,7 +1415,10 @@ async fn bench_recovery(args: RecoveryArgs) -> anyhow::Result<()> {
         let elapsed = started.elapsed();
         let head_now = head_sequence(&mut client).await?;
         if head_now < args.events {
-            bail!("populating stopped at head {head_now}, below {}", args.events);
+            bail!(
+                "populating stopped at head {head_now}, below {}",
+                args.events
+            );
         }
         let flip_time = elapsed.saturating_sub(created);
         println!(
@@ -1373,7 +1459,10 @@ async fn bench_recovery(args: RecoveryArgs) -> anyhow::Result<()> {
                 break head;
             }
             if Instant::now() >= deadline {
-                bail!("the restarted server reports head {head}, below {}", args.events);
+                bail!(
+                    "the restarted server reports head {head}, below {}",
+                    args.events
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -1456,8 +1545,12 @@ async fn bench_memory(args: MemoryArgs) -> anyhow::Result<()> {
         let store = match args.store {
             StoreKind::Memory => "memory".to_string(),
             StoreKind::Sqlite => {
-                let path = parent.join(format!("agent-lifecycle-bench-memory-{}", uuid::Uuid::new_v4()));
-                std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                let path = parent.join(format!(
+                    "agent-lifecycle-bench-memory-{}",
+                    uuid::Uuid::new_v4()
+                ));
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
                 let store = format!("sqlite://{}", path.join("bench.db").display());
                 _dir = Some(TempDir(path));
                 store

@@ -181,7 +181,9 @@ fn parse_event_type(text: &str) -> Result<pb::EventType, String> {
     match text.to_ascii_lowercase().as_str() {
         "registered" => Ok(pb::EventType::Registered),
         "transitioned" => Ok(pb::EventType::Transitioned),
-        _ => Err(format!("unknown event type {text:?} (registered, transitioned)")),
+        _ => Err(format!(
+            "unknown event type {text:?} (registered, transitioned)"
+        )),
     }
 }
 
@@ -252,7 +254,12 @@ fn print_change(format: Format, agent: Option<pb::Agent>, transitions: Vec<pb::S
 ///
 /// # Errors
 /// Connection failures and error statuses.
-pub async fn run(server: &str, format: Format, timeout: Duration, command: Command) -> anyhow::Result<()> {
+pub async fn run(
+    server: &str,
+    format: Format,
+    timeout: Duration,
+    command: Command,
+) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
     macro_rules! change {
         ($method:ident, $message:expr) => {{
@@ -401,7 +408,12 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
         }
         Command::Get(a) => {
             let agent = client
-                .get_agent(call(pb::GetAgentRequest { agent_id: a.agent_id }, timeout))
+                .get_agent(call(
+                    pb::GetAgentRequest {
+                        agent_id: a.agent_id,
+                    },
+                    timeout,
+                ))
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -425,7 +437,8 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
                                 AgentCategory::Available => pb::AgentCategory::Available,
                                 AgentCategory::Error => pb::AgentCategory::Error,
                                 AgentCategory::Maintenance => pb::AgentCategory::Maintenance,
-                            } as i32),
+                            }
+                                as i32),
                             labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
                             page_size: a.page_size,
                             page_token: token,
@@ -448,7 +461,10 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
                 token = page.next_page_token;
             }
             if format == Format::Json {
-                println!("{}", json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() }));
+                println!(
+                    "{}",
+                    json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() })
+                );
             }
         }
         Command::History(a) => {
@@ -492,7 +508,8 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let distribution: std::collections::BTreeMap<_, _> = m.state_distribution.iter().collect();
+            let distribution: std::collections::BTreeMap<_, _> =
+                m.state_distribution.iter().collect();
             match format {
                 Format::Json => println!(
                     "{}",
@@ -533,7 +550,12 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
                         .map(|r| {
                             (
                                 output::state_name(r.from_state),
-                                json!(r.allowed_targets.iter().map(|s| output::state_name(*s)).collect::<Vec<_>>()),
+                                json!(
+                                    r.allowed_targets
+                                        .iter()
+                                        .map(|s| output::state_name(*s))
+                                        .collect::<Vec<_>>()
+                                ),
                             )
                         })
                         .collect();
@@ -541,8 +563,16 @@ pub async fn run(server: &str, format: Format, timeout: Duration, command: Comma
                 }
                 Format::Text => {
                     for r in &rules {
-                        let targets: Vec<_> = r.allowed_targets.iter().map(|s| output::state_name(*s)).collect();
-                        println!("{:<12} -> {}", output::state_name(r.from_state), targets.join(", "));
+                        let targets: Vec<_> = r
+                            .allowed_targets
+                            .iter()
+                            .map(|s| output::state_name(*s))
+                            .collect();
+                        println!(
+                            "{:<12} -> {}",
+                            output::state_name(r.from_state),
+                            targets.join(", ")
+                        );
                     }
                 }
             }
@@ -563,7 +593,11 @@ async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Res
         start_sequence: a.start_sequence,
         include_snapshot: a.snapshot,
     };
-    let mut stream = client.watch_events(request).await.map_err(status_error)?.into_inner();
+    let mut stream = client
+        .watch_events(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let mut seen = 0u64;
     while let Some(message) = stream.message().await.map_err(status_error)? {
         let Some(kind) = message.kind else { continue };
@@ -583,25 +617,42 @@ async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Res
                 seen += 1;
             }
             (Kind::Event(e), Format::Text) => {
-                let line = e.transition.as_ref().map(transition_line).unwrap_or_default();
+                let line = e
+                    .transition
+                    .as_ref()
+                    .map(transition_line)
+                    .unwrap_or_default();
                 println!("{}  {}", e.agent_id, line);
                 seen += 1;
             }
             (Kind::Progress(p), Format::Json) if a.progress => {
-                println!("{}", json!({"type": "progress", "head_sequence": p.head_sequence}));
+                println!(
+                    "{}",
+                    json!({"type": "progress", "head_sequence": p.head_sequence})
+                );
             }
-            (Kind::Progress(p), Format::Text) if a.progress => println!("progress head={}", p.head_sequence),
+            (Kind::Progress(p), Format::Text) if a.progress => {
+                println!("progress head={}", p.head_sequence)
+            }
             (Kind::Progress(_), _) => {}
             (Kind::SnapshotAgent(agent), Format::Json) => {
-                println!("{}", json!({"type": "snapshot_agent", "agent": agent_json(&agent)}));
+                println!(
+                    "{}",
+                    json!({"type": "snapshot_agent", "agent": agent_json(&agent)})
+                );
             }
-            (Kind::SnapshotAgent(agent), Format::Text) => println!("snapshot {}", agent_line(&agent)),
+            (Kind::SnapshotAgent(agent), Format::Text) => {
+                println!("snapshot {}", agent_line(&agent))
+            }
             (Kind::SnapshotComplete(c), Format::Json) => println!(
                 "{}",
                 json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count})
             ),
             (Kind::SnapshotComplete(c), Format::Text) => {
-                println!("snapshot complete: {} agents at sequence {}", c.agent_count, c.head_sequence);
+                println!(
+                    "snapshot complete: {} agents at sequence {}",
+                    c.agent_count, c.head_sequence
+                );
             }
         }
         if a.count.is_some_and(|n| seen >= n) {

@@ -15,10 +15,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(name = "agent-lifecycle", version, about = "Lifecycle control plane for AI agents")]
+#[command(
+    name = "agent-lifecycle",
+    version,
+    about = "Lifecycle control plane for AI agents"
+)]
 pub struct Args {
     /// Server address for client commands.
-    #[arg(long, global = true, env = "AGENT_LIFECYCLE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENT_LIFECYCLE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
     /// Output format of client commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Text)]

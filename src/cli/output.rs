@@ -19,7 +19,11 @@ pub fn state_name(value: i32) -> String {
 /// Lowercase event type name.
 pub fn event_type_name(value: i32) -> String {
     pb::EventType::try_from(value)
-        .map(|s| s.as_str_name().trim_start_matches("EVENT_TYPE_").to_ascii_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("EVENT_TYPE_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| format!("type({value})"))
 }
 
@@ -125,7 +129,13 @@ pub fn transition_line(t: &pb::StateTransition) -> String {
 
 /// One text line for an agent.
 pub fn agent_line(a: &pb::Agent) -> String {
-    format!("{}  {:<12} v{:<4} {}", a.agent_id, state_name(a.state), a.version, a.name)
+    format!(
+        "{}  {:<12} v{:<4} {}",
+        a.agent_id,
+        state_name(a.state),
+        a.version,
+        a.name
+    )
 }
 
 /// A multi-line description of an agent.
@@ -155,7 +165,11 @@ pub fn agent_text(a: &pb::Agent) -> String {
     if a.is_in_maintenance {
         flags.push("maintenance");
     }
-    let last = a.last_transition.as_ref().map(transition_line).unwrap_or_default();
+    let last = a
+        .last_transition
+        .as_ref()
+        .map(transition_line)
+        .unwrap_or_default();
     format!(
         "agent_id:    {}\nname:        {}\nlabels:      {labels}\nstate:       {}\nversion:     {}\nvalid next:  {valid}\nflags:       {}\nhistory:     {}\nlast:        {last}\ncreated_at:  {}\nupdated_at:  {}",
         a.agent_id,

@@ -29,7 +29,11 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// gRPC listen address.
-    #[arg(long, env = "AGENT_LIFECYCLE_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "AGENT_LIFECYCLE_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     listen: SocketAddr,
     /// Store: `memory` or `sqlite://PATH`.
     #[arg(long, env = "AGENT_LIFECYCLE_STORE", default_value = DEFAULT_STORE)]
@@ -74,7 +78,11 @@ fn init_logging(args: &ServeArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match args.log_format {
         LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }

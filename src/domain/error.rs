@@ -58,5 +58,9 @@ pub(crate) fn list(states: &[AgentState]) -> String {
     if states.is_empty() {
         return "none".to_string();
     }
-    states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    states
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -90,7 +90,9 @@ pub fn check_metadata(field: &str, metadata: &Metadata) -> Result<(), FieldViola
     if metadata.is_empty() {
         return Ok(());
     }
-    let size = serde_json::to_vec(metadata).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(metadata)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_METADATA_BYTES {
         return Err(FieldViolation::new(
             field,
@@ -107,8 +109,12 @@ mod tests {
     #[test]
     fn limits_name_the_field() {
         assert!(check_text("reason", &"x".repeat(MAX_REASON_BYTES), MAX_REASON_BYTES).is_ok());
-        let err = check_text("reason", &"x".repeat(MAX_REASON_BYTES + 1), MAX_REASON_BYTES)
-            .unwrap_err();
+        let err = check_text(
+            "reason",
+            &"x".repeat(MAX_REASON_BYTES + 1),
+            MAX_REASON_BYTES,
+        )
+        .unwrap_err();
         assert_eq!(err.field, "reason");
 
         let mut labels = Labels::new();
@@ -117,6 +123,9 @@ mod tests {
 
         let mut metadata = Metadata::new();
         metadata.insert("k".into(), "x".repeat(MAX_METADATA_BYTES).into());
-        assert_eq!(check_metadata("metadata", &metadata).unwrap_err().field, "metadata");
+        assert_eq!(
+            check_metadata("metadata", &metadata).unwrap_err().field,
+            "metadata"
+        );
     }
 }

@@ -113,7 +113,10 @@ impl AgentState {
 
     /// ONLINE, BUSY or IDLE.
     pub fn is_operational(self) -> bool {
-        matches!(self, AgentState::Online | AgentState::Busy | AgentState::Idle)
+        matches!(
+            self,
+            AgentState::Online | AgentState::Busy | AgentState::Idle
+        )
     }
 
     /// ONLINE or IDLE.
@@ -123,7 +126,10 @@ impl AgentState {
 
     /// ERROR, FAILED or TIMEOUT.
     pub fn is_error(self) -> bool {
-        matches!(self, AgentState::Error | AgentState::Failed | AgentState::Timeout)
+        matches!(
+            self,
+            AgentState::Error | AgentState::Failed | AgentState::Timeout
+        )
     }
 
     /// MAINTENANCE, SUSPENDED or UPDATING.
@@ -207,7 +213,10 @@ mod tests {
     fn names_round_trip_and_are_unique() {
         for state in AgentState::ALL {
             assert_eq!(state.as_str().parse::<AgentState>(), Ok(state));
-            assert_eq!(state.as_str().to_uppercase().parse::<AgentState>(), Ok(state));
+            assert_eq!(
+                state.as_str().to_uppercase().parse::<AgentState>(),
+                Ok(state)
+            );
             assert_eq!(AgentState::ALL[state.index()], state);
         }
         assert!("AGENT_STATE_BUSY".parse::<AgentState>() == Ok(AgentState::Busy));
@@ -217,11 +226,20 @@ mod tests {
     #[test]
     fn categories_match_the_seed() {
         let members = |f: fn(AgentState) -> bool| {
-            AgentState::ALL.into_iter().filter(|s| f(*s)).collect::<Vec<_>>()
+            AgentState::ALL
+                .into_iter()
+                .filter(|s| f(*s))
+                .collect::<Vec<_>>()
         };
         use AgentState::*;
-        assert_eq!(members(AgentState::is_operational), vec![Online, Busy, Idle]);
-        assert_eq!(members(AgentState::is_available_for_tasks), vec![Online, Idle]);
+        assert_eq!(
+            members(AgentState::is_operational),
+            vec![Online, Busy, Idle]
+        );
+        assert_eq!(
+            members(AgentState::is_available_for_tasks),
+            vec![Online, Idle]
+        );
         assert_eq!(members(AgentState::is_error), vec![Error, Failed, Timeout]);
         assert_eq!(
             members(AgentState::is_maintenance),

@@ -59,7 +59,10 @@ pub fn state_from_pb(field: &str, value: i32) -> Result<AgentState, FieldViolati
             .find(|(_, w)| *w == wire)
             .map(|(d, _)| *d)
             .ok_or_else(|| FieldViolation::new(field, format!("unknown state {value}"))),
-        Err(_) => Err(FieldViolation::new(field, format!("unknown state number {value}"))),
+        Err(_) => Err(FieldViolation::new(
+            field,
+            format!("unknown state number {value}"),
+        )),
     }
 }
 
@@ -82,7 +85,10 @@ pub fn category_from_pb(value: i32) -> Result<Option<AgentCategory>, FieldViolat
         Ok(pb::AgentCategory::Available) => Ok(Some(AgentCategory::Available)),
         Ok(pb::AgentCategory::Error) => Ok(Some(AgentCategory::Error)),
         Ok(pb::AgentCategory::Maintenance) => Ok(Some(AgentCategory::Maintenance)),
-        Err(_) => Err(FieldViolation::new("category", format!("unknown category number {value}"))),
+        Err(_) => Err(FieldViolation::new(
+            "category",
+            format!("unknown category number {value}"),
+        )),
     }
 }
 
@@ -100,7 +106,10 @@ pub fn event_kinds_from_pb(values: &[i32]) -> Result<Vec<EventKind>, FieldViolat
                 "event_types",
                 "EVENT_TYPE_UNSPECIFIED is not an event type",
             )),
-            Err(_) => Err(FieldViolation::new("event_types", format!("unknown event type number {v}"))),
+            Err(_) => Err(FieldViolation::new(
+                "event_types",
+                format!("unknown event type number {v}"),
+            )),
         })
         .collect()
 }
@@ -148,7 +157,10 @@ pub fn metadata_to_pb(metadata: &Metadata) -> Option<Struct> {
         return None;
     }
     Some(Struct {
-        fields: metadata.iter().map(|(k, v)| (k.clone(), value_to_pb(v))).collect(),
+        fields: metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_pb(v)))
+            .collect(),
     })
 }
 
@@ -163,7 +175,10 @@ fn value_to_pb(value: &serde_json::Value) -> Value {
             values: items.iter().map(value_to_pb).collect(),
         }),
         J::Object(map) => Kind::StructValue(Struct {
-            fields: map.iter().map(|(k, v)| (k.clone(), value_to_pb(v))).collect(),
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_pb(v)))
+                .collect(),
         }),
     };
     Value { kind: Some(kind) }
@@ -251,7 +266,11 @@ pub fn agent_to_pb(agent: &Agent, policy: &TransitionPolicy) -> pb::Agent {
     pb::Agent {
         agent_id: agent.id.to_string(),
         name: agent.name.to_string(),
-        labels: agent.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: agent
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         state: state_to_pb(agent.state) as i32,
         version: agent.version,
         valid_transitions: policy
@@ -327,7 +346,12 @@ pub fn parse_history_token(token: &str) -> Result<Option<HistoryCursor>, FieldVi
     token
         .strip_prefix(HISTORY_TOKEN_PREFIX)
         .and_then(|rest| rest.split_once('.'))
-        .and_then(|(a, u)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(u, 16).ok()?)))
+        .and_then(|(a, u)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(u, 16).ok()?,
+            ))
+        })
         .filter(|(after, upto)| after <= upto)
         .map(|(after, upto)| Some(HistoryCursor { after, upto }))
         .ok_or_else(|| FieldViolation::new("page_token", "not a token issued by GetAgentHistory"))
@@ -344,7 +368,10 @@ mod tests {
             assert_eq!(wire, state.index() as i32 + 1);
             assert_eq!(state_from_pb("s", wire), Ok(state));
         }
-        assert_eq!(state_from_pb("target_state", 0).unwrap_err().field, "target_state");
+        assert_eq!(
+            state_from_pb("target_state", 0).unwrap_err().field,
+            "target_state"
+        );
         assert!(state_from_pb("target_state", 99).is_err());
     }
 
@@ -353,7 +380,10 @@ mod tests {
         let id = AgentId::generate();
         assert_eq!(parse_list_token(&list_token(id)), Ok(Some(id)));
         let cursor = HistoryCursor { after: 5, upto: 90 };
-        assert_eq!(parse_history_token(&history_token(cursor)), Ok(Some(cursor)));
+        assert_eq!(
+            parse_history_token(&history_token(cursor)),
+            Ok(Some(cursor))
+        );
         for bad in ["x", "agents.v1.zz", "history.v1.5", "history.v1.9.1"] {
             assert!(parse_list_token(bad).is_err() || parse_history_token(bad).is_err());
         }
@@ -367,8 +397,17 @@ mod tests {
         let wire = metadata_to_pb(&map);
         assert_eq!(metadata_from_pb("metadata", wire).unwrap(), map);
         let bad = Struct {
-            fields: [("n".to_string(), Value { kind: Some(Kind::NumberValue(f64::NAN)) })].into(),
+            fields: [(
+                "n".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
         };
-        assert_eq!(metadata_from_pb("metadata", Some(bad)).unwrap_err().field, "metadata");
+        assert_eq!(
+            metadata_from_pb("metadata", Some(bad)).unwrap_err().field,
+            "metadata"
+        );
     }
 }

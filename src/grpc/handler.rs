@@ -83,7 +83,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             labels: convert::labels_from_pb(r.labels),
             change: change_from_pb(r.reason, r.triggered_by, r.metadata, None).map_err(invalid)?,
         };
-        mutation!(self, RegisterAgentResponse, self.service.register_agent(registration))
+        mutation!(
+            self,
+            RegisterAgentResponse,
+            self.service.register_agent(registration)
+        )
     }
 
     async fn transition_agent(
@@ -95,7 +99,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let target = convert::state_from_pb("target_state", r.target_state).map_err(invalid)?;
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
-        mutation!(self, TransitionAgentResponse, self.service.transition(id, target, change))
+        mutation!(
+            self,
+            TransitionAgentResponse,
+            self.service.transition(id, target, change)
+        )
     }
 
     async fn deploy_agent(
@@ -106,7 +114,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
-        mutation!(self, DeployAgentResponse, self.service.deploy_agent(id, change))
+        mutation!(
+            self,
+            DeployAgentResponse,
+            self.service.deploy_agent(id, change)
+        )
     }
 
     async fn start_agent(
@@ -117,7 +129,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
-        mutation!(self, StartAgentResponse, self.service.start_agent(id, change))
+        mutation!(
+            self,
+            StartAgentResponse,
+            self.service.start_agent(id, change)
+        )
     }
 
     async fn stop_agent(
@@ -140,7 +156,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
         let task_id = Some(r.task_id).filter(|t| !t.is_empty());
-        mutation!(self, AssignTaskResponse, self.service.assign_task(id, task_id, change))
+        mutation!(
+            self,
+            AssignTaskResponse,
+            self.service.assign_task(id, task_id, change)
+        )
     }
 
     async fn complete_task(
@@ -152,7 +172,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
         let task_id = Some(r.task_id).filter(|t| !t.is_empty());
-        mutation!(self, CompleteTaskResponse, self.service.complete_task(id, task_id, change))
+        mutation!(
+            self,
+            CompleteTaskResponse,
+            self.service.complete_task(id, task_id, change)
+        )
     }
 
     async fn handle_error(
@@ -161,9 +185,18 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::HandleErrorResponse>, Status> {
         let r = request.into_inner();
         let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(String::new(), r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(self, HandleErrorResponse, self.service.handle_error(id, &r.error_message, change))
+        let change = change_from_pb(
+            String::new(),
+            r.triggered_by,
+            r.metadata,
+            r.expected_version,
+        )
+        .map_err(invalid)?;
+        mutation!(
+            self,
+            HandleErrorResponse,
+            self.service.handle_error(id, &r.error_message, change)
+        )
     }
 
     async fn put_in_maintenance(
@@ -174,7 +207,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
         let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
             .map_err(invalid)?;
-        mutation!(self, PutInMaintenanceResponse, self.service.put_in_maintenance(id, change))
+        mutation!(
+            self,
+            PutInMaintenanceResponse,
+            self.service.put_in_maintenance(id, change)
+        )
     }
 
     async fn resume_from_maintenance(
@@ -240,7 +277,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             page_size: r.page_size as usize,
             cursor: convert::parse_history_token(&r.page_token).map_err(invalid)?,
         };
-        let page = self.service.history(id, query).await.map_err(Status::from)?;
+        let page = self
+            .service
+            .history(id, query)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::GetAgentHistoryResponse {
             transitions: page
                 .transitions
@@ -303,19 +344,22 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         };
         let watcher = self.service.watch(watch).map_err(Status::from)?;
         let policy = self.service.policy().clone();
-        let stream = futures_util::stream::unfold(
-            (watcher, policy),
-            |(mut watcher, policy)| async move {
+        let stream =
+            futures_util::stream::unfold((watcher, policy), |(mut watcher, policy)| async move {
                 let item = watcher.next().await?;
-                let message = item.map(|item| item_to_pb(item, &policy)).map_err(Status::from);
+                let message = item
+                    .map(|item| item_to_pb(item, &policy))
+                    .map_err(Status::from);
                 Some((message, (watcher, policy)))
-            },
-        );
+            });
         Ok(Response::new(stream.boxed()))
     }
 }
 
-fn item_to_pb(item: WatchItem, policy: &crate::domain::TransitionPolicy) -> pb::WatchEventsResponse {
+fn item_to_pb(
+    item: WatchItem,
+    policy: &crate::domain::TransitionPolicy,
+) -> pb::WatchEventsResponse {
     use pb::watch_events_response::Kind;
     let kind = match item {
         WatchItem::Event(event) => Kind::Event(pb::LifecycleEvent {
@@ -326,7 +370,9 @@ fn item_to_pb(item: WatchItem, policy: &crate::domain::TransitionPolicy) -> pb::
             agent: Some(convert::agent_to_pb(&event.agent, policy)),
         }),
         WatchItem::Progress { head_sequence } => Kind::Progress(pb::Progress { head_sequence }),
-        WatchItem::SnapshotAgent(agent) => Kind::SnapshotAgent(convert::agent_to_pb(&agent, policy)),
+        WatchItem::SnapshotAgent(agent) => {
+            Kind::SnapshotAgent(convert::agent_to_pb(&agent, policy))
+        }
         WatchItem::SnapshotComplete {
             head_sequence,
             agent_count,

@@ -18,13 +18,19 @@ use crate::{
 pub const ERROR_DOMAIN: &str = "agentlifecycle.v1";
 
 fn info(reason: &str, pairs: &[(&str, String)]) -> ErrorDetails {
-    let metadata: HashMap<String, String> =
-        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let metadata: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
 }
 
 fn names(states: &[AgentState]) -> String {
-    states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+    states
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl From<Error> for Status {
@@ -44,10 +50,18 @@ impl From<Error> for Status {
                 Code::AlreadyExists,
                 info(
                     "AGENT_ALREADY_EXISTS",
-                    &[("agent_id", agent_id.to_string()), ("state", state.to_string())],
+                    &[
+                        ("agent_id", agent_id.to_string()),
+                        ("state", state.to_string()),
+                    ],
                 ),
             ),
-            Error::Transition(TransitionError::NotAllowed { agent_id, from, to, allowed }) => {
+            Error::Transition(TransitionError::NotAllowed {
+                agent_id,
+                from,
+                to,
+                allowed,
+            }) => {
                 let mut details = info(
                     "TRANSITION_NOT_ALLOWED",
                     &[
@@ -62,7 +76,11 @@ impl From<Error> for Status {
                     format!("agents/{agent_id}"),
                     format!(
                         "current state is {from}; allowed targets: {}",
-                        if allowed.is_empty() { "none".into() } else { names(allowed) }
+                        if allowed.is_empty() {
+                            "none".into()
+                        } else {
+                            names(allowed)
+                        }
                     ),
                 );
                 (Code::FailedPrecondition, details)
@@ -85,11 +103,18 @@ impl From<Error> for Status {
                 details.add_precondition_failure_violation(
                     "STATE",
                     format!("agents/{agent_id}"),
-                    format!("current state is {state}; {operation} needs {}", names(required)),
+                    format!(
+                        "current state is {state}; {operation} needs {}",
+                        names(required)
+                    ),
                 );
                 (Code::FailedPrecondition, details)
             }
-            Error::Transition(TransitionError::VersionMismatch { agent_id, expected, actual }) => (
+            Error::Transition(TransitionError::VersionMismatch {
+                agent_id,
+                expected,
+                actual,
+            }) => (
                 Code::Aborted,
                 info(
                     "VERSION_MISMATCH",
@@ -100,7 +125,12 @@ impl From<Error> for Status {
                     ],
                 ),
             ),
-            Error::Transition(TransitionError::Vetoed { agent_id, from, to, reason }) => {
+            Error::Transition(TransitionError::Vetoed {
+                agent_id,
+                from,
+                to,
+                reason,
+            }) => {
                 let mut details = info(
                     "TRANSITION_VETOED",
                     &[

@@ -147,10 +147,17 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
         }
         if compacting && Instant::now() >= next_compaction {
             let head = shared.head();
-            match shared.store.compact(&settings.retention, head, COMPACTION_CHUNK) {
+            match shared
+                .store
+                .compact(&settings.retention, head, COMPACTION_CHUNK)
+            {
                 Ok(deleted) => {
                     if deleted > 0 {
-                        debug!(deleted, oldest = shared.store.oldest_sequence(), "compacted the event log");
+                        debug!(
+                            deleted,
+                            oldest = shared.store.oldest_sequence(),
+                            "compacted the event log"
+                        );
                     }
                     // A full chunk means more is due: continue after the
                     // next batch instead of waiting a whole interval.
@@ -204,7 +211,12 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
         let mut head = table.head;
         for (proposal, reply) in batch.drain(..) {
             match proposal {
-                Proposal::Register { id, name, labels, step } => {
+                Proposal::Register {
+                    id,
+                    name,
+                    labels,
+                    step,
+                } => {
                     if let Some(slot) = table.agents.get(&id) {
                         let _ = reply.send(Err(Rejected::Exists(Arc::clone(&slot.agent))));
                         continue;
@@ -250,23 +262,35 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
                         reply,
                     ));
                 }
-                Proposal::Transition { id, prior_version, steps } => {
+                Proposal::Transition {
+                    id,
+                    prior_version,
+                    steps,
+                } => {
                     let Some(slot) = table.agents.get(&id) else {
                         let _ = reply.send(Err(Rejected::Missing));
                         continue;
                     };
                     let mut current = Arc::clone(&slot.agent);
                     if current.version != prior_version {
-                        let _ = reply.send(Err(Rejected::Stale { actual: current.version }));
+                        let _ = reply.send(Err(Rejected::Stale {
+                            actual: current.version,
+                        }));
                         continue;
                     }
-                    if let Some(bad) = steps.iter().scan(current.state, |from, step| {
-                        let edge = (*from, step.to);
-                        *from = step.to;
-                        Some(edge)
-                    }).find(|(from, to)| !shared.policy.allows(*from, *to))
+                    if let Some(bad) = steps
+                        .iter()
+                        .scan(current.state, |from, step| {
+                            let edge = (*from, step.to);
+                            *from = step.to;
+                            Some(edge)
+                        })
+                        .find(|(from, to)| !shared.policy.allows(*from, *to))
                     {
-                        let _ = reply.send(Err(Rejected::NotAllowed { from: bad.0, to: bad.1 }));
+                        let _ = reply.send(Err(Rejected::NotAllowed {
+                            from: bad.0,
+                            to: bad.1,
+                        }));
                         continue;
                     }
                     let prior_state = Some(current.state);

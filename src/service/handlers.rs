@@ -20,7 +20,8 @@ use tracing::{error, warn};
 use crate::domain::{AgentId, HandlerError, HandlerPhase, TransitionContext};
 
 type SyncFn = dyn Fn(&TransitionContext) -> Result<(), HandlerError> + Send + Sync;
-type AsyncFn = dyn Fn(TransitionContext) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync;
+type AsyncFn =
+    dyn Fn(TransitionContext) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync;
 
 /// A transition handler.
 #[derive(Clone)]
@@ -79,7 +80,11 @@ impl Handlers {
         let mut registry = self.registry.write().unwrap_or_else(|p| p.into_inner());
         match agent {
             None => registry.service_wide.push((phase, handler)),
-            Some(id) => registry.per_agent.entry(id).or_default().push((phase, handler)),
+            Some(id) => registry
+                .per_agent
+                .entry(id)
+                .or_default()
+                .push((phase, handler)),
         }
     }
 
@@ -108,7 +113,11 @@ impl Handlers {
 
     /// Runs `handlers` in order. Returns the first veto's reason in the
     /// pre-transition phase; failures and panics are logged and counted.
-    pub(crate) async fn run(&self, handlers: &[Handler], ctx: &TransitionContext) -> Option<String> {
+    pub(crate) async fn run(
+        &self,
+        handlers: &[Handler],
+        ctx: &TransitionContext,
+    ) -> Option<String> {
         for handler in handlers {
             let outcome = match handler {
                 Handler::Sync(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))),

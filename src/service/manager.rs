@@ -84,7 +84,10 @@ impl AgentLifecycleManager {
     ///
     /// # Errors
     /// A store failure.
-    pub async fn get_state_history(&self, limit: Option<u64>) -> Result<Vec<Arc<TransitionRecord>>> {
+    pub async fn get_state_history(
+        &self,
+        limit: Option<u64>,
+    ) -> Result<Vec<Arc<TransitionRecord>>> {
         let mut query = HistoryQuery {
             limit: limit.unwrap_or(0),
             ..HistoryQuery::default()

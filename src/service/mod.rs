@@ -35,9 +35,8 @@ pub use self::{
 };
 use crate::{
     domain::{
-        Agent, AgentCategory, AgentId, AgentState, HandlerPhase, Labels,
-        LifecycleEvent, Metadata, TransitionContext, TransitionError, TransitionPolicy,
-        TransitionRecord, limits,
+        Agent, AgentCategory, AgentId, AgentState, HandlerPhase, Labels, LifecycleEvent, Metadata,
+        TransitionContext, TransitionError, TransitionPolicy, TransitionRecord, limits,
     },
     error::{Error, Result},
     store::{HistoryRange, MemoryStore, Retention, Store},
@@ -290,7 +289,10 @@ impl Shared {
     }
 
     pub(crate) fn agent(&self, id: AgentId) -> Option<Arc<Agent>> {
-        self.read_table().agents.get(&id).map(|s| Arc::clone(&s.agent))
+        self.read_table()
+            .agents
+            .get(&id)
+            .map(|s| Arc::clone(&s.agent))
     }
 }
 
@@ -322,12 +324,20 @@ impl std::fmt::Debug for AgentLifecycleService {
 }
 
 fn defaulted(value: String, default: &str) -> String {
-    if value.is_empty() { default.to_string() } else { value }
+    if value.is_empty() {
+        default.to_string()
+    } else {
+        value
+    }
 }
 
 fn check_change(change: &ChangeRequest) -> Result<()> {
     limits::check_text("reason", &change.reason, limits::MAX_REASON_BYTES)?;
-    limits::check_text("triggered_by", &change.triggered_by, limits::MAX_SHORT_TEXT_BYTES)?;
+    limits::check_text(
+        "triggered_by",
+        &change.triggered_by,
+        limits::MAX_SHORT_TEXT_BYTES,
+    )?;
     limits::check_metadata("metadata", &change.metadata)?;
     Ok(())
 }
@@ -409,7 +419,11 @@ impl AgentLifecycleService {
             table.counts[agent.state.index()] += 1;
             table.agents.insert(agent.id, Slot::new(Arc::new(agent)));
         }
-        info!(agents = table.agents.len(), head = table.head, "store loaded");
+        info!(
+            agents = table.agents.len(),
+            head = table.head,
+            "store loaded"
+        );
         let (bus, _) = broadcast::channel(config.event_buffer.max(1));
         let shared = Arc::new(Shared {
             policy: config.policy.clone(),
@@ -478,7 +492,10 @@ impl AgentLifecycleService {
     /// Times a watcher fell behind the broadcast buffer and was backfilled
     /// from the event log, since start.
     pub fn watch_backfills(&self) -> u64 {
-        self.inner.shared.backfills.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .shared
+            .backfills
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Registers a service-wide handler.
@@ -497,7 +514,12 @@ impl AgentLifecycleService {
 
     async fn propose(&self, proposal: Proposal) -> Result<Committed, Rejected> {
         let (tx, rx) = oneshot::channel();
-        if self.inner.commits.send(Message::Propose(proposal, tx)).is_err() {
+        if self
+            .inner
+            .commits
+            .send(Message::Propose(proposal, tx))
+            .is_err()
+        {
             return Err(Rejected::Closed);
         }
         rx.await.unwrap_or(Err(Rejected::Closed))
@@ -608,7 +630,10 @@ impl AgentLifecycleService {
         let Some(first) = committed.records.first() else {
             return;
         };
-        let post = self.inner.handlers.select(first.agent_id, HandlerPhase::PostTransition);
+        let post = self
+            .inner
+            .handlers
+            .select(first.agent_id, HandlerPhase::PostTransition);
         if post.is_empty() {
             return;
         }
@@ -664,7 +689,11 @@ impl AgentLifecycleService {
             Arc::clone(&slot.writer)
         };
         let _guard = writer.lock().await;
-        let agent = self.inner.shared.agent(id).ok_or(Error::AgentNotFound(id))?;
+        let agent = self
+            .inner
+            .shared
+            .agent(id)
+            .ok_or(Error::AgentNotFound(id))?;
         if let Some(expected) = change.expected_version
             && expected != agent.version
         {
@@ -816,7 +845,8 @@ impl AgentLifecycleService {
         change
             .metadata
             .insert("error_message".into(), error_message.to_string().into());
-        self.apply(id, HANDLE_ERROR, HANDLE_ERROR.path, change).await
+        self.apply(id, HANDLE_ERROR, HANDLE_ERROR.path, change)
+            .await
     }
 
     /// -> MAINTENANCE with the given reason.
@@ -892,7 +922,10 @@ impl AgentLifecycleService {
     }
 
     fn ids_where(&self, keep: fn(AgentState) -> bool) -> Vec<AgentId> {
-        self.agents_where(|a| keep(a.state)).iter().map(|a| a.id).collect()
+        self.agents_where(|a| keep(a.state))
+            .iter()
+            .map(|a| a.id)
+            .collect()
     }
 
     /// Agents that are ONLINE, BUSY or IDLE.
@@ -970,7 +1003,11 @@ impl AgentLifecycleService {
             }
         }
         let more = agents.len() == limit && iter.any(|(_, s)| filter.matches(&s.agent));
-        let next = if more { agents.last().map(|a| a.id) } else { None };
+        let next = if more {
+            agents.last().map(|a| a.id)
+        } else {
+            None
+        };
         (agents, next)
     }
 
@@ -991,7 +1028,9 @@ impl AgentLifecycleService {
                 Some(cursor) => cursor,
                 None => {
                     let after = if query.limit > 0 {
-                        store.nth_newest(id, last, query.limit)?.map_or(0, |s| s - 1)
+                        store
+                            .nth_newest(id, last, query.limit)?
+                            .map_or(0, |s| s - 1)
                     } else {
                         0
                     };

@@ -24,7 +24,9 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use crate::{
-    domain::{Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, limits},
+    domain::{
+        Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, limits,
+    },
     error::{Error, Result},
 };
 
@@ -130,7 +132,11 @@ impl Watcher {
         if request.agent_ids.len() > limits::MAX_FILTER_IDS {
             return Err(FieldViolation::new(
                 "agent_ids",
-                format!("{} ids, at most {} allowed", request.agent_ids.len(), limits::MAX_FILTER_IDS),
+                format!(
+                    "{} ids, at most {} allowed",
+                    request.agent_ids.len(),
+                    limits::MAX_FILTER_IDS
+                ),
             )
             .into());
         }
@@ -170,11 +176,17 @@ impl Watcher {
             let start = request.start_sequence;
             let head = shared.head();
             if start > head + 1 {
-                return Err(Error::SequenceNotYetWritten { requested: start, head });
+                return Err(Error::SequenceNotYetWritten {
+                    requested: start,
+                    head,
+                });
             }
             let oldest = shared.store.oldest_sequence();
             if start < oldest {
-                return Err(Error::SequenceCompacted { requested: start, oldest });
+                return Err(Error::SequenceCompacted {
+                    requested: start,
+                    oldest,
+                });
             }
             catching_up = true;
             start - 1
@@ -273,7 +285,9 @@ impl Watcher {
         let records = tokio::task::spawn_blocking(move || store.events_after(after, CATCH_UP_PAGE))
             .await
             .map_err(|e| crate::store::StoreError::backend("reading the event log", e))??;
-        let contiguous = records.first().map_or(after >= head, |r| r.sequence == after + 1);
+        let contiguous = records
+            .first()
+            .map_or(after >= head, |r| r.sequence == after + 1);
         if !contiguous {
             return Err(Error::SequenceCompacted {
                 requested: after + 1,

@@ -1,9 +1,6 @@
 //! One conformance suite, run against every back end.
 
-use std::{
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use super::{AgentChange, HistoryRange, MemoryStore, Retention, SqliteStore, Store, StoreError};
 use crate::domain::{Agent, AgentId, AgentState, Labels, Metadata, TransitionRecord};
@@ -77,30 +74,48 @@ fn conforms(store: &dyn Store, reopen: Option<&dyn Fn() -> Box<dyn Store>>) {
     let b = AgentId::generate();
     let ra = register(a, 1);
     let rb = register(b, 2);
-    store.commit(&[ra.clone(), rb.clone()]).expect("commit registrations");
+    store
+        .commit(&[ra.clone(), rb.clone()])
+        .expect("commit registrations");
     let a1 = step(&ra.agent, AgentState::Deploying, 3);
     let a2 = step(&a1.agent, AgentState::Deployed, 4);
-    store.commit(&[a1.clone()]).expect("commit");
-    store.commit(&[a2.clone()]).expect("commit");
+    store.commit(std::slice::from_ref(&a1)).expect("commit");
+    store.commit(std::slice::from_ref(&a2)).expect("commit");
 
     // A stale prior version is a conflict and rolls back the whole batch.
     let b1 = step(&rb.agent, AgentState::Deploying, 5);
     let stale = step(&a1.agent, AgentState::Failed, 6);
     match store.commit(&[b1.clone(), stale]) {
-        Err(StoreError::Conflict { agent_id, expected: 2, actual: 3 }) => assert_eq!(agent_id, a),
+        Err(StoreError::Conflict {
+            agent_id,
+            expected: 2,
+            actual: 3,
+        }) => assert_eq!(agent_id, a),
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(store.events_after(0, 100).expect("read").len(), 4);
     // Registering an existing id is a conflict too.
-    assert!(matches!(store.commit(&[register(a, 5)]), Err(StoreError::Conflict { .. })));
+    assert!(matches!(
+        store.commit(&[register(a, 5)]),
+        Err(StoreError::Conflict { .. })
+    ));
 
     let all = store.events_after(0, 100).expect("read");
-    assert_eq!(all.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    assert_eq!(*all[0], *ra.records[0], "records round-trip exactly (metadata included)");
+    assert_eq!(
+        all.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        *all[0], *ra.records[0],
+        "records round-trip exactly (metadata included)"
+    );
     assert_eq!(store.events_after(2, 1).expect("read")[0].sequence, 3);
 
     let history = store.history(a, range(0, u64::MAX, 10)).expect("history");
-    assert_eq!(history.iter().map(|r| r.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        history.iter().map(|r| r.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert_eq!(store.history(a, range(1, 3, 10)).expect("history").len(), 1);
     assert_eq!(store.history_count(a).expect("count"), 3);
     assert_eq!(store.nth_newest(a, u64::MAX, 2).expect("nth"), Some(3));
@@ -110,20 +125,30 @@ fn conforms(store: &dyn Store, reopen: Option<&dyn Fn() -> Box<dyn Store>>) {
         let again = reopen();
         let loaded = again.load().expect("reload");
         assert_eq!(loaded.head, 4);
-        let agent = loaded.agents.iter().find(|x| x.id == a).expect("agent a survives");
+        let agent = loaded
+            .agents
+            .iter()
+            .find(|x| x.id == a)
+            .expect("agent a survives");
         assert_eq!(agent, &*a2.agent, "the agent round-trips exactly");
         assert_eq!(agent.last_transition.sequence, 4);
     }
 
     // Retention: keep the newest 2 events.
-    let retention = Retention { max_events: Some(2), max_age: None };
+    let retention = Retention {
+        max_events: Some(2),
+        max_age: None,
+    };
     let deleted = store.compact(&retention, 4, 1000).expect("compact");
     assert_eq!(deleted, 2);
     assert_eq!(store.oldest_sequence(), 3);
     assert_eq!(store.events_after(0, 100).expect("read")[0].sequence, 3);
     assert_eq!(store.history_count(a).expect("count"), 2);
     // Age retention deletes everything older than the cutoff.
-    let age = Retention { max_events: None, max_age: Some(Duration::ZERO) };
+    let age = Retention {
+        max_events: None,
+        max_age: Some(Duration::ZERO),
+    };
     std::thread::sleep(Duration::from_millis(2));
     store.compact(&age, 4, 1000).expect("compact");
     assert_eq!(store.oldest_sequence(), 5);
@@ -146,18 +171,26 @@ fn sqlite_store_conforms_and_survives_reopen() {
     let path = dir.path().join("nested/dir/test.db");
     let store = SqliteStore::open(&path).expect("open");
     let reopen_path = path.clone();
-    let reopen = move || -> Box<dyn Store> { Box::new(SqliteStore::open(&reopen_path).expect("reopen")) };
+    let reopen =
+        move || -> Box<dyn Store> { Box::new(SqliteStore::open(&reopen_path).expect("reopen")) };
     conforms(&store, Some(&reopen));
 }
 
 #[test]
 fn memory_ring_evicts_the_oldest_events() {
-    let store = MemoryStore::new(&Retention { max_events: Some(3), max_age: None });
+    let store = MemoryStore::new(&Retention {
+        max_events: Some(3),
+        max_age: None,
+    });
     let id = AgentId::generate();
     let mut change = register(id, 1);
     store.commit(&[change.clone()]).expect("commit");
     for sequence in 2..=5 {
-        let to = if sequence % 2 == 0 { AgentState::Deploying } else { AgentState::Failed };
+        let to = if sequence % 2 == 0 {
+            AgentState::Deploying
+        } else {
+            AgentState::Failed
+        };
         change = step(&change.agent, to, sequence);
         store.commit(&[change.clone()]).expect("commit");
     }
@@ -173,7 +206,11 @@ fn sqlite_refuses_a_newer_schema_and_a_read_only_file() {
     drop(SqliteStore::open(&path).expect("open"));
     {
         let conn = rusqlite::Connection::open(&path).expect("raw open");
-        conn.execute_batch("PRAGMA user_version = 99;").expect("bump");
+        conn.execute_batch("PRAGMA user_version = 99;")
+            .expect("bump");
     }
-    assert!(matches!(SqliteStore::open(&path), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(StoreError::SchemaTooNew { found: 99, .. })
+    ));
 }

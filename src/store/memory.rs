@@ -41,16 +41,23 @@ impl MemoryStore {
     pub fn new(retention: &Retention) -> Self {
         MemoryStore {
             inner: RwLock::new(Inner::default()),
-            max_events: retention.max_events.unwrap_or(Self::DEFAULT_MAX_EVENTS).max(1),
+            max_events: retention
+                .max_events
+                .unwrap_or(Self::DEFAULT_MAX_EVENTS)
+                .max(1),
         }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -91,7 +98,9 @@ impl Store for MemoryStore {
             }
         }
         for change in batch {
-            inner.agents.insert(change.agent.id, Arc::clone(&change.agent));
+            inner
+                .agents
+                .insert(change.agent.id, Arc::clone(&change.agent));
             for record in &change.records {
                 inner.head = inner.head.max(record.sequence);
                 inner.log.push_back(Arc::clone(record));
@@ -119,7 +128,11 @@ impl Store for MemoryStore {
         inner.log.front().map_or(inner.head + 1, |r| r.sequence)
     }
 
-    fn history(&self, agent_id: AgentId, range: HistoryRange) -> Result<Vec<Arc<TransitionRecord>>> {
+    fn history(
+        &self,
+        agent_id: AgentId,
+        range: HistoryRange,
+    ) -> Result<Vec<Arc<TransitionRecord>>> {
         let inner = self.read();
         let Some(list) = inner.by_agent.get(&agent_id) else {
             return Ok(Vec::new());
@@ -144,7 +157,11 @@ impl Store for MemoryStore {
     }
 
     fn history_count(&self, agent_id: AgentId) -> Result<u64> {
-        Ok(self.read().by_agent.get(&agent_id).map_or(0, |l| l.len() as u64))
+        Ok(self
+            .read()
+            .by_agent
+            .get(&agent_id)
+            .map_or(0, |l| l.len() as u64))
     }
 
     fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize> {
@@ -152,9 +169,11 @@ impl Store for MemoryStore {
             return Ok(0);
         }
         let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
-        let cutoff = retention
-            .max_age
-            .map(|age| SystemTime::now().checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH));
+        let cutoff = retention.max_age.map(|age| {
+            SystemTime::now()
+                .checked_sub(age)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        });
         let mut inner = self.write();
         let mut deleted = 0;
         while deleted < max_rows

@@ -150,7 +150,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// The back end failed.
-    fn history(&self, agent_id: AgentId, range: HistoryRange) -> Result<Vec<Arc<TransitionRecord>>>;
+    fn history(&self, agent_id: AgentId, range: HistoryRange)
+    -> Result<Vec<Arc<TransitionRecord>>>;
 
     /// The sequence of the agent's `n`-th newest retained record at or below
     /// `upto` (`n >= 1`), or `None` when it has fewer.

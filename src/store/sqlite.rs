@@ -63,13 +63,16 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
-const INSERT_AGENT: &str = "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+const INSERT_AGENT: &str =
+    "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
-const UPDATE_AGENT: &str = "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
+const UPDATE_AGENT: &str =
+    "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
     last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9
     WHERE agent_id = ?1 AND version = ?10";
-const INSERT_EVENT: &str = "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+const INSERT_EVENT: &str =
+    "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
     triggered_by, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata FROM agents";
@@ -90,7 +93,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -304,24 +309,22 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
     let last_metadata = encode_map(&last.metadata, last.metadata.is_empty());
     if change.prior_version == 0 {
         let labels = encode_map(&*agent.labels, agent.labels.is_empty());
-        let inserted = tx
-            .prepare_cached(INSERT_AGENT)
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    agent.id.as_bytes(),
-                    &*agent.name,
-                    labels,
-                    agent.state.as_str(),
-                    agent.version as i64,
-                    to_micros(agent.created_at),
-                    to_micros(agent.updated_at),
-                    last.sequence as i64,
-                    last_from,
-                    last.reason,
-                    last.triggered_by,
-                    last_metadata,
-                ])
-            });
+        let inserted = tx.prepare_cached(INSERT_AGENT).and_then(|mut stmt| {
+            stmt.execute(params![
+                agent.id.as_bytes(),
+                &*agent.name,
+                labels,
+                agent.state.as_str(),
+                agent.version as i64,
+                to_micros(agent.created_at),
+                to_micros(agent.updated_at),
+                last.sequence as i64,
+                last_from,
+                last.reason,
+                last.triggered_by,
+                last_metadata,
+            ])
+        });
         match inserted {
             Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -361,7 +364,9 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
             });
         }
     }
-    let mut insert = tx.prepare_cached(INSERT_EVENT).map_err(sql("inserting an event"))?;
+    let mut insert = tx
+        .prepare_cached(INSERT_EVENT)
+        .map_err(sql("inserting an event"))?;
     for record in &change.records {
         insert
             .execute(params![
@@ -437,7 +442,11 @@ impl Store for SqliteStore {
         self.oldest.load(Ordering::Acquire)
     }
 
-    fn history(&self, agent_id: AgentId, range: HistoryRange) -> Result<Vec<Arc<TransitionRecord>>> {
+    fn history(
+        &self,
+        agent_id: AgentId,
+        range: HistoryRange,
+    ) -> Result<Vec<Arc<TransitionRecord>>> {
         self.with_reader(|conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
@@ -532,7 +541,10 @@ impl Store for SqliteStore {
     }
 
     fn close(&self) -> Result<()> {
-        self.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let conn = self.lock_writer();
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
             .map_err(sql("checkpointing"))

@@ -57,7 +57,13 @@ impl TestServer {
         let task = tokio::spawn(server::run(listener, service.clone(), async {
             let _ = stopped.await;
         }));
-        TestServer { addr, service, stop: Some(stop), task: Some(task), _dir: None }
+        TestServer {
+            addr,
+            service,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: None,
+        }
     }
 
     /// The endpoint URL.
@@ -67,7 +73,11 @@ impl TestServer {
 
     /// A connected client.
     pub async fn client(&self) -> Client {
-        let channel = Channel::from_shared(self.url()).expect("url").connect().await.expect("connect");
+        let channel = Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
         AgentLifecycleServiceClient::new(channel)
     }
 
@@ -87,7 +97,11 @@ impl TestServer {
 
     /// A raw channel (for health and reflection clients).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect")
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// Signals shutdown and waits for the server task.
@@ -129,7 +143,10 @@ pub async fn register(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent
         .register_agent(pb::RegisterAgentRequest {
             agent_id: uuid::Uuid::new_v4().to_string(),
             name: "test-agent".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         })
         .await
@@ -143,11 +160,17 @@ pub async fn register(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent
 pub async fn online(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
     let agent = register(client, labels).await;
     client
-        .deploy_agent(pb::DeployAgentRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .deploy_agent(pb::DeployAgentRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("deploy");
     client
-        .start_agent(pb::StartAgentRequest { agent_id: agent.agent_id.clone(), ..Default::default() })
+        .start_agent(pb::StartAgentRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("start")
         .into_inner()
@@ -172,12 +195,21 @@ pub async fn transition(
 }
 
 /// Opens a watch stream.
-pub async fn watch(client: &mut Client, request: pb::WatchEventsRequest) -> Streaming<pb::WatchEventsResponse> {
-    client.watch_events(request).await.expect("watch").into_inner()
+pub async fn watch(
+    client: &mut Client,
+    request: pb::WatchEventsRequest,
+) -> Streaming<pb::WatchEventsResponse> {
+    client
+        .watch_events(request)
+        .await
+        .expect("watch")
+        .into_inner()
 }
 
 /// The next message, failing the test after [`STEP`].
-pub async fn next(stream: &mut Streaming<pb::WatchEventsResponse>) -> pb::watch_events_response::Kind {
+pub async fn next(
+    stream: &mut Streaming<pb::WatchEventsResponse>,
+) -> pb::watch_events_response::Kind {
     tokio::time::timeout(STEP, stream.message())
         .await
         .expect("a message within the step deadline")
