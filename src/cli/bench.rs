@@ -118,8 +118,9 @@ struct WatchBenchArgs {
     /// gRPC connections the streams are spread over (writers use their own).
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Writers, each at rate/writers with one request in flight.
-    #[arg(long, default_value_t = 8)]
+    /// Writers, each at rate/writers with one request in flight; the
+    /// achievable rate is at most writers / TransitionAgent latency.
+    #[arg(long, default_value_t = 32)]
     writers: usize,
     /// How long subscribers may take to receive the last event after the
     /// writers stop (and to receive the marker before they start).
@@ -869,7 +870,10 @@ async fn writer(
     interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut consecutive_errors = 0;
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = tokio::time::sleep_until(end) => break,
+        }
         let started = tokio::time::Instant::now();
         if started >= end {
             break;
