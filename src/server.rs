@@ -16,7 +16,10 @@ use tracing::{info, info_span, warn};
 
 use crate::{
     config::MAX_REQUEST_BYTES,
-    grpc::{LifecycleHandler, pb, pb::agent_lifecycle_service_server::AgentLifecycleServiceServer},
+    grpc::{
+        LifecycleHandler, LifecycleServer, pb,
+        pb::agent_lifecycle_service_server::AgentLifecycleServiceServer,
+    },
     service::AgentLifecycleService,
 };
 
@@ -72,8 +75,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = AgentLifecycleServiceServer::new(LifecycleHandler::new(service.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let lifecycle = LifecycleServer::new(LifecycleHandler::new(service.clone()), MAX_REQUEST_BYTES);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

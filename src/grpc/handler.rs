@@ -14,10 +14,10 @@ use super::{
 };
 use crate::{
     Error,
-    domain::FieldViolation,
+    domain::{FieldViolation, LifecycleEvent, TransitionPolicy},
     service::{
         AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem,
-        WatchRequest,
+        WatchRequest, Watcher,
     },
 };
 
@@ -323,11 +323,34 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
 
     type WatchEventsStream = WatchStream;
 
+    /// Served by `fanout::LifecycleServer` in the real server (events
+    /// encoded once); this path serves the generated server used alone.
     async fn watch_events(
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let r = request.into_inner();
+        let watcher = self.open_watcher(request.into_inner())?;
+        let policy = self.service.policy().clone();
+        let stream =
+            futures_util::stream::unfold((watcher, policy), |(mut watcher, policy)| async move {
+                let item = watcher.next().await?;
+                let message = item
+                    .map(|item| item_to_pb(item, &policy))
+                    .map_err(Status::from);
+                Some((message, (watcher, policy)))
+            });
+        Ok(Response::new(stream.boxed()))
+    }
+}
+
+impl LifecycleHandler {
+    /// The active policy.
+    pub(crate) fn policy(&self) -> &TransitionPolicy {
+        self.service.policy()
+    }
+
+    /// Validates a WatchEvents request and opens the watcher.
+    pub(crate) fn open_watcher(&self, r: pb::WatchEventsRequest) -> Result<Watcher, Status> {
         let agent_ids = r
             .agent_ids
             .iter()
@@ -342,33 +365,31 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             start_sequence: r.start_sequence,
             include_snapshot: r.include_snapshot,
         };
-        let watcher = self.service.watch(watch).map_err(Status::from)?;
-        let policy = self.service.policy().clone();
-        let stream =
-            futures_util::stream::unfold((watcher, policy), |(mut watcher, policy)| async move {
-                let item = watcher.next().await?;
-                let message = item
-                    .map(|item| item_to_pb(item, &policy))
-                    .map_err(Status::from);
-                Some((message, (watcher, policy)))
-            });
-        Ok(Response::new(stream.boxed()))
+        self.service.watch(watch).map_err(Status::from)
     }
 }
 
-fn item_to_pb(
-    item: WatchItem,
-    policy: &crate::domain::TransitionPolicy,
+/// The stream message carrying `event`.
+pub(crate) fn event_message(
+    event: &LifecycleEvent,
+    policy: &TransitionPolicy,
 ) -> pb::WatchEventsResponse {
-    use pb::watch_events_response::Kind;
-    let kind = match item {
-        WatchItem::Event(event) => Kind::Event(pb::LifecycleEvent {
+    pb::WatchEventsResponse {
+        kind: Some(pb::watch_events_response::Kind::Event(pb::LifecycleEvent {
             sequence: event.sequence(),
             agent_id: event.record.agent_id.to_string(),
             r#type: convert::kind_to_pb(event.kind()) as i32,
             transition: Some(convert::transition_to_pb(&event.record)),
             agent: Some(convert::agent_to_pb(&event.agent, policy)),
-        }),
+        })),
+    }
+}
+
+/// The stream message for any watch item.
+pub(crate) fn item_to_pb(item: WatchItem, policy: &TransitionPolicy) -> pb::WatchEventsResponse {
+    use pb::watch_events_response::Kind;
+    let kind = match item {
+        WatchItem::Event(event) => return event_message(&event, policy),
         WatchItem::Progress { head_sequence } => Kind::Progress(pb::Progress { head_sequence }),
         WatchItem::SnapshotAgent(agent) => {
             Kind::SnapshotAgent(convert::agent_to_pb(&agent, policy))
@@ -382,4 +403,47 @@ fn item_to_pb(
         }),
     };
     pb::WatchEventsResponse { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::agent_lifecycle_service_server::AgentLifecycleService as _;
+
+    /// The generated trait's own WatchEvents path (used when the generated
+    /// server is served alone) replays and converts like the fan-out path.
+    #[tokio::test]
+    async fn generated_watch_path_replays_events() {
+        let service = AgentLifecycleService::in_memory().expect("service");
+        let handler = LifecycleHandler::new(service.clone());
+        let registered = handler
+            .register_agent(Request::new(pb::RegisterAgentRequest::default()))
+            .await
+            .expect("register")
+            .into_inner();
+        let request = pb::WatchEventsRequest {
+            start_sequence: 1,
+            ..Default::default()
+        };
+        let mut stream = handler
+            .watch_events(Request::new(request))
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("in time")
+            .expect("an item")
+            .expect("ok");
+        let Some(pb::watch_events_response::Kind::Event(event)) = first.kind else {
+            panic!("expected an event");
+        };
+        assert_eq!(event.sequence, 1);
+        assert_eq!(event.agent.expect("agent"), registered.agent.expect("agent"));
+        let err = handler
+            .get_agent(Request::new(pb::GetAgentRequest { agent_id: "x".into() }))
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
 }

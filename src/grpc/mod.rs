@@ -3,6 +3,7 @@
 //! `tonic::Status`. Nothing below this module names tonic, prost or `pb`.
 
 pub mod convert;
+pub mod fanout;
 pub mod handler;
 pub mod status;
 
@@ -16,4 +17,5 @@ pub mod pb {
         tonic::include_file_descriptor_set!("agentlifecycle_descriptor");
 }
 
+pub use fanout::LifecycleServer;
 pub use handler::LifecycleHandler;

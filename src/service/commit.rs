@@ -367,10 +367,10 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
     for (p, _) in &prepared {
         for (record, agent) in &p.steps {
             // No receivers is fine: nobody is watching.
-            let _ = shared.bus.send(Arc::new(LifecycleEvent {
-                record: Arc::clone(record),
-                agent: Arc::clone(agent),
-            }));
+            let _ = shared.bus.send(Arc::new(LifecycleEvent::new(
+                Arc::clone(record),
+                Arc::clone(agent),
+            )));
         }
     }
 

@@ -316,7 +316,7 @@ impl Watcher {
                 updated_at: record.at,
                 last_transition: Arc::clone(&record),
             });
-            let event = LifecycleEvent { record, agent };
+            let event = LifecycleEvent::new(record, agent);
             if self.filter.matches_event(&event) {
                 self.pending.push_back(WatchItem::Event(Arc::new(event)));
             }
