@@ -38,10 +38,7 @@ use tonic::{Response, Status, Streaming, transport::Channel};
 
 use agent_lifecycle::{
     config::parse_duration,
-    grpc::pb::{
-        self, AgentState, agent_lifecycle_service_client::AgentLifecycleServiceClient,
-        watch_events_response::Kind,
-    },
+    grpc::pb::{self, AgentState, agent_lifecycle_service_client::AgentLifecycleServiceClient},
 };
 
 type Client = AgentLifecycleServiceClient<Channel>;
@@ -748,22 +745,58 @@ struct SubscriberOutcome {
     error: Option<String>,
 }
 
-async fn open_watch(mut client: Client) -> anyhow::Result<Streaming<pb::WatchEventsResponse>> {
-    call(
-        "WatchEvents",
-        client.watch_events(pb::WatchEventsRequest {
-            start_sequence: 0,
-            ..Default::default()
-        }),
-    )
-    .await
+/// The part of `WatchEventsResponse` the subscribers read: the event's
+/// sequence and commit time. Wire-compatible with the real message (the
+/// `event` member of its oneof is field 1); everything else is skipped
+/// undecoded, so the benchmark client spends its CPU on the stream, not on
+/// building agents it would throw away.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteResponse {
+    #[prost(message, optional, tag = "1")]
+    event: Option<LiteEvent>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteEvent {
+    #[prost(uint64, tag = "1")]
+    sequence: u64,
+    #[prost(message, optional, tag = "4")]
+    transition: Option<LiteTransition>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteTransition {
+    #[prost(message, optional, tag = "3")]
+    timestamp: Option<prost_types::Timestamp>,
+}
+
+async fn open_watch(channel: Channel) -> anyhow::Result<Streaming<LiteResponse>> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .context("WatchEvents: channel not ready")?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/agentlifecycle.v1.AgentLifecycleService/WatchEvents",
+    );
+    let codec = tonic_prost::ProstCodec::<pb::WatchEventsRequest, LiteResponse>::default();
+    let request = tonic::Request::new(pb::WatchEventsRequest {
+        start_sequence: 0,
+        ..Default::default()
+    });
+    let response = tokio::time::timeout(CALL_TIMEOUT, grpc.server_streaming(request, path, codec))
+        .await
+        .context("WatchEvents: timed out")?
+        .map_err(|status| {
+            anyhow::anyhow!("WatchEvents: {:?}: {}", status.code(), status.message())
+        })?;
+    Ok(response.into_inner())
 }
 
 /// Reads one stream until it has the last committed sequence, checking
 /// that sequences are contiguous. Every read has a deadline.
 async fn subscriber(
     index: usize,
-    mut events: Streaming<pb::WatchEventsResponse>,
+    mut events: Streaming<LiteResponse>,
     mut control: watch::Receiver<Phase>,
     ready: mpsc::UnboundedSender<usize>,
     drain_timeout: Duration,
@@ -816,7 +849,7 @@ async fn subscriber(
                     break;
                 }
                 Ok(Some(Ok(message))) => {
-                    let Some(Kind::Event(event)) = message.kind else { continue };
+                    let Some(event) = message.event else { continue };
                     let now = SystemTime::now();
                     let sequence = event.sequence;
                     match last {
@@ -934,7 +967,10 @@ async fn bench_watch(server: &str, args: WatchBenchArgs) -> anyhow::Result<()> {
             "  warning: {per_connection} streams per connection; the server allows 1024 concurrent streams per connection"
         );
     }
-    let stream_clients = connect_clients(server, args.connections).await?;
+    let mut stream_clients = Vec::with_capacity(args.connections.max(1));
+    for _ in 0..args.connections.max(1) {
+        stream_clients.push(connect(server).await?);
+    }
     let mut writer_client = connect_clients(server, 1).await?;
     let ids = create_agents(&writer_client, writers + 1, true, "bench-watch").await?;
     let mut workers: Vec<Worker> = ids
@@ -984,7 +1020,7 @@ async fn bench_watch(server: &str, args: WatchBenchArgs) -> anyhow::Result<()> {
 async fn watch_run(
     args: &WatchBenchArgs,
     writers: usize,
-    stream_clients: &[Client],
+    stream_clients: &[Channel],
     writer_client: &mut Client,
     workers: &mut Vec<Worker>,
     marker: &mut Worker,
@@ -995,7 +1031,7 @@ async fn watch_run(
 
     // Open every stream; the server subscribes before it answers.
     let opening = Instant::now();
-    let streams: Vec<Streaming<pb::WatchEventsResponse>> = stream::iter(0..subscribers)
+    let streams: Vec<Streaming<LiteResponse>> = stream::iter(0..subscribers)
         .map(|i| open_watch(stream_clients[i % stream_clients.len()].clone()))
         .buffered(256)
         .try_collect()

@@ -439,9 +439,14 @@ mod tests {
             panic!("expected an event");
         };
         assert_eq!(event.sequence, 1);
-        assert_eq!(event.agent.expect("agent"), registered.agent.expect("agent"));
+        assert_eq!(
+            event.agent.expect("agent"),
+            registered.agent.expect("agent")
+        );
         let err = handler
-            .get_agent(Request::new(pb::GetAgentRequest { agent_id: "x".into() }))
+            .get_agent(Request::new(pb::GetAgentRequest {
+                agent_id: "x".into(),
+            }))
             .await
             .expect_err("invalid");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
