@@ -163,11 +163,9 @@ impl Encoder for WatchEncoder {
                     .get_or_init(|| event_message(&event, &self.0).encode_to_vec());
                 bytes::BufMut::put_slice(dst, bytes);
             }
-            Encoded::Message(message) => {
-                message
-                    .encode(dst)
-                    .map_err(|e| Status::internal(format!("encoding a watch message: {e}")))?;
-            }
+            Encoded::Message(message) => message
+                .encode(dst)
+                .expect("encoding into a growable buffer cannot run out of space"),
         }
         Ok(())
     }
