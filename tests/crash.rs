@@ -6,9 +6,7 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,89 +14,13 @@ use std::{
 use agent_lifecycle::grpc::pb::{
     self, AgentState as S, agent_lifecycle_service_client::AgentLifecycleServiceClient,
 };
+use common::process::ServerProcess;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-/// A server process; killed on drop if still running.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Process {
-    fn start(db: &Path) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-                "--store",
-            ])
-            .arg(format!("sqlite://{}", db.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server reports its address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("listening line")
-            .to_string();
-        Process { child, addr }
-    }
-
-    async fn client(&self) -> AgentLifecycleServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        AgentLifecycleServiceClient::new(channel)
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(status.success());
-        self.wait(Duration::from_secs(30))
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not exit in {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+fn start(db: &Path) -> ServerProcess {
+    let store = format!("sqlite://{}", db.display());
+    ServerProcess::start(&["--log", "warn", "--store", &store])
 }
 
 /// What a client saw acknowledged: agent -> (version, state, sequence) per
@@ -181,9 +103,9 @@ async fn lifecycle_client(
 /// Runs 8 clients until `threshold` transitions were acknowledged, then
 /// stops the server with `stop`; returns what was acknowledged.
 async fn load_then_stop(
-    server: &mut Process,
+    server: &mut ServerProcess,
     threshold: usize,
-    stop: impl FnOnce(&mut Process),
+    stop: impl FnOnce(&mut ServerProcess),
 ) -> Acks {
     let acks: Acks = Arc::default();
     let (progress, mut seen) = watch::channel(0usize);
@@ -212,7 +134,7 @@ async fn load_then_stop(
 /// Every acknowledged transition is present after the restart, each agent's
 /// history agrees with its state and is contiguous, and new events continue
 /// the sequence.
-async fn verify(server: &Process, acks: &Acks) {
+async fn verify(server: &ServerProcess, acks: &Acks) {
     let mut c = server.client().await;
     let acks = acks.lock().expect("acks").clone();
     assert!(!acks.is_empty());
@@ -295,14 +217,13 @@ async fn verify(server: &Process, acks: &Acks) {
 async fn sigkill_mid_load_loses_no_acknowledged_transition() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("crash.db");
-    let mut server = Process::start(&db);
+    let mut server = start(&db);
     let acks = load_then_stop(&mut server, 3000, |p| {
-        p.child.kill().expect("SIGKILL");
-        p.wait(Duration::from_secs(10));
+        p.kill();
     })
     .await;
     drop(server);
-    let restarted = Process::start(&db);
+    let restarted = start(&db);
     verify(&restarted, &acks).await;
 }
 
@@ -311,14 +232,14 @@ async fn sigkill_mid_load_loses_no_acknowledged_transition() {
 async fn sigterm_mid_load_exits_cleanly_and_keeps_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("term.db");
-    let mut server = Process::start(&db);
+    let mut server = start(&db);
     let acks = load_then_stop(&mut server, 3000, |p| {
         let status = p.terminate();
         assert!(status.success(), "exit status {status:?}");
     })
     .await;
     drop(server);
-    let restarted = Process::start(&db);
+    let restarted = start(&db);
     verify(&restarted, &acks).await;
     // Agents, names and labels all come back: compare a listing before and
     // after one more clean restart.
@@ -341,7 +262,7 @@ async fn sigterm_mid_load_exits_cleanly_and_keeps_everything() {
         .agents;
     let mut restarted = restarted;
     assert!(restarted.terminate().success());
-    let again = Process::start(&db);
+    let again = start(&db);
     let after = again
         .client()
         .await

@@ -21,13 +21,7 @@ async fn drive(server: &TestServer, agents: usize) {
         .map(|_| {
             let url = server.url();
             tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(url)
-                    .expect("url")
-                    .connect()
-                    .await
-                    .expect("connect");
-                let mut c =
-                    pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+                let mut c = common::connect(&url).await;
                 let agent = online(&mut c, &[]).await;
                 c.stop_agent(pb::StopAgentRequest {
                     agent_id: agent.agent_id,
@@ -95,13 +89,7 @@ async fn resume_from_a_sequence_has_no_gap_or_duplicate() {
     let writer = {
         let server_url = server.url();
         tokio::spawn(async move {
-            let channel = tonic::transport::Channel::from_shared(server_url)
-                .expect("url")
-                .connect()
-                .await
-                .expect("connect");
-            let mut c =
-                pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+            let mut c = common::connect(&server_url).await;
             for _ in 0..10 {
                 register(&mut c, &[]).await;
             }
@@ -306,13 +294,7 @@ async fn lagging_subscriber_is_backfilled_from_the_log() {
         .map(|_| {
             let url = server.url();
             tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(url)
-                    .expect("url")
-                    .connect()
-                    .await
-                    .expect("connect");
-                let mut c =
-                    pb::agent_lifecycle_service_client::AgentLifecycleServiceClient::new(channel);
+                let mut c = common::connect(&url).await;
                 let agent = online(&mut c, &[]).await; // 5 events
                 for i in 0..(total / 10 - 5) {
                     let target = if i % 2 == 0 { S::Idle } else { S::Online };

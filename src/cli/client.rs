@@ -271,6 +271,23 @@ pub async fn run(
             print_change(format, response.agent, response.transitions);
         }};
     }
+    // Requests with only the common fields.
+    macro_rules! plain {
+        ($method:ident, $request:ident, $a:expr) => {{
+            let a = $a;
+            let metadata = metadata(&a.change)?;
+            change!(
+                $method,
+                pb::$request {
+                    agent_id: a.agent_id,
+                    reason: a.change.reason,
+                    triggered_by: a.change.triggered_by,
+                    metadata,
+                    expected_version: a.change.expected_version,
+                }
+            )
+        }};
+    }
     match command {
         Command::Register(a) => {
             let metadata = metadata(&a.change)?;
@@ -300,45 +317,9 @@ pub async fn run(
                 }
             )
         }
-        Command::Deploy(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                deploy_agent,
-                pb::DeployAgentRequest {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Start(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                start_agent,
-                pb::StartAgentRequest {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Stop(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                stop_agent,
-                pb::StopAgentRequest {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
+        Command::Deploy(a) => plain!(deploy_agent, DeployAgentRequest, a),
+        Command::Start(a) => plain!(start_agent, StartAgentRequest, a),
+        Command::Stop(a) => plain!(stop_agent, StopAgentRequest, a),
         Command::Assign(a) => {
             let metadata = metadata(&a.change)?;
             change!(
@@ -380,32 +361,8 @@ pub async fn run(
                 }
             )
         }
-        Command::Maintenance(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                put_in_maintenance,
-                pb::PutInMaintenanceRequest {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Resume(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                resume_from_maintenance,
-                pb::ResumeFromMaintenanceRequest {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
+        Command::Maintenance(a) => plain!(put_in_maintenance, PutInMaintenanceRequest, a),
+        Command::Resume(a) => plain!(resume_from_maintenance, ResumeFromMaintenanceRequest, a),
         Command::Get(a) => {
             let agent = client
                 .get_agent(call(

@@ -1,7 +1,7 @@
 //! `agent-lifecycle serve`: logging, the store, the service, the listener
 //! and the signals.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -87,26 +87,29 @@ fn init_logging(args: &ServeArgs) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "signal received"),
-                    _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives
+/// right after start-up is not fatal) and returns the future that completes
+/// on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!(signal = "SIGINT", "signal received"),
+            _ = terminate.recv() => info!(signal = "SIGTERM", "signal received"),
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+/// Ctrl-C where there are no Unix signals.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -116,6 +119,7 @@ async fn shutdown_signal() {
 /// failed.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args)?;
+    let shutdown = shutdown_signal()?;
     let retention = Retention {
         max_events: args.retain_events,
         max_age: args.retain_for,
@@ -143,6 +147,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // pass port 0 learn the real address.
     let local = listener.local_addr().context("reading the bound address")?;
     println!("listening on {local}");
-    server::run(listener, service, shutdown_signal()).await?;
+    server::run(listener, service, shutdown).await?;
     Ok(())
 }

@@ -42,8 +42,8 @@ const WATCH_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/WatchEvents";
 pub enum Encoded {
     /// A live or replayed event; its cached encoding is written.
     Event(Arc<LifecycleEvent>),
-    /// Anything else, encoded for this stream alone.
-    Message(pb::WatchEventsResponse),
+    /// Anything else (progress, snapshot), encoded for this stream alone.
+    Message(Box<pb::WatchEventsResponse>),
 }
 
 /// The lifecycle service as served: the generated server, with WatchEvents
@@ -119,7 +119,7 @@ impl ServerStreamingService<pb::WatchEventsRequest> for WatchRoute {
                     let message = item
                         .map(|item| match item {
                             WatchItem::Event(event) => Encoded::Event(event),
-                            other => Encoded::Message(item_to_pb(other, &policy)),
+                            other => Encoded::Message(Box::new(item_to_pb(other, &policy))),
                         })
                         .map_err(Status::from);
                     Some((message, (watcher, policy)))

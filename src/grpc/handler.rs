@@ -63,6 +63,36 @@ macro_rules! mutation {
     }};
 }
 
+/// A mutating request with only the common fields (agent_id, reason,
+/// triggered_by, metadata, expected_version), applied by one service method.
+macro_rules! plain_operation {
+    ($self:ident, $request:ident, $resp:ident, $method:ident) => {{
+        let r = $request.into_inner();
+        let (id, change) = parse_change(
+            &r.agent_id,
+            r.reason,
+            r.triggered_by,
+            r.metadata,
+            r.expected_version,
+        )?;
+        mutation!($self, $resp, $self.service.$method(id, change))
+    }};
+}
+
+/// The agent id and the change of a mutating request.
+fn parse_change(
+    agent_id: &str,
+    reason: String,
+    triggered_by: String,
+    metadata: Option<prost_types::Struct>,
+    expected_version: Option<u64>,
+) -> Result<(crate::domain::AgentId, crate::service::ChangeRequest), Status> {
+    let id = agent_id_from_pb("agent_id", agent_id).map_err(invalid)?;
+    let change =
+        change_from_pb(reason, triggered_by, metadata, expected_version).map_err(invalid)?;
+    Ok((id, change))
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -95,10 +125,14 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::TransitionAgentRequest>,
     ) -> Result<Response<pb::TransitionAgentResponse>, Status> {
         let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
+        let (id, change) = parse_change(
+            &r.agent_id,
+            r.reason,
+            r.triggered_by,
+            r.metadata,
+            r.expected_version,
+        )?;
         let target = convert::state_from_pb("target_state", r.target_state).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
         mutation!(
             self,
             TransitionAgentResponse,
@@ -110,41 +144,21 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::DeployAgentRequest>,
     ) -> Result<Response<pb::DeployAgentResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(
-            self,
-            DeployAgentResponse,
-            self.service.deploy_agent(id, change)
-        )
+        plain_operation!(self, request, DeployAgentResponse, deploy_agent)
     }
 
     async fn start_agent(
         &self,
         request: Request<pb::StartAgentRequest>,
     ) -> Result<Response<pb::StartAgentResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(
-            self,
-            StartAgentResponse,
-            self.service.start_agent(id, change)
-        )
+        plain_operation!(self, request, StartAgentResponse, start_agent)
     }
 
     async fn stop_agent(
         &self,
         request: Request<pb::StopAgentRequest>,
     ) -> Result<Response<pb::StopAgentResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(self, StopAgentResponse, self.service.stop_agent(id, change))
+        plain_operation!(self, request, StopAgentResponse, stop_agent)
     }
 
     async fn assign_task(
@@ -152,9 +166,13 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::AssignTaskRequest>,
     ) -> Result<Response<pb::AssignTaskResponse>, Status> {
         let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
+        let (id, change) = parse_change(
+            &r.agent_id,
+            r.reason,
+            r.triggered_by,
+            r.metadata,
+            r.expected_version,
+        )?;
         let task_id = Some(r.task_id).filter(|t| !t.is_empty());
         mutation!(
             self,
@@ -168,9 +186,13 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
+        let (id, change) = parse_change(
+            &r.agent_id,
+            r.reason,
+            r.triggered_by,
+            r.metadata,
+            r.expected_version,
+        )?;
         let task_id = Some(r.task_id).filter(|t| !t.is_empty());
         mutation!(
             self,
@@ -184,14 +206,13 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::HandleErrorRequest>,
     ) -> Result<Response<pb::HandleErrorResponse>, Status> {
         let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(
+        let (id, change) = parse_change(
+            &r.agent_id,
             String::new(),
             r.triggered_by,
             r.metadata,
             r.expected_version,
-        )
-        .map_err(invalid)?;
+        )?;
         mutation!(
             self,
             HandleErrorResponse,
@@ -203,29 +224,18 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::PutInMaintenanceRequest>,
     ) -> Result<Response<pb::PutInMaintenanceResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(
-            self,
-            PutInMaintenanceResponse,
-            self.service.put_in_maintenance(id, change)
-        )
+        plain_operation!(self, request, PutInMaintenanceResponse, put_in_maintenance)
     }
 
     async fn resume_from_maintenance(
         &self,
         request: Request<pb::ResumeFromMaintenanceRequest>,
     ) -> Result<Response<pb::ResumeFromMaintenanceResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let change = change_from_pb(r.reason, r.triggered_by, r.metadata, r.expected_version)
-            .map_err(invalid)?;
-        mutation!(
+        plain_operation!(
             self,
+            request,
             ResumeFromMaintenanceResponse,
-            self.service.resume_from_maintenance(id, change)
+            resume_from_maintenance
         )
     }
 

@@ -305,17 +305,9 @@ impl Watcher {
             let Some(slot) = table.agents.get(&record.agent_id) else {
                 continue;
             };
-            let current = &slot.agent;
-            let agent = Arc::new(Agent {
-                id: current.id,
-                name: Arc::clone(&current.name),
-                labels: Arc::clone(&current.labels),
-                state: record.to,
-                version: record.version,
-                created_at: current.created_at,
-                updated_at: record.at,
-                last_transition: Arc::clone(&record),
-            });
+            // The agent as it was right after this record: its identity,
+            // name and labels never change, the rest comes from the record.
+            let agent = Arc::new(slot.agent.after(Arc::clone(&record)));
             let event = LifecycleEvent::new(record, agent);
             if self.filter.matches_event(&event) {
                 self.pending.push_back(WatchItem::Event(Arc::new(event)));

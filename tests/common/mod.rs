@@ -1,6 +1,8 @@
 //! A real server on 127.0.0.1:0 for the integration tests, and helpers.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use agent_lifecycle::{
@@ -73,12 +75,7 @@ impl TestServer {
 
     /// A connected client.
     pub async fn client(&self) -> Client {
-        let channel = Channel::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        AgentLifecycleServiceClient::new(channel)
+        connect(&self.url()).await
     }
 
     /// A client whose HTTP/2 windows are tiny (8 KiB), so that a stream it
@@ -97,11 +94,7 @@ impl TestServer {
 
     /// A raw channel (for health and reflection clients).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
+        channel(&self.url()).await
     }
 
     /// Signals shutdown and waits for the server task.
@@ -135,6 +128,20 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// A channel connected to `url` (`http://HOST:PORT`).
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A client connected to `url`, for tasks that own their connection.
+pub async fn connect(url: &str) -> Client {
+    AgentLifecycleServiceClient::new(channel(url).await)
 }
 
 /// Registers an agent with a fresh id and optional labels.
