@@ -72,7 +72,7 @@ pub(crate) enum Rejected {
     /// Transition: no such agent.
     Missing,
     /// Transition: the agent moved on since the caller validated.
-    Stale { actual: u64 },
+    Stale { expected: u64, actual: u64 },
     /// Transition: the policy refuses a step.
     NotAllowed { from: AgentState, to: AgentState },
     /// The store failed; nothing of the batch applied.

@@ -608,9 +608,9 @@ impl AgentLifecycleService {
                 agent_id: agent.id,
                 state: agent.state,
             },
-            Rejected::Stale { actual } => TransitionError::VersionMismatch {
+            Rejected::Stale { expected, actual } => TransitionError::VersionMismatch {
                 agent_id: id,
-                expected: actual.saturating_sub(1),
+                expected,
                 actual,
             }
             .into(),
