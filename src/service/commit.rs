@@ -274,6 +274,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
                     let mut current = Arc::clone(&slot.agent);
                     if current.version != prior_version {
                         let _ = reply.send(Err(Rejected::Stale {
+                            expected: prior_version,
                             actual: current.version,
                         }));
                         continue;
