@@ -109,16 +109,22 @@ pub async fn run(
         .add_service(lifecycle)
         .serve_with_incoming_shutdown(incoming, stopping);
     tokio::pin!(serve);
-    tokio::select! {
-        served = &mut serve => served?,
+    let served = tokio::select! {
+        served = &mut serve => served,
         () = async {
             if grace.await.is_err() {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "calls still open after the grace period; closing their connections"),
-    }
+        } => {
+            warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "calls still open after the grace period; closing their connections");
+            Ok(())
+        }
+    };
+    // Flush and close the store whatever happened to the transport.
+    service.begin_shutdown();
     service.close().await?;
+    served?;
     info!("stopped");
     Ok(())
 }

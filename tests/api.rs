@@ -427,6 +427,34 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
         .await
         .expect_err("long message");
     assert_eq!(bad_field(&err), "error_message");
+    // The message becomes the reason "Error: <message>": 1017 bytes fit,
+    // 1018 are refused naming error_message (the request has no reason).
+    let err = c
+        .handle_error(pb::HandleErrorRequest {
+            agent_id: id.clone(),
+            error_message: big(1018),
+            ..Default::default()
+        })
+        .await
+        .expect_err("one byte too long");
+    assert_eq!(bad_field(&err), "error_message");
+    let err = c
+        .handle_error(pb::HandleErrorRequest {
+            agent_id: id.clone(),
+            error_message: big(1017),
+            ..Default::default()
+        })
+        .await
+        .expect_err("valid, but REGISTERED cannot go to ERROR");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .list_agents(pb::ListAgentsRequest {
+            labels: [(String::new(), "v".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("empty label key");
+    assert_eq!(bad_field(&err), "labels");
     let err = c
         .assign_task(pb::AssignTaskRequest {
             agent_id: id.clone(),

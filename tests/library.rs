@@ -627,3 +627,78 @@ async fn limits_refuse_oversized_fields() {
     );
     assert_eq!(service.head_sequence(), 1);
 }
+
+/// A post-transition handler may change the same agent (here: recover from
+/// ERROR at once); it runs after the agent's lock is released, so it does not
+/// deadlock, and its own transition is recorded after the one that
+/// triggered it.
+#[tokio::test]
+async fn post_handlers_may_transition_the_same_agent() {
+    let service = service();
+    let id = online(&service).await;
+    let inner = service.clone();
+    service.on_event(
+        HandlerPhase::PostTransition,
+        Handler::from_async(move |ctx: TransitionContext| {
+            let service = inner.clone();
+            async move {
+                if ctx.to_state == AgentState::Error {
+                    service
+                        .transition(
+                            ctx.agent_id,
+                            AgentState::Online,
+                            ChangeRequest::because("auto-recover"),
+                        )
+                        .await
+                        .map_err(|e| HandlerError::Failed(e.to_string()))?;
+                }
+                Ok(())
+            }
+        }),
+    );
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        service.handle_error(id, "crash", ChangeRequest::default()),
+    )
+    .await
+    .expect("no deadlock")
+    .expect("error recorded");
+    assert_eq!(out.agent.state, AgentState::Error);
+    let agent = service.get_agent(id).expect("agent");
+    assert_eq!((agent.state, agent.version), (AgentState::Online, 7));
+    assert_eq!(agent.last_transition.reason, "auto-recover");
+    assert_eq!(service.handler_failures(), 0);
+}
+
+/// A veto of a registration names no current state and records nothing.
+#[tokio::test]
+async fn a_vetoed_registration_records_nothing() {
+    let service = service();
+    service.on_event(
+        HandlerPhase::PreTransition,
+        Handler::sync(|ctx| {
+            if ctx.from_state.is_none() {
+                Err(HandlerError::Veto("registrations closed".into()))
+            } else {
+                Ok(())
+            }
+        }),
+    );
+    let err = service
+        .register_agent(Registration::default())
+        .await
+        .expect_err("vetoed");
+    assert!(
+        matches!(
+            &err,
+            Error::Transition(TransitionError::Vetoed {
+                from: None,
+                to: AgentState::Registered,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert_eq!(service.head_sequence(), 0);
+    assert_eq!(service.get_lifecycle_metrics().total_agents, 0);
+}

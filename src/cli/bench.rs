@@ -481,10 +481,10 @@ impl Worker {
         let request = pb::GetAgentRequest {
             agent_id: self.agent_id.clone(),
         };
-        if let Ok(response) = call("GetAgent", self.client.get_agent(request)).await {
-            if let Some(agent) = response.agent {
-                self.target = target_from(agent.state);
-            }
+        if let Ok(response) = call("GetAgent", self.client.get_agent(request)).await
+            && let Some(agent) = response.agent
+        {
+            self.target = target_from(agent.state);
         }
     }
 }
@@ -810,13 +810,12 @@ async fn subscriber(
     loop {
         let phase = *control.borrow_and_update();
         let seen = last.unwrap_or(0);
-        if !ready_sent {
-            if let Some(marker) = phase.marker {
-                if seen >= marker {
-                    ready_sent = true;
-                    let _ = ready.send(index);
-                }
-            }
+        if !ready_sent
+            && let Some(marker) = phase.marker
+            && seen >= marker
+        {
+            ready_sent = true;
+            let _ = ready.send(index);
         }
         if let Some(final_seq) = phase.last {
             if seen >= final_seq {
@@ -1243,10 +1242,10 @@ impl ServerProcess {
                 let mut line_tx = Some(line_tx);
                 for line in std::io::BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(addr) = parse_listening(&line) {
-                        if let Some(tx) = line_tx.take() {
-                            let _ = tx.send(addr);
-                        }
+                    if let Some(addr) = parse_listening(&line)
+                        && let Some(tx) = line_tx.take()
+                    {
+                        let _ = tx.send(addr);
                     }
                 }
             })

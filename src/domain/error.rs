@@ -41,12 +41,12 @@ pub enum TransitionError {
         required: Vec<AgentState>,
     },
     /// A pre-transition handler vetoed the change.
-    #[error("agent {agent_id}: transition from {from} to {to} vetoed: {reason}")]
+    #[error("agent {agent_id}: transition from {} to {to} vetoed: {reason}", .from.map_or("nothing (registration)", AgentState::as_str))]
     Vetoed {
         /// The agent.
         agent_id: AgentId,
-        /// Its current state.
-        from: AgentState,
+        /// Its current state; `None` for a registration.
+        from: Option<AgentState>,
         /// The refused target.
         to: AgentState,
         /// The handler's reason.

@@ -5,8 +5,10 @@
 
 use super::agent::{Labels, Metadata};
 
-/// Bytes in `reason` and `error_message`.
+/// Bytes in `reason`.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// Bytes in `error_message`: it is recorded as the reason `Error: <message>`.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = MAX_REASON_BYTES - "Error: ".len();
 /// Bytes in `triggered_by`, `name` and `task_id`.
 pub const MAX_SHORT_TEXT_BYTES: usize = 256;
 /// Bytes of `metadata` encoded as JSON.

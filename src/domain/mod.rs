@@ -15,5 +15,5 @@ pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, Tra
 pub use error::TransitionError;
 pub use handler::{HandlerError, HandlerPhase, TransitionContext};
 pub use limits::FieldViolation;
-pub use state::{AgentCategory, AgentState};
+pub use state::{AgentCategory, AgentState, StateSet};
 pub use transition::TransitionPolicy;

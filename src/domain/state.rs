@@ -151,6 +151,46 @@ impl AgentState {
     }
 }
 
+/// A set of states (a bit per state): constant-time membership however many
+/// states a filter names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StateSet(u32);
+
+impl StateSet {
+    /// No state.
+    pub const EMPTY: StateSet = StateSet(0);
+
+    /// Whether no state is in the set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether `state` is in the set.
+    pub fn contains(self, state: AgentState) -> bool {
+        self.0 & (1 << state.index()) != 0
+    }
+
+    /// Adds `state`.
+    pub fn insert(&mut self, state: AgentState) {
+        self.0 |= 1 << state.index();
+    }
+
+    /// Empty sets match everything (no filter); otherwise membership.
+    pub fn matches(self, state: AgentState) -> bool {
+        self.is_empty() || self.contains(state)
+    }
+}
+
+impl FromIterator<AgentState> for StateSet {
+    fn from_iter<I: IntoIterator<Item = AgentState>>(iter: I) -> Self {
+        let mut set = StateSet::EMPTY;
+        for state in iter {
+            set.insert(state);
+        }
+        set
+    }
+}
+
 impl fmt::Display for AgentState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

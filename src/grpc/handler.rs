@@ -257,7 +257,10 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let r = request.into_inner();
         let filter = AgentFilter {
-            states: convert::states_from_pb("states", &r.states).map_err(invalid)?,
+            states: convert::states_from_pb("states", &r.states)
+                .map_err(invalid)?
+                .into_iter()
+                .collect(),
             category: convert::category_from_pb(r.category).map_err(invalid)?,
             labels: convert::labels_from_pb(r.labels),
         };
@@ -266,7 +269,10 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             0 => DEFAULT_LIST_PAGE,
             n => n.min(MAX_LIST_PAGE),
         };
-        let (agents, next) = self.service.list_agents(&filter, after, limit);
+        let (agents, next) = self
+            .service
+            .list_agents(&filter, after, limit)
+            .map_err(Status::from)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
                 .iter()

@@ -135,7 +135,10 @@ impl From<Error> for Status {
                     "TRANSITION_VETOED",
                     &[
                         ("agent_id", agent_id.to_string()),
-                        ("current_state", from.to_string()),
+                        (
+                            "current_state",
+                            from.map_or("unspecified", |s| s.as_str()).to_string(),
+                        ),
                         ("target_state", to.to_string()),
                         ("veto_reason", reason.clone()),
                     ],

@@ -54,6 +54,10 @@ pub(crate) enum Proposal {
         id: AgentId,
         prior_version: u64,
         steps: Vec<Step>,
+        /// The agent's writer lock, held until the change is applied (or
+        /// refused), so that no other change to the agent is validated
+        /// against a version this one is about to replace.
+        guard: tokio::sync::OwnedMutexGuard<()>,
     },
 }
 
@@ -88,7 +92,7 @@ pub(crate) enum Message {
     /// Commit what is queued before it, close the store, stop.
     Close(oneshot::Sender<Result<(), Arc<StoreError>>>),
     /// Run compaction to completion now (chunk by chunk, committing queued
-    /// proposals between chunks); reply with the rows deleted.
+    /// proposals between chunks); reply with the rows deleted in the round.
     Compact(oneshot::Sender<Result<u64, Arc<StoreError>>>),
 }
 
@@ -104,19 +108,26 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
     let compacting = !settings.retention.keeps_everything();
     let mut next_compaction = Instant::now() + settings.compaction_interval;
     let mut batch: Vec<(Proposal, Reply)> = Vec::with_capacity(settings.max_batch);
+    // Callers of `compact_now`, answered when the current round ends.
+    let mut waiters: Vec<oneshot::Sender<Result<u64, Arc<StoreError>>>> = Vec::new();
+    let mut round_deleted = 0u64;
+    // Set when a failed commit may still have reached the disk: from then on
+    // the table may disagree with the store, so every write is refused until
+    // a restart reloads the store.
+    let mut poisoned: Option<Arc<StoreError>> = None;
     loop {
-        let first = if compacting {
-            let wait = next_compaction.saturating_duration_since(Instant::now());
-            rx.recv_timeout(wait)
+        let first = if !waiters.is_empty() {
+            rx.recv_timeout(Duration::ZERO)
+        } else if compacting {
+            rx.recv_timeout(next_compaction.saturating_duration_since(Instant::now()))
         } else {
             rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
         };
         let mut close = None;
-        let mut compact_now = Vec::new();
         match first {
             Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
             Ok(Message::Close(done)) => close = Some(done),
-            Ok(Message::Compact(done)) => compact_now.push(done),
+            Ok(Message::Compact(done)) => waiters.push(done),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if let Err(err) = shared.store.close() {
@@ -129,15 +140,23 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             match rx.try_recv() {
                 Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
                 Ok(Message::Close(done)) => close = Some(done),
-                Ok(Message::Compact(done)) => compact_now.push(done),
+                Ok(Message::Compact(done)) => waiters.push(done),
                 Err(_) => break,
             }
         }
         if !batch.is_empty() {
-            commit_batch(&shared, &mut batch);
-        }
-        for done in compact_now {
-            let _ = done.send(compact_all(&shared, &settings.retention));
+            match &poisoned {
+                Some(err) => {
+                    for (_, reply) in batch.drain(..) {
+                        let _ = reply.send(Err(Rejected::Store(Arc::clone(err))));
+                    }
+                }
+                None => {
+                    if let Err(err) = commit_batch(&shared, &mut batch) {
+                        poisoned = Some(err);
+                    }
+                }
+            }
         }
         if let Some(done) = close {
             let result = shared.store.close().map_err(Arc::new);
@@ -145,13 +164,15 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             let _ = done.send(result);
             return;
         }
-        if compacting && Instant::now() >= next_compaction {
-            let head = shared.head();
+        if !waiters.is_empty() || (compacting && Instant::now() >= next_compaction) {
+            // One bounded chunk; queued proposals are committed before the
+            // next one, so compaction never holds writers for long.
             match shared
                 .store
-                .compact(&settings.retention, head, COMPACTION_CHUNK)
+                .compact(&settings.retention, shared.head(), COMPACTION_CHUNK)
             {
                 Ok(deleted) => {
+                    round_deleted += deleted as u64;
                     if deleted > 0 {
                         debug!(
                             deleted,
@@ -159,34 +180,26 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
                             "compacted the event log"
                         );
                     }
-                    // A full chunk means more is due: continue after the
-                    // next batch instead of waiting a whole interval.
-                    next_compaction = if deleted == COMPACTION_CHUNK {
-                        Instant::now()
+                    if deleted == COMPACTION_CHUNK {
+                        next_compaction = Instant::now();
                     } else {
-                        Instant::now() + settings.compaction_interval
-                    };
+                        next_compaction = Instant::now() + settings.compaction_interval;
+                        for done in waiters.drain(..) {
+                            let _ = done.send(Ok(round_deleted));
+                        }
+                        round_deleted = 0;
+                    }
                 }
                 Err(err) => {
                     warn!(error = %crate::error::chain(&err), "compaction failed; retrying later");
                     next_compaction = Instant::now() + settings.compaction_interval;
+                    let err = Arc::new(err);
+                    for done in waiters.drain(..) {
+                        let _ = done.send(Err(Arc::clone(&err)));
+                    }
+                    round_deleted = 0;
                 }
             }
-        }
-    }
-}
-
-/// Compacts until nothing more is due.
-fn compact_all(shared: &Shared, retention: &Retention) -> Result<u64, Arc<StoreError>> {
-    let mut total = 0u64;
-    loop {
-        let deleted = shared
-            .store
-            .compact(retention, shared.head(), COMPACTION_CHUNK)
-            .map_err(Arc::new)?;
-        total += deleted as u64;
-        if deleted < COMPACTION_CHUNK {
-            return Ok(total);
         }
     }
 }
@@ -199,13 +212,26 @@ struct Prepared {
     prior_state: Option<AgentState>,
 }
 
-fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
+/// Validates, commits, applies and publishes one batch.
+///
+/// # Errors
+/// Only when the store failed in a way that leaves it uncertain whether the
+/// batch reached the disk; the caller must refuse further writes. A clean
+/// failure (rolled back) is answered to the proposals and returns `Ok`.
+fn commit_batch(
+    shared: &Shared,
+    batch: &mut Vec<(Proposal, Reply)>,
+) -> Result<(), Arc<StoreError>> {
     let at = crate::domain::agent::commit_time();
     let mut prepared: Vec<(Prepared, Reply)> = Vec::with_capacity(batch.len());
     // Registrations of an id that an earlier proposal of this batch creates:
     // answered after the commit, with that agent.
     let mut duplicates: Vec<(usize, Reply)> = Vec::new();
     let mut created_here: HashMap<AgentId, usize> = HashMap::new();
+    // Agents changed by earlier proposals of this batch, as they will be.
+    let mut changed_here: HashMap<AgentId, Arc<Agent>> = HashMap::new();
+    // Writer locks of the accepted changes, released once they are applied.
+    let mut guards = Vec::new();
     {
         let table = shared.read_table();
         let mut head = table.head;
@@ -248,6 +274,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
                         last_transition: Arc::clone(&record),
                     });
                     created_here.insert(id, prepared.len());
+                    changed_here.insert(id, Arc::clone(&agent));
                     prepared.push((
                         Prepared {
                             change: AgentChange {
@@ -266,12 +293,16 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
                     id,
                     prior_version,
                     steps,
+                    guard,
                 } => {
-                    let Some(slot) = table.agents.get(&id) else {
+                    let known = changed_here
+                        .get(&id)
+                        .cloned()
+                        .or_else(|| table.agents.get(&id).map(|slot| Arc::clone(&slot.agent)));
+                    let Some(mut current) = known else {
                         let _ = reply.send(Err(Rejected::Missing));
                         continue;
                     };
-                    let mut current = Arc::clone(&slot.agent);
                     if current.version != prior_version {
                         let _ = reply.send(Err(Rejected::Stale {
                             expected: prior_version,
@@ -312,6 +343,8 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
                         current = Arc::new(current.after(Arc::clone(&record)));
                         applied.push((record, Arc::clone(&current)));
                     }
+                    changed_here.insert(id, Arc::clone(&current));
+                    guards.push(guard);
                     prepared.push((
                         Prepared {
                             change: AgentChange {
@@ -330,7 +363,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
         }
     }
     if prepared.is_empty() {
-        return;
+        return Ok(());
     }
 
     let changes: Vec<AgentChange> = prepared.iter().map(|(p, _)| p.change.clone()).collect();
@@ -343,7 +376,24 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
         for (_, reply) in duplicates {
             let _ = reply.send(Err(Rejected::Store(Arc::clone(&err))));
         }
-        return;
+        // A rollback leaves the store's head where the table's is. Anything
+        // else (the commit reached the disk after all, or the store cannot
+        // even say) means table and store may disagree.
+        let expected = shared.head();
+        return match shared.store.committed_head() {
+            Ok(head) if head == expected => Ok(()),
+            outcome => {
+                let found = outcome
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|e| crate::error::chain(&e));
+                error!(
+                    expected,
+                    found,
+                    "the store is in an unknown state after a failed commit; refusing writes until restart"
+                );
+                Err(Arc::new(StoreError::Uncertain))
+            }
+        };
     }
 
     {
@@ -386,4 +436,8 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<(Proposal, Reply)>) {
             records,
         }));
     }
+    // The table shows the changes now: the next change to these agents may
+    // be validated.
+    drop(guards);
+    Ok(())
 }

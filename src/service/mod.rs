@@ -36,7 +36,7 @@ pub use self::{
 use crate::{
     domain::{
         Agent, AgentCategory, AgentId, AgentState, HandlerPhase, Labels, LifecycleEvent, Metadata,
-        TransitionContext, TransitionError, TransitionPolicy, TransitionRecord, limits,
+        StateSet, TransitionContext, TransitionError, TransitionPolicy, TransitionRecord, limits,
     },
     error::{Error, Result},
     store::{HistoryRange, MemoryStore, Retention, Store},
@@ -52,6 +52,10 @@ pub const DEFAULT_MAX_BATCH: usize = 1024;
 
 /// Default interval of progress messages on idle watch streams.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Agents one ListAgents call examines at most (see
+/// [`AgentLifecycleService::list_agents`]).
+pub const MAX_LIST_SCAN: usize = 100_000;
 
 /// Default page size of history reads.
 pub const DEFAULT_HISTORY_PAGE: usize = 1000;
@@ -185,7 +189,7 @@ pub struct LifecycleMetrics {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AgentFilter {
     /// Agents in one of these states (empty: any).
-    pub states: Vec<AgentState>,
+    pub states: StateSet,
     /// Agents of this category.
     pub category: Option<AgentCategory>,
     /// Agents carrying all these labels.
@@ -195,7 +199,7 @@ pub struct AgentFilter {
 impl AgentFilter {
     /// Whether `agent` passes.
     pub fn matches(&self, agent: &Agent) -> bool {
-        (self.states.is_empty() || self.states.contains(&agent.state))
+        self.states.matches(agent.state)
             && self.category.is_none_or(|c| agent.state.in_category(c))
             && agent.has_labels(&self.labels)
     }
@@ -561,7 +565,7 @@ impl AgentLifecycleService {
             if let Some(reason) = self.inner.handlers.run(&pre, &ctx).await {
                 return Err(TransitionError::Vetoed {
                     agent_id: id,
-                    from: AgentState::Registered,
+                    from: None,
                     to: AgentState::Registered,
                     reason,
                 }
@@ -688,7 +692,10 @@ impl AgentLifecycleService {
             let slot = table.agents.get(&id).ok_or(Error::AgentNotFound(id))?;
             Arc::clone(&slot.writer)
         };
-        let _guard = writer.lock().await;
+        // Owned, so that it can travel with the proposal: the commit thread
+        // releases it after applying the change, even if this request is
+        // cancelled while the proposal waits in the queue.
+        let guard = writer.lock_owned().await;
         let agent = self
             .inner
             .shared
@@ -749,7 +756,7 @@ impl AgentLifecycleService {
                 if let Some(reason) = self.inner.handlers.run(&pre, &ctx).await {
                     return Err(TransitionError::Vetoed {
                         agent_id: id,
-                        from,
+                        from: Some(from),
                         to: step.to,
                         reason,
                     }
@@ -763,6 +770,7 @@ impl AgentLifecycleService {
             id,
             prior_version: agent.version,
             steps,
+            guard,
         };
         let committed = self
             .propose(proposal)
@@ -840,7 +848,14 @@ impl AgentLifecycleService {
         error_message: &str,
         mut change: ChangeRequest,
     ) -> Result<Outcome> {
-        limits::check_text("error_message", error_message, limits::MAX_REASON_BYTES)?;
+        // The message becomes the reason "Error: <message>", so its limit is
+        // the reason's less the prefix, and a violation names the field the
+        // caller sent.
+        limits::check_text(
+            "error_message",
+            error_message,
+            limits::MAX_ERROR_MESSAGE_BYTES,
+        )?;
         change.reason = format!("Error: {error_message}");
         change
             .metadata
@@ -982,33 +997,44 @@ impl AgentLifecycleService {
 
     /// Up to `limit` agents with ids after `after`, in id order, that pass
     /// `filter`; and the id to continue after, when more may follow.
+    ///
+    /// One call examines at most [`MAX_LIST_SCAN`] agents, so that a filter
+    /// matching few agents of a large fleet never holds the table for long: a
+    /// page can then be short (even empty) and still have a continuation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a label filter over the label limits.
     pub fn list_agents(
         &self,
         filter: &AgentFilter,
         after: Option<AgentId>,
         limit: usize,
-    ) -> (Vec<Arc<Agent>>, Option<AgentId>) {
+    ) -> Result<(Vec<Arc<Agent>>, Option<AgentId>)> {
         use std::ops::Bound;
+        limits::check_labels("labels", &filter.labels)?;
         let limit = limit.max(1);
         let table = self.inner.shared.read_table();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut agents = Vec::new();
-        let mut iter = table.agents.range((lower, Bound::Unbounded));
-        for (_, slot) in iter.by_ref() {
+        let mut last_examined = None;
+        let mut examined = 0;
+        let mut iter = table.agents.range((lower, Bound::Unbounded)).peekable();
+        for (id, slot) in iter.by_ref() {
+            examined += 1;
+            last_examined = Some(*id);
             if filter.matches(&slot.agent) {
                 agents.push(Arc::clone(&slot.agent));
-                if agents.len() == limit {
-                    break;
-                }
+            }
+            if agents.len() == limit || examined == MAX_LIST_SCAN {
+                break;
             }
         }
-        let more = agents.len() == limit && iter.any(|(_, s)| filter.matches(&s.agent));
-        let next = if more {
-            agents.last().map(|a| a.id)
+        let next = if iter.peek().is_some() {
+            last_examined
         } else {
             None
         };
-        (agents, next)
+        Ok((agents, next))
     }
 
     /// A page of the agent's history, oldest first.
@@ -1111,10 +1137,10 @@ impl AgentLifecycleService {
     pub async fn close(&self) -> Result<()> {
         self.begin_shutdown();
         let (tx, rx) = oneshot::channel();
-        if self.inner.commits.send(Message::Close(tx)).is_ok() {
-            if let Ok(result) = rx.await {
-                result.map_err(Error::Store)?;
-            }
+        if self.inner.commits.send(Message::Close(tx)).is_ok()
+            && let Ok(result) = rx.await
+        {
+            result.map_err(Error::Store)?;
         }
         let thread = self
             .inner

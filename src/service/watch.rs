@@ -25,7 +25,8 @@ use tracing::{debug, warn};
 use super::Shared;
 use crate::{
     domain::{
-        Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, limits,
+        Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, StateSet,
+        limits,
     },
     error::{Error, Result},
 };
@@ -75,7 +76,8 @@ pub enum WatchItem {
 #[derive(Debug)]
 struct Filter {
     agent_ids: HashSet<AgentId>,
-    states: Vec<AgentState>,
+    states: StateSet,
+    /// Deduplicated: at most one entry per kind.
     kinds: Vec<EventKind>,
     labels: Labels,
 }
@@ -83,13 +85,13 @@ struct Filter {
 impl Filter {
     fn matches_agent(&self, agent: &Agent) -> bool {
         (self.agent_ids.is_empty() || self.agent_ids.contains(&agent.id))
-            && (self.states.is_empty() || self.states.contains(&agent.state))
+            && self.states.matches(agent.state)
             && agent.has_labels(&self.labels)
     }
 
     fn matches_event(&self, event: &LifecycleEvent) -> bool {
         (self.agent_ids.is_empty() || self.agent_ids.contains(&event.record.agent_id))
-            && (self.states.is_empty() || self.states.contains(&event.record.to))
+            && self.states.matches(event.record.to)
             && (self.kinds.is_empty() || self.kinds.contains(&event.kind()))
             && event.agent.has_labels(&self.labels)
     }
@@ -149,10 +151,13 @@ impl Watcher {
             .into());
         }
         let progress_interval = progress_interval.max(Duration::from_millis(10));
+        let mut kinds = request.kinds;
+        kinds.sort_by_key(|k| *k == EventKind::Transitioned);
+        kinds.dedup();
         let filter = Filter {
             agent_ids: request.agent_ids.into_iter().collect(),
-            states: request.states,
-            kinds: request.kinds,
+            states: request.states.into_iter().collect(),
+            kinds,
             labels: request.labels,
         };
         let rx = shared.bus.subscribe();
@@ -294,6 +299,13 @@ impl Watcher {
                 oldest: self.shared.store.oldest_sequence(),
             });
         }
+        // Records past `head` may be committed but not yet in the table (an
+        // agent registered by them has no slot yet); they reach this watcher
+        // on the bus, so catch-up stops at `head`.
+        let records: Vec<_> = records
+            .into_iter()
+            .take_while(|r| r.sequence <= head)
+            .collect();
         if records.is_empty() {
             debug!(last_seen = after, "watcher caught up");
             self.catching_up = false;

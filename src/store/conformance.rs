@@ -63,8 +63,9 @@ fn range(after: u64, upto: u64, max: usize) -> HistoryRange {
     HistoryRange { after, upto, max }
 }
 
-/// The behaviour every store must have, given a fresh store.
-fn conforms(store: &dyn Store, reopen: Option<&dyn Fn() -> Box<dyn Store>>) {
+/// The behaviour every store must have, given a fresh store. Returns what
+/// the store holds at the end, sorted by id, for a reopen to compare.
+fn conforms(store: &dyn Store) -> Vec<Agent> {
     let loaded = store.load().expect("load");
     assert_eq!(loaded.head, 0);
     assert!(loaded.agents.is_empty());
@@ -121,18 +122,10 @@ fn conforms(store: &dyn Store, reopen: Option<&dyn Fn() -> Box<dyn Store>>) {
     assert_eq!(store.nth_newest(a, u64::MAX, 2).expect("nth"), Some(3));
     assert_eq!(store.nth_newest(a, u64::MAX, 4).expect("nth"), None);
 
-    if let Some(reopen) = reopen {
-        let again = reopen();
-        let loaded = again.load().expect("reload");
-        assert_eq!(loaded.head, 4);
-        let agent = loaded
-            .agents
-            .iter()
-            .find(|x| x.id == a)
-            .expect("agent a survives");
-        assert_eq!(agent, &*a2.agent, "the agent round-trips exactly");
-        assert_eq!(agent.last_transition.sequence, 4);
-    }
+    let loaded = store.load().expect("load");
+    let agent = loaded.agents.iter().find(|x| x.id == a).expect("agent a");
+    assert_eq!(agent, &*a2.agent, "the agent round-trips exactly");
+    assert_eq!(agent.last_transition.sequence, 4);
 
     // Retention: keep the newest 2 events.
     let retention = Retention {
@@ -154,15 +147,19 @@ fn conforms(store: &dyn Store, reopen: Option<&dyn Fn() -> Box<dyn Store>>) {
     assert_eq!(store.oldest_sequence(), 5);
     assert!(store.events_after(0, 100).expect("read").is_empty());
     // Agents keep their latest version even when their events are gone.
-    assert_eq!(store.load().expect("load").agents.len(), 2);
-    assert_eq!(store.load().expect("load").head, 4);
+    let mut loaded = store.load().expect("load");
+    assert_eq!(loaded.agents.len(), 2);
+    assert_eq!(loaded.head, 4);
+    assert_eq!(store.committed_head().expect("head"), 4);
     store.close().expect("close");
+    loaded.agents.sort_by_key(|a| a.id);
+    loaded.agents
 }
 
 #[test]
 fn memory_store_conforms() {
     let store = MemoryStore::new(&Retention::default());
-    conforms(&store, None);
+    conforms(&store);
 }
 
 #[test]
@@ -170,10 +167,21 @@ fn sqlite_store_conforms_and_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("nested/dir/test.db");
     let store = SqliteStore::open(&path).expect("open");
-    let reopen_path = path.clone();
-    let reopen =
-        move || -> Box<dyn Store> { Box::new(SqliteStore::open(&reopen_path).expect("reopen")) };
-    conforms(&store, Some(&reopen));
+    let held = conforms(&store);
+    drop(store);
+    let reopened = SqliteStore::open(&path).expect("reopen");
+    let mut loaded = reopened.load().expect("reload");
+    loaded.agents.sort_by_key(|a| a.id);
+    assert_eq!(
+        loaded.agents, held,
+        "agents round-trip exactly across a reopen"
+    );
+    assert_eq!(loaded.head, 4);
+    assert_eq!(
+        reopened.oldest_sequence(),
+        5,
+        "compaction survives a reopen"
+    );
 }
 
 #[test]
@@ -213,4 +221,17 @@ fn sqlite_refuses_a_newer_schema_and_a_read_only_file() {
         SqliteStore::open(&path),
         Err(StoreError::SchemaTooNew { found: 99, .. })
     ));
+}
+
+#[test]
+fn a_second_sqlite_store_on_the_same_file_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("one.db");
+    let first = SqliteStore::open(&path).expect("open");
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(StoreError::Locked(_))
+    ));
+    drop(first);
+    SqliteStore::open(&path).expect("free again once the first is closed");
 }

@@ -117,6 +117,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn committed_head(&self) -> Result<u64> {
+        Ok(self.read().head)
+    }
+
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
         let inner = self.read();
         let start = inner.log.partition_point(|r| r.sequence <= after);

@@ -45,6 +45,9 @@ pub enum StoreError {
         /// The version found.
         actual: u64,
     },
+    /// Another process (another server) has the database open.
+    #[error("{} is in use by another process (another server on the same file?)", .0.display())]
+    Locked(std::path::PathBuf),
     /// The database was written by a newer program.
     #[error("database schema version {found} is newer than the supported {supported}")]
     SchemaTooNew {
@@ -53,6 +56,12 @@ pub enum StoreError {
         /// This program's.
         supported: i64,
     },
+    /// A commit failed in a way that may still have reached the disk, so the
+    /// server's view may differ from the store's.
+    #[error(
+        "a failed commit left the store in an unknown state; writes are refused until the server restarts"
+    )]
+    Uncertain,
     /// The store was given something it cannot represent.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -136,6 +145,14 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// On any error nothing of the batch is stored.
     fn commit(&self, batch: &[AgentChange]) -> Result<()>;
+
+    /// The highest sequence the store holds as committed (0 when empty),
+    /// read from the store itself: after a failed commit it tells whether
+    /// the batch was rolled back.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn committed_head(&self) -> Result<u64>;
 
     /// Up to `max` events with `sequence > after`, in sequence order.
     ///

@@ -82,6 +82,8 @@ const EVENT_COLUMNS: &str =
 /// The SQLite back end.
 pub struct SqliteStore {
     path: PathBuf,
+    /// Exclusive lock on `<path>.lock`, held while the store is open.
+    _lock: std::fs::File,
     /// The only connection that writes; used by the commit thread and by
     /// compaction, which runs on the same thread between batches.
     writer: Mutex<Connection>,
@@ -116,6 +118,23 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::backend("creating the data directory", e))?;
         }
+        // One server per file: a second one would work from a stale table
+        // and conflict on every write. The OS releases the lock when the
+        // process exits, however it exits.
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::backend("opening the lock file", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(path)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::backend("locking the database", e));
+            }
+        }
         let writer = Connection::open(&path).map_err(sql("opening the database"))?;
         writer
             .execute_batch(
@@ -137,6 +156,7 @@ impl SqliteStore {
             .map_err(sql("writing to the database"))?;
         let store = SqliteStore {
             path,
+            _lock: lock,
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             oldest: AtomicU64::new(1),
@@ -385,6 +405,16 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
     Ok(())
 }
 
+/// The newest committed sequence: every event is some agent's latest or
+/// older, so the maximum of the agents' last sequences is the head, even
+/// when compaction emptied the log.
+fn read_head(conn: &Connection) -> Result<u64> {
+    let head: Option<i64> = conn
+        .query_row("SELECT max(last_sequence) FROM agents", [], |r| r.get(0))
+        .map_err(sql("reading the head sequence"))?;
+    Ok(head.map_or(0, |h| h as u64))
+}
+
 fn stored_version(conn: &Connection, id: AgentId) -> Result<u64> {
     let version: Option<i64> = conn
         .query_row(
@@ -406,10 +436,7 @@ impl Store for SqliteStore {
             .map_err(sql("loading agents"))?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(sql("loading agents"))?;
-        let head: Option<i64> = conn
-            .query_row("SELECT max(last_sequence) FROM agents", [], |r| r.get(0))
-            .map_err(sql("reading the head sequence"))?;
-        let head = head.map_or(0, |h| h as u64);
+        let head = read_head(&conn)?;
         self.refresh_oldest(&conn, head)?;
         Ok(Recovered { agents, head })
     }
@@ -423,6 +450,10 @@ impl Store for SqliteStore {
             write_change(&tx, change)?;
         }
         tx.commit().map_err(sql("committing"))
+    }
+
+    fn committed_head(&self) -> Result<u64> {
+        read_head(&self.lock_writer())
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
