@@ -535,7 +535,7 @@ pub async fn run(
             }
         }
         Command::Watch(a) => watch(&mut client, format, a).await?,
-        Command::Serve(_) | Command::Bench(_) => unreachable!("dispatched before connecting"),
+        Command::Serve(_) | Command::Bench(_) => bail!("not a client command"),
     }
     Ok(())
 }
