@@ -84,7 +84,8 @@ pub fn transition_json(t: &pb::StateTransition) -> Value {
         "agent_id": t.agent_id,
         "sequence": t.sequence,
         "version": t.version,
-        "from_state": state_name(t.from_state),
+        // Registration has no previous state.
+        "from_state": (t.from_state != 0).then(|| state_name(t.from_state)),
         "to_state": state_name(t.to_state),
         "timestamp": time_text(t.timestamp.as_ref()),
         "reason": t.reason,
@@ -119,7 +120,7 @@ pub fn transition_line(t: &pb::StateTransition) -> String {
         "#{:<6} v{:<3} {} -> {}  by {}  {:?}  {}",
         t.sequence,
         t.version,
-        state_name(t.from_state),
+        if t.from_state == 0 { "(new)".to_string() } else { state_name(t.from_state) },
         state_name(t.to_state),
         t.triggered_by,
         t.reason,
