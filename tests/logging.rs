@@ -41,15 +41,20 @@ async fn json_logs_carry_the_request_span() {
     assert!(lines.iter().any(|l| l["message"] == "stopped"), "{stderr}");
 }
 
-/// The default human format names the listen address at start-up.
+/// The default human format names the listen address at start-up; Ctrl-C
+/// (SIGINT) stops the server cleanly too.
 #[test]
 fn human_logs_name_the_address() {
     let mut server = ServerProcess::start(&["--store", "memory"]);
-    assert!(server.terminate().success());
+    assert!(server.interrupt().success());
     let stderr = server.stderr_after_exit();
     assert!(
         stderr.contains("serving gRPC") && stderr.contains(&server.addr),
         "{stderr}"
     );
     assert!(!stderr.trim_start().starts_with('{'));
+    assert!(
+        stderr.contains("SIGINT") && stderr.contains("stopped"),
+        "{stderr}"
+    );
 }

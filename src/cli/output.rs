@@ -120,7 +120,11 @@ pub fn transition_line(t: &pb::StateTransition) -> String {
         "#{:<6} v{:<3} {} -> {}  by {}  {:?}  {}",
         t.sequence,
         t.version,
-        if t.from_state == 0 { "(new)".to_string() } else { state_name(t.from_state) },
+        if t.from_state == 0 {
+            "(new)".to_string()
+        } else {
+            state_name(t.from_state)
+        },
         state_name(t.to_state),
         t.triggered_by,
         t.reason,

@@ -96,10 +96,19 @@ impl ServerProcess {
 
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit.
+    pub fn interrupt(&mut self) -> ExitStatus {
+        self.signal("-INT")
+    }
+
+    fn signal(&mut self, signal: &str) -> ExitStatus {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
-            .expect("kill -TERM");
+            .expect("run kill");
         assert!(status.success());
         self.wait(Duration::from_secs(30))
     }
