@@ -47,48 +47,28 @@ async fn lifecycle_client(
     loop {
         let id = uuid::Uuid::new_v4().to_string();
         let step = async {
-            let r = c
-                .register_agent(pb::RegisterAgentRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            let mut n = record(&acks, &r.into_inner().transitions);
-            let r = c
-                .deploy_agent(pb::DeployAgentRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            n += record(&acks, &r.into_inner().transitions);
-            let r = c
-                .start_agent(pb::StartAgentRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            n += record(&acks, &r.into_inner().transitions);
-            let r = c
-                .assign_task(pb::AssignTaskRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            n += record(&acks, &r.into_inner().transitions);
-            let r = c
-                .complete_task(pb::CompleteTaskRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            n += record(&acks, &r.into_inner().transitions);
-            let r = c
-                .stop_agent(pb::StopAgentRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            n += record(&acks, &r.into_inner().transitions);
+            // Each call records what it acknowledged; the first error (the
+            // server went away) ends the lifecycle.
+            macro_rules! call {
+                ($method:ident, $request:ident) => {
+                    record(
+                        &acks,
+                        &c.$method(pb::$request {
+                            agent_id: id.clone(),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner()
+                        .transitions,
+                    )
+                };
+            }
+            let n = call!(register_agent, RegisterAgentRequest)
+                + call!(deploy_agent, DeployAgentRequest)
+                + call!(start_agent, StartAgentRequest)
+                + call!(assign_task, AssignTaskRequest)
+                + call!(complete_task, CompleteTaskRequest)
+                + call!(stop_agent, StopAgentRequest);
             Ok::<usize, tonic::Status>(n)
         };
         match step.await {

@@ -11,9 +11,7 @@ use agent_lifecycle::{
     service::ServiceConfig,
     store::{Retention, SqliteStore, Store},
 };
-use common::{TestServer, next_event, online, transition, watch};
-use tonic::Code;
-use tonic_types::StatusExt;
+use common::{TestServer, online, transition};
 
 fn config() -> ServiceConfig {
     ServiceConfig {
@@ -50,31 +48,7 @@ async fn compaction_on_sqlite_survives_restart() {
     assert_eq!(deleted, 250);
     assert_eq!(server.service.oldest_sequence(), 251);
 
-    let err = c
-        .watch_events(pb::WatchEventsRequest {
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .expect_err("compacted");
-    assert_eq!(err.code(), Code::OutOfRange);
-    let info = err.get_details_error_info().expect("info");
-    assert_eq!(info.reason, "SEQUENCE_COMPACTED");
-    assert_eq!(
-        info.metadata
-            .get("oldest_available_sequence")
-            .map(String::as_str),
-        Some("251")
-    );
-    let mut stream = watch(
-        &mut c,
-        pb::WatchEventsRequest {
-            start_sequence: 251,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(next_event(&mut stream).await.sequence, 251);
+    common::assert_compacted_before(&mut c, 1, 251).await;
 
     let history = c
         .get_agent_history(pb::GetAgentHistoryRequest {
@@ -96,7 +70,6 @@ async fn compaction_on_sqlite_survives_restart() {
         .agent
         .expect("agent");
     assert_eq!((got.version, got.history_count), (300, 300));
-    drop(stream);
     server.shutdown().await.expect("stop");
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("reopen"));

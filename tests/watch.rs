@@ -348,31 +348,7 @@ async fn compacted_sequences_are_out_of_range() {
         .await
         .expect("flip");
     }
-    let err = c
-        .watch_events(pb::WatchEventsRequest {
-            start_sequence: 1,
-            ..Default::default()
-        })
-        .await
-        .expect_err("compacted");
-    assert_eq!(err.code(), Code::OutOfRange);
-    let info = err.get_details_error_info().expect("info");
-    assert_eq!(info.reason, "SEQUENCE_COMPACTED");
-    assert_eq!(
-        info.metadata
-            .get("oldest_available_sequence")
-            .map(String::as_str),
-        Some("1981")
-    );
-    let mut ok = watch(
-        &mut c,
-        pb::WatchEventsRequest {
-            start_sequence: 1981,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(next_event(&mut ok).await.sequence, 1981);
+    common::assert_compacted_before(&mut c, 1, 1981).await;
 
     let err = c
         .watch_events(pb::WatchEventsRequest {

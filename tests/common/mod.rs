@@ -201,6 +201,33 @@ pub async fn transition(
         .map(|r| r.into_inner())
 }
 
+/// A watch from `start` is refused as compacted, naming `oldest` as the
+/// oldest available sequence; a watch from `oldest` replays it.
+pub async fn assert_compacted_before(client: &mut Client, start: u64, oldest: u64) {
+    use tonic_types::StatusExt;
+    let err = client
+        .watch_events(pb::WatchEventsRequest {
+            start_sequence: start,
+            ..Default::default()
+        })
+        .await
+        .expect_err("compacted");
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    let info = err.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "SEQUENCE_COMPACTED");
+    let named = info.metadata.get("oldest_available_sequence").cloned();
+    assert_eq!(named, Some(oldest.to_string()));
+    let mut stream = watch(
+        client,
+        pb::WatchEventsRequest {
+            start_sequence: oldest,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(next_event(&mut stream).await.sequence, oldest);
+}
+
 /// Opens a watch stream.
 pub async fn watch(
     client: &mut Client,
