@@ -42,22 +42,7 @@ MAX_TIME = "20"
 READ_TIMEOUT = 10
 
 
-class CheckFailed(Exception):
-    """A check did not hold."""
-
-
-class Checks:
-    def __init__(self):
-        self.passed = 0
-
-    def check(self, condition, what, detail=""):
-        if not condition:
-            raise CheckFailed(what + (f": {detail}" if detail else ""))
-        self.passed += 1
-        print(f"ok {self.passed} - {what}", flush=True)
-
-    def eq(self, actual, expected, what):
-        self.check(actual == expected, what, f"expected {expected!r}, got {actual!r}")
+from checks import CheckFailed, Checks  # noqa: E402  (tests/python/ is on sys.path)
 
 
 def field(obj, snake):
