@@ -5,6 +5,7 @@
 //! depends on this module; it depends on nothing of the crate.
 
 pub mod agent;
+pub mod caller;
 pub mod error;
 pub mod handler;
 pub mod limits;
@@ -12,6 +13,7 @@ pub mod state;
 pub mod transition;
 
 pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, TransitionRecord};
+pub use caller::Caller;
 pub use error::TransitionError;
 pub use handler::{HandlerError, HandlerPhase, TransitionContext};
 pub use limits::FieldViolation;

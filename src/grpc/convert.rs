@@ -243,6 +243,7 @@ pub fn change_from_pb(
         triggered_by,
         metadata: metadata_from_pb("metadata", metadata)?,
         expected_version,
+        caller: crate::domain::Caller::anonymous(),
     })
 }
 

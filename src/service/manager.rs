@@ -70,6 +70,7 @@ impl AgentLifecycleManager {
             triggered_by: triggered_by.to_string(),
             metadata,
             expected_version: None,
+            caller: crate::domain::Caller::anonymous(),
         };
         let outcome = self.service.transition(self.id, target, change).await?;
         Ok(outcome

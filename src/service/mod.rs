@@ -35,7 +35,7 @@ pub use self::{
 };
 use crate::{
     domain::{
-        Agent, AgentCategory, AgentId, AgentState, HandlerPhase, Labels, LifecycleEvent, Metadata,
+        Agent, AgentCategory, AgentId, Caller, AgentState, HandlerPhase, Labels, LifecycleEvent, Metadata,
         StateSet, TransitionContext, TransitionError, TransitionPolicy, TransitionRecord, limits,
     },
     error::{Error, Result},
@@ -102,6 +102,8 @@ pub struct ChangeRequest {
     pub metadata: Metadata,
     /// Compare-and-set on the agent's version before the change.
     pub expected_version: Option<u64>,
+    /// Who asks (the gRPC edge sets it from the request's extensions).
+    pub caller: Caller,
 }
 
 impl ChangeRequest {
