@@ -47,6 +47,17 @@ pub enum Error {
     /// The service is shutting down and takes no more work.
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// A thread the service needs could not be started.
+    #[error("starting a thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A background task failed (panicked or was cancelled) before it
+    /// answered.
+    #[error("a background task failed: {0}")]
+    TaskFailed(#[source] tokio::task::JoinError),
+    /// A part of the service that runs on tokio was started outside a tokio
+    /// runtime.
+    #[error("{0} needs a tokio runtime; open the service inside one")]
+    NoRuntime(&'static str),
     /// The store failed; the change was not applied. Shared because one
     /// failed batch fails every request in it.
     #[error("store failure: {0}")]

@@ -5,10 +5,9 @@ use std::sync::{Arc, Mutex};
 use agent_lifecycle::{
     AgentLifecycleService, Error,
     domain::{
-        AgentId, AgentState, HandlerError, HandlerPhase, Metadata, TransitionContext,
-        TransitionError,
+        AgentId, AgentState, HookError, HookPhase, Metadata, TransitionContext, TransitionError,
     },
-    service::{ChangeRequest, Handler, Registration},
+    service::{ChangeRequest, Hook, Registration},
 };
 
 fn service() -> AgentLifecycleService {
@@ -430,9 +429,9 @@ async fn category_queries_and_metrics_over_a_mixed_fleet() {
 
 type Log = Arc<Mutex<Vec<String>>>;
 
-fn recorder(log: &Log, name: &'static str) -> Handler {
+fn recorder(log: &Log, name: &'static str) -> Hook {
     let log = Arc::clone(log);
-    Handler::sync(move |ctx: &TransitionContext| {
+    Hook::sync(move |ctx: &TransitionContext| {
         log.lock().expect("log").push(format!(
             "{name}:{}:{}->{}:{}:{}:{}",
             ctx.phase.as_str(),
@@ -448,21 +447,21 @@ fn recorder(log: &Log, name: &'static str) -> Handler {
     })
 }
 
-/// Sync and async handlers run in registration order with the seed's
+/// Sync and async hooks run in registration order with the seed's
 /// payload; pre before the commit, post after it (with sequence and
-/// version); failing and panicking handlers are logged and counted and do
+/// version); failing and panicking hooks are logged and counted and do
 /// not stop the transition; only an explicit veto refuses it.
 #[tokio::test]
-async fn handlers_run_in_order_and_only_a_veto_refuses() {
+async fn hooks_run_in_order_and_only_a_veto_refuses() {
     let service = service();
     let id = online(&service).await;
     let manager = service.get_manager(id).expect("manager");
     let log: Log = Arc::default();
-    manager.on_event(HandlerPhase::PreTransition, recorder(&log, "sync-pre"));
+    manager.on_event(HookPhase::PreTransition, recorder(&log, "sync-pre"));
     let async_log = Arc::clone(&log);
     manager.on_event(
-        HandlerPhase::PreTransition,
-        Handler::from_async(move |ctx: TransitionContext| {
+        HookPhase::PreTransition,
+        Hook::from_async(move |ctx: TransitionContext| {
             let log = Arc::clone(&async_log);
             async move {
                 tokio::task::yield_now().await;
@@ -474,36 +473,33 @@ async fn handlers_run_in_order_and_only_a_veto_refuses() {
         }),
     );
     manager.on_event(
-        HandlerPhase::PreTransition,
-        Handler::sync(|_| Err(HandlerError::Failed("flaky".into()))),
+        HookPhase::PreTransition,
+        Hook::sync(|_| Err(HookError::Failed("flaky".into()))),
     );
+    manager.on_event(HookPhase::PreTransition, Hook::sync(|_| panic!("hook bug")));
     manager.on_event(
-        HandlerPhase::PreTransition,
-        Handler::sync(|_| panic!("handler bug")),
-    );
-    manager.on_event(
-        HandlerPhase::PreTransition,
-        Handler::from_async(|_ctx: TransitionContext| async { panic!("async handler bug") }),
+        HookPhase::PreTransition,
+        Hook::from_async(|_ctx: TransitionContext| async { panic!("async hook bug") }),
     );
     let seen_post: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let post = Arc::clone(&seen_post);
     manager.on_event(
-        HandlerPhase::PostTransition,
-        Handler::sync(move |ctx| {
+        HookPhase::PostTransition,
+        Hook::sync(move |ctx| {
             post.lock()
                 .expect("post")
                 .push((ctx.sequence.unwrap_or(0), ctx.version.unwrap_or(0)));
             Ok(())
         }),
     );
-    service.on_event(HandlerPhase::PreTransition, recorder(&log, "global-pre"));
+    service.on_event(HookPhase::PreTransition, recorder(&log, "global-pre"));
 
     let mut metadata = Metadata::new();
     metadata.insert("k".into(), serde_json::json!("v"));
     let record = manager
         .transition_to(AgentState::Maintenance, "window", "admin", metadata)
         .await
-        .expect("handler failures never stop a transition");
+        .expect("hook failures never stop a transition");
     assert_eq!(
         *log.lock().expect("log"),
         vec![
@@ -516,15 +512,15 @@ async fn handlers_run_in_order_and_only_a_veto_refuses() {
         *seen_post.lock().expect("post"),
         vec![(record.sequence, record.version)]
     );
-    assert_eq!(service.handler_failures(), 3);
+    assert_eq!(service.hook_failures(), 3);
 
     // An explicit veto refuses, records nothing and names the reason.
     let head = service.head_sequence();
     service.on_event(
-        HandlerPhase::PreTransition,
-        Handler::sync(|ctx| {
+        HookPhase::PreTransition,
+        Hook::sync(|ctx| {
             if ctx.to_state == AgentState::Offline {
-                Err(HandlerError::Veto("change freeze".into()))
+                Err(HookError::Veto("change freeze".into()))
             } else {
                 Ok(())
             }
@@ -628,18 +624,18 @@ async fn limits_refuse_oversized_fields() {
     assert_eq!(service.head_sequence(), 1);
 }
 
-/// A post-transition handler may change the same agent (here: recover from
+/// A post-transition hook may change the same agent (here: recover from
 /// ERROR at once); it runs after the agent's lock is released, so it does not
 /// deadlock, and its own transition is recorded after the one that
 /// triggered it.
 #[tokio::test]
-async fn post_handlers_may_transition_the_same_agent() {
+async fn post_hooks_may_transition_the_same_agent() {
     let service = service();
     let id = online(&service).await;
     let inner = service.clone();
     service.on_event(
-        HandlerPhase::PostTransition,
-        Handler::from_async(move |ctx: TransitionContext| {
+        HookPhase::PostTransition,
+        Hook::from_async(move |ctx: TransitionContext| {
             let service = inner.clone();
             async move {
                 if ctx.to_state == AgentState::Error {
@@ -650,7 +646,7 @@ async fn post_handlers_may_transition_the_same_agent() {
                             ChangeRequest::because("auto-recover"),
                         )
                         .await
-                        .map_err(|e| HandlerError::Failed(e.to_string()))?;
+                        .map_err(|e| HookError::Failed(e.to_string()))?;
                 }
                 Ok(())
             }
@@ -667,7 +663,7 @@ async fn post_handlers_may_transition_the_same_agent() {
     let agent = service.get_agent(id).expect("agent");
     assert_eq!((agent.state, agent.version), (AgentState::Online, 7));
     assert_eq!(agent.last_transition.reason, "auto-recover");
-    assert_eq!(service.handler_failures(), 0);
+    assert_eq!(service.hook_failures(), 0);
 }
 
 /// A veto of a registration names no current state and records nothing.
@@ -675,10 +671,10 @@ async fn post_handlers_may_transition_the_same_agent() {
 async fn a_vetoed_registration_records_nothing() {
     let service = service();
     service.on_event(
-        HandlerPhase::PreTransition,
-        Handler::sync(|ctx| {
+        HookPhase::PreTransition,
+        Hook::sync(|ctx| {
             if ctx.from_state.is_none() {
-                Err(HandlerError::Veto("registrations closed".into()))
+                Err(HookError::Veto("registrations closed".into()))
             } else {
                 Ok(())
             }

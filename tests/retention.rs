@@ -46,7 +46,7 @@ async fn compaction_on_sqlite_survives_restart() {
     }
     let deleted = server.service.compact_now().await.expect("compact");
     assert_eq!(deleted, 250);
-    assert_eq!(server.service.oldest_sequence(), 251);
+    assert_eq!(server.service.oldest_sequence().expect("oldest"), 251);
 
     common::assert_compacted_before(&mut c, 1, 251).await;
 
@@ -74,7 +74,7 @@ async fn compaction_on_sqlite_survives_restart() {
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("reopen"));
     let server = TestServer::start_on(store, config()).await;
-    assert_eq!(server.service.oldest_sequence(), 251);
+    assert_eq!(server.service.oldest_sequence().expect("oldest"), 251);
     assert_eq!(server.service.head_sequence(), 300);
     let mut c = server.client().await;
     let next = transition(&mut c, &agent.agent_id, S::Online)

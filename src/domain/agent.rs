@@ -13,16 +13,6 @@ pub type Metadata = serde_json::Map<String, serde_json::Value>;
 /// stable.
 pub type Labels = BTreeMap<String, String>;
 
-/// The current time at the precision events are stored with
-/// (microseconds), so that a record reads back exactly as it was committed.
-pub fn commit_time() -> SystemTime {
-    let now = SystemTime::now();
-    match now.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => std::time::UNIX_EPOCH + std::time::Duration::from_micros(d.as_micros() as u64),
-        Err(_) => now,
-    }
-}
-
 /// An agent's identity: a UUID. New ids are UUIDv7 (time-ordered), so that
 /// listings by id roughly follow registration order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,6 +139,25 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// A new agent, as its registration `record` creates it.
+    pub fn registered(
+        id: AgentId,
+        name: Arc<str>,
+        labels: Arc<Labels>,
+        record: Arc<TransitionRecord>,
+    ) -> Agent {
+        Agent {
+            id,
+            name,
+            labels,
+            state: record.to,
+            version: record.version,
+            created_at: record.at,
+            updated_at: record.at,
+            last_transition: record,
+        }
+    }
+
     /// The agent right after `record` was applied to `self`.
     pub fn after(&self, record: Arc<TransitionRecord>) -> Agent {
         Agent {

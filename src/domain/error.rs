@@ -40,7 +40,7 @@ pub enum TransitionError {
         /// States the operation accepts.
         required: Vec<AgentState>,
     },
-    /// A pre-transition handler vetoed the change.
+    /// A pre-transition hook vetoed the change.
     #[error("agent {agent_id}: transition from {} to {to} vetoed: {reason}", .from.map_or("nothing (registration)", AgentState::as_str))]
     Vetoed {
         /// The agent.
@@ -49,7 +49,7 @@ pub enum TransitionError {
         from: Option<AgentState>,
         /// The refused target.
         to: AgentState,
-        /// The handler's reason.
+        /// The hook's reason.
         reason: String,
     },
 }

@@ -6,16 +6,18 @@
 
 pub mod agent;
 pub mod caller;
+pub mod clock;
 pub mod error;
-pub mod handler;
+pub mod hooks;
 pub mod limits;
 pub mod state;
 pub mod transition;
 
 pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, TransitionRecord};
 pub use caller::Caller;
+pub use clock::{Clock, SystemClock};
 pub use error::TransitionError;
-pub use handler::{HandlerError, HandlerPhase, TransitionContext};
+pub use hooks::{HookError, HookPhase, TransitionContext};
 pub use limits::FieldViolation;
 pub use state::{AgentCategory, AgentState, StateSet};
 pub use transition::TransitionPolicy;

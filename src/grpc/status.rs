@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::{
     Error,
@@ -178,6 +178,14 @@ impl From<Error> for Status {
                     Code::Unavailable,
                     "the store could not complete the operation; nothing was applied",
                     details,
+                );
+            }
+            Error::Spawn(_) | Error::TaskFailed(_) | Error::NoRuntime(_) => {
+                error!(error = %crate::error::chain(&err), "internal failure answered with INTERNAL");
+                return Status::with_error_details(
+                    Code::Internal,
+                    "internal error; nothing was applied",
+                    info("INTERNAL", &[]),
                 );
             }
         };

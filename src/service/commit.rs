@@ -1,29 +1,41 @@
 //! The commit thread: the one writer of the store and of the agent table.
 //!
-//! Requests queue on a channel; the thread takes every request waiting
-//! (up to `max_batch`), validates each against the table, assigns the next
-//! global sequences, commits them in one store transaction (one fsync: group
-//! commit), applies them to the table, publishes their events in sequence
-//! order and replies. Because it is the only writer, sequence order is
-//! commit order is publication order, and the table never shows a change the
-//! store has not made durable.
+//! Proposals queue on a channel, each already validated by the service
+//! against the agent's current version while it holds the agent's writer
+//! lock. The thread takes every proposal waiting (up to `max_batch`) and
+//! runs one [`Batch`] through named steps:
 //!
-//! Compaction runs on the same thread between batches, in bounded chunks, so
-//! it never holds the writer for long.
+//! 1. [`Batch::prepare`]: proposals become store changes.
+//! 2. [`Batch::persist`]: one store transaction (one fsync). The store
+//!    assigns the sequences and the commit time, and answers each change:
+//!    committed, or a conflict (its prior version is no longer stored).
+//! 3. [`Batch::apply`]: the committed records go into the agent table, under
+//!    one write lock, in sequence order.
+//! 4. [`Batch::publish`]: their events go onto the broadcast channel, in
+//!    sequence order.
+//! 5. [`Batch::reply`]: each proposer gets its outcome, and the agents'
+//!    writer locks are released.
+//!
+//! Because this thread is the only writer, sequence order is commit order
+//! is publication order, and the table never shows a change the store has
+//! not made durable.
+//!
+//! Compaction runs on the same thread between batches, in bounded chunks,
+//! when asked (by the compactor's timer or by `compact_now`), so it never
+//! holds the writer for long.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, mpsc},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedMutexGuard, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::{Shared, Slot};
+use super::Shared;
 use crate::{
-    domain::{Agent, AgentId, AgentState, Labels, LifecycleEvent, Metadata, TransitionRecord},
-    store::{AgentChange, Retention, StoreError},
+    domain::{Agent, AgentId, AgentState, LifecycleEvent, Metadata, TransitionRecord},
+    store::{AgentChange, AgentIdentity, BatchId, ChangeOutcome, Retention, StoreError},
 };
 
 /// Rows deleted per compaction step; bounds how long one step holds the
@@ -39,26 +51,20 @@ pub(crate) struct Step {
     pub metadata: Metadata,
 }
 
-/// A change one request asks for. Every step of it commits, or none.
+/// A change the service validated, ready to commit. Every step of it
+/// commits, or none.
 #[derive(Debug)]
-pub(crate) enum Proposal {
-    /// Create the agent with its registration step.
-    Register {
-        id: AgentId,
-        name: Arc<str>,
-        labels: Arc<Labels>,
-        step: Step,
-    },
-    /// Apply `steps` to an agent whose version is `prior_version`.
-    Transition {
-        id: AgentId,
-        prior_version: u64,
-        steps: Vec<Step>,
-        /// The agent's writer lock, held until the change is applied (or
-        /// refused), so that no other change to the agent is validated
-        /// against a version this one is about to replace.
-        guard: tokio::sync::OwnedMutexGuard<()>,
-    },
+pub(crate) struct Proposal {
+    pub agent_id: AgentId,
+    /// The agent as validated; `None` for a registration.
+    pub prior: Option<Arc<Agent>>,
+    /// Name and labels, for a registration.
+    pub identity: Option<AgentIdentity>,
+    pub steps: Vec<Step>,
+    /// The agent's writer lock (transitions only), held until the change is
+    /// applied or refused, so that no other change to the agent is validated
+    /// against a version this one is about to replace.
+    pub guard: Option<OwnedMutexGuard<()>>,
 }
 
 /// What a committed proposal produced.
@@ -71,14 +77,9 @@ pub(crate) struct Committed {
 /// Why a proposal was not committed.
 #[derive(Debug)]
 pub(crate) enum Rejected {
-    /// Register: the id exists (the agent as committed).
-    Exists(Arc<Agent>),
-    /// Transition: no such agent.
-    Missing,
-    /// Transition: the agent moved on since the caller validated.
-    Stale { expected: u64, actual: u64 },
-    /// Transition: the policy refuses a step.
-    NotAllowed { from: AgentState, to: AgentState },
+    /// The store holds version `actual` of the agent (0: none), not the one
+    /// the proposal was based on: for a registration, the id exists.
+    Conflict { actual: u64 },
     /// The store failed; nothing of the batch applied.
     Store(Arc<StoreError>),
     /// The commit thread has stopped (the service was closed).
@@ -100,59 +101,53 @@ pub(crate) enum Message {
 pub(crate) struct Settings {
     pub max_batch: usize,
     pub retention: Retention,
-    pub compaction_interval: Duration,
 }
 
 /// Runs until a `Close` message or until every sender is gone.
 pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Settings) {
-    let compacting = !settings.retention.keeps_everything();
-    let mut next_compaction = Instant::now() + settings.compaction_interval;
-    let mut batch: Vec<(Proposal, Reply)> = Vec::with_capacity(settings.max_batch);
-    // Callers of `compact_now`, answered when the current round ends.
-    let mut waiters: Vec<oneshot::Sender<Result<u64, Arc<StoreError>>>> = Vec::new();
-    let mut round_deleted = 0u64;
+    let mut queue: Vec<(Proposal, Reply)> = Vec::with_capacity(settings.max_batch);
+    let mut batch_ids = BatchIds::new();
+    let mut compaction = Compaction::default();
     // Set when a failed commit may still have reached the disk: from then on
     // the table may disagree with the store, so every write is refused until
     // a restart reloads the store.
     let mut poisoned: Option<Arc<StoreError>> = None;
     loop {
-        let first = if !waiters.is_empty() {
-            rx.recv_timeout(Duration::ZERO)
-        } else if compacting {
-            rx.recv_timeout(next_compaction.saturating_duration_since(Instant::now()))
-        } else {
-            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-        };
-        let mut close = None;
-        match first {
-            Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
-            Ok(Message::Close(done)) => close = Some(done),
-            Ok(Message::Compact(done)) => waiters.push(done),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if let Err(err) = shared.store.close() {
-                    error!(error = %crate::error::chain(&err), "closing the store failed");
-                }
-                return;
-            }
-        }
-        while close.is_none() && batch.len() < settings.max_batch {
+        // While a compaction round is under way, only take what is queued.
+        let first = if compaction.active() {
             match rx.try_recv() {
-                Ok(Message::Propose(p, reply)) => batch.push((p, reply)),
-                Ok(Message::Close(done)) => close = Some(done),
-                Ok(Message::Compact(done)) => waiters.push(done),
+                Ok(message) => Some(message),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(message) => Some(message),
                 Err(_) => break,
             }
+        };
+        let mut close = None;
+        let mut next = first;
+        while let Some(message) = next.take() {
+            match message {
+                Message::Propose(proposal, reply) => queue.push((proposal, reply)),
+                Message::Close(done) => close = Some(done),
+                Message::Compact(done) => compaction.waiters.push(done),
+            }
+            if close.is_none() && queue.len() < settings.max_batch {
+                next = rx.try_recv().ok();
+            }
         }
-        if !batch.is_empty() {
+        if !queue.is_empty() {
             match &poisoned {
                 Some(err) => {
-                    for (_, reply) in batch.drain(..) {
+                    for (_, reply) in queue.drain(..) {
                         let _ = reply.send(Err(Rejected::Store(Arc::clone(err))));
                     }
                 }
                 None => {
-                    if let Err(err) = commit_batch(&shared, &mut batch) {
+                    let batch = Batch::prepare(batch_ids.next(), queue.drain(..));
+                    if let Err(err) = batch.run(&shared) {
                         poisoned = Some(err);
                     }
                 }
@@ -164,280 +159,288 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             let _ = done.send(result);
             return;
         }
-        if !waiters.is_empty() || (compacting && Instant::now() >= next_compaction) {
-            // One bounded chunk; queued proposals are committed before the
-            // next one, so compaction never holds writers for long.
-            match shared
-                .store
-                .compact(&settings.retention, shared.head(), COMPACTION_CHUNK)
-            {
-                Ok(deleted) => {
-                    round_deleted += deleted as u64;
-                    if deleted > 0 {
-                        debug!(
-                            deleted,
-                            oldest = shared.store.oldest_sequence(),
-                            "compacted the event log"
-                        );
-                    }
-                    if deleted == COMPACTION_CHUNK {
-                        next_compaction = Instant::now();
-                    } else {
-                        next_compaction = Instant::now() + settings.compaction_interval;
-                        for done in waiters.drain(..) {
-                            let _ = done.send(Ok(round_deleted));
-                        }
-                        round_deleted = 0;
-                    }
-                }
-                Err(err) => {
-                    warn!(error = %crate::error::chain(&err), "compaction failed; retrying later");
-                    next_compaction = Instant::now() + settings.compaction_interval;
-                    let err = Arc::new(err);
-                    for done in waiters.drain(..) {
-                        let _ = done.send(Err(Arc::clone(&err)));
-                    }
-                    round_deleted = 0;
-                }
-            }
+        if compaction.active() {
+            compaction.step(&shared, &settings.retention);
         }
+    }
+    if let Err(err) = shared.store.close() {
+        error!(error = %crate::error::chain(&err), "closing the store failed");
     }
 }
 
-/// A proposal turned into a change, with the agent after each record.
-struct Prepared {
-    change: AgentChange,
-    steps: Vec<(Arc<TransitionRecord>, Arc<Agent>)>,
-    created: bool,
-    prior_state: Option<AgentState>,
+/// Batch ids: a random start, then consecutive, so that they do not repeat
+/// across restarts.
+struct BatchIds(u64);
+
+impl BatchIds {
+    fn new() -> Self {
+        BatchIds((AgentId::generate().as_uuid().as_u64_pair().1) >> 1)
+    }
+
+    fn next(&mut self) -> BatchId {
+        self.0 = (self.0 + 1) & (i64::MAX as u64);
+        BatchId(self.0)
+    }
 }
 
-/// Validates, commits, applies and publishes one batch.
-///
-/// # Errors
-/// Only when the store failed in a way that leaves it uncertain whether the
-/// batch reached the disk; the caller must refuse further writes. A clean
-/// failure (rolled back) is answered to the proposals and returns `Ok`.
-fn commit_batch(
-    shared: &Shared,
-    batch: &mut Vec<(Proposal, Reply)>,
-) -> Result<(), Arc<StoreError>> {
-    let at = crate::domain::agent::commit_time();
-    let mut prepared: Vec<(Prepared, Reply)> = Vec::with_capacity(batch.len());
-    // Registrations of an id that an earlier proposal of this batch creates:
-    // answered after the commit, with that agent.
-    let mut duplicates: Vec<(usize, Reply)> = Vec::new();
-    let mut created_here: HashMap<AgentId, usize> = HashMap::new();
-    // Agents changed by earlier proposals of this batch, as they will be.
-    let mut changed_here: HashMap<AgentId, Arc<Agent>> = HashMap::new();
-    // Writer locks of the accepted changes, released once they are applied.
-    let mut guards = Vec::new();
-    {
-        let table = shared.read_table();
-        let mut head = table.head;
-        for (proposal, reply) in batch.drain(..) {
-            match proposal {
-                Proposal::Register {
-                    id,
-                    name,
-                    labels,
-                    step,
-                } => {
-                    if let Some(slot) = table.agents.get(&id) {
-                        let _ = reply.send(Err(Rejected::Exists(Arc::clone(&slot.agent))));
-                        continue;
-                    }
-                    if let Some(index) = created_here.get(&id) {
-                        duplicates.push((*index, reply));
-                        continue;
-                    }
-                    head += 1;
-                    let record = Arc::new(TransitionRecord {
-                        agent_id: id,
-                        from: None,
+/// One proposer waiting for its change.
+struct Waiter {
+    reply: Reply,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+/// One batch on its way through the steps; `changes`, `waiters` and (once
+/// persisted) `outcomes` are indexed alike.
+struct Batch {
+    id: BatchId,
+    changes: Vec<AgentChange>,
+    waiters: Vec<Waiter>,
+    /// The store's answer for each change (filled by `persist`).
+    outcomes: Vec<ChangeOutcome>,
+    /// Each change's result (filled by `apply`).
+    results: Vec<Result<Committed, Rejected>>,
+    /// The events of the committed changes, in sequence order.
+    events: Vec<Arc<LifecycleEvent>>,
+}
+
+/// How a persist failed.
+enum PersistError {
+    /// Rolled back: nothing of the batch is stored.
+    Clean(Arc<StoreError>),
+    /// The batch may or may not have reached the store.
+    Uncertain(Arc<StoreError>),
+}
+
+impl Batch {
+    /// Step 1: proposals become store changes, with their versions and
+    /// states filled in (sequences and time come from the store).
+    fn prepare(id: BatchId, proposals: impl Iterator<Item = (Proposal, Reply)>) -> Batch {
+        let mut changes = Vec::new();
+        let mut waiters = Vec::new();
+        for (proposal, reply) in proposals {
+            let (mut from, mut version) = proposal
+                .prior
+                .as_ref()
+                .map_or((None, 0), |agent| (Some(agent.state), agent.version));
+            let prior_version = version;
+            let records = proposal
+                .steps
+                .into_iter()
+                .map(|step| {
+                    version += 1;
+                    let record = TransitionRecord {
+                        agent_id: proposal.agent_id,
+                        from,
                         to: step.to,
-                        at,
+                        at: std::time::UNIX_EPOCH,
                         reason: step.reason,
                         triggered_by: step.triggered_by,
                         metadata: step.metadata,
-                        sequence: head,
-                        version: 1,
-                    });
-                    let agent = Arc::new(Agent {
-                        id,
-                        name,
-                        labels,
-                        state: step.to,
-                        version: 1,
-                        created_at: at,
-                        updated_at: at,
-                        last_transition: Arc::clone(&record),
-                    });
-                    created_here.insert(id, prepared.len());
-                    changed_here.insert(id, Arc::clone(&agent));
-                    prepared.push((
-                        Prepared {
-                            change: AgentChange {
-                                agent: Arc::clone(&agent),
-                                prior_version: 0,
-                                records: vec![Arc::clone(&record)],
-                            },
-                            steps: vec![(record, agent)],
-                            created: true,
-                            prior_state: None,
-                        },
-                        reply,
-                    ));
-                }
-                Proposal::Transition {
-                    id,
-                    prior_version,
-                    steps,
-                    guard,
-                } => {
-                    let known = changed_here
-                        .get(&id)
-                        .cloned()
-                        .or_else(|| table.agents.get(&id).map(|slot| Arc::clone(&slot.agent)));
-                    let Some(mut current) = known else {
-                        let _ = reply.send(Err(Rejected::Missing));
-                        continue;
+                        sequence: 0,
+                        version,
                     };
-                    if current.version != prior_version {
-                        let _ = reply.send(Err(Rejected::Stale {
-                            expected: prior_version,
-                            actual: current.version,
-                        }));
-                        continue;
-                    }
-                    if let Some(bad) = steps
-                        .iter()
-                        .scan(current.state, |from, step| {
-                            let edge = (*from, step.to);
-                            *from = step.to;
-                            Some(edge)
-                        })
-                        .find(|(from, to)| !shared.policy.allows(*from, *to))
-                    {
-                        let _ = reply.send(Err(Rejected::NotAllowed {
-                            from: bad.0,
-                            to: bad.1,
-                        }));
-                        continue;
-                    }
-                    let prior_state = Some(current.state);
-                    let mut applied = Vec::with_capacity(steps.len());
-                    for step in steps {
-                        head += 1;
-                        let record = Arc::new(TransitionRecord {
-                            agent_id: id,
-                            from: Some(current.state),
-                            to: step.to,
-                            at,
-                            reason: step.reason,
-                            triggered_by: step.triggered_by,
-                            metadata: step.metadata,
-                            sequence: head,
-                            version: current.version + 1,
-                        });
-                        current = Arc::new(current.after(Arc::clone(&record)));
-                        applied.push((record, Arc::clone(&current)));
-                    }
-                    changed_here.insert(id, Arc::clone(&current));
-                    guards.push(guard);
-                    prepared.push((
-                        Prepared {
-                            change: AgentChange {
-                                agent: current,
-                                prior_version,
-                                records: applied.iter().map(|(r, _)| Arc::clone(r)).collect(),
-                            },
-                            steps: applied,
-                            created: false,
-                            prior_state,
-                        },
-                        reply,
-                    ));
-                }
-            }
+                    from = Some(step.to);
+                    record
+                })
+                .collect();
+            changes.push(AgentChange {
+                agent_id: proposal.agent_id,
+                prior_version,
+                identity: proposal.identity,
+                records,
+            });
+            waiters.push(Waiter {
+                reply,
+                guard: proposal.guard,
+            });
         }
-    }
-    if prepared.is_empty() {
-        return Ok(());
+        Batch {
+            id,
+            changes,
+            waiters,
+            outcomes: Vec::new(),
+            results: Vec::new(),
+            events: Vec::new(),
+        }
     }
 
-    let changes: Vec<AgentChange> = prepared.iter().map(|(p, _)| p.change.clone()).collect();
-    if let Err(err) = shared.store.commit(&changes) {
-        let err = Arc::new(err);
-        error!(error = %crate::error::chain(&*err), batch = changes.len(), "commit failed; the batch was not applied");
-        for (_, reply) in prepared {
-            let _ = reply.send(Err(Rejected::Store(Arc::clone(&err))));
-        }
-        for (_, reply) in duplicates {
-            let _ = reply.send(Err(Rejected::Store(Arc::clone(&err))));
-        }
-        // A rollback leaves the store's head where the table's is. Anything
-        // else (the commit reached the disk after all, or the store cannot
-        // even say) means table and store may disagree.
-        let expected = shared.head();
-        return match shared.store.committed_head() {
-            Ok(head) if head == expected => Ok(()),
-            outcome => {
-                let found = outcome
-                    .map(|h| h.to_string())
-                    .unwrap_or_else(|e| crate::error::chain(&e));
-                error!(
-                    expected,
-                    found,
-                    "the store is in an unknown state after a failed commit; refusing writes until restart"
-                );
+    /// Runs the steps after `prepare`.
+    ///
+    /// # Errors
+    /// Only when the store failed in a way that leaves it uncertain whether
+    /// the batch reached the disk; the caller must refuse further writes. A
+    /// clean failure (rolled back) is answered to the proposers.
+    fn run(mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
+        match self.persist(shared) {
+            Ok(()) => {
+                self.apply(shared);
+                self.publish(shared);
+                self.reply();
+                Ok(())
+            }
+            Err(PersistError::Clean(err)) => {
+                self.fail(&err);
+                Ok(())
+            }
+            Err(PersistError::Uncertain(err)) => {
+                self.fail(&err);
                 Err(Arc::new(StoreError::Uncertain))
             }
-        };
+        }
     }
 
-    {
+    /// Step 2: one store transaction.
+    fn persist(&mut self, shared: &Shared) -> Result<(), PersistError> {
+        let started = Instant::now();
+        match shared
+            .store
+            .commit(self.id, &mut self.changes, shared.clock.as_ref())
+        {
+            Ok(outcomes) => {
+                let transitions = self.changes.iter().map(|c| c.records.len()).sum();
+                shared
+                    .metrics
+                    .batch_committed(transitions, started.elapsed().as_secs_f64());
+                self.outcomes = outcomes;
+                Ok(())
+            }
+            Err(err) => {
+                shared.metrics.batch_failed();
+                let err = Arc::new(err);
+                error!(error = %crate::error::chain(&*err), batch = self.changes.len(), "commit failed");
+                match shared.store.batch_committed(self.id) {
+                    Ok(false) => Err(PersistError::Clean(err)),
+                    outcome => {
+                        let found = outcome
+                            .map(|committed| format!("committed: {committed}"))
+                            .unwrap_or_else(|e| crate::error::chain(&e));
+                        error!(
+                            batch = self.id.0,
+                            found,
+                            "the store is in an unknown state after a failed commit; refusing writes until restart"
+                        );
+                        Err(PersistError::Uncertain(err))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 3: the committed records go into the table, in sequence order,
+    /// under one write lock.
+    fn apply(&mut self, shared: &Shared) {
         let mut table = shared.write_table();
-        for (p, _) in &prepared {
-            let agent = &p.change.agent;
-            if let Some(prior) = p.prior_state {
-                table.counts[prior.index()] = table.counts[prior.index()].saturating_sub(1);
+        for (change, outcome) in self.changes.iter_mut().zip(&self.outcomes) {
+            let actual = match *outcome {
+                ChangeOutcome::Conflict { actual } => {
+                    self.results.push(Err(Rejected::Conflict { actual }));
+                    continue;
+                }
+                ChangeOutcome::Committed => change.prior_version,
+            };
+            let mut records = Vec::with_capacity(change.records.len());
+            let mut agent = None;
+            for record in change.records.drain(..) {
+                let record = Arc::new(record);
+                match table.apply(
+                    Arc::clone(&record),
+                    change.identity.as_ref(),
+                    &shared.metrics,
+                ) {
+                    Some(after) => {
+                        self.events.push(Arc::new(LifecycleEvent::new(
+                            Arc::clone(&record),
+                            Arc::clone(&after),
+                        )));
+                        agent = Some(after);
+                        records.push(record);
+                    }
+                    None => {
+                        error!(agent_id = %record.agent_id, sequence = record.sequence, "a committed record does not apply to the table");
+                    }
+                }
             }
-            table.counts[agent.state.index()] += 1;
-            if let Some(last) = p.change.records.last() {
-                table.head = table.head.max(last.sequence);
-            }
-            if p.created {
-                table.agents.insert(agent.id, Slot::new(Arc::clone(agent)));
-            } else if let Some(slot) = table.agents.get_mut(&agent.id) {
-                slot.agent = Arc::clone(agent);
-            }
+            self.results.push(match agent {
+                Some(agent) => Ok(Committed { agent, records }),
+                None => Err(Rejected::Conflict { actual }),
+            });
+        }
+        shared.metrics.set_head(table.head);
+    }
+
+    /// Step 4: the events, in sequence order. No receivers is fine: nobody
+    /// is watching.
+    fn publish(&self, shared: &Shared) {
+        for event in &self.events {
+            let _ = shared.bus.send(Arc::clone(event));
         }
     }
 
-    for (p, _) in &prepared {
-        for (record, agent) in &p.steps {
-            // No receivers is fine: nobody is watching.
-            let _ = shared.bus.send(Arc::new(LifecycleEvent::new(
-                Arc::clone(record),
-                Arc::clone(agent),
-            )));
+    /// Step 5: each proposer's outcome; then its writer lock is released
+    /// (the table shows the change, so the next change to the agent may be
+    /// validated).
+    fn reply(self) {
+        for (waiter, result) in self.waiters.into_iter().zip(self.results) {
+            if let Ok(committed) = &result {
+                for record in &committed.records {
+                    debug!(agent_id = %record.agent_id, from = ?record.from, to = %record.to, sequence = record.sequence, "agent transitioned");
+                }
+            }
+            let _ = waiter.reply.send(result);
+            drop(waiter.guard);
         }
     }
 
-    for (index, reply) in duplicates {
-        let agent = Arc::clone(&prepared[index].0.change.agent);
-        let _ = reply.send(Err(Rejected::Exists(agent)));
+    /// A failed persist: every proposer gets the store's error.
+    fn fail(self, err: &Arc<StoreError>) {
+        for waiter in self.waiters {
+            let _ = waiter.reply.send(Err(Rejected::Store(Arc::clone(err))));
+        }
     }
-    for (p, reply) in prepared {
-        let records = p.steps.into_iter().map(|(r, _)| r).collect();
-        let _ = reply.send(Ok(Committed {
-            agent: p.change.agent,
-            records,
-        }));
+}
+
+/// A compaction round in progress and who waits for its end.
+#[derive(Default)]
+struct Compaction {
+    waiters: Vec<oneshot::Sender<Result<u64, Arc<StoreError>>>>,
+    deleted: u64,
+}
+
+impl Compaction {
+    fn active(&self) -> bool {
+        !self.waiters.is_empty()
     }
-    // The table shows the changes now: the next change to these agents may
-    // be validated.
-    drop(guards);
-    Ok(())
+
+    /// One bounded chunk; queued proposals are committed before the next
+    /// one, so compaction never holds writers for long.
+    fn step(&mut self, shared: &Shared, retention: &Retention) {
+        let result = shared.store.compact(
+            retention,
+            shared.head(),
+            COMPACTION_CHUNK,
+            shared.clock.as_ref(),
+        );
+        match result {
+            Ok(deleted) => {
+                self.deleted += deleted as u64;
+                if deleted > 0 {
+                    debug!(deleted, "compacted the event log");
+                }
+                if deleted < COMPACTION_CHUNK {
+                    for done in self.waiters.drain(..) {
+                        let _ = done.send(Ok(self.deleted));
+                    }
+                    self.deleted = 0;
+                }
+            }
+            Err(err) => {
+                warn!(error = %crate::error::chain(&err), "compaction failed");
+                let err = Arc::new(err);
+                for done in self.waiters.drain(..) {
+                    let _ = done.send(Err(Arc::clone(&err)));
+                }
+                self.deleted = 0;
+            }
+        }
+    }
 }

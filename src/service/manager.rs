@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use super::{AgentLifecycleService, ChangeRequest, Handler, HistoryQuery, StateInfo};
+use super::{AgentLifecycleService, ChangeRequest, HistoryQuery, Hook, StateInfo};
 use crate::{
-    domain::{Agent, AgentId, AgentState, HandlerPhase, Metadata, TransitionRecord},
+    domain::{Agent, AgentId, AgentState, HookPhase, Metadata, TransitionRecord},
     error::Result,
 };
 
@@ -129,9 +129,9 @@ impl AgentLifecycleManager {
         self.current_state().is_maintenance()
     }
 
-    /// Registers a handler for this agent's transitions. It runs before the
-    /// service-wide handlers of the same phase.
-    pub fn on_event(&self, phase: HandlerPhase, handler: Handler) {
-        self.service.on_agent_event(self.id, phase, handler);
+    /// Registers a hook for this agent's transitions. It runs before the
+    /// service-wide hooks of the same phase.
+    pub fn on_event(&self, phase: HookPhase, hook: Hook) {
+        self.service.on_agent_event(self.id, phase, hook);
     }
 }

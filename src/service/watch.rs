@@ -186,7 +186,7 @@ impl Watcher {
                     head,
                 });
             }
-            let oldest = shared.store.oldest_sequence();
+            let oldest = shared.store.oldest_sequence()?;
             if start < oldest {
                 return Err(Error::SequenceCompacted {
                     requested: start,
@@ -264,7 +264,7 @@ impl Watcher {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         warn!(missed, last_seen = self.last_seen, "watcher fell behind; backfilling from the event log");
-                        self.shared.backfills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.shared.metrics.watch_backfilled();
                         self.catching_up = true;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
@@ -289,14 +289,14 @@ impl Watcher {
         let store = Arc::clone(&self.shared.store);
         let records = tokio::task::spawn_blocking(move || store.events_after(after, CATCH_UP_PAGE))
             .await
-            .map_err(|e| crate::store::StoreError::backend("reading the event log", e))??;
+            .map_err(Error::TaskFailed)??;
         let contiguous = records
             .first()
             .map_or(after >= head, |r| r.sequence == after + 1);
         if !contiguous {
             return Err(Error::SequenceCompacted {
                 requested: after + 1,
-                oldest: self.shared.store.oldest_sequence(),
+                oldest: self.shared.store.oldest_sequence()?,
             });
         }
         // Records past `head` may be committed but not yet in the table (an

@@ -2,61 +2,88 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{AgentChange, HistoryRange, MemoryStore, Retention, SqliteStore, Store, StoreError};
-use crate::domain::{Agent, AgentId, AgentState, Labels, Metadata, TransitionRecord};
+use super::{
+    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, MemoryStore, Retention,
+    SqliteStore, Store, StoreError,
+};
+use crate::domain::{
+    Agent, AgentId, AgentState, Labels, Metadata, SystemClock, TransitionRecord,
+    clock::to_stored_precision,
+};
 
-/// Builds a registration change at `sequence`.
-fn register(id: AgentId, sequence: u64) -> AgentChange {
-    let at = crate::domain::agent::commit_time();
-    let mut metadata = Metadata::new();
-    metadata.insert("k".into(), serde_json::json!({"nested": [1, "two"]}));
-    let record = Arc::new(TransitionRecord {
+/// A record with placeholder sequence and time (the store assigns both).
+fn record(id: AgentId, from: Option<AgentState>, to: AgentState, version: u64) -> TransitionRecord {
+    TransitionRecord {
         agent_id: id,
-        from: None,
-        to: AgentState::Registered,
-        at,
-        reason: "agent registered".into(),
-        triggered_by: "test".into(),
-        metadata,
-        sequence,
-        version: 1,
-    });
-    let mut labels = Labels::new();
-    labels.insert("team".into(), "a".into());
-    AgentChange {
-        agent: Arc::new(Agent {
-            id,
-            name: Arc::from("agent"),
-            labels: Arc::new(labels),
-            state: AgentState::Registered,
-            version: 1,
-            created_at: at,
-            updated_at: at,
-            last_transition: Arc::clone(&record),
-        }),
-        prior_version: 0,
-        records: vec![record],
-    }
-}
-
-/// The change moving `agent` to `to` at `sequence`.
-fn step(agent: &Agent, to: AgentState, sequence: u64) -> AgentChange {
-    let record = Arc::new(TransitionRecord {
-        agent_id: agent.id,
-        from: Some(agent.state),
+        from,
         to,
-        at: crate::domain::agent::commit_time(),
+        at: std::time::UNIX_EPOCH,
         reason: format!("to {to}"),
         triggered_by: "test".into(),
         metadata: Metadata::new(),
-        sequence,
-        version: agent.version + 1,
-    });
-    AgentChange {
-        agent: Arc::new(agent.after(Arc::clone(&record))),
-        prior_version: agent.version,
-        records: vec![record],
+        sequence: 0,
+        version,
     }
+}
+
+/// A registration change.
+fn register(id: AgentId) -> AgentChange {
+    let mut metadata = Metadata::new();
+    metadata.insert("k".into(), serde_json::json!({"nested": [1, "two"]}));
+    let mut labels = Labels::new();
+    labels.insert("team".into(), "a".into());
+    AgentChange {
+        agent_id: id,
+        prior_version: 0,
+        identity: Some(AgentIdentity {
+            name: Arc::from("agent"),
+            labels: Arc::new(labels),
+        }),
+        records: vec![TransitionRecord {
+            metadata,
+            ..record(id, None, AgentState::Registered, 1)
+        }],
+    }
+}
+
+/// The change moving `agent` to `to`.
+fn step(agent: &Agent, to: AgentState) -> AgentChange {
+    AgentChange {
+        agent_id: agent.id,
+        prior_version: agent.version,
+        identity: None,
+        records: vec![record(agent.id, Some(agent.state), to, agent.version + 1)],
+    }
+}
+
+/// The agent after a committed change.
+fn after(prior: Option<&Agent>, change: &AgentChange) -> Agent {
+    let mut agent = prior.cloned();
+    for record in &change.records {
+        let record = Arc::new(record.clone());
+        agent = Some(match (agent, &change.identity) {
+            (Some(prior), _) => prior.after(record),
+            (None, Some(identity)) => Agent::registered(
+                change.agent_id,
+                Arc::clone(&identity.name),
+                Arc::clone(&identity.labels),
+                record,
+            ),
+            (None, None) => panic!("a change to an unknown agent"),
+        });
+    }
+    agent.expect("a change has records")
+}
+
+/// Commits `batch` as one batch with a fresh id.
+fn commit(store: &dyn Store, batch: &mut [AgentChange]) -> Vec<ChangeOutcome> {
+    store
+        .commit(BatchId(rand_id()), batch, &SystemClock)
+        .expect("commit")
+}
+
+fn rand_id() -> u64 {
+    AgentId::generate().as_u128() as u64
 }
 
 fn range(after: u64, upto: u64, max: usize) -> HistoryRange {
@@ -69,50 +96,80 @@ fn conforms(store: &dyn Store) -> Vec<Agent> {
     let loaded = store.load().expect("load");
     assert_eq!(loaded.head, 0);
     assert!(loaded.agents.is_empty());
-    assert_eq!(store.oldest_sequence(), 1);
+    assert_eq!(store.oldest_sequence().expect("oldest"), 1);
 
     let a = AgentId::generate();
     let b = AgentId::generate();
-    let ra = register(a, 1);
-    let rb = register(b, 2);
-    store
-        .commit(&[ra.clone(), rb.clone()])
-        .expect("commit registrations");
-    let a1 = step(&ra.agent, AgentState::Deploying, 3);
-    let a2 = step(&a1.agent, AgentState::Deployed, 4);
-    store.commit(std::slice::from_ref(&a1)).expect("commit");
-    store.commit(std::slice::from_ref(&a2)).expect("commit");
+    let mut regs = [register(a), register(b)];
+    assert_eq!(commit(store, &mut regs), vec![ChangeOutcome::Committed; 2]);
+    assert_eq!(
+        (regs[0].records[0].sequence, regs[1].records[0].sequence),
+        (1, 2),
+        "the store assigns sequences in batch order"
+    );
+    let [ra, rb] = regs;
+    let agent_a = after(None, &ra);
+    let agent_b = after(None, &rb);
+    let mut a1 = [step(&agent_a, AgentState::Deploying)];
+    commit(store, &mut a1);
+    let agent_a1 = after(Some(&agent_a), &a1[0]);
+    let mut a2 = [step(&agent_a1, AgentState::Deployed)];
+    commit(store, &mut a2);
+    let agent_a2 = after(Some(&agent_a1), &a2[0]);
+    assert_eq!(agent_a2.last_transition.sequence, 4);
 
-    // A stale prior version is a conflict and rolls back the whole batch.
-    let b1 = step(&rb.agent, AgentState::Deploying, 5);
-    let stale = step(&a1.agent, AgentState::Failed, 6);
-    match store.commit(&[b1.clone(), stale]) {
-        Err(StoreError::Conflict {
-            agent_id,
-            expected: 2,
-            actual: 3,
-        }) => assert_eq!(agent_id, a),
-        other => panic!("expected a conflict, got {other:?}"),
-    }
-    assert_eq!(store.events_after(0, 100).expect("read").len(), 4);
-    // Registering an existing id is a conflict too.
-    assert!(matches!(
-        store.commit(&[register(a, 5)]),
-        Err(StoreError::Conflict { .. })
-    ));
+    // A stale prior version is a conflict for that change alone; the rest
+    // of the batch commits and takes the next sequence.
+    let mut mixed = [
+        step(&agent_a1, AgentState::Failed),
+        step(&agent_b, AgentState::Deploying),
+    ];
+    let batch = BatchId(rand_id());
+    assert_eq!(
+        store
+            .commit(batch, &mut mixed, &SystemClock)
+            .expect("commit"),
+        vec![
+            ChangeOutcome::Conflict { actual: 3 },
+            ChangeOutcome::Committed
+        ]
+    );
+    assert!(store.batch_committed(batch).expect("batch state"));
+    assert_eq!(mixed[1].records[0].sequence, 5);
+    // Registering an existing id, or changing an unknown one, conflicts.
+    let mut again = [
+        register(a),
+        step(
+            &after(None, &register(AgentId::generate())),
+            AgentState::Deploying,
+        ),
+    ];
+    assert_eq!(
+        commit(store, &mut again),
+        vec![
+            ChangeOutcome::Conflict { actual: 3 },
+            ChangeOutcome::Conflict { actual: 0 }
+        ]
+    );
 
     let all = store.events_after(0, 100).expect("read");
     assert_eq!(
         all.iter().map(|r| r.sequence).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     );
     assert_eq!(
-        *all[0], *ra.records[0],
+        *all[0], ra.records[0],
         "records round-trip exactly (metadata included)"
+    );
+    assert_eq!(all[0].at, to_stored_precision(all[0].at));
+    assert!(
+        all.windows(2).all(|w| w[0].at <= w[1].at),
+        "commit times never decrease along the sequence"
     );
     assert_eq!(store.events_after(2, 1).expect("read")[0].sequence, 3);
 
     let history = store.history(a, range(0, u64::MAX, 10)).expect("history");
+    // (a: 1, 3, 4; b: 2, 5)
     assert_eq!(
         history.iter().map(|r| r.version).collect::<Vec<_>>(),
         vec![1, 2, 3]
@@ -124,19 +181,21 @@ fn conforms(store: &dyn Store) -> Vec<Agent> {
 
     let loaded = store.load().expect("load");
     let agent = loaded.agents.iter().find(|x| x.id == a).expect("agent a");
-    assert_eq!(agent, &*a2.agent, "the agent round-trips exactly");
-    assert_eq!(agent.last_transition.sequence, 4);
+    assert_eq!(agent, &agent_a2, "the agent round-trips exactly");
+    assert_eq!(loaded.head, 5);
 
     // Retention: keep the newest 2 events.
     let retention = Retention {
         max_events: Some(2),
         max_age: None,
     };
-    let deleted = store.compact(&retention, 4, 1000).expect("compact");
-    assert_eq!(deleted, 2);
-    assert_eq!(store.oldest_sequence(), 3);
-    assert_eq!(store.events_after(0, 100).expect("read")[0].sequence, 3);
-    assert_eq!(store.history_count(a).expect("count"), 2);
+    let deleted = store
+        .compact(&retention, 5, 1000, &SystemClock)
+        .expect("compact");
+    assert_eq!(deleted, 3);
+    assert_eq!(store.oldest_sequence().expect("oldest"), 4);
+    assert_eq!(store.events_after(0, 100).expect("read")[0].sequence, 4);
+    assert_eq!(store.history_count(a).expect("count"), 1);
     // Age retention deletes everything older than the cutoff.
     let age = Retention {
         max_events: None,
@@ -144,18 +203,17 @@ fn conforms(store: &dyn Store) -> Vec<Agent> {
     };
     // Every retained event is older than "now" once the clock has moved past
     // the newest one.
-    let newest = a2.records[0].at;
-    while crate::domain::agent::commit_time() <= newest {
+    let newest = mixed[1].records[0].at;
+    while to_stored_precision(std::time::SystemTime::now()) <= newest {
         std::hint::spin_loop();
     }
-    store.compact(&age, 4, 1000).expect("compact");
-    assert_eq!(store.oldest_sequence(), 5);
+    store.compact(&age, 5, 1000, &SystemClock).expect("compact");
+    assert_eq!(store.oldest_sequence().expect("oldest"), 6);
     assert!(store.events_after(0, 100).expect("read").is_empty());
     // Agents keep their latest version even when their events are gone.
     let mut loaded = store.load().expect("load");
     assert_eq!(loaded.agents.len(), 2);
-    assert_eq!(loaded.head, 4);
-    assert_eq!(store.committed_head().expect("head"), 4);
+    assert_eq!(loaded.head, 5);
     store.close().expect("close");
     loaded.agents.sort_by_key(|a| a.id);
     loaded.agents
@@ -181,11 +239,17 @@ fn sqlite_store_conforms_and_survives_reopen() {
         loaded.agents, held,
         "agents round-trip exactly across a reopen"
     );
-    assert_eq!(loaded.head, 4);
+    assert_eq!(loaded.head, 5);
     assert_eq!(
-        reopened.oldest_sequence(),
-        5,
+        reopened.oldest_sequence().expect("oldest"),
+        6,
         "compaction survives a reopen"
+    );
+    let mut next = [register(AgentId::generate())];
+    commit(&reopened, &mut next);
+    assert_eq!(
+        next[0].records[0].sequence, 6,
+        "the counter survives a reopen"
     );
 }
 
@@ -196,18 +260,20 @@ fn memory_ring_evicts_the_oldest_events() {
         max_age: None,
     });
     let id = AgentId::generate();
-    let mut change = register(id, 1);
-    store.commit(&[change.clone()]).expect("commit");
+    let mut change = [register(id)];
+    commit(&store, &mut change);
+    let mut agent = after(None, &change[0]);
     for sequence in 2..=5 {
         let to = if sequence % 2 == 0 {
             AgentState::Deploying
         } else {
             AgentState::Failed
         };
-        change = step(&change.agent, to, sequence);
-        store.commit(&[change.clone()]).expect("commit");
+        let mut next = [step(&agent, to)];
+        commit(&store, &mut next);
+        agent = after(Some(&agent), &next[0]);
     }
-    assert_eq!(store.oldest_sequence(), 3);
+    assert_eq!(store.oldest_sequence().expect("oldest"), 3);
     assert_eq!(store.history_count(id).expect("count"), 3);
     assert_eq!(store.events_after(0, 10).expect("read").len(), 3);
 }

@@ -9,8 +9,10 @@ use std::{
     time::SystemTime,
 };
 
-use super::{AgentChange, HistoryRange, Recovered, Result, Retention, Store};
-use crate::domain::{Agent, AgentId, TransitionRecord};
+use super::{
+    AgentChange, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention, Store,
+};
+use crate::domain::{Agent, AgentId, Clock, TransitionRecord, clock::to_stored_precision};
 
 /// The in-memory back end.
 #[derive(Debug)]
@@ -30,6 +32,8 @@ struct Inner {
     /// Each agent's retained records, oldest first (shared with `log`).
     by_agent: HashMap<AgentId, VecDeque<Arc<TransitionRecord>>>,
     head: u64,
+    /// The last committed batch.
+    last_batch: Option<BatchId>,
 }
 
 impl MemoryStore {
@@ -85,40 +89,60 @@ impl Store for MemoryStore {
         })
     }
 
-    fn commit(&self, batch: &[AgentChange]) -> Result<()> {
+    fn commit(
+        &self,
+        id: BatchId,
+        batch: &mut [AgentChange],
+        clock: &dyn Clock,
+    ) -> Result<Vec<ChangeOutcome>> {
         let mut inner = self.write();
-        for change in batch {
-            let actual = inner.agents.get(&change.agent.id).map_or(0, |a| a.version);
-            if actual != change.prior_version {
-                return Err(super::StoreError::Conflict {
-                    agent_id: change.agent.id,
-                    expected: change.prior_version,
-                    actual,
-                });
+        let at = to_stored_precision(clock.now());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for change in batch.iter_mut() {
+            let stored = inner.agents.get(&change.agent_id).cloned();
+            let actual = stored.as_ref().map_or(0, |a| a.version);
+            let creatable = change.prior_version == 0 && change.identity.is_some();
+            if actual != change.prior_version || (stored.is_none() && !creatable) {
+                outcomes.push(ChangeOutcome::Conflict { actual });
+                continue;
             }
-        }
-        for change in batch {
-            inner
-                .agents
-                .insert(change.agent.id, Arc::clone(&change.agent));
-            for record in &change.records {
-                inner.head = inner.head.max(record.sequence);
-                inner.log.push_back(Arc::clone(record));
+            let mut agent = stored;
+            for record in &mut change.records {
+                inner.head += 1;
+                record.sequence = inner.head;
+                record.at = at;
+                let shared = Arc::new(record.clone());
+                agent = Some(Arc::new(match (&agent, &change.identity) {
+                    (Some(prior), _) => prior.after(Arc::clone(&shared)),
+                    (None, Some(identity)) => Agent::registered(
+                        change.agent_id,
+                        Arc::clone(&identity.name),
+                        Arc::clone(&identity.labels),
+                        Arc::clone(&shared),
+                    ),
+                    (None, None) => break,
+                }));
+                inner.log.push_back(Arc::clone(&shared));
                 inner
                     .by_agent
-                    .entry(record.agent_id)
+                    .entry(shared.agent_id)
                     .or_default()
-                    .push_back(Arc::clone(record));
+                    .push_back(shared);
             }
+            if let Some(agent) = agent {
+                inner.agents.insert(change.agent_id, agent);
+            }
+            outcomes.push(ChangeOutcome::Committed);
         }
         while inner.log.len() as u64 > self.max_events {
             inner.evict_oldest();
         }
-        Ok(())
+        inner.last_batch = Some(id);
+        Ok(outcomes)
     }
 
-    fn committed_head(&self) -> Result<u64> {
-        Ok(self.read().head)
+    fn batch_committed(&self, id: BatchId) -> Result<bool> {
+        Ok(self.read().last_batch == Some(id))
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
@@ -127,9 +151,9 @@ impl Store for MemoryStore {
         Ok(inner.log.range(start..).take(max).cloned().collect())
     }
 
-    fn oldest_sequence(&self) -> u64 {
+    fn oldest_sequence(&self) -> Result<u64> {
         let inner = self.read();
-        inner.log.front().map_or(inner.head + 1, |r| r.sequence)
+        Ok(inner.log.front().map_or(inner.head + 1, |r| r.sequence))
     }
 
     fn history(
@@ -168,13 +192,20 @@ impl Store for MemoryStore {
             .map_or(0, |l| l.len() as u64))
     }
 
-    fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize> {
+    fn compact(
+        &self,
+        retention: &Retention,
+        head: u64,
+        max_rows: usize,
+        clock: &dyn Clock,
+    ) -> Result<usize> {
         if retention.keeps_everything() {
             return Ok(0);
         }
         let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
         let cutoff = retention.max_age.map(|age| {
-            SystemTime::now()
+            clock
+                .now()
                 .checked_sub(age)
                 .unwrap_or(SystemTime::UNIX_EPOCH)
         });

@@ -1,10 +1,14 @@
 //! Durable record of agents and the global event log.
 //!
 //! One trait, several back ends: [`MemoryStore`] (tests and throwaway use)
-//! and [`SqliteStore`] (the embedded default). A PostgreSQL back end for
-//! several server processes implements the same trait. The store knows
-//! nothing of gRPC or of the service's locking: it persists what it is given
-//! and answers range reads.
+//! and [`SqliteStore`] (the embedded default). The store knows nothing of
+//! gRPC or of the service's locking.
+//!
+//! The store orders the log: [`Store::commit`] assigns the global sequence
+//! numbers and the commit time inside its transaction, so sequence order is
+//! commit order whichever writer commits. Each change of a batch has its own
+//! outcome: a change whose prior version no longer matches (another writer
+//! got there first) is refused alone, and the rest of the batch commits.
 //!
 //! The trait is synchronous and may block (fsync, SQL). The service calls
 //! [`Store::commit`] from its one commit thread and the reads from
@@ -15,7 +19,7 @@ mod sqlite;
 
 use std::{sync::Arc, time::Duration};
 
-use crate::domain::{Agent, AgentId, TransitionRecord};
+use crate::domain::{Agent, AgentId, Clock, Labels, TransitionRecord};
 
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
@@ -33,17 +37,6 @@ pub enum StoreError {
         /// The back end's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The stored data does not match what the caller expected: another
-    /// writer got there first. The batch was rolled back.
-    #[error("agent {agent_id}: stored version {actual} is not the expected {expected}")]
-    Conflict {
-        /// The agent.
-        agent_id: AgentId,
-        /// The version the change was based on.
-        expected: u64,
-        /// The version found.
-        actual: u64,
     },
     /// Another process (another server) has the database open.
     #[error("{} is in use by another process (another server on the same file?)", .0.display())]
@@ -82,17 +75,50 @@ impl StoreError {
 /// Shorthand for store results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// One agent's change in a commit batch: its new version and the records
-/// that lead there, in order.
+/// A name and labels: what an agent is created with and keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentIdentity {
+    /// Display name.
+    pub name: Arc<str>,
+    /// Labels.
+    pub labels: Arc<Labels>,
+}
+
+/// One agent's change in a commit batch: the records that lead from its
+/// prior version to the new one, in order.
+///
+/// The records' `sequence` and `at` are placeholders until [`Store::commit`]
+/// assigns them; every other field is final.
 #[derive(Clone, Debug)]
 pub struct AgentChange {
-    /// The agent after every record of this change.
-    pub agent: Arc<Agent>,
+    /// The agent.
+    pub agent_id: AgentId,
     /// The version the change is based on; 0 creates the agent.
     pub prior_version: u64,
-    /// The transitions, sequences already assigned, in order.
-    pub records: Vec<Arc<TransitionRecord>>,
+    /// Name and labels, for a creation (`prior_version == 0`).
+    pub identity: Option<AgentIdentity>,
+    /// The transitions, in order; versions `prior_version + 1 ..`.
+    pub records: Vec<TransitionRecord>,
 }
+
+/// What became of one change of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    /// Stored; its records carry their sequences and commit time.
+    Committed,
+    /// Refused: the agent's stored version is `actual` (0: no such agent),
+    /// not the change's prior version. Nothing of the change was stored.
+    Conflict {
+        /// The version found.
+        actual: u64,
+    },
+}
+
+/// Identifies one commit attempt, so that after a failed commit the writer
+/// can ask whether it reached the store after all (see
+/// [`Store::batch_committed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchId(pub u64);
 
 /// What a store holds when it is opened.
 #[derive(Debug, Default)]
@@ -139,20 +165,30 @@ pub trait Store: Send + Sync + 'static {
     /// The back end failed or the data is newer than this program.
     fn load(&self) -> Result<Recovered>;
 
-    /// Persists every change of `batch` atomically (one transaction, one
-    /// fsync in the durable stores), or none of them.
+    /// Commits `batch` in one transaction (one fsync in the durable
+    /// stores). Inside it, each change whose prior version matches the
+    /// stored one is written; the records of the written changes get the
+    /// next global sequences (contiguous, in batch order) and one commit
+    /// time read from `clock`, both written into `batch`. Returns one outcome
+    /// per change, in order.
     ///
     /// # Errors
-    /// On any error nothing of the batch is stored.
-    fn commit(&self, batch: &[AgentChange]) -> Result<()>;
+    /// On any error nothing of the batch is stored, unless the error came
+    /// from the commit itself, in which case [`Store::batch_committed`]
+    /// tells.
+    fn commit(
+        &self,
+        id: BatchId,
+        batch: &mut [AgentChange],
+        clock: &dyn Clock,
+    ) -> Result<Vec<ChangeOutcome>>;
 
-    /// The highest sequence the store holds as committed (0 when empty),
-    /// read from the store itself: after a failed commit it tells whether
-    /// the batch was rolled back.
+    /// Whether the batch `id` was committed, read from the store itself:
+    /// after a failed commit it tells whether the batch was rolled back.
     ///
     /// # Errors
     /// The back end failed.
-    fn committed_head(&self) -> Result<u64>;
+    fn batch_committed(&self, id: BatchId) -> Result<bool>;
 
     /// Up to `max` events with `sequence > after`, in sequence order.
     ///
@@ -161,7 +197,10 @@ pub trait Store: Send + Sync + 'static {
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>>;
 
     /// The oldest sequence still retained; `head + 1` when the log is empty.
-    fn oldest_sequence(&self) -> u64;
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn oldest_sequence(&self) -> Result<u64>;
 
     /// One agent's records in `range`, oldest first.
     ///
@@ -184,11 +223,18 @@ pub trait Store: Send + Sync + 'static {
     fn history_count(&self, agent_id: AgentId) -> Result<u64>;
 
     /// Deletes up to `max_rows` of the oldest events that `retention` lets
-    /// go, given the current `head`. Returns how many were deleted.
+    /// go, given the current `head` and time (`clock`). Returns how many
+    /// were deleted.
     ///
     /// # Errors
     /// The back end failed; nothing was deleted.
-    fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize>;
+    fn compact(
+        &self,
+        retention: &Retention,
+        head: u64,
+        max_rows: usize,
+        clock: &dyn Clock,
+    ) -> Result<usize>;
 
     /// Makes everything committed durable and releases resources.
     ///

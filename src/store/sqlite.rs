@@ -5,6 +5,11 @@
 //! agent's latest version, including its last transition, so that start-up
 //! reads one row per agent and compaction never loses an agent's state.
 //!
+//! The `meta` table holds the sequence counter (`head`), advanced inside each
+//! commit's transaction, and the id of the last committed batch
+//! (`last_batch`), which tells a writer whether a commit that reported an
+//! error reached the file after all.
+//!
 //! One writer connection (the service's commit thread, behind a mutex) and
 //! a small pool of reader connections, which WAL lets run beside the writer.
 
@@ -20,11 +25,17 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{AgentChange, HistoryRange, Recovered, Result, Retention, Store, StoreError};
-use crate::domain::{Agent, AgentId, AgentState, Labels, Metadata, TransitionRecord};
+use super::{
+    AgentChange, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention, Store,
+    StoreError,
+};
+use crate::domain::{
+    Agent, AgentId, AgentState, Clock, Labels, Metadata, TransitionRecord,
+    clock::to_stored_precision,
+};
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Reader connections kept open for reuse; more may be opened under load and
 /// are closed after use.
@@ -63,10 +74,20 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
+/// Version 2: the sequence counter and the last batch id, kept in `meta` and
+/// advanced by every commit (before, the head was derived from the agents).
+const SCHEMA_V2: &str = "
+INSERT INTO meta (key, value)
+    SELECT 'head', coalesce(max(last_sequence), 0) FROM agents WHERE true
+    ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('last_batch', 0) ON CONFLICT (key) DO NOTHING;
+";
+
 const INSERT_AGENT: &str =
     "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+    ON CONFLICT (agent_id) DO NOTHING";
 const UPDATE_AGENT: &str =
     "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
     last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9
@@ -89,7 +110,8 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     /// Idle reader connections.
     readers: Mutex<Vec<Connection>>,
-    /// Cached oldest retained sequence (see [`Store::oldest_sequence`]).
+    /// Oldest retained sequence, kept by the one writer (load and
+    /// compaction change it; commits never do).
     oldest: AtomicU64,
 }
 
@@ -222,6 +244,12 @@ fn migrate(conn: &Connection) -> Result<()> {
         ))
         .map_err(sql("creating the schema"))?;
     }
+    if found < 2 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))
+        .map_err(sql("migrating the schema to version 2"))?;
+    }
     // Later schema versions add their steps here, each in its own
     // transaction that ends by setting user_version.
     Ok(())
@@ -322,51 +350,45 @@ fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
     })
 }
 
-fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<()> {
-    let agent = &change.agent;
-    let last = &agent.last_transition;
+/// Writes one change whose records carry their final sequences and time.
+/// Returns the conflict instead when the stored version is not the change's
+/// prior version; then nothing of the change was written.
+fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<ChangeOutcome> {
+    let (Some(first), Some(last)) = (change.records.first(), change.records.last()) else {
+        return Ok(ChangeOutcome::Committed);
+    };
     let last_from = last.from.map(AgentState::as_str);
     let last_metadata = encode_map(&last.metadata, last.metadata.is_empty());
-    if change.prior_version == 0 {
-        let labels = encode_map(&*agent.labels, agent.labels.is_empty());
-        let inserted = tx.prepare_cached(INSERT_AGENT).and_then(|mut stmt| {
-            stmt.execute(params![
-                agent.id.as_bytes(),
-                &*agent.name,
-                labels,
-                agent.state.as_str(),
-                agent.version as i64,
-                to_micros(agent.created_at),
-                to_micros(agent.updated_at),
-                last.sequence as i64,
-                last_from,
-                last.reason,
-                last.triggered_by,
-                last_metadata,
-            ])
-        });
-        match inserted {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                return Err(StoreError::Conflict {
-                    agent_id: agent.id,
-                    expected: 0,
-                    actual: stored_version(tx, agent.id)?,
-                });
-            }
-            Err(e) => return Err(StoreError::backend("inserting an agent", e)),
+    let written = match (&change.identity, change.prior_version) {
+        (Some(identity), 0) => {
+            let labels = encode_map(&*identity.labels, identity.labels.is_empty());
+            tx.prepare_cached(INSERT_AGENT)
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        change.agent_id.as_bytes(),
+                        &*identity.name,
+                        labels,
+                        last.to.as_str(),
+                        last.version as i64,
+                        to_micros(first.at),
+                        to_micros(last.at),
+                        last.sequence as i64,
+                        last_from,
+                        last.reason,
+                        last.triggered_by,
+                        last_metadata,
+                    ])
+                })
+                .map_err(sql("inserting an agent"))?
         }
-    } else {
-        let updated = tx
+        _ => tx
             .prepare_cached(UPDATE_AGENT)
             .and_then(|mut stmt| {
                 stmt.execute(params![
-                    agent.id.as_bytes(),
-                    agent.state.as_str(),
-                    agent.version as i64,
-                    to_micros(agent.updated_at),
+                    change.agent_id.as_bytes(),
+                    last.to.as_str(),
+                    last.version as i64,
+                    to_micros(last.at),
                     last.sequence as i64,
                     last_from,
                     last.reason,
@@ -375,14 +397,12 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                     change.prior_version as i64,
                 ])
             })
-            .map_err(sql("updating an agent"))?;
-        if updated == 0 {
-            return Err(StoreError::Conflict {
-                agent_id: agent.id,
-                expected: change.prior_version,
-                actual: stored_version(tx, agent.id)?,
-            });
-        }
+            .map_err(sql("updating an agent"))?,
+    };
+    if written == 0 {
+        return Ok(ChangeOutcome::Conflict {
+            actual: stored_version(tx, change.agent_id)?,
+        });
     }
     let mut insert = tx
         .prepare_cached(INSERT_EVENT)
@@ -402,17 +422,26 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
             ])
             .map_err(sql("inserting an event"))?;
     }
-    Ok(())
+    Ok(ChangeOutcome::Committed)
 }
 
-/// The newest committed sequence: every event is some agent's latest or
-/// older, so the maximum of the agents' last sequences is the head, even
-/// when compaction emptied the log.
-fn read_head(conn: &Connection) -> Result<u64> {
-    let head: Option<i64> = conn
-        .query_row("SELECT max(last_sequence) FROM agents", [], |r| r.get(0))
-        .map_err(sql("reading the head sequence"))?;
-    Ok(head.map_or(0, |h| h as u64))
+/// A value of the `meta` table.
+fn read_meta(conn: &Connection, key: &str) -> Result<u64> {
+    let value: Option<i64> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+        .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
+        .map_err(sql("reading the meta table"))?;
+    Ok(value.map_or(0, |v| v as u64))
+}
+
+fn write_meta(conn: &Connection, key: &str, value: u64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .and_then(|mut stmt| stmt.execute(params![key, value as i64]))
+    .map_err(sql("writing the meta table"))?;
+    Ok(())
 }
 
 fn stored_version(conn: &Connection, id: AgentId) -> Result<u64> {
@@ -436,24 +465,43 @@ impl Store for SqliteStore {
             .map_err(sql("loading agents"))?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(sql("loading agents"))?;
-        let head = read_head(&conn)?;
+        let head = read_meta(&conn, "head")?;
         self.refresh_oldest(&conn, head)?;
         Ok(Recovered { agents, head })
     }
 
-    fn commit(&self, batch: &[AgentChange]) -> Result<()> {
+    fn commit(
+        &self,
+        id: BatchId,
+        batch: &mut [AgentChange],
+        clock: &dyn Clock,
+    ) -> Result<Vec<ChangeOutcome>> {
         let mut conn = self.lock_writer();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("beginning a commit"))?;
-        for change in batch {
-            write_change(&tx, change)?;
+        let mut head = read_meta(&tx, "head")?;
+        let at = to_stored_precision(clock.now());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for change in batch.iter_mut() {
+            for (offset, record) in change.records.iter_mut().enumerate() {
+                record.sequence = head + 1 + offset as u64;
+                record.at = at;
+            }
+            let outcome = write_change(&tx, change)?;
+            if outcome == ChangeOutcome::Committed {
+                head += change.records.len() as u64;
+            }
+            outcomes.push(outcome);
         }
-        tx.commit().map_err(sql("committing"))
+        write_meta(&tx, "head", head)?;
+        write_meta(&tx, "last_batch", id.0)?;
+        tx.commit().map_err(sql("committing"))?;
+        Ok(outcomes)
     }
 
-    fn committed_head(&self) -> Result<u64> {
-        read_head(&self.lock_writer())
+    fn batch_committed(&self, id: BatchId) -> Result<bool> {
+        Ok(read_meta(&self.lock_writer(), "last_batch")? == id.0)
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
@@ -469,8 +517,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn oldest_sequence(&self) -> u64 {
-        self.oldest.load(Ordering::Acquire)
+    fn oldest_sequence(&self) -> Result<u64> {
+        Ok(self.oldest.load(Ordering::Acquire))
     }
 
     fn history(
@@ -533,14 +581,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn compact(&self, retention: &Retention, head: u64, max_rows: usize) -> Result<usize> {
+    fn compact(
+        &self,
+        retention: &Retention,
+        head: u64,
+        max_rows: usize,
+        clock: &dyn Clock,
+    ) -> Result<usize> {
         if retention.keeps_everything() || max_rows == 0 {
             return Ok(0);
         }
         let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
         let cutoff = retention
             .max_age
-            .map(|age| to_micros(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH)));
+            .map(|age| to_micros(clock.now().checked_sub(age).unwrap_or(UNIX_EPOCH)));
         let conn = self.lock_writer();
         // The oldest rows, in sequence order: delete the longest prefix that
         // retention lets go, so that what remains is one contiguous range.

@@ -1,36 +1,36 @@
-//! What transition handlers see and what they may answer.
+//! What transition hooks see and what they may answer.
 //!
-//! The handlers themselves (sync closures and async functions) live in the
+//! The hooks themselves (sync closures and async functions) live in the
 //! service layer; this module only defines their payload and outcome.
 
 use std::time::SystemTime;
 
 use super::{agent::AgentId, agent::Metadata, state::AgentState};
 
-/// When a handler runs.
+/// When a hook runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HandlerPhase {
+pub enum HookPhase {
     /// Before the commit; may veto.
     PreTransition,
     /// After the commit and the publication of the event; only observes.
     PostTransition,
 }
 
-impl HandlerPhase {
+impl HookPhase {
     /// The seed's event names: `pre_transition`, `post_transition`.
     pub fn as_str(self) -> &'static str {
         match self {
-            HandlerPhase::PreTransition => "pre_transition",
-            HandlerPhase::PostTransition => "post_transition",
+            HookPhase::PreTransition => "pre_transition",
+            HookPhase::PostTransition => "post_transition",
         }
     }
 }
 
-/// The payload handed to a handler (the seed's `data`).
+/// The payload handed to a hook (the seed's `data`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TransitionContext {
     /// The phase this call is for.
-    pub phase: HandlerPhase,
+    pub phase: HookPhase,
     /// The agent.
     pub agent_id: AgentId,
     /// `None` for registration.
@@ -51,13 +51,13 @@ pub struct TransitionContext {
     pub timestamp: Option<SystemTime>,
 }
 
-/// A handler's answer other than success.
+/// A hook's answer other than success.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HandlerError {
+pub enum HookError {
     /// Refuse the transition (only honoured before the commit).
     #[error("vetoed: {0}")]
     Veto(String),
-    /// The handler failed; logged and counted, never stops a transition.
-    #[error("handler failed: {0}")]
+    /// The hook failed; logged and counted, never stops a transition.
+    #[error("hook failed: {0}")]
     Failed(String),
 }

@@ -1,0 +1,236 @@
+//! The service's one metrics registry.
+//!
+//! Every counter, gauge and histogram of the process lives in one
+//! [`prometheus::Registry`], named by Prometheus conventions
+//! (`agent_lifecycle_` prefix, base units, `_total` for counters), so that
+//! `GetLifecycleMetrics` and the Prometheus text endpoint read the same
+//! values. Hot-path handles (one counter per transition edge, one gauge per
+//! state) are resolved once at start-up: recording is an atomic add, with no
+//! label lookup.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::domain::{AgentState, HookPhase};
+
+/// Number of states; `from` has one more value (none, for registrations).
+const STATES: usize = AgentState::ALL.len();
+
+/// Label value of `from` for a registration (it has no prior state).
+pub const NO_STATE: &str = "none";
+
+/// Upper bounds of the commit batch size histogram (transitions per batch).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// Upper bounds of the commit duration histogram, in seconds (50 us to 1 s).
+const COMMIT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The registry and the service's own metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `agent_lifecycle_agents{state}`: agents per state. Changed only by
+    /// the commit thread, under the table's write lock, so a reader holding
+    /// the table's read lock sees them consistent with the table.
+    agents: Vec<IntGauge>,
+    /// `agent_lifecycle_transitions_total{from,to}`, indexed
+    /// `from * STATES + to` with `from == STATES` for registrations.
+    transitions: Vec<IntCounter>,
+    /// `agent_lifecycle_hook_failures_total{phase}`: hooks that failed or
+    /// panicked (pre, post).
+    hook_failures: [IntCounter; 2],
+    /// `agent_lifecycle_watch_backfills_total`.
+    watch_backfills: IntCounter,
+    /// `agent_lifecycle_commit_batch_size`: transitions per committed batch.
+    commit_batch_size: Histogram,
+    /// `agent_lifecycle_commit_duration_seconds`: store commit time per
+    /// batch (fsync included).
+    commit_duration: Histogram,
+    /// `agent_lifecycle_commit_failures_total`: batches the store refused.
+    commit_failures: IntCounter,
+    /// `agent_lifecycle_head_sequence`: the newest applied sequence.
+    head_sequence: IntGauge,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are constant and registered once");
+    metric
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help);
+        let agents_vec = register(
+            &registry,
+            IntGaugeVec::new(
+                opts("agent_lifecycle_agents", "Agents per lifecycle state."),
+                &["state"],
+            )
+            .expect("valid gauge definition"),
+        );
+        let agents = AgentState::ALL
+            .iter()
+            .map(|s| agents_vec.with_label_values(&[s.as_str()]))
+            .collect();
+        let transitions_vec = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "agent_lifecycle_transitions_total",
+                    "Committed transitions by edge (from \"none\": registrations).",
+                ),
+                &["from", "to"],
+            )
+            .expect("valid counter definition"),
+        );
+        let mut transitions = Vec::with_capacity((STATES + 1) * STATES);
+        for from in AgentState::ALL.iter().map(|s| s.as_str()).chain([NO_STATE]) {
+            for to in AgentState::ALL {
+                transitions.push(transitions_vec.with_label_values(&[from, to.as_str()]));
+            }
+        }
+        let hooks_vec = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "agent_lifecycle_hook_failures_total",
+                    "Transition hooks that failed or panicked (never blocks a transition).",
+                ),
+                &["phase"],
+            )
+            .expect("valid counter definition"),
+        );
+        let hook_failures = [
+            hooks_vec.with_label_values(&[HookPhase::PreTransition.as_str()]),
+            hooks_vec.with_label_values(&[HookPhase::PostTransition.as_str()]),
+        ];
+        let counter = |name: &str, help: &str| {
+            register(
+                &registry,
+                IntCounter::with_opts(opts(name, help)).expect("valid counter definition"),
+            )
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            register(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                    .expect("valid histogram definition"),
+            )
+        };
+        Metrics {
+            agents,
+            transitions,
+            hook_failures,
+            watch_backfills: counter(
+                "agent_lifecycle_watch_backfills_total",
+                "Times a watch stream fell behind the broadcast buffer and was refilled from the event log.",
+            ),
+            commit_batch_size: histogram(
+                "agent_lifecycle_commit_batch_size",
+                "Transitions committed per store transaction.",
+                BATCH_BUCKETS,
+            ),
+            commit_duration: histogram(
+                "agent_lifecycle_commit_duration_seconds",
+                "Time of one store commit (the fsync included).",
+                COMMIT_BUCKETS,
+            ),
+            commit_failures: counter(
+                "agent_lifecycle_commit_failures_total",
+                "Commit batches the store failed.",
+            ),
+            head_sequence: register(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "agent_lifecycle_head_sequence",
+                    "The newest applied event sequence.",
+                ))
+                .expect("valid gauge definition"),
+            ),
+            registry,
+        }
+    }
+
+    /// The registry, for other layers to add their metrics to (the gRPC
+    /// edge's per-RPC metrics).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn encode_text(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+
+    /// Agents in `state` (read under the table lock for a consistent view).
+    pub fn agents(&self, state: AgentState) -> u64 {
+        self.agents[state.index()].get().max(0) as u64
+    }
+
+    pub(crate) fn agent_moved(&self, from: Option<AgentState>, to: AgentState) {
+        if let Some(from) = from {
+            self.agents[from.index()].dec();
+        }
+        self.agents[to.index()].inc();
+        let row = from.map_or(STATES, AgentState::index);
+        self.transitions[row * STATES + to.index()].inc();
+    }
+
+    pub(crate) fn agent_loaded(&self, state: AgentState) {
+        self.agents[state.index()].inc();
+    }
+
+    /// Committed transitions along one edge (`from` `None`: registrations).
+    pub fn transitions(&self, from: Option<AgentState>, to: AgentState) -> u64 {
+        let row = from.map_or(STATES, AgentState::index);
+        self.transitions[row * STATES + to.index()].get()
+    }
+
+    pub(crate) fn hook_failed(&self, phase: HookPhase) {
+        self.hook_failures[phase as usize].inc();
+    }
+
+    /// Hooks that failed or panicked, both phases.
+    pub fn hook_failures(&self) -> u64 {
+        self.hook_failures.iter().map(IntCounter::get).sum()
+    }
+
+    pub(crate) fn watch_backfilled(&self) {
+        self.watch_backfills.inc();
+    }
+
+    /// Times a watcher was refilled from the event log.
+    pub fn watch_backfills(&self) -> u64 {
+        self.watch_backfills.get()
+    }
+
+    pub(crate) fn batch_committed(&self, transitions: usize, seconds: f64) {
+        self.commit_batch_size.observe(transitions as f64);
+        self.commit_duration.observe(seconds);
+    }
+
+    pub(crate) fn batch_failed(&self) {
+        self.commit_failures.inc();
+    }
+
+    pub(crate) fn set_head(&self, head: u64) {
+        self.head_sequence
+            .set(i64::try_from(head).unwrap_or(i64::MAX));
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

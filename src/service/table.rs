@@ -1,0 +1,121 @@
+//! The agent table: every agent's latest version, in memory, and what the
+//! commit thread shares with the rest of the service.
+//!
+//! Only the commit thread writes the table, once per batch, under one write
+//! lock that also moves the head sequence and the per-state gauges, so a
+//! reader holding the read lock sees all three consistent. Readers hold it
+//! briefly and never across I/O.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use tokio::sync::broadcast;
+
+use super::metrics::Metrics;
+use crate::{
+    domain::{Agent, AgentId, Clock, LifecycleEvent, TransitionPolicy, TransitionRecord},
+    store::{AgentIdentity, Store},
+};
+
+/// One agent in the table.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// The latest committed version; replaced by the commit thread.
+    pub agent: Arc<Agent>,
+    /// Held (async) for the whole of a change to this agent, so changes to
+    /// one agent never overlap; never held by readers.
+    pub writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Slot {
+    pub(crate) fn new(agent: Arc<Agent>) -> Self {
+        Slot {
+            agent,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+/// Every agent's latest version, ordered by id for stable paging.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    pub agents: BTreeMap<AgentId, Slot>,
+    /// Newest committed sequence; consistent with `agents` (both change under
+    /// one write lock), which snapshots rely on.
+    pub head: u64,
+}
+
+/// What the commit thread shares with the service.
+pub(crate) struct Shared {
+    pub policy: TransitionPolicy,
+    /// Written only by the commit thread, once per batch; held briefly (no
+    /// I/O inside) by readers.
+    pub table: RwLock<Table>,
+    /// Committed events, in sequence order.
+    pub bus: broadcast::Sender<Arc<LifecycleEvent>>,
+    pub store: Arc<dyn Store>,
+    /// The service's one metrics registry.
+    pub metrics: Metrics,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Shared {
+    pub(crate) fn read_table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write_table(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn head(&self) -> u64 {
+        self.read_table().head
+    }
+
+    pub(crate) fn agent(&self, id: AgentId) -> Option<Arc<Agent>> {
+        self.read_table()
+            .agents
+            .get(&id)
+            .map(|s| Arc::clone(&s.agent))
+    }
+}
+
+impl Table {
+    /// Applies one committed record and returns the agent after it; `None`
+    /// when the record cannot apply (a transition of an agent the table does
+    /// not hold, or a registration without its identity), which callers
+    /// treat as a broken invariant.
+    pub(crate) fn apply(
+        &mut self,
+        record: Arc<TransitionRecord>,
+        identity: Option<&AgentIdentity>,
+        metrics: &Metrics,
+    ) -> Option<Arc<Agent>> {
+        let agent = match (record.from, self.agents.get_mut(&record.agent_id)) {
+            (Some(_), Some(slot)) => {
+                let agent = Arc::new(slot.agent.after(Arc::clone(&record)));
+                slot.agent = Arc::clone(&agent);
+                agent
+            }
+            (None, None) => {
+                let identity = identity?;
+                let agent = Arc::new(Agent::registered(
+                    record.agent_id,
+                    Arc::clone(&identity.name),
+                    Arc::clone(&identity.labels),
+                    Arc::clone(&record),
+                ));
+                self.agents
+                    .insert(record.agent_id, Slot::new(Arc::clone(&agent)));
+                agent
+            }
+            _ => return None,
+        };
+        self.head = self.head.max(record.sequence);
+        metrics.agent_moved(record.from, record.to);
+        Some(agent)
+    }
+}
