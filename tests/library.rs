@@ -513,6 +513,18 @@ async fn hooks_run_in_order_and_only_a_veto_refuses() {
         vec![(record.sequence, record.version)]
     );
     assert_eq!(service.hook_failures(), 3);
+    assert_eq!(
+        service.get_lifecycle_metrics().hook_failures,
+        3,
+        "GetLifecycleMetrics reads the same registry"
+    );
+    let text = service.metrics().encode_text();
+    for line in [
+        "agent_lifecycle_hook_failures_total{phase=\"pre_transition\"} 3",
+        "agent_lifecycle_hook_failures_total{phase=\"post_transition\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 
     // An explicit veto refuses, records nothing and names the reason.
     let head = service.head_sequence();

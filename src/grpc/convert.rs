@@ -304,6 +304,8 @@ pub fn metrics_to_pb(metrics: &LifecycleMetrics) -> pb::GetLifecycleMetricsRespo
             .map(|(s, n)| (s.as_str().to_string(), *n))
             .collect(),
         head_sequence: metrics.head_sequence,
+        hook_failures: metrics.hook_failures,
+        watch_backfills: metrics.watch_backfills,
     }
 }
 

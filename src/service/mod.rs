@@ -43,7 +43,11 @@ pub use self::{
     hooks::Hook,
     manager::AgentLifecycleManager,
     metrics::Metrics,
-    types::*,
+    types::{
+        AgentFilter, ChangeRequest, DEFAULT_EVENT_BUFFER, DEFAULT_HISTORY_PAGE, DEFAULT_MAX_BATCH,
+        DEFAULT_PROGRESS_INTERVAL, HistoryCursor, HistoryPage, HistoryQuery, LifecycleMetrics,
+        MAX_LIST_SCAN, Outcome, Registration, ServiceConfig, StateInfo,
+    },
     watch::{WatchItem, WatchRequest, Watcher},
 };
 use self::{

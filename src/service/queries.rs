@@ -93,6 +93,7 @@ impl AgentLifecycleService {
         let mut metrics = LifecycleMetrics {
             head_sequence: table.head,
             hook_failures: shared.metrics.hook_failures(),
+            watch_backfills: shared.metrics.watch_backfills(),
             ..LifecycleMetrics::default()
         };
         for state in AgentState::ALL {

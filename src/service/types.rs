@@ -157,6 +157,8 @@ pub struct LifecycleMetrics {
     pub head_sequence: u64,
     /// Hook failures and panics since start.
     pub hook_failures: u64,
+    /// Watchers refilled from the event log since start.
+    pub watch_backfills: u64,
 }
 
 /// Which agents a listing returns. Every given filter must match.
