@@ -3,8 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{
-    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, MemoryStore, Retention,
-    SqliteStore, Store, StoreError,
+    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, MemoryStore, PostgresStore,
+    Retention, SqliteStore, Store, StoreError,
 };
 use crate::domain::{
     Agent, AgentId, AgentState, Labels, Metadata, SystemClock, TransitionRecord,
@@ -305,4 +305,113 @@ fn a_second_sqlite_store_on_the_same_file_is_refused() {
     ));
     drop(first);
     SqliteStore::open(&path).expect("free again once the first is closed");
+}
+
+/// The PostgreSQL server the tests use: `TEST_DATABASE_URL`. CI always sets
+/// it (`.ci/run` starts PostgreSQL); without it, locally, the PostgreSQL
+/// tests are skipped with a note, and under CI they fail.
+pub(crate) fn test_database_url() -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("TEST_DATABASE_URL is not set; CI must run the PostgreSQL tests")
+        }
+        _ => {
+            eprintln!("TEST_DATABASE_URL is not set: skipping a PostgreSQL test");
+            None
+        }
+    }
+}
+
+/// A fresh database on the test server.
+pub(crate) fn fresh_postgres(prefix: &str) -> Option<String> {
+    let url = test_database_url()?;
+    let name = format!("{prefix}_{:x}", rand_id());
+    Some(PostgresStore::create_database(&url, &name).expect("create a test database"))
+}
+
+#[test]
+fn postgres_store_conforms_and_survives_reopen() {
+    let Some(url) = fresh_postgres("conformance") else {
+        return;
+    };
+    let store = PostgresStore::open(&url).expect("open");
+    let held = conforms(&store);
+    drop(store);
+    let reopened = PostgresStore::open(&url).expect("reopen");
+    let mut loaded = reopened.load().expect("reload");
+    loaded.agents.sort_by_key(|a| a.id);
+    assert_eq!(
+        loaded.agents, held,
+        "agents round-trip exactly across a reopen"
+    );
+    assert_eq!(loaded.head, 5);
+    assert_eq!(reopened.oldest_sequence().expect("oldest"), 6);
+    let mut next = [register(AgentId::generate())];
+    commit(&reopened, &mut next);
+    assert_eq!(
+        next[0].records[0].sequence, 6,
+        "the counter survives a reopen"
+    );
+}
+
+#[test]
+fn postgres_schema_is_created_once_by_concurrent_openers_and_newer_is_refused() {
+    let Some(url) = fresh_postgres("migrate") else {
+        return;
+    };
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PostgresStore::open(&url).map(|_| ()))
+        })
+        .collect();
+    for opener in openers {
+        opener.join().expect("thread").expect("concurrent open");
+    }
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    client
+        .execute(
+            "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+            &[],
+        )
+        .expect("bump");
+    assert!(matches!(
+        PostgresStore::open(&url),
+        Err(StoreError::SchemaTooNew { found: 99, .. })
+    ));
+}
+
+#[test]
+fn postgres_conflicting_writers_have_one_winner_and_order_by_commit() {
+    let Some(url) = fresh_postgres("writers") else {
+        return;
+    };
+    let a = PostgresStore::open(&url).expect("open a");
+    let b = PostgresStore::open(&url).expect("open b");
+    let mut reg = [register(AgentId::generate())];
+    commit(&a, &mut reg);
+    let agent = after(None, &reg[0]);
+    // Both writers saw version 1; the second to commit loses, alone.
+    let other = register(AgentId::generate());
+    let mut first = [step(&agent, AgentState::Deploying)];
+    let mut second = [step(&agent, AgentState::Deleted), other];
+    assert_eq!(commit(&b, &mut first), vec![ChangeOutcome::Committed]);
+    assert_eq!(
+        commit(&a, &mut second),
+        vec![
+            ChangeOutcome::Conflict { actual: 2 },
+            ChangeOutcome::Committed
+        ]
+    );
+    assert_eq!(
+        second[1].records[0].sequence, 3,
+        "one counter for every writer"
+    );
+    assert_eq!(a.head().expect("head"), 3);
+    let ids = a
+        .identities(&[second[1].agent_id, AgentId::generate()])
+        .expect("identities");
+    assert_eq!(ids.len(), 1);
+    assert_eq!(&*ids[0].1.name, "agent");
 }

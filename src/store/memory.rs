@@ -10,7 +10,8 @@ use std::{
 };
 
 use super::{
-    AgentChange, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention, Store,
+    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention,
+    Store,
 };
 use crate::domain::{Agent, AgentId, Clock, TransitionRecord, clock::to_stored_precision};
 
@@ -143,6 +144,27 @@ impl Store for MemoryStore {
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
         Ok(self.read().last_batch == Some(id))
+    }
+
+    fn head(&self) -> Result<u64> {
+        Ok(self.read().head)
+    }
+
+    fn identities(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, AgentIdentity)>> {
+        let inner = self.read();
+        Ok(ids
+            .iter()
+            .filter_map(|id| inner.agents.get(id))
+            .map(|a| {
+                (
+                    a.id,
+                    AgentIdentity {
+                        name: Arc::clone(&a.name),
+                        labels: Arc::clone(&a.labels),
+                    },
+                )
+            })
+            .collect())
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {

@@ -14,7 +14,9 @@
 //! [`Store::commit`] from its one commit thread and the reads from
 //! `spawn_blocking`, never on an async worker.
 
+mod codec;
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::{sync::Arc, time::Duration};
@@ -22,6 +24,7 @@ use std::{sync::Arc, time::Duration};
 use crate::domain::{Agent, AgentId, Clock, Labels, TransitionRecord};
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A store failure. The batch that saw it was not applied.
@@ -156,6 +159,33 @@ pub struct HistoryRange {
     pub max: usize,
 }
 
+/// Wakes a follower when other processes commit.
+pub trait CommitFeed: Send {
+    /// Blocks until another writer may have committed (`true`) or `timeout`
+    /// passed (`false`). Spurious wake-ups are allowed; a follower reads the
+    /// log after either.
+    ///
+    /// # Errors
+    /// The feed's connection failed; open a new feed.
+    fn wait(&mut self, timeout: Duration) -> Result<bool>;
+}
+
+/// A held lease; dropping it releases it.
+pub trait Lease: Send {
+    /// Whether the lease is still held (its connection is alive).
+    fn is_held(&mut self) -> bool;
+}
+
+/// The lease of a store that only this process writes.
+#[derive(Debug)]
+struct LocalLease;
+
+impl Lease for LocalLease {
+    fn is_held(&mut self) -> bool {
+        true
+    }
+}
+
 /// The durable record.
 pub trait Store: Send + Sync + 'static {
     /// Reads the agents and the head sequence, creating or migrating the
@@ -189,6 +219,47 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// The back end failed.
     fn batch_committed(&self, id: BatchId) -> Result<bool>;
+
+    /// Whether other processes may commit to this store too (PostgreSQL).
+    /// A shared store's log must be followed: the service applies events
+    /// committed elsewhere, and its background work runs under a lease.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// The newest committed sequence, read from the store itself (0 when
+    /// empty).
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn head(&self) -> Result<u64>;
+
+    /// The name and labels of each agent of `ids` the store holds (what a
+    /// follower needs to apply a registration committed elsewhere).
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn identities(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, AgentIdentity)>>;
+
+    /// A feed that wakes when another process commits; `None` for a store
+    /// that only this process writes.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn commit_feed(&self) -> Result<Option<Box<dyn CommitFeed>>> {
+        Ok(None)
+    }
+
+    /// Tries to take the lease `name` for background work that must run in
+    /// one process at a time. `None`: another process holds it. A store that
+    /// only this process writes always grants it.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>> {
+        let _ = name;
+        Ok(Some(Box::new(LocalLease)))
+    }
 
     /// Up to `max` events with `sequence > after`, in sequence order.
     ///

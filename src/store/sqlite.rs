@@ -26,8 +26,9 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AgentChange, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention, Store,
-    StoreError,
+    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention,
+    Store, StoreError,
+    codec::{encode_map, from_micros, to_micros},
 };
 use crate::domain::{
     Agent, AgentId, AgentState, Clock, Labels, Metadata, TransitionRecord,
@@ -255,28 +256,6 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn to_micros(at: SystemTime) -> i64 {
-    match at.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
-    }
-}
-
-fn from_micros(micros: i64) -> SystemTime {
-    if micros >= 0 {
-        UNIX_EPOCH + Duration::from_micros(micros as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
-    }
-}
-
-fn encode_map<T: serde::Serialize>(map: &T, empty: bool) -> String {
-    if empty {
-        return String::new();
-    }
-    serde_json::to_string(map).unwrap_or_default()
-}
-
 fn decode_metadata(text: &str) -> rusqlite::Result<Metadata> {
     if text.is_empty() {
         return Ok(Metadata::new());
@@ -502,6 +481,38 @@ impl Store for SqliteStore {
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
         Ok(read_meta(&self.lock_writer(), "last_batch")? == id.0)
+    }
+
+    fn head(&self) -> Result<u64> {
+        self.with_reader(|conn| read_meta(conn, "head"))
+    }
+
+    fn identities(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, AgentIdentity)>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name, labels FROM agents WHERE agent_id = ?1")
+                .map_err(sql("reading agents"))?;
+            let mut found = Vec::new();
+            for id in ids {
+                let row = stmt
+                    .query_row([id.as_bytes()], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()
+                    .map_err(sql("reading agents"))?;
+                if let Some((name, labels)) = row {
+                    let labels = decode_labels(&labels).map_err(sql("reading agents"))?;
+                    found.push((
+                        *id,
+                        AgentIdentity {
+                            name: Arc::from(name),
+                            labels: Arc::new(labels),
+                        },
+                    ));
+                }
+            }
+            Ok(found)
+        })
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
