@@ -5,7 +5,8 @@
 //! address comes from the `listening on ADDR` line it prints first on stdout.
 //! Its stderr is collected (tests show it when they fail) or inherited (the
 //! benchmark tool's terminal). It is stopped by signal and always reaped: a
-//! [`ServerProcess`] that is dropped while the server runs kills it.
+//! [`ServerProcess`] that is dropped while the server runs kills it, or
+//! first asks it to stop ([`ServerCommand::stop_on_drop`]).
 //!
 //! Synchronous (threads and `std::process`), so tests without a runtime can
 //! use it; [`ServerProcess::start_async`] waits for the address without
@@ -196,25 +197,29 @@ impl Signal {
 }
 
 /// How to start a server: the binary, the arguments after
-/// `serve --listen 127.0.0.1:0`, where stderr goes and which environment
-/// variables it must not see.
+/// `serve --listen 127.0.0.1:0`, where stderr goes, which environment
+/// variables it must not see, and how a drop stops it.
 #[derive(Clone, Debug)]
 pub struct ServerCommand {
     binary: PathBuf,
     args: Vec<OsString>,
     stderr: Stderr,
     env_remove: Vec<OsString>,
+    /// The signal a drop sends and how long it then waits before SIGKILL;
+    /// `None`: SIGKILL at once.
+    stop_on_drop: Option<(Signal, Duration)>,
 }
 
 impl ServerCommand {
     /// `binary serve --listen 127.0.0.1:0`, stderr collected, the
-    /// environment inherited.
+    /// environment inherited, killed at once when dropped.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         ServerCommand {
             binary: binary.into(),
             args: Vec::new(),
             stderr: Stderr::Collect,
             env_remove: Vec::new(),
+            stop_on_drop: None,
         }
     }
 
@@ -241,6 +246,14 @@ impl ServerCommand {
         self
     }
 
+    /// A drop of a running server sends `signal` and waits up to `grace`
+    /// for the exit (blocking the dropping thread) before SIGKILL, instead
+    /// of killing it at once. Also applies when a start fails.
+    pub fn stop_on_drop(mut self, signal: Signal, grace: Duration) -> Self {
+        self.stop_on_drop = Some((signal, grace));
+        self
+    }
+
     /// The binary.
     pub fn binary(&self) -> &Path {
         &self.binary
@@ -259,13 +272,14 @@ pub struct MemoryUsage {
 /// The first line of the server's stdout: `None` at end of file.
 type FirstLine = Option<io::Result<String>>;
 
-/// A running server, listening. Dropping it kills the server (SIGKILL) if
-/// it still runs and reaps it; stop it with [`ServerProcess::stop`] for a
-/// clean exit.
+/// A running server, listening. Dropping it stops the server if it still
+/// runs (SIGKILL, or as [`ServerCommand::stop_on_drop`] says) and reaps it;
+/// [`ServerProcess::stop`] stops it cleanly and reports the exit.
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
     pid: u32,
+    stop_on_drop: Option<(Signal, Duration)>,
     /// Unspecified until the server printed its address; [`ServerProcess`]
     /// values that callers see always have the real one.
     addr: SocketAddr,
@@ -334,6 +348,7 @@ impl ServerProcess {
         let mut process = ServerProcess {
             pid: child.id(),
             child,
+            stop_on_drop: command.stop_on_drop,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             stderr: None,
         };
@@ -525,10 +540,18 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
+        if let Some((signal, grace)) = self.stop_on_drop
+            && self.signal(signal).is_ok()
+        {
+            // Kills and reaps the server if `grace` passes first.
+            let _ = wait_child(&mut self.child, grace);
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -11,7 +11,7 @@ use super::{
     MemoryArgs, StoreKind,
     client::{Client, LOAD_WORKERS, TRIGGERED_BY, call, connect_clients, head_sequence},
     ensure_positive,
-    server::{ServerProcess, TempDir, server_binary},
+    server::{SpawnedServer, TempDir, server_binary},
     stats::{Latencies, median, mib, nanos, rate, secs},
 };
 
@@ -85,7 +85,7 @@ pub(super) async fn run(args: MemoryArgs) -> anyhow::Result<()> {
                 store
             }
         };
-        let server = ServerProcess::spawn(&binary, &store, args.start_timeout).await?;
+        let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
         let mut clients = connect_clients(&server.url, 4).await?;
         for client in &mut clients {
             head_sequence(client).await?;

@@ -20,7 +20,7 @@ use super::{
         Client, LOAD_WORKERS, Worker, connect, connect_clients, create_agents, head_sequence,
     },
     ensure_positive,
-    server::{ServerProcess, file_size, server_binary},
+    server::{SpawnedServer, file_size, server_binary},
     stats::{Latencies, median, mib, nanos, rate, secs},
 };
 
@@ -99,7 +99,7 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     );
 
     // Populate unless the file already holds enough.
-    let server = ServerProcess::spawn(&binary, &store, args.start_timeout).await?;
+    let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
     let clients = connect_clients(&server.url, 4).await?;
     let mut client = clients[0].clone();
     let head = head_sequence(&mut client).await?;
@@ -148,7 +148,7 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     let mut ready_times = Vec::new();
     for run in 1..=args.runs {
         let spawned = Instant::now();
-        let server = ServerProcess::spawn(&binary, &store, args.start_timeout).await?;
+        let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
         let listening = spawned.elapsed();
         let deadline = spawned + args.start_timeout;
         let mut client = Client::new(connect(&server.url).await?);
