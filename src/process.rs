@@ -18,7 +18,7 @@ use std::{
     ffi::OsString,
     io::{self, BufRead, BufReader, Read},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -112,7 +112,7 @@ pub enum ProcessError {
     },
     /// The `kill` command failed.
     #[error("kill -{signal} {pid} failed: {status}")]
-    Signal {
+    KillFailed {
         /// The signal's name without `SIG`.
         signal: &'static str,
         /// The server's process id.
@@ -253,11 +253,6 @@ impl ServerCommand {
         self.stop_on_drop = Some((signal, grace));
         self
     }
-
-    /// The binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
-    }
 }
 
 /// Resident memory of a process, from `/proc/PID/status`.
@@ -293,8 +288,8 @@ impl ServerProcess {
     ///
     /// # Errors
     /// The binary cannot be run, or the server exits, prints something else
-    /// or stays silent (it is killed then) before its address; the error
-    /// carries its stderr ([`ProcessError::server_stderr`]).
+    /// or stays silent before its address (it is then stopped as a drop
+    /// does); the error carries its stderr ([`ProcessError::server_stderr`]).
     pub fn start(command: &ServerCommand, timeout: Duration) -> Result<Self, ProcessError> {
         let (process, first_line) = Self::spawn(command)?;
         let line = first_line.recv_timeout(timeout);
@@ -308,8 +303,8 @@ impl ServerProcess {
     /// As [`ServerProcess::start`].
     ///
     /// # Cancel safety
-    /// Dropping the future kills the server; the blocking wait ends when the
-    /// server's stdout closes.
+    /// Dropping the future stops the server as dropping a [`ServerProcess`]
+    /// does; the blocking wait then ends when the server's stdout closes.
     pub async fn start_async(
         command: &ServerCommand,
         timeout: Duration,
@@ -457,7 +452,7 @@ impl ServerProcess {
             .status()
             .map_err(ProcessError::KillCommand)?;
         if !status.success() {
-            return Err(ProcessError::Signal {
+            return Err(ProcessError::KillFailed {
                 signal: signal.as_str(),
                 pid: self.pid,
                 status,

@@ -1,4 +1,9 @@
 //! The terminal client: one subcommand per RPC.
+//!
+//! [`run`] connects and dispatches; each subcommand is one function that
+//! builds the request, calls with the per-call deadline (not `watch`) and
+//! prints the answer through `output`. Prints to stdout, never logs; a
+//! failed call becomes an error naming the status code and message.
 
 use std::{
     collections::{BTreeMap, HashMap},
