@@ -14,6 +14,8 @@
 //!   the one place that maps errors to `Status`.
 //! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
 //! - [`config`]: settings for `serve`.
+//! - [`process`]: the server binary as a child process, for the benchmark
+//!   tool and the test suite. Outside the dependency chain above.
 //! - `cli` (binary only): the terminal client and the benchmark tool.
 
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;

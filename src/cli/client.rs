@@ -1,6 +1,14 @@
 //! The terminal client: one subcommand per RPC.
+//!
+//! [`run`] connects and dispatches; each subcommand is one function that
+//! builds the request, calls with the per-call deadline (not `watch`) and
+//! prints the answer through `output`. Prints to stdout, never logs; a
+//! failed call becomes an error naming the status code and message.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
@@ -10,7 +18,10 @@ use tonic::{Request, transport::Channel};
 
 use agent_lifecycle::{
     domain::{AgentCategory, AgentState},
-    grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient},
+    grpc::pb::{
+        self, agent_lifecycle_service_client::AgentLifecycleServiceClient,
+        watch_events_response::Kind,
+    },
 };
 
 use super::{
@@ -207,6 +218,16 @@ fn metadata(change: &ChangeArgs) -> anyhow::Result<Option<Struct>> {
     Ok(agent_lifecycle::grpc::convert::metadata_to_pb(&map))
 }
 
+fn wire_category(category: AgentCategory) -> i32 {
+    let category = match category {
+        AgentCategory::Operational => pb::AgentCategory::Operational,
+        AgentCategory::Available => pb::AgentCategory::Available,
+        AgentCategory::Error => pb::AgentCategory::Error,
+        AgentCategory::Maintenance => pb::AgentCategory::Maintenance,
+    };
+    category as i32
+}
+
 fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
@@ -221,32 +242,67 @@ async fn connect(server: &str) -> anyhow::Result<Client> {
     Ok(AgentLifecycleServiceClient::new(channel))
 }
 
-fn call<T>(message: T, timeout: Duration) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(timeout);
-    request
+/// A connected client, the per-call deadline and the output format.
+struct Session {
+    client: Client,
+    format: Format,
+    /// Deadline of every unary call (not of `watch`).
+    timeout: Duration,
 }
 
-fn print_change(format: Format, agent: Option<pb::Agent>, transitions: Vec<pb::StateTransition>) {
-    match format {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "agent": agent.as_ref().map(agent_json),
-                "transitions": transitions.iter().map(transition_json).collect::<Vec<_>>(),
-            })
-        ),
-        Format::Text => {
-            for t in &transitions {
-                println!("{}", transition_line(t));
-            }
-            if transitions.is_empty() {
-                println!("no change");
-            }
-            if let Some(agent) = &agent {
-                println!("{}", agent_line(agent));
+impl Session {
+    /// `message` with the per-call deadline.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Prints what a change did: its transitions and the agent it left.
+    fn print_change(&self, agent: Option<pb::Agent>, transitions: Vec<pb::StateTransition>) {
+        match self.format {
+            Format::Json => println!(
+                "{}",
+                json!({
+                    "agent": agent.as_ref().map(agent_json),
+                    "transitions": transitions.iter().map(transition_json).collect::<Vec<_>>(),
+                })
+            ),
+            Format::Text => {
+                for t in &transitions {
+                    println!("{}", transition_line(t));
+                }
+                if transitions.is_empty() {
+                    println!("no change");
+                }
+                if let Some(agent) = &agent {
+                    println!("{}", agent_line(agent));
+                }
             }
         }
+    }
+}
+
+/// The fields of the change requests that carry nothing else (deploy,
+/// start, stop, maintenance, resume).
+struct PlainChange {
+    agent_id: String,
+    reason: String,
+    triggered_by: String,
+    metadata: Option<Struct>,
+    expected_version: Option<u64>,
+}
+
+impl PlainChange {
+    fn from_args(a: OpArgs) -> anyhow::Result<Self> {
+        let metadata = metadata(&a.change)?;
+        Ok(PlainChange {
+            agent_id: a.agent_id,
+            reason: a.change.reason,
+            triggered_by: a.change.triggered_by,
+            metadata,
+            expected_version: a.change.expected_version,
+        })
     }
 }
 
@@ -260,288 +316,421 @@ pub async fn run(
     timeout: Duration,
     command: Command,
 ) -> anyhow::Result<()> {
-    let mut client = connect(server).await?;
-    macro_rules! change {
-        ($method:ident, $message:expr) => {{
-            let response = client
-                .$method(call($message, timeout))
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print_change(format, response.agent, response.transitions);
-        }};
-    }
-    // Requests with only the common fields.
-    macro_rules! plain {
-        ($method:ident, $request:ident, $a:expr) => {{
-            let a = $a;
-            let metadata = metadata(&a.change)?;
-            change!(
-                $method,
-                pb::$request {
-                    agent_id: a.agent_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }};
-    }
+    let mut session = Session {
+        client: connect(server).await?,
+        format,
+        timeout,
+    };
+    let s = &mut session;
     match command {
-        Command::Register(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                register_agent,
-                pb::RegisterAgentRequest {
-                    agent_id: a.agent_id.unwrap_or_default(),
-                    name: a.name,
-                    labels: a.labels.into_iter().collect(),
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                }
-            )
-        }
-        Command::Transition(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                transition_agent,
-                pb::TransitionAgentRequest {
-                    agent_id: a.agent_id,
-                    target_state: wire_state(a.target),
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Deploy(a) => plain!(deploy_agent, DeployAgentRequest, a),
-        Command::Start(a) => plain!(start_agent, StartAgentRequest, a),
-        Command::Stop(a) => plain!(stop_agent, StopAgentRequest, a),
-        Command::Assign(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                assign_task,
-                pb::AssignTaskRequest {
-                    agent_id: a.agent_id,
-                    task_id: a.task_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Complete(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                complete_task,
-                pb::CompleteTaskRequest {
-                    agent_id: a.agent_id,
-                    task_id: a.task_id,
-                    reason: a.change.reason,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Error(a) => {
-            let metadata = metadata(&a.change)?;
-            change!(
-                handle_error,
-                pb::HandleErrorRequest {
-                    agent_id: a.agent_id,
-                    error_message: a.message,
-                    triggered_by: a.change.triggered_by,
-                    metadata,
-                    expected_version: a.change.expected_version,
-                }
-            )
-        }
-        Command::Maintenance(a) => plain!(put_in_maintenance, PutInMaintenanceRequest, a),
-        Command::Resume(a) => plain!(resume_from_maintenance, ResumeFromMaintenanceRequest, a),
-        Command::Get(a) => {
-            let agent = client
-                .get_agent(call(
-                    pb::GetAgentRequest {
-                        agent_id: a.agent_id,
-                    },
-                    timeout,
-                ))
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .agent
-                .context("the server sent no agent")?;
-            match format {
-                Format::Json => println!("{}", agent_json(&agent)),
-                Format::Text => println!("{}", agent_text(&agent)),
-            }
-        }
-        Command::List(a) => {
-            let mut token = String::new();
-            let mut all = Vec::new();
-            loop {
-                let page = client
-                    .list_agents(call(
-                        pb::ListAgentsRequest {
-                            states: a.states.iter().map(|s| wire_state(*s)).collect(),
-                            category: a.category.map_or(0, |c| match c {
-                                AgentCategory::Operational => pb::AgentCategory::Operational,
-                                AgentCategory::Available => pb::AgentCategory::Available,
-                                AgentCategory::Error => pb::AgentCategory::Error,
-                                AgentCategory::Maintenance => pb::AgentCategory::Maintenance,
-                            }
-                                as i32),
-                            labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
-                            page_size: a.page_size,
-                            page_token: token,
-                        },
-                        timeout,
-                    ))
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                if format == Format::Text {
-                    for agent in &page.agents {
-                        println!("{}", agent_line(agent));
-                    }
-                } else {
-                    all.extend(page.agents);
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            if format == Format::Json {
-                println!(
-                    "{}",
-                    json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() })
-                );
-            }
-        }
-        Command::History(a) => {
-            let mut token = String::new();
-            let mut all = Vec::new();
-            loop {
-                let page = client
-                    .get_agent_history(call(
-                        pb::GetAgentHistoryRequest {
-                            agent_id: a.agent_id.clone(),
-                            limit: a.limit,
-                            page_size: 0,
-                            page_token: token,
-                        },
-                        timeout,
-                    ))
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                all.extend(page.transitions);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            match format {
-                Format::Json => println!(
-                    "{}",
-                    json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
-                ),
-                Format::Text => {
-                    for t in &all {
-                        println!("{}", transition_line(t));
-                    }
-                }
-            }
-        }
-        Command::Metrics => {
-            let m = client
-                .get_lifecycle_metrics(call(pb::GetLifecycleMetricsRequest {}, timeout))
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let distribution: std::collections::BTreeMap<_, _> =
-                m.state_distribution.iter().collect();
-            match format {
-                Format::Json => println!(
-                    "{}",
-                    json!({
-                        "total_agents": m.total_agents,
-                        "operational_agents": m.operational_agents,
-                        "available_agents": m.available_agents,
-                        "error_agents": m.error_agents,
-                        "maintenance_agents": m.maintenance_agents,
-                        "state_distribution": distribution,
-                        "head_sequence": m.head_sequence,
-                    })
-                ),
-                Format::Text => {
-                    println!("total:       {}", m.total_agents);
-                    println!("operational: {}", m.operational_agents);
-                    println!("available:   {}", m.available_agents);
-                    println!("error:       {}", m.error_agents);
-                    println!("maintenance: {}", m.maintenance_agents);
-                    println!("head:        {}", m.head_sequence);
-                    for (state, count) in distribution {
-                        println!("  {state:<12} {count}");
-                    }
-                }
-            }
-        }
-        Command::Rules => {
-            let rules = client
-                .get_transition_rules(call(pb::GetTransitionRulesRequest {}, timeout))
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .rules;
-            match format {
-                Format::Json => {
-                    let map: serde_json::Map<String, serde_json::Value> = rules
-                        .iter()
-                        .map(|r| {
-                            (
-                                output::state_name(r.from_state),
-                                json!(
-                                    r.allowed_targets
-                                        .iter()
-                                        .map(|s| output::state_name(*s))
-                                        .collect::<Vec<_>>()
-                                ),
-                            )
-                        })
-                        .collect();
-                    println!("{}", serde_json::Value::Object(map));
-                }
-                Format::Text => {
-                    for r in &rules {
-                        let targets: Vec<_> = r
-                            .allowed_targets
-                            .iter()
-                            .map(|s| output::state_name(*s))
-                            .collect();
-                        println!(
-                            "{:<12} -> {}",
-                            output::state_name(r.from_state),
-                            targets.join(", ")
-                        );
-                    }
-                }
-            }
-        }
-        Command::Watch(a) => watch(&mut client, format, a).await?,
+        Command::Register(a) => register(s, a).await,
+        Command::Get(a) => get(s, a).await,
+        Command::List(a) => list(s, a).await,
+        Command::History(a) => history(s, a).await,
+        Command::Transition(a) => transition(s, a).await,
+        Command::Deploy(a) => deploy(s, a).await,
+        Command::Start(a) => start(s, a).await,
+        Command::Stop(a) => stop(s, a).await,
+        Command::Assign(a) => assign(s, a).await,
+        Command::Complete(a) => complete(s, a).await,
+        Command::Error(a) => error(s, a).await,
+        Command::Maintenance(a) => maintenance(s, a).await,
+        Command::Resume(a) => resume(s, a).await,
+        Command::Metrics => metrics(s).await,
+        Command::Rules => rules(s).await,
+        Command::Watch(a) => watch(s, a).await,
         Command::Serve(_) | Command::Bench(_) => bail!("not a client command"),
+    }
+}
+
+/// `register`: RegisterAgent.
+async fn register(s: &mut Session, a: RegisterArgs) -> anyhow::Result<()> {
+    let metadata = metadata(&a.change)?;
+    let request = s.request(pb::RegisterAgentRequest {
+        agent_id: a.agent_id.unwrap_or_default(),
+        name: a.name,
+        labels: a.labels.into_iter().collect(),
+        reason: a.change.reason,
+        triggered_by: a.change.triggered_by,
+        metadata,
+    });
+    let response = s
+        .client
+        .register_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `get`: GetAgent.
+async fn get(s: &mut Session, a: IdArgs) -> anyhow::Result<()> {
+    let request = s.request(pb::GetAgentRequest {
+        agent_id: a.agent_id,
+    });
+    let agent = s
+        .client
+        .get_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .agent
+        .context("the server sent no agent")?;
+    match s.format {
+        Format::Json => println!("{}", agent_json(&agent)),
+        Format::Text => println!("{}", agent_text(&agent)),
     }
     Ok(())
 }
 
-async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Result<()> {
-    use pb::watch_events_response::Kind;
+/// `list`: ListAgents, every page. Text prints each page as it arrives;
+/// JSON prints one document at the end.
+async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
+    let mut token = String::new();
+    let mut all = Vec::new();
+    loop {
+        let request = s.request(pb::ListAgentsRequest {
+            states: a.states.iter().map(|s| wire_state(*s)).collect(),
+            category: a.category.map_or(0, wire_category),
+            labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
+            page_size: a.page_size,
+            page_token: token,
+        });
+        let page = s
+            .client
+            .list_agents(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if s.format == Format::Text {
+            for agent in &page.agents {
+                println!("{}", agent_line(agent));
+            }
+        } else {
+            all.extend(page.agents);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if s.format == Format::Json {
+        println!(
+            "{}",
+            json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() })
+        );
+    }
+    Ok(())
+}
+
+/// `history`: GetAgentHistory, every page, oldest first.
+async fn history(s: &mut Session, a: HistoryArgs) -> anyhow::Result<()> {
+    let mut token = String::new();
+    let mut all = Vec::new();
+    loop {
+        let request = s.request(pb::GetAgentHistoryRequest {
+            agent_id: a.agent_id.clone(),
+            limit: a.limit,
+            page_size: 0,
+            page_token: token,
+        });
+        let page = s
+            .client
+            .get_agent_history(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        all.extend(page.transitions);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    match s.format {
+        Format::Json => println!(
+            "{}",
+            json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
+        ),
+        Format::Text => {
+            for t in &all {
+                println!("{}", transition_line(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `transition`: TransitionAgent.
+async fn transition(s: &mut Session, a: TransitionArgs) -> anyhow::Result<()> {
+    let metadata = metadata(&a.change)?;
+    let request = s.request(pb::TransitionAgentRequest {
+        agent_id: a.agent_id,
+        target_state: wire_state(a.target),
+        reason: a.change.reason,
+        triggered_by: a.change.triggered_by,
+        metadata,
+        expected_version: a.change.expected_version,
+    });
+    let response = s
+        .client
+        .transition_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `deploy`: DeployAgent.
+async fn deploy(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
+    let c = PlainChange::from_args(a)?;
+    let request = s.request(pb::DeployAgentRequest {
+        agent_id: c.agent_id,
+        reason: c.reason,
+        triggered_by: c.triggered_by,
+        metadata: c.metadata,
+        expected_version: c.expected_version,
+    });
+    let response = s
+        .client
+        .deploy_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `start`: StartAgent.
+async fn start(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
+    let c = PlainChange::from_args(a)?;
+    let request = s.request(pb::StartAgentRequest {
+        agent_id: c.agent_id,
+        reason: c.reason,
+        triggered_by: c.triggered_by,
+        metadata: c.metadata,
+        expected_version: c.expected_version,
+    });
+    let response = s
+        .client
+        .start_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `stop`: StopAgent.
+async fn stop(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
+    let c = PlainChange::from_args(a)?;
+    let request = s.request(pb::StopAgentRequest {
+        agent_id: c.agent_id,
+        reason: c.reason,
+        triggered_by: c.triggered_by,
+        metadata: c.metadata,
+        expected_version: c.expected_version,
+    });
+    let response = s
+        .client
+        .stop_agent(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `assign`: AssignTask.
+async fn assign(s: &mut Session, a: TaskArgs) -> anyhow::Result<()> {
+    let metadata = metadata(&a.change)?;
+    let request = s.request(pb::AssignTaskRequest {
+        agent_id: a.agent_id,
+        task_id: a.task_id,
+        reason: a.change.reason,
+        triggered_by: a.change.triggered_by,
+        metadata,
+        expected_version: a.change.expected_version,
+    });
+    let response = s
+        .client
+        .assign_task(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `complete`: CompleteTask.
+async fn complete(s: &mut Session, a: TaskArgs) -> anyhow::Result<()> {
+    let metadata = metadata(&a.change)?;
+    let request = s.request(pb::CompleteTaskRequest {
+        agent_id: a.agent_id,
+        task_id: a.task_id,
+        reason: a.change.reason,
+        triggered_by: a.change.triggered_by,
+        metadata,
+        expected_version: a.change.expected_version,
+    });
+    let response = s
+        .client
+        .complete_task(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `error`: HandleError (the message is the reason; `--reason` is unused).
+async fn error(s: &mut Session, a: ErrorArgs) -> anyhow::Result<()> {
+    let metadata = metadata(&a.change)?;
+    let request = s.request(pb::HandleErrorRequest {
+        agent_id: a.agent_id,
+        error_message: a.message,
+        triggered_by: a.change.triggered_by,
+        metadata,
+        expected_version: a.change.expected_version,
+    });
+    let response = s
+        .client
+        .handle_error(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `maintenance`: PutInMaintenance.
+async fn maintenance(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
+    let c = PlainChange::from_args(a)?;
+    let request = s.request(pb::PutInMaintenanceRequest {
+        agent_id: c.agent_id,
+        reason: c.reason,
+        triggered_by: c.triggered_by,
+        metadata: c.metadata,
+        expected_version: c.expected_version,
+    });
+    let response = s
+        .client
+        .put_in_maintenance(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `resume`: ResumeFromMaintenance.
+async fn resume(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
+    let c = PlainChange::from_args(a)?;
+    let request = s.request(pb::ResumeFromMaintenanceRequest {
+        agent_id: c.agent_id,
+        reason: c.reason,
+        triggered_by: c.triggered_by,
+        metadata: c.metadata,
+        expected_version: c.expected_version,
+    });
+    let response = s
+        .client
+        .resume_from_maintenance(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    s.print_change(response.agent, response.transitions);
+    Ok(())
+}
+
+/// `metrics`: GetLifecycleMetrics.
+async fn metrics(s: &mut Session) -> anyhow::Result<()> {
+    let request = s.request(pb::GetLifecycleMetricsRequest {});
+    let m = s
+        .client
+        .get_lifecycle_metrics(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let distribution: BTreeMap<_, _> = m.state_distribution.iter().collect();
+    match s.format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "total_agents": m.total_agents,
+                "operational_agents": m.operational_agents,
+                "available_agents": m.available_agents,
+                "error_agents": m.error_agents,
+                "maintenance_agents": m.maintenance_agents,
+                "state_distribution": distribution,
+                "head_sequence": m.head_sequence,
+            })
+        ),
+        Format::Text => {
+            println!("total:       {}", m.total_agents);
+            println!("operational: {}", m.operational_agents);
+            println!("available:   {}", m.available_agents);
+            println!("error:       {}", m.error_agents);
+            println!("maintenance: {}", m.maintenance_agents);
+            println!("head:        {}", m.head_sequence);
+            for (state, count) in distribution {
+                println!("  {state:<12} {count}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rules`: GetTransitionRules.
+async fn rules(s: &mut Session) -> anyhow::Result<()> {
+    let request = s.request(pb::GetTransitionRulesRequest {});
+    let rules = s
+        .client
+        .get_transition_rules(request)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .rules;
+    match s.format {
+        Format::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = rules
+                .iter()
+                .map(|r| {
+                    (
+                        output::state_name(r.from_state),
+                        json!(
+                            r.allowed_targets
+                                .iter()
+                                .map(|s| output::state_name(*s))
+                                .collect::<Vec<_>>()
+                        ),
+                    )
+                })
+                .collect();
+            println!("{}", serde_json::Value::Object(map));
+        }
+        Format::Text => {
+            for r in &rules {
+                let targets: Vec<_> = r
+                    .allowed_targets
+                    .iter()
+                    .map(|s| output::state_name(*s))
+                    .collect();
+                println!(
+                    "{:<12} -> {}",
+                    output::state_name(r.from_state),
+                    targets.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `watch`: WatchEvents, one line per message, until the stream ends or
+/// `--count` events were printed. No deadline.
+async fn watch(s: &mut Session, a: WatchArgs) -> anyhow::Result<()> {
     let request = pb::WatchEventsRequest {
         agent_ids: a.agent_ids,
         states: a.states.iter().map(|s| wire_state(*s)).collect(),
@@ -550,7 +739,8 @@ async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Res
         start_sequence: a.start_sequence,
         include_snapshot: a.snapshot,
     };
-    let mut stream = client
+    let mut stream = s
+        .client
         .watch_events(request)
         .await
         .map_err(status_error)?
@@ -558,63 +748,79 @@ async fn watch(client: &mut Client, format: Format, a: WatchArgs) -> anyhow::Res
     let mut seen = 0u64;
     while let Some(message) = stream.message().await.map_err(status_error)? {
         let Some(kind) = message.kind else { continue };
-        match (kind, format) {
-            (Kind::Event(e), Format::Json) => {
-                println!(
-                    "{}",
-                    json!({
-                        "type": "event",
-                        "sequence": e.sequence,
-                        "agent_id": e.agent_id,
-                        "event_type": output::event_type_name(e.r#type),
-                        "transition": e.transition.as_ref().map(transition_json),
-                        "agent": e.agent.as_ref().map(agent_json),
-                    })
-                );
-                seen += 1;
-            }
-            (Kind::Event(e), Format::Text) => {
-                let line = e
-                    .transition
-                    .as_ref()
-                    .map(transition_line)
-                    .unwrap_or_default();
-                println!("{}  {}", e.agent_id, line);
-                seen += 1;
-            }
-            (Kind::Progress(p), Format::Json) if a.progress => {
-                println!(
-                    "{}",
-                    json!({"type": "progress", "head_sequence": p.head_sequence})
-                );
-            }
-            (Kind::Progress(p), Format::Text) if a.progress => {
-                println!("progress head={}", p.head_sequence)
-            }
-            (Kind::Progress(_), _) => {}
-            (Kind::SnapshotAgent(agent), Format::Json) => {
-                println!(
-                    "{}",
-                    json!({"type": "snapshot_agent", "agent": agent_json(&agent)})
-                );
-            }
-            (Kind::SnapshotAgent(agent), Format::Text) => {
-                println!("snapshot {}", agent_line(&agent))
-            }
-            (Kind::SnapshotComplete(c), Format::Json) => println!(
-                "{}",
-                json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count})
-            ),
-            (Kind::SnapshotComplete(c), Format::Text) => {
-                println!(
-                    "snapshot complete: {} agents at sequence {}",
-                    c.agent_count, c.head_sequence
-                );
-            }
+        if print_watch_message(s.format, kind, a.progress) {
+            seen += 1;
         }
         if a.count.is_some_and(|n| seen >= n) {
             break;
         }
     }
     Ok(())
+}
+
+/// Prints one WatchEvents message (progress only when `progress`); true
+/// for an event, which is what `--count` counts.
+fn print_watch_message(format: Format, kind: Kind, progress: bool) -> bool {
+    match (kind, format) {
+        (Kind::Event(e), Format::Json) => {
+            println!(
+                "{}",
+                json!({
+                    "type": "event",
+                    "sequence": e.sequence,
+                    "agent_id": e.agent_id,
+                    "event_type": output::event_type_name(e.r#type),
+                    "transition": e.transition.as_ref().map(transition_json),
+                    "agent": e.agent.as_ref().map(agent_json),
+                })
+            );
+            true
+        }
+        (Kind::Event(e), Format::Text) => {
+            let line = e
+                .transition
+                .as_ref()
+                .map(transition_line)
+                .unwrap_or_default();
+            println!("{}  {}", e.agent_id, line);
+            true
+        }
+        (Kind::Progress(p), Format::Json) if progress => {
+            println!(
+                "{}",
+                json!({"type": "progress", "head_sequence": p.head_sequence})
+            );
+            false
+        }
+        (Kind::Progress(p), Format::Text) if progress => {
+            println!("progress head={}", p.head_sequence);
+            false
+        }
+        (Kind::Progress(_), _) => false,
+        (Kind::SnapshotAgent(agent), Format::Json) => {
+            println!(
+                "{}",
+                json!({"type": "snapshot_agent", "agent": agent_json(&agent)})
+            );
+            false
+        }
+        (Kind::SnapshotAgent(agent), Format::Text) => {
+            println!("snapshot {}", agent_line(&agent));
+            false
+        }
+        (Kind::SnapshotComplete(c), Format::Json) => {
+            println!(
+                "{}",
+                json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count})
+            );
+            false
+        }
+        (Kind::SnapshotComplete(c), Format::Text) => {
+            println!(
+                "snapshot complete: {} agents at sequence {}",
+                c.agent_count, c.head_sequence
+            );
+            false
+        }
+    }
 }

@@ -1,0 +1,212 @@
+//! gRPC plumbing shared by the benchmarks: connections, unary calls with the
+//! tool's deadline, agent setup, and the [`Worker`] that flips one agent
+//! between ONLINE and IDLE.
+
+use std::{future::Future, time::Duration};
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use tonic::{Response, Status, transport::Channel};
+
+use agent_lifecycle::grpc::pb::{
+    self, AgentState, agent_lifecycle_service_client::AgentLifecycleServiceClient,
+};
+
+pub(super) type Client = AgentLifecycleServiceClient<Channel>;
+
+/// Deadline of every unary call the tool makes.
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests in flight while creating agents.
+pub(super) const SETUP_CONCURRENCY: usize = 64;
+/// Workers that populate the event log (`recovery`) or register (`memory`).
+pub(super) const LOAD_WORKERS: usize = 64;
+/// A worker gives up after this many failed requests in a row.
+pub(super) const MAX_CONSECUTIVE_ERRORS: u64 = 100;
+/// Recorded as `triggered_by` on every change the tool makes.
+pub(super) const TRIGGERED_BY: &str = "bench";
+
+/// One connection: `tcp_nodelay`, its own HTTP/2 connection.
+pub(super) async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(url.to_string())
+        .with_context(|| format!("bad server address {url:?}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))
+}
+
+/// `count` independent connections, as clients.
+pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<Vec<Client>> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        clients.push(Client::new(connect(url).await?));
+    }
+    Ok(clients)
+}
+
+/// A unary call with the tool's deadline; the reply message or an error
+/// naming the call and the status.
+pub(super) async fn call<T>(
+    what: &str,
+    future: impl Future<Output = Result<Response<T>, Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, future).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(anyhow!("{what}: {:?}: {}", status.code(), status.message())),
+        Err(_) => Err(anyhow!("{what}: no answer within {CALL_TIMEOUT:?}")),
+    }
+}
+
+pub(super) async fn head_sequence(client: &mut Client) -> anyhow::Result<u64> {
+    let metrics = call(
+        "GetLifecycleMetrics",
+        client.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {}),
+    )
+    .await?;
+    Ok(metrics.head_sequence)
+}
+
+/// Registers an agent; deploys and starts it (ONLINE) when `start`.
+async fn create_agent(mut client: Client, name: String, start: bool) -> anyhow::Result<String> {
+    let registered = call(
+        "RegisterAgent",
+        client.register_agent(pb::RegisterAgentRequest {
+            name,
+            triggered_by: TRIGGERED_BY.to_string(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    let id = registered
+        .agent
+        .context("RegisterAgent returned no agent")?
+        .agent_id;
+    if start {
+        call(
+            "DeployAgent",
+            client.deploy_agent(pb::DeployAgentRequest {
+                agent_id: id.clone(),
+                triggered_by: TRIGGERED_BY.to_string(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        call(
+            "StartAgent",
+            client.start_agent(pb::StartAgentRequest {
+                agent_id: id.clone(),
+                triggered_by: TRIGGERED_BY.to_string(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    }
+    Ok(id)
+}
+
+/// `count` agents (ONLINE when `start`), created over `clients` round-robin
+/// with [`SETUP_CONCURRENCY`] requests in flight; ids in creation order.
+pub(super) async fn create_agents(
+    clients: &[Client],
+    count: usize,
+    start: bool,
+    prefix: &str,
+) -> anyhow::Result<Vec<String>> {
+    if clients.is_empty() {
+        bail!("no connection to create agents on");
+    }
+    stream::iter(0..count)
+        .map(|i| {
+            create_agent(
+                clients[i % clients.len()].clone(),
+                format!("{prefix}-{i}"),
+                start,
+            )
+        })
+        .buffered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+pub(super) fn flip(state: AgentState) -> AgentState {
+    if state == AgentState::Online {
+        AgentState::Idle
+    } else {
+        AgentState::Online
+    }
+}
+
+/// The target that moves an agent in `state` between ONLINE and IDLE.
+pub(super) fn target_from(state: i32) -> AgentState {
+    if state == AgentState::Online as i32 {
+        AgentState::Idle
+    } else {
+        AgentState::Online
+    }
+}
+
+fn timestamp_nanos(ts: &prost_types::Timestamp) -> i128 {
+    i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos)
+}
+
+/// A worker's agent and where it goes next.
+#[derive(Clone, Debug)]
+pub(super) struct Worker {
+    pub(super) client: Client,
+    pub(super) agent_id: String,
+    pub(super) target: AgentState,
+}
+
+impl Worker {
+    /// One TransitionAgent to `target`; on success the next target flips.
+    /// Returns the committed (sequence, commit time in ns since the epoch).
+    pub(super) async fn transition(&mut self) -> anyhow::Result<(u64, i128)> {
+        let response = call(
+            "TransitionAgent",
+            self.client.transition_agent(pb::TransitionAgentRequest {
+                agent_id: self.agent_id.clone(),
+                target_state: self.target as i32,
+                triggered_by: TRIGGERED_BY.to_string(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        self.target = flip(self.target);
+        let transition = response
+            .transitions
+            .first()
+            .context("TransitionAgent returned no transition")?;
+        let at = transition
+            .timestamp
+            .as_ref()
+            .map(timestamp_nanos)
+            .unwrap_or(0);
+        Ok((transition.sequence, at))
+    }
+
+    /// After a failure: learn the agent's state so the next target is valid.
+    pub(super) async fn resync(&mut self) {
+        let request = pb::GetAgentRequest {
+            agent_id: self.agent_id.clone(),
+        };
+        if let Ok(response) = call("GetAgent", self.client.get_agent(request)).await
+            && let Some(agent) = response.agent
+        {
+            self.target = target_from(agent.state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flips_between_online_and_idle() {
+        assert_eq!(flip(AgentState::Online), AgentState::Idle);
+        assert_eq!(flip(AgentState::Idle), AgentState::Online);
+        assert_eq!(target_from(AgentState::Idle as i32), AgentState::Online);
+        assert_eq!(target_from(AgentState::Online as i32), AgentState::Idle);
+    }
+}

@@ -1,0 +1,265 @@
+//! `bench transition` and `bench get`: closed-loop load on a running server.
+//! N workers, one request in flight each, spread round-robin over C
+//! connections, until a deadline; transitions also check that the committed
+//! sequences are contiguous and count group commits.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use agent_lifecycle::grpc::pb::{self, AgentState};
+
+use super::{
+    LoadArgs,
+    client::{MAX_CONSECUTIVE_ERRORS, Worker, call, connect_clients, create_agents, head_sequence},
+    ensure_positive,
+    stats::{Latencies, median, nanos, rate, secs},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LoadOp {
+    Transition,
+    Get,
+}
+
+impl LoadOp {
+    fn unit(self) -> &'static str {
+        match self {
+            LoadOp::Transition => "transitions/s",
+            LoadOp::Get => "gets/s",
+        }
+    }
+}
+
+/// What one worker saw in one run.
+#[derive(Debug, Default)]
+struct WorkerOutcome {
+    /// Measured (after the warm-up) successful requests, ns.
+    latencies: Vec<u64>,
+    /// Every committed (sequence, commit time) of the run, warm-up included.
+    commits: Vec<(u64, i128)>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl WorkerOutcome {
+    fn failed(&mut self, err: &anyhow::Error) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{err:#}"));
+        }
+    }
+}
+
+/// Requests back to back until `end`; latencies of those started after
+/// `warm_end` are recorded.
+async fn load_worker(
+    op: LoadOp,
+    mut worker: Worker,
+    warm_end: Instant,
+    end: Instant,
+) -> (Worker, WorkerOutcome) {
+    let mut out = WorkerOutcome::default();
+    let mut consecutive_errors = 0;
+    loop {
+        let started = Instant::now();
+        if started >= end {
+            break;
+        }
+        let result = match op {
+            LoadOp::Transition => worker.transition().await.map(Some),
+            LoadOp::Get => {
+                let request = pb::GetAgentRequest {
+                    agent_id: worker.agent_id.clone(),
+                };
+                call("GetAgent", worker.client.get_agent(request))
+                    .await
+                    .map(|_| None)
+            }
+        };
+        let latency = started.elapsed();
+        match result {
+            Ok(commit) => {
+                consecutive_errors = 0;
+                if let Some(commit) = commit {
+                    out.commits.push(commit);
+                }
+                if started >= warm_end {
+                    out.latencies.push(nanos(latency));
+                }
+            }
+            Err(err) => {
+                out.failed(&err);
+                consecutive_errors += 1;
+                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+                    break;
+                }
+                if op == LoadOp::Transition {
+                    worker.resync().await;
+                }
+            }
+        }
+    }
+    (worker, out)
+}
+
+/// Checks that committed sequences are contiguous and counts group commits
+/// (a batch shares one commit time).
+#[derive(Debug, Default, PartialEq)]
+struct SequenceCheck {
+    committed: u64,
+    gaps: u64,
+    duplicates: u64,
+    batches: u64,
+}
+
+fn check_sequences(mut commits: Vec<(u64, i128)>) -> SequenceCheck {
+    let mut check = SequenceCheck {
+        committed: commits.len() as u64,
+        ..Default::default()
+    };
+    commits.sort_unstable();
+    for pair in commits.windows(2) {
+        let (a, b) = (pair[0].0, pair[1].0);
+        if b == a {
+            check.duplicates += 1;
+        } else if b > a + 1 {
+            check.gaps += b - a - 1;
+        }
+    }
+    let mut times: Vec<i128> = commits.iter().map(|c| c.1).collect();
+    times.sort_unstable();
+    times.dedup();
+    check.batches = times.len() as u64;
+    check
+}
+
+/// Runs `bench transition` or `bench get`.
+///
+/// # Errors
+/// Bad arguments, an unreachable server, a failed setup or a panicked worker.
+pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Result<()> {
+    ensure_positive("concurrency", args.concurrency)?;
+    ensure_positive("connections", args.connections)?;
+    ensure_positive("runs", args.runs)?;
+    if args.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    let name = match op {
+        LoadOp::Transition => "transition",
+        LoadOp::Get => "get",
+    };
+    println!(
+        "bench {name}: server {server}, concurrency {}, connections {}, duration {}, warmup {}, runs {}",
+        args.concurrency,
+        args.connections,
+        secs(args.duration),
+        secs(args.warmup),
+        args.runs
+    );
+    let mut clients = connect_clients(server, args.connections).await?;
+    let setup = Instant::now();
+    let ids = create_agents(&clients, args.concurrency, true, &format!("bench-{name}")).await?;
+    println!(
+        "setup: {} agents registered, deployed, started in {}",
+        ids.len(),
+        secs(setup.elapsed())
+    );
+    let mut workers: Vec<Worker> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, agent_id)| Worker {
+            client: clients[i % clients.len()].clone(),
+            agent_id,
+            target: AgentState::Idle,
+        })
+        .collect();
+
+    let mut throughputs = Vec::new();
+    let mut latencies = Vec::new();
+    for run in 1..=args.runs {
+        let head_before = head_sequence(&mut clients[0]).await?;
+        let warm_end = Instant::now() + args.warmup;
+        let end = warm_end + args.duration;
+        let handles: Vec<_> = workers
+            .drain(..)
+            .map(|w| tokio::spawn(load_worker(op, w, warm_end, end)))
+            .collect();
+        let mut outcomes = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let (worker, outcome) = handle.await.context("a worker panicked")?;
+            workers.push(worker);
+            outcomes.push(outcome);
+        }
+        let elapsed = Instant::now().saturating_duration_since(warm_end);
+        let head_after = head_sequence(&mut clients[0]).await?;
+
+        let errors: u64 = outcomes.iter().map(|o| o.errors).sum();
+        let first_error = outcomes.iter().find_map(|o| o.first_error.clone());
+        let mut samples = Vec::with_capacity(outcomes.iter().map(|o| o.latencies.len()).sum());
+        let mut commits = Vec::new();
+        for outcome in outcomes {
+            samples.extend(outcome.latencies);
+            commits.extend(outcome.commits);
+        }
+        let count = samples.len() as u64;
+        let throughput = rate(count, elapsed);
+        let lat = Latencies::from_samples(samples);
+        println!(
+            "run {run}/{}: {throughput:.1} {} ({count} in {})  {}  errors {errors}",
+            args.runs,
+            op.unit(),
+            secs(elapsed),
+            lat.line()
+        );
+        if op == LoadOp::Transition {
+            let check = check_sequences(commits);
+            let batch = if check.batches == 0 {
+                0.0
+            } else {
+                check.committed as f64 / check.batches as f64
+            };
+            println!(
+                "  sequences: {} committed (warm-up included), head +{}, gaps {}, duplicates {}; \
+                 {} group commits, {batch:.1} transitions per commit",
+                check.committed,
+                head_after.saturating_sub(head_before),
+                check.gaps,
+                check.duplicates,
+                check.batches
+            );
+        }
+        if let Some(err) = first_error {
+            println!("  first error: {err}");
+        }
+        throughputs.push(throughput);
+        latencies.push(lat);
+    }
+    println!(
+        "median of {} runs: {:.1} {}  {}",
+        args.runs,
+        median(throughputs.into_iter()),
+        op.unit(),
+        Latencies::median_of(&latencies).line()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_check_finds_gaps_duplicates_and_batches() {
+        let check = check_sequences(vec![(3, 10), (1, 10), (2, 20), (2, 20), (6, 30)]);
+        assert_eq!(
+            check,
+            SequenceCheck {
+                committed: 5,
+                gaps: 2,
+                duplicates: 1,
+                batches: 3
+            }
+        );
+    }
+}

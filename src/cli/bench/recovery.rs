@@ -1,0 +1,188 @@
+//! `bench recovery`: spawns the server on a SQLite file of E events
+//! (populating it first if it holds fewer) and measures how long a restart
+//! takes until it listens and until it answers with the whole log loaded.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use agent_lifecycle::grpc::pb::AgentState;
+
+use super::{
+    RecoveryArgs,
+    client::{
+        Client, LOAD_WORKERS, Worker, connect, connect_clients, create_agents, head_sequence,
+    },
+    ensure_positive,
+    server::{SpawnedServer, file_size, server_binary},
+    stats::{Latencies, median, mib, nanos, rate, secs},
+};
+
+/// `workers` workers flip ONLINE agents ONLINE <-> IDLE until the head
+/// reaches `target`; returns the latencies and the number of transitions.
+async fn flip_until(
+    clients: &[Client],
+    agents: Vec<String>,
+    head: u64,
+    target: u64,
+) -> anyhow::Result<(u64, Vec<u64>)> {
+    let workers = LOAD_WORKERS.min(agents.len()).max(1);
+    let mut groups: Vec<Vec<Worker>> = vec![Vec::new(); workers];
+    for (i, agent_id) in agents.into_iter().enumerate() {
+        groups[i % workers].push(Worker {
+            client: clients[i % clients.len()].clone(),
+            agent_id,
+            target: AgentState::Idle,
+        });
+    }
+    let seen = Arc::new(AtomicU64::new(head));
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|mut group| {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                if group.is_empty() {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                // At most `target` transitions: the loop is bounded even if
+                // the head never moves.
+                for i in 0..target {
+                    if seen.load(Ordering::Relaxed) >= target {
+                        break;
+                    }
+                    let index = usize::try_from(i).unwrap_or(0) % group.len();
+                    let started = Instant::now();
+                    let (sequence, _) = group[index].transition().await?;
+                    latencies.push(nanos(started.elapsed()));
+                    seen.fetch_max(sequence, Ordering::Relaxed);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for handle in handles {
+        samples.extend(handle.await.context("a worker panicked")??);
+    }
+    Ok((samples.len() as u64, samples))
+}
+
+/// Runs `bench recovery`.
+///
+/// # Errors
+/// Bad arguments, a server that does not start, stop or load the log, or a
+/// failed request.
+pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
+    ensure_positive("agents", args.agents)?;
+    ensure_positive("runs", args.runs)?;
+    let binary = server_binary(args.binary)?;
+    let dir = args
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join("agent-lifecycle-bench"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let db = dir.join("bench.db");
+    let store = format!("sqlite://{}", db.display());
+    println!(
+        "bench recovery: {} events in {}, agents {}, binary {}, runs {}",
+        args.events,
+        db.display(),
+        args.agents,
+        binary.display(),
+        args.runs
+    );
+
+    // Populate unless the file already holds enough.
+    let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
+    let clients = connect_clients(&server.url, 4).await?;
+    let mut client = clients[0].clone();
+    let head = head_sequence(&mut client).await?;
+    if head >= args.events {
+        println!("populate: skipped, the file already holds {head} events");
+    } else {
+        let started = Instant::now();
+        let ids = create_agents(&clients, args.agents, true, "bench-recovery").await?;
+        let created = started.elapsed();
+        let after_setup = head_sequence(&mut client).await?;
+        let (transitions, samples) = flip_until(&clients, ids, after_setup, args.events).await?;
+        let elapsed = started.elapsed();
+        let head_now = head_sequence(&mut client).await?;
+        if head_now < args.events {
+            bail!(
+                "populating stopped at head {head_now}, below {}",
+                args.events
+            );
+        }
+        let flip_time = elapsed.saturating_sub(created);
+        println!(
+            "populate: {} events ({} before) in {} ({:.1} events/s): {} agents in {}, then {transitions} transitions in {} \
+             ({:.1}/s, {LOAD_WORKERS} workers, TransitionAgent {})",
+            head_now - head,
+            head,
+            secs(elapsed),
+            rate(head_now - head, elapsed),
+            args.agents,
+            secs(created),
+            secs(flip_time),
+            rate(transitions, flip_time),
+            Latencies::from_samples(samples).line()
+        );
+    }
+    drop(client);
+    drop(clients);
+    let (stop_time, status) = server.stop().await?;
+    println!(
+        "  first server stopped in {} ({status}); bench.db {}, bench.db-wal {}",
+        secs(stop_time),
+        mib(file_size(&db)),
+        mib(file_size(&dir.join("bench.db-wal")))
+    );
+
+    let mut listening_times = Vec::new();
+    let mut ready_times = Vec::new();
+    for run in 1..=args.runs {
+        let spawned = Instant::now();
+        let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
+        let listening = spawned.elapsed();
+        let deadline = spawned + args.start_timeout;
+        let mut client = Client::new(connect(&server.url).await?);
+        let head = loop {
+            let head = head_sequence(&mut client).await?;
+            if head >= args.events {
+                break head;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the restarted server reports head {head}, below {}",
+                    args.events
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let ready = spawned.elapsed();
+        drop(client);
+        let (stop_time, status) = server.stop().await?;
+        println!(
+            "run {run}/{}: listening after {}, GetLifecycleMetrics head {head} after {}; stopped in {} ({status})",
+            args.runs,
+            secs(listening),
+            secs(ready),
+            secs(stop_time)
+        );
+        listening_times.push(listening.as_secs_f64());
+        ready_times.push(ready.as_secs_f64());
+    }
+    println!(
+        "median of {} restarts: listening after {:.3}s, ready after {:.3}s",
+        args.runs,
+        median(listening_times.into_iter()),
+        median(ready_times.into_iter())
+    );
+    Ok(())
+}
