@@ -25,8 +25,9 @@
 //! holds the writer for long.
 
 use std::{
-    sync::{Arc, mpsc},
-    time::Instant,
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering, mpsc},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{OwnedMutexGuard, oneshot};
@@ -37,6 +38,17 @@ use crate::{
     domain::{Agent, AgentId, AgentState, LifecycleEvent, Metadata, TransitionRecord},
     store::{AgentChange, AgentIdentity, BatchId, ChangeOutcome, Retention, StoreError},
 };
+
+/// Events read from the log per step when following other processes.
+const FOLLOW_PAGE: usize = 1_000;
+
+/// Pauses between attempts to read the log before applying a batch that
+/// other processes' commits precede; after the last, writes are refused.
+const FOLLOW_RETRIES: &[Duration] = &[
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+];
 
 /// Rows deleted per compaction step; bounds how long one step holds the
 /// writer (a few milliseconds).
@@ -95,6 +107,9 @@ pub(crate) enum Message {
     /// Run compaction to completion now (chunk by chunk, committing queued
     /// proposals between chunks); reply with the rows deleted in the round.
     Compact(oneshot::Sender<Result<u64, Arc<StoreError>>>),
+    /// Apply what other processes committed (a shared store): read the log
+    /// after the table's head until it ends; reply with the new head.
+    Follow(Option<oneshot::Sender<Result<u64, Arc<StoreError>>>>),
 }
 
 /// Settings of the thread.
@@ -127,12 +142,14 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             }
         };
         let mut close = None;
+        let mut followers = Vec::new();
         let mut next = first;
         while let Some(message) = next.take() {
             match message {
                 Message::Propose(proposal, reply) => queue.push((proposal, reply)),
                 Message::Close(done) => close = Some(done),
                 Message::Compact(done) => compaction.waiters.push(done),
+                Message::Follow(done) => followers.push(done),
             }
             if close.is_none() && queue.len() < settings.max_batch {
                 next = rx.try_recv().ok();
@@ -151,6 +168,16 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
                         poisoned = Some(err);
                     }
                 }
+            }
+        }
+        if !followers.is_empty() {
+            shared.follow_requested.store(false, Ordering::Release);
+            let result = follow(&shared, u64::MAX).map_err(Arc::new);
+            if let Err(err) = &result {
+                warn!(error = %crate::error::chain(&**err), "reading commits of other processes failed");
+            }
+            for done in followers.into_iter().flatten() {
+                let _ = done.send(result.clone());
             }
         }
         if let Some(done) = close {
@@ -273,6 +300,7 @@ impl Batch {
     fn run(mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
         match self.persist(shared) {
             Ok(()) => {
+                self.follow_preceding(shared)?;
                 self.apply(shared);
                 self.publish(shared);
                 self.reply();
@@ -322,6 +350,43 @@ impl Batch {
                         Err(PersistError::Uncertain(err))
                     }
                 }
+            }
+        }
+    }
+
+    /// Before step 3, on a shared store: events other processes committed
+    /// before this batch go into the table first, so that the table and the
+    /// bus stay in sequence order.
+    ///
+    /// # Errors
+    /// The log could not be read after retries; the batch is committed but
+    /// cannot be applied in order, so writes must be refused.
+    fn follow_preceding(&mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
+        let Some(first) = self
+            .changes
+            .iter()
+            .zip(&self.outcomes)
+            .filter(|(_, outcome)| **outcome == ChangeOutcome::Committed)
+            .find_map(|(change, _)| change.records.first().map(|r| r.sequence))
+        else {
+            return Ok(());
+        };
+        let mut retries = FOLLOW_RETRIES.iter();
+        loop {
+            match follow(shared, first) {
+                Ok(_) => return Ok(()),
+                Err(err) => match retries.next() {
+                    Some(pause) => {
+                        warn!(error = %crate::error::chain(&err), "reading the log before applying a batch failed; retrying");
+                        std::thread::sleep(*pause);
+                    }
+                    None => {
+                        error!(error = %crate::error::chain(&err), "a committed batch cannot be applied in order; refusing writes until restart");
+                        let err = Arc::new(err);
+                        self.fail_committed(&err);
+                        return Err(err);
+                    }
+                },
             }
         }
     }
@@ -391,10 +456,83 @@ impl Batch {
         }
     }
 
+    /// Committed but not applied: every proposer gets `err` (the change may
+    /// be visible after a restart).
+    fn fail_committed(&mut self, err: &Arc<StoreError>) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.reply.send(Err(Rejected::Store(Arc::clone(err))));
+        }
+    }
+
     /// A failed persist: every proposer gets the store's error.
     fn fail(self, err: &Arc<StoreError>) {
         for waiter in self.waiters {
             let _ = waiter.reply.send(Err(Rejected::Store(Arc::clone(err))));
+        }
+    }
+}
+
+/// Applies events of the log after the table's head and before
+/// `stop_before` (other processes' commits; on a store only this process
+/// writes there are none), in sequence order, and publishes them. Returns
+/// the table's new head.
+///
+/// # Errors
+/// The log could not be read, or it has a gap (events compacted before this
+/// process applied them).
+fn follow(shared: &Shared, stop_before: u64) -> Result<u64, StoreError> {
+    loop {
+        let after = shared.head();
+        if after.saturating_add(1) >= stop_before {
+            return Ok(after);
+        }
+        let records: Vec<_> = shared
+            .store
+            .events_after(after, FOLLOW_PAGE)?
+            .into_iter()
+            .take_while(|r| r.sequence < stop_before)
+            .collect();
+        let Some(first) = records.first() else {
+            return Ok(after);
+        };
+        if first.sequence != after + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "the event log continues at {} after {after}: events were compacted before this process applied them; restart it",
+                first.sequence
+            )));
+        }
+        let created: Vec<AgentId> = records
+            .iter()
+            .filter(|r| r.from.is_none())
+            .map(|r| r.agent_id)
+            .collect();
+        let identities: HashMap<AgentId, AgentIdentity> = if created.is_empty() {
+            HashMap::new()
+        } else {
+            shared.store.identities(&created)?.into_iter().collect()
+        };
+        let mut events = Vec::with_capacity(records.len());
+        {
+            let mut table = shared.write_table();
+            for record in records {
+                if record.sequence <= table.head {
+                    continue;
+                }
+                let identity = identities.get(&record.agent_id);
+                match table.apply(Arc::clone(&record), identity, &shared.metrics) {
+                    Some(agent) => events.push(Arc::new(LifecycleEvent::new(record, agent))),
+                    None => {
+                        return Err(StoreError::Corrupt(format!(
+                            "event {} of agent {} does not apply to the table",
+                            record.sequence, record.agent_id
+                        )));
+                    }
+                }
+            }
+            shared.metrics.set_head(table.head);
+        }
+        for event in events {
+            let _ = shared.bus.send(event);
         }
     }
 }

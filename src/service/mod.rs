@@ -126,6 +126,7 @@ impl AgentLifecycleService {
             store,
             metrics: metrics.clone(),
             clock: Arc::clone(&config.clock),
+            follow_requested: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
         let settings = commit::Settings {

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, atomic::AtomicBool},
 };
 
 use tokio::sync::broadcast;
@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
+    /// Set while a `Follow` message is queued, so the follower thread sends
+    /// at most one at a time.
+    pub follow_requested: AtomicBool,
 }
 
 impl Shared {
