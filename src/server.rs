@@ -23,9 +23,6 @@ use crate::{
     service::AgentLifecycleService,
 };
 
-/// The fully qualified name of the lifecycle service, as health checks name it.
-pub const SERVICE_NAME: &str = "agentlifecycle.v1.AgentLifecycleService";
-
 /// Concurrent HTTP/2 streams per connection (watch streams included).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
