@@ -1,6 +1,7 @@
 //! The server: the lifecycle service plus grpc.health.v1 and server
-//! reflection (v1 and v1alpha) on one listener, with a request span per
-//! call, size limits and graceful shutdown.
+//! reflection (v1 and v1alpha) on one listener, all behind one
+//! [`CallLayer`] (caller, request span, per-call record), with size limits
+//! and graceful shutdown.
 //!
 //! Shutdown order: health turns NOT_SERVING, open watch streams end with
 //! UNAVAILABLE after their last delivered event, tonic stops accepting and
@@ -12,12 +13,12 @@ use std::{future::Future, time::Duration};
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::{
     config::MAX_REQUEST_BYTES,
     grpc::{
-        LifecycleHandler, LifecycleServer, pb,
+        CallLayer, LifecycleHandler, LifecycleServer, pb,
         pb::agent_lifecycle_service_server::AgentLifecycleServiceServer,
     },
     service::AgentLifecycleService,
@@ -48,13 +49,27 @@ pub enum ServerError {
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then shuts
-/// down gracefully and closes the service.
+/// down gracefully and closes the service. Callers are anonymous and no
+/// per-call records are kept ([`CallLayer::default`]).
 ///
 /// # Errors
 /// See [`ServerError`].
 pub async fn run(
     listener: TcpListener,
     service: AgentLifecycleService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    run_with(listener, service, CallLayer::default(), shutdown).await
+}
+
+/// [`run`], with `calls` around every call served.
+///
+/// # Errors
+/// See [`ServerError`].
+pub async fn run_with(
+    listener: TcpListener,
+    service: AgentLifecycleService,
+    calls: CallLayer,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -97,9 +112,9 @@ pub async fn run(
         info!(%addr, "serving gRPC");
     }
     let serve = Server::builder()
-        .trace_fn(|request| info_span!("grpc", method = %request.uri().path()))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .layer(calls)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

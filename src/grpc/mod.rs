@@ -1,10 +1,12 @@
 //! The tonic edge: the generated code, conversions between wire and domain
-//! types, the service handler and the one mapping from [`crate::Error`] to
-//! `tonic::Status`. Nothing below this module names tonic, prost or `pb`.
+//! types, the service handler, the layer around every call and the one
+//! mapping from [`crate::Error`] to `tonic::Status`. Nothing below this
+//! module names tonic, prost or `pb`.
 
 pub mod convert;
 pub mod fanout;
 pub mod handler;
+pub mod layer;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.
@@ -19,3 +21,4 @@ pub mod pb {
 
 pub use fanout::LifecycleServer;
 pub use handler::LifecycleHandler;
+pub use layer::{CallLayer, CallObserver, CallRecord, IgnoreCalls};
