@@ -11,8 +11,8 @@ use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 use super::pb;
 use crate::{
     domain::{
-        Agent, AgentCategory, AgentId, AgentState, EventKind, FieldViolation, Labels, Metadata,
-        TransitionPolicy, TransitionRecord,
+        Agent, AgentCategory, AgentId, AgentState, Caller, EventKind, FieldViolation, Labels,
+        Metadata, TransitionPolicy, TransitionRecord,
     },
     service::{ChangeRequest, HistoryCursor, LifecycleMetrics},
 };
@@ -228,7 +228,7 @@ pub fn labels_from_pb(labels: std::collections::HashMap<String, String>) -> Labe
     labels.into_iter().collect()
 }
 
-/// The common fields of a mutating request.
+/// The common fields of a mutating request, made by `caller`.
 ///
 /// # Errors
 /// Bad metadata.
@@ -237,13 +237,14 @@ pub fn change_from_pb(
     triggered_by: String,
     metadata: Option<Struct>,
     expected_version: Option<u64>,
+    caller: Caller,
 ) -> Result<ChangeRequest, FieldViolation> {
     Ok(ChangeRequest {
         reason,
         triggered_by,
         metadata: metadata_from_pb("metadata", metadata)?,
         expected_version,
-        caller: crate::domain::Caller::anonymous(),
+        caller,
     })
 }
 

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod fanout;
 pub mod handler;
 pub mod layer;
+pub mod mutation;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::{
     Error,
-    domain::{AgentState, TransitionError},
+    domain::{AgentState, FieldViolation, TransitionError},
 };
 
 /// `ErrorInfo.domain` of every error.
@@ -31,6 +31,14 @@ fn names(states: &[AgentState]) -> String {
         .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Malformed input: INVALID_ARGUMENT naming the field, as
+/// [`Error::InvalidArgument`].
+impl From<FieldViolation> for Status {
+    fn from(violation: FieldViolation) -> Self {
+        Status::from(Error::InvalidArgument(violation))
+    }
 }
 
 impl From<Error> for Status {
