@@ -17,10 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::MAX_REQUEST_BYTES,
-    grpc::{
-        CallLayer, LifecycleHandler, LifecycleServer, pb,
-        pb::agent_lifecycle_service_server::AgentLifecycleServiceServer,
-    },
+    grpc::{CallLayer, LifecycleServer, pb},
     service::AgentLifecycleService,
 };
 
@@ -73,9 +70,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
-        .await;
+    health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -87,7 +82,7 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = LifecycleServer::new(LifecycleHandler::new(service.clone()), MAX_REQUEST_BYTES);
+    let lifecycle = LifecycleServer::new(service.clone(), MAX_REQUEST_BYTES);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -98,9 +93,7 @@ pub async fn run_with(
         async move {
             shutdown.await;
             info!("shutting down: health NOT_SERVING, ending watch streams");
-            health
-                .set_not_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
-                .await;
+            health.set_not_serving::<LifecycleServer>().await;
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;

@@ -9,12 +9,15 @@
 //! `?` uses its `From` impls. The request and response shapes that mutating
 //! RPCs share are in `mutation.rs`.
 //!
-//! WatchEvents: `fanout.rs` serves it with each event encoded once; the
-//! generated trait's `watch_events` serves the generated server used alone.
+//! WatchEvents has one implementation, [`LifecycleHandler::watch`], which
+//! `fanout.rs` serves with each event encoded once. The generated trait's
+//! `watch_events` is never reached (see its doc). Depends on the service,
+//! the conversions and the layer's [`caller_of`]; knows nothing of the
+//! transport.
 
 use std::pin::Pin;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -22,19 +25,21 @@ use super::{
     layer::caller_of,
     mutation::{MutatingRequest, MutationResponse},
     pb,
+    status::not_routed,
 };
 use crate::{
-    domain::{AgentState, LifecycleEvent, TransitionPolicy},
-    service::{
-        AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem,
-        WatchRequest, Watcher,
-    },
+    domain::AgentState,
+    service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
 };
 
 /// Default ListAgents page size.
-pub const DEFAULT_LIST_PAGE: usize = 100;
+const DEFAULT_LIST_PAGE: usize = 100;
 /// Largest ListAgents page.
-pub const MAX_LIST_PAGE: usize = 1000;
+const MAX_LIST_PAGE: usize = 1000;
+
+/// The items of one WatchEvents stream, before encoding: `fanout.rs`
+/// encodes them (events once for all streams).
+pub type WatchItems = Pin<Box<dyn Stream<Item = Result<WatchItem, Status>> + Send>>;
 
 /// Serves `agentlifecycle.v1.AgentLifecycleService`.
 #[derive(Clone, Debug)]
@@ -48,9 +53,32 @@ impl LifecycleHandler {
         LifecycleHandler { service }
     }
 
+    /// The service this handler calls.
+    pub fn service(&self) -> &AgentLifecycleService {
+        &self.service
+    }
+
     /// The response of a mutating RPC for `outcome`.
     fn reply<R: MutationResponse>(&self, outcome: &Outcome) -> Response<R> {
         Response::new(R::from_outcome(outcome, self.service.policy()))
+    }
+
+    /// WatchEvents: validates the request, opens the watcher and returns
+    /// its items. The one implementation of the RPC; `fanout.rs` serves it.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a bad filter; OUT_OF_RANGE for a compacted or
+    /// future `start_sequence`; UNAVAILABLE while shutting down. The stream
+    /// itself ends with OUT_OF_RANGE (events compacted while it caught up)
+    /// or UNAVAILABLE (shutdown).
+    pub fn watch(&self, request: Request<pb::WatchEventsRequest>) -> Result<WatchItems, Status> {
+        let watch = convert::watch_request_from_pb(request.into_inner())?;
+        let watcher = self.service.watch(watch)?;
+        let items = futures_util::stream::unfold(watcher, |mut watcher| async move {
+            let item = watcher.next().await?;
+            Some((item.map_err(Status::from), watcher))
+        });
+        Ok(Box::pin(items))
     }
 }
 
@@ -279,96 +307,36 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     type WatchEventsStream =
         Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
-    /// Served by `fanout::LifecycleServer` in the real server (events
-    /// encoded once); this path serves the generated server used alone.
+    /// Never reached: [`LifecycleServer`](super::LifecycleServer), the only
+    /// way this handler is served, answers the WatchEvents path itself with
+    /// [`LifecycleHandler::watch`] before the generated server sees it. The
+    /// generated signature cannot carry events encoded once, so it is not
+    /// a second implementation; it answers UNIMPLEMENTED.
     async fn watch_events(
         &self,
-        request: Request<pb::WatchEventsRequest>,
+        _request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let watcher = self.open_watcher(request.into_inner())?;
-        let policy = self.service.policy().clone();
-        let stream =
-            futures_util::stream::unfold((watcher, policy), |(mut watcher, policy)| async move {
-                let item = watcher.next().await?;
-                let message = item
-                    .map(|item| item_to_pb(item, &policy))
-                    .map_err(Status::from);
-                Some((message, (watcher, policy)))
-            });
-        Ok(Response::new(stream.boxed()))
+        Err(not_routed(
+            "/agentlifecycle.v1.AgentLifecycleService/WatchEvents",
+        ))
     }
-}
-
-impl LifecycleHandler {
-    /// The active policy.
-    pub(crate) fn policy(&self) -> &TransitionPolicy {
-        self.service.policy()
-    }
-
-    /// Validates a WatchEvents request and opens the watcher.
-    pub(crate) fn open_watcher(&self, r: pb::WatchEventsRequest) -> Result<Watcher, Status> {
-        let agent_ids = r
-            .agent_ids
-            .iter()
-            .map(|id| agent_id_from_pb("agent_ids", id))
-            .collect::<Result<Vec<_>, _>>()?;
-        let watch = WatchRequest {
-            agent_ids,
-            states: convert::states_from_pb("states", &r.states)?,
-            kinds: convert::event_kinds_from_pb(&r.event_types)?,
-            labels: convert::labels_from_pb(r.labels),
-            start_sequence: r.start_sequence,
-            include_snapshot: r.include_snapshot,
-        };
-        self.service.watch(watch).map_err(Status::from)
-    }
-}
-
-/// The stream message carrying `event`.
-pub(crate) fn event_message(
-    event: &LifecycleEvent,
-    policy: &TransitionPolicy,
-) -> pb::WatchEventsResponse {
-    pb::WatchEventsResponse {
-        kind: Some(pb::watch_events_response::Kind::Event(pb::LifecycleEvent {
-            sequence: event.sequence(),
-            agent_id: event.record.agent_id.to_string(),
-            r#type: convert::kind_to_pb(event.kind()) as i32,
-            transition: Some(convert::transition_to_pb(&event.record)),
-            agent: Some(convert::agent_to_pb(&event.agent, policy)),
-        })),
-    }
-}
-
-/// The stream message for any watch item.
-pub(crate) fn item_to_pb(item: WatchItem, policy: &TransitionPolicy) -> pb::WatchEventsResponse {
-    use pb::watch_events_response::Kind;
-    let kind = match item {
-        WatchItem::Event(event) => return event_message(&event, policy),
-        WatchItem::Progress { head_sequence } => Kind::Progress(pb::Progress { head_sequence }),
-        WatchItem::SnapshotAgent(agent) => {
-            Kind::SnapshotAgent(convert::agent_to_pb(&agent, policy))
-        }
-        WatchItem::SnapshotComplete {
-            head_sequence,
-            agent_count,
-        } => Kind::SnapshotComplete(pb::SnapshotComplete {
-            head_sequence,
-            agent_count,
-        }),
-    };
-    pb::WatchEventsResponse { kind: Some(kind) }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
     use pb::agent_lifecycle_service_server::AgentLifecycleService as _;
 
-    /// The generated trait's own WatchEvents path (used when the generated
-    /// server is served alone) replays and converts like the fan-out path.
+    use super::*;
+
+    /// Handlers called directly: registration and a deploy convert their
+    /// outcomes; WatchEvents replays the registration from sequence 1; bad
+    /// input is INVALID_ARGUMENT; the generated `watch_events` answers
+    /// UNIMPLEMENTED because `fanout.rs` serves the RPC.
     #[tokio::test]
-    async fn generated_watch_path_replays_events() {
+    async fn handlers_convert_and_watch_replays() {
         let service = AgentLifecycleService::in_memory().expect("service");
         let handler = LifecycleHandler::new(service.clone());
         let registered = handler
@@ -376,28 +344,35 @@ mod tests {
             .await
             .expect("register")
             .into_inner();
+        let agent = registered.agent.expect("agent");
+        assert_eq!(registered.transitions.len(), 1);
+        let deployed = handler
+            .deploy_agent(Request::new(pb::DeployAgentRequest {
+                agent_id: agent.agent_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("deploy")
+            .into_inner();
+        assert_eq!(deployed.transitions.len(), 2);
+        assert_eq!(deployed.agent.expect("agent").version, 3);
+
         let request = pb::WatchEventsRequest {
             start_sequence: 1,
             ..Default::default()
         };
-        let mut stream = handler
-            .watch_events(Request::new(request))
-            .await
-            .expect("watch")
-            .into_inner();
-        let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        let mut items = handler.watch(Request::new(request)).expect("watch");
+        let first = tokio::time::timeout(Duration::from_secs(10), items.next())
             .await
             .expect("in time")
             .expect("an item")
             .expect("ok");
-        let Some(pb::watch_events_response::Kind::Event(event)) = first.kind else {
-            panic!("expected an event");
+        let WatchItem::Event(event) = first else {
+            panic!("expected an event, got {first:?}");
         };
-        assert_eq!(event.sequence, 1);
-        assert_eq!(
-            event.agent.expect("agent"),
-            registered.agent.expect("agent")
-        );
+        assert_eq!(event.sequence(), 1);
+        assert_eq!(convert::agent_to_pb(&event.agent, service.policy()), agent);
+
         let err = handler
             .get_agent(Request::new(pb::GetAgentRequest {
                 agent_id: "x".into(),
@@ -405,5 +380,20 @@ mod tests {
             .await
             .expect_err("invalid");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = handler
+            .transition_agent(Request::new(pb::TransitionAgentRequest {
+                agent_id: agent.agent_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("no target");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("target_state"), "{}", err.message());
+        let err = handler
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
+            .await
+            .err()
+            .expect("not routed here");
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
     }
 }

@@ -41,6 +41,17 @@ impl From<FieldViolation> for Status {
     }
 }
 
+/// UNIMPLEMENTED for `method` (a full gRPC path): the generated server was
+/// asked for a method the served service answers before the generated
+/// server sees it.
+pub(crate) fn not_routed(method: &str) -> Status {
+    Status::with_error_details(
+        Code::Unimplemented,
+        format!("{method} is not served by this service"),
+        info("METHOD_NOT_ROUTED", &[("method", method.to_string())]),
+    )
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let message = err.to_string();
