@@ -65,8 +65,9 @@ pub struct CallRecord<'a> {
 
 /// Receives a [`CallRecord`] for every call the layer sees.
 ///
-/// Called on the task serving the call, just before its response headers
-/// are sent: keep it short and never block.
+/// Called once per call on the task serving it: when its response headers
+/// are ready (before they are sent), or when the call is dropped before
+/// that. Keep it short and never block.
 pub trait CallObserver: Send + Sync + 'static {
     /// Records one call.
     fn observe(&self, call: &CallRecord<'_>);
