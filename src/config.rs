@@ -1,13 +1,11 @@
-//! Settings of `agent-lifecycle serve`: where to listen, which store, and
-//! the service's capacities. The binary fills them from flags and
-//! `AGENT_LIFECYCLE_*` environment variables.
+//! Settings of `agent-lifecycle serve` that the library defines: the store
+//! URL and its default, the request size limit, and durations as flags spell
+//! them. The binary reads flags and `AGENT_LIFECYCLE_*` environment
+//! variables with these parsers.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use crate::{
-    service::ServiceConfig,
-    store::{MemoryStore, Retention, SqliteStore, Store, StoreError},
-};
+use crate::store::{MemoryStore, Retention, SqliteStore, Store, StoreError};
 
 /// The default store: a SQLite file under `./data`.
 pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
@@ -71,17 +69,6 @@ impl StoreUrl {
             StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
         })
     }
-}
-
-/// Everything `serve` needs.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// gRPC listen address.
-    pub listen: SocketAddr,
-    /// The store.
-    pub store: StoreUrl,
-    /// Service capacities and policy.
-    pub service: ServiceConfig,
 }
 
 /// Parses durations like `500ms`, `30s`, `15m`, `12h`, `7d` (a bare number

@@ -1,6 +1,7 @@
 //! The server: the lifecycle service plus grpc.health.v1 and server
-//! reflection (v1 and v1alpha) on one listener, with a request span per
-//! call, size limits and graceful shutdown.
+//! reflection (v1 and v1alpha) on one listener, all behind one
+//! [`CallLayer`] (caller, request span, per-call record), with size limits
+//! and graceful shutdown.
 //!
 //! Shutdown order: health turns NOT_SERVING, open watch streams end with
 //! UNAVAILABLE after their last delivered event, tonic stops accepting and
@@ -12,19 +13,13 @@ use std::{future::Future, time::Duration};
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::{
     config::MAX_REQUEST_BYTES,
-    grpc::{
-        LifecycleHandler, LifecycleServer, pb,
-        pb::agent_lifecycle_service_server::AgentLifecycleServiceServer,
-    },
+    grpc::{CallLayer, LifecycleServer, pb},
     service::AgentLifecycleService,
 };
-
-/// The fully qualified name of the lifecycle service, as health checks name it.
-pub const SERVICE_NAME: &str = "agentlifecycle.v1.AgentLifecycleService";
 
 /// Concurrent HTTP/2 streams per connection (watch streams included).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -51,7 +46,8 @@ pub enum ServerError {
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then shuts
-/// down gracefully and closes the service.
+/// down gracefully and closes the service. Callers are anonymous and no
+/// per-call records are kept ([`CallLayer::default`]).
 ///
 /// # Errors
 /// See [`ServerError`].
@@ -60,10 +56,21 @@ pub async fn run(
     service: AgentLifecycleService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    run_with(listener, service, CallLayer::default(), shutdown).await
+}
+
+/// [`run`], with `calls` around every call served.
+///
+/// # Errors
+/// See [`ServerError`].
+pub async fn run_with(
+    listener: TcpListener,
+    service: AgentLifecycleService,
+    calls: CallLayer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
-        .await;
+    health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -75,7 +82,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = LifecycleServer::new(LifecycleHandler::new(service.clone()), MAX_REQUEST_BYTES);
+    let lifecycle = LifecycleServer::new(service.clone(), MAX_REQUEST_BYTES);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -86,9 +93,7 @@ pub async fn run(
         async move {
             shutdown.await;
             info!("shutting down: health NOT_SERVING, ending watch streams");
-            health
-                .set_not_serving::<AgentLifecycleServiceServer<LifecycleHandler>>()
-                .await;
+            health.set_not_serving::<LifecycleServer>().await;
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -100,9 +105,9 @@ pub async fn run(
         info!(%addr, "serving gRPC");
     }
     let serve = Server::builder()
-        .trace_fn(|request| info_span!("grpc", method = %request.uri().path()))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .layer(calls)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -11,10 +11,10 @@ use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 use super::pb;
 use crate::{
     domain::{
-        Agent, AgentCategory, AgentId, AgentState, EventKind, FieldViolation, Labels, Metadata,
-        TransitionPolicy, TransitionRecord,
+        Agent, AgentCategory, AgentId, AgentState, Caller, EventKind, FieldViolation, Labels,
+        LifecycleEvent, Metadata, TransitionPolicy, TransitionRecord,
     },
-    service::{ChangeRequest, HistoryCursor, LifecycleMetrics},
+    service::{ChangeRequest, HistoryCursor, LifecycleMetrics, WatchItem, WatchRequest},
 };
 
 /// Domain and wire states, in order.
@@ -228,7 +228,7 @@ pub fn labels_from_pb(labels: std::collections::HashMap<String, String>) -> Labe
     labels.into_iter().collect()
 }
 
-/// The common fields of a mutating request.
+/// The common fields of a mutating request, made by `caller`.
 ///
 /// # Errors
 /// Bad metadata.
@@ -237,13 +237,42 @@ pub fn change_from_pb(
     triggered_by: String,
     metadata: Option<Struct>,
     expected_version: Option<u64>,
+    caller: Caller,
 ) -> Result<ChangeRequest, FieldViolation> {
     Ok(ChangeRequest {
         reason,
         triggered_by,
         metadata: metadata_from_pb("metadata", metadata)?,
         expected_version,
-        caller: crate::domain::Caller::anonymous(),
+        caller,
+    })
+}
+
+/// The service's watch request from WatchEvents'.
+///
+/// # Errors
+/// A malformed agent id, an UNSPECIFIED or unknown state or event type.
+pub fn watch_request_from_pb(
+    request: pb::WatchEventsRequest,
+) -> Result<WatchRequest, FieldViolation> {
+    let pb::WatchEventsRequest {
+        agent_ids,
+        states,
+        event_types,
+        labels,
+        start_sequence,
+        include_snapshot,
+    } = request;
+    Ok(WatchRequest {
+        agent_ids: agent_ids
+            .iter()
+            .map(|id| agent_id_from_pb("agent_ids", id))
+            .collect::<Result<_, _>>()?,
+        states: states_from_pb("states", &states)?,
+        kinds: event_kinds_from_pb(&event_types)?,
+        labels: labels_from_pb(labels),
+        start_sequence,
+        include_snapshot,
     })
 }
 
@@ -288,6 +317,37 @@ pub fn agent_to_pb(agent: &Agent, policy: &TransitionPolicy) -> pb::Agent {
         created_at: Some(timestamp(agent.created_at)),
         updated_at: Some(timestamp(agent.updated_at)),
     }
+}
+
+/// The WatchEvents message carrying `event`.
+pub fn event_to_pb(event: &LifecycleEvent, policy: &TransitionPolicy) -> pb::WatchEventsResponse {
+    pb::WatchEventsResponse {
+        kind: Some(pb::watch_events_response::Kind::Event(pb::LifecycleEvent {
+            sequence: event.sequence(),
+            agent_id: event.record.agent_id.to_string(),
+            r#type: kind_to_pb(event.kind()) as i32,
+            transition: Some(transition_to_pb(&event.record)),
+            agent: Some(agent_to_pb(&event.agent, policy)),
+        })),
+    }
+}
+
+/// The WatchEvents message for any watch item.
+pub fn watch_item_to_pb(item: WatchItem, policy: &TransitionPolicy) -> pb::WatchEventsResponse {
+    use pb::watch_events_response::Kind;
+    let kind = match item {
+        WatchItem::Event(event) => return event_to_pb(&event, policy),
+        WatchItem::Progress { head_sequence } => Kind::Progress(pb::Progress { head_sequence }),
+        WatchItem::SnapshotAgent(agent) => Kind::SnapshotAgent(agent_to_pb(&agent, policy)),
+        WatchItem::SnapshotComplete {
+            head_sequence,
+            agent_count,
+        } => Kind::SnapshotComplete(pb::SnapshotComplete {
+            head_sequence,
+            agent_count,
+        }),
+    };
+    pb::WatchEventsResponse { kind: Some(kind) }
 }
 
 /// Fleet metrics on the wire.

@@ -1,22 +1,33 @@
-//! WatchEvents with each event encoded once.
+//! The lifecycle service as served: the generated server for every unary
+//! RPC, and WatchEvents with each event encoded once.
 //!
 //! The generated server encodes every message of every stream itself, so an
 //! event fanned out to N watchers would be converted and encoded N times.
-//! [`LifecycleServer`] wraps the generated server and answers the WatchEvents
-//! path with a codec whose items are already-encoded messages: a live event
-//! is encoded by the first stream that sends it and cached on the event
-//! (`LifecycleEvent::encoded`); every other stream copies the bytes. The
-//! wire format is exactly `WatchEventsResponse`, so clients see no
-//! difference. Every other path goes to the generated server.
+//! [`LifecycleServer`] answers the WatchEvents path before the generated
+//! server sees it, with a codec that encodes [`WatchItem`]s: a live event is
+//! encoded by the first stream that sends it and cached on the event
+//! (`LifecycleEvent::encoded`); every other stream copies the bytes.
+//! Progress and snapshot items are encoded per stream. The wire format is
+//! exactly `WatchEventsResponse`, so clients see no difference.
+//!
+//! # One WatchEvents implementation
+//! The RPC's logic is `LifecycleHandler::watch` in `handler.rs` (validate,
+//! open the watcher, yield its items); this module routes the path to it
+//! and encodes the items. The other way to one implementation, the
+//! generated trait's `watch_events` returning this stream, would need other
+//! generated code: the trait fixes the items to `pb::WatchEventsResponse`
+//! and the codec to prost, and neither can carry bytes encoded once, so the
+//! server side would have to be generated with another message type or
+//! codec than the client side. Routing one path costs one comparison. The
+//! generated `watch_events` is therefore unreachable and says so (it
+//! answers UNIMPLEMENTED); the handler module is private, so the handler is
+//! served only through [`LifecycleServer`].
 
 use std::{
     convert::Infallible,
-    pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
-use futures_util::{Stream, StreamExt};
 use prost::Message;
 use tonic::{
     Status,
@@ -27,24 +38,14 @@ use tonic::{
 };
 
 use super::{
-    LifecycleHandler,
-    handler::{event_message, item_to_pb},
+    convert,
+    handler::{LifecycleHandler, WatchItems},
     pb::{self, agent_lifecycle_service_server::AgentLifecycleServiceServer},
 };
-use crate::{
-    domain::{LifecycleEvent, TransitionPolicy},
-    service::WatchItem,
-};
+use crate::service::{AgentLifecycleService, WatchItem};
 
+/// The WatchEvents path, answered here rather than by the generated server.
 const WATCH_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/WatchEvents";
-
-/// A message of a watch stream, ready for the wire.
-pub enum Encoded {
-    /// A live or replayed event; its cached encoding is written.
-    Event(Arc<LifecycleEvent>),
-    /// Anything else (progress, snapshot), encoded for this stream alone.
-    Message(Box<pb::WatchEventsResponse>),
-}
 
 /// The lifecycle service as served: the generated server, with WatchEvents
 /// answered by the encode-once path.
@@ -56,8 +57,9 @@ pub struct LifecycleServer {
 }
 
 impl LifecycleServer {
-    /// Serves `handler`, refusing request messages over `max_request_bytes`.
-    pub fn new(handler: LifecycleHandler, max_request_bytes: usize) -> Self {
+    /// Serves `service`, refusing request messages over `max_request_bytes`.
+    pub fn new(service: AgentLifecycleService, max_request_bytes: usize) -> Self {
+        let handler = LifecycleHandler::new(service);
         LifecycleServer {
             generated: AgentLifecycleServiceServer::new(handler.clone())
                 .max_decoding_message_size(max_request_bytes),
@@ -89,8 +91,8 @@ where
             return self.generated.call(request);
         }
         let route = WatchRoute(self.handler.clone());
+        let codec = WatchCodec(self.handler.service().clone());
         let limit = self.max_request_bytes;
-        let codec = WatchCodec(Arc::new(self.handler.policy().clone()));
         Box::pin(async move {
             let mut grpc = Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
             Ok(grpc.server_streaming(route, request).await)
@@ -98,50 +100,31 @@ where
     }
 }
 
+/// WatchEvents as tonic's server-streaming service: `LifecycleHandler::watch`.
 struct WatchRoute(LifecycleHandler);
 
-type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
-
 impl ServerStreamingService<pb::WatchEventsRequest> for WatchRoute {
-    type Response = Encoded;
-    type ResponseStream = EncodedStream;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
+    type Response = WatchItem;
+    type ResponseStream = WatchItems;
+    type Future = std::future::Ready<Result<tonic::Response<WatchItems>, Status>>;
 
     fn call(&mut self, request: tonic::Request<pb::WatchEventsRequest>) -> Self::Future {
-        let handler = self.0.clone();
-        Box::pin(async move {
-            let watcher = handler.open_watcher(request.into_inner())?;
-            let policy = handler.policy().clone();
-            let stream = futures_util::stream::unfold(
-                (watcher, policy),
-                |(mut watcher, policy)| async move {
-                    let item = watcher.next().await?;
-                    let message = item
-                        .map(|item| match item {
-                            WatchItem::Event(event) => Encoded::Event(event),
-                            other => Encoded::Message(Box::new(item_to_pb(other, &policy))),
-                        })
-                        .map_err(Status::from);
-                    Some((message, (watcher, policy)))
-                },
-            );
-            Ok(tonic::Response::new(stream.boxed()))
-        })
+        std::future::ready(self.0.watch(request).map(tonic::Response::new))
     }
 }
 
-/// Encodes [`Encoded`] items (events with the server's policy, for their
-/// `valid_transitions`) and decodes requests with prost.
-struct WatchCodec(Arc<TransitionPolicy>);
+/// Encodes [`WatchItem`]s and decodes requests with prost. Holds the
+/// service for its policy: agents on the wire list their valid transitions.
+struct WatchCodec(AgentLifecycleService);
 
 impl Codec for WatchCodec {
-    type Encode = Encoded;
+    type Encode = WatchItem;
     type Decode = pb::WatchEventsRequest;
     type Encoder = WatchEncoder;
     type Decoder = tonic_prost::ProstDecoder<pb::WatchEventsRequest>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        WatchEncoder(Arc::clone(&self.0))
+        WatchEncoder(self.0.clone())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -149,21 +132,22 @@ impl Codec for WatchCodec {
     }
 }
 
-struct WatchEncoder(Arc<TransitionPolicy>);
+struct WatchEncoder(AgentLifecycleService);
 
 impl Encoder for WatchEncoder {
-    type Item = Encoded;
+    type Item = WatchItem;
     type Error = Status;
 
-    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let policy = self.0.policy();
         match item {
-            Encoded::Event(event) => {
+            WatchItem::Event(event) => {
                 let bytes = event
                     .encoded
-                    .get_or_init(|| event_message(&event, &self.0).encode_to_vec());
+                    .get_or_init(|| convert::event_to_pb(&event, policy).encode_to_vec());
                 bytes::BufMut::put_slice(dst, bytes);
             }
-            Encoded::Message(message) => message
+            other => convert::watch_item_to_pb(other, policy)
                 .encode(dst)
                 .expect("encoding into a growable buffer cannot run out of space"),
         }

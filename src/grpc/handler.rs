@@ -1,30 +1,45 @@
-//! `LifecycleHandler`: the generated service trait over
-//! [`AgentLifecycleService`]. Each method validates and converts the
-//! request, calls the service, and converts the result; errors become a
-//! `Status` only through `status.rs`.
+//! `LifecycleHandler`: one method per RPC of
+//! `agentlifecycle.v1.AgentLifecycleService`, over [`AgentLifecycleService`].
+//!
+//! Every method shows its steps: a mutating RPC takes the caller that the
+//! [`CallLayer`](super::layer::CallLayer) put into the request's extensions
+//! and hands it to the service with the change; every RPC parses its request
+//! (a `FieldViolation` becomes INVALID_ARGUMENT), calls the service and
+//! converts the outcome. Errors become a `Status` only through `status.rs`:
+//! `?` uses its `From` impls. The request and response shapes that mutating
+//! RPCs share are in `mutation.rs`.
+//!
+//! WatchEvents has one implementation, [`LifecycleHandler::watch`], which
+//! `fanout.rs` serves with each event encoded once. The generated trait's
+//! `watch_events` is never reached (see its doc). Depends on the service,
+//! the conversions and the layer's [`caller_of`]; knows nothing of the
+//! transport.
 
 use std::pin::Pin;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::{self, agent_id_from_pb, change_from_pb},
+    convert::{self, agent_id_from_pb},
+    layer::caller_of,
+    mutation::{MutatingRequest, MutationResponse},
     pb,
+    status::not_routed,
 };
 use crate::{
-    Error,
-    domain::{FieldViolation, LifecycleEvent, TransitionPolicy},
-    service::{
-        AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem,
-        WatchRequest, Watcher,
-    },
+    domain::AgentState,
+    service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
 };
 
 /// Default ListAgents page size.
-pub const DEFAULT_LIST_PAGE: usize = 100;
+const DEFAULT_LIST_PAGE: usize = 100;
 /// Largest ListAgents page.
-pub const MAX_LIST_PAGE: usize = 1000;
+const MAX_LIST_PAGE: usize = 1000;
+
+/// The items of one WatchEvents stream, before encoding: `fanout.rs`
+/// encodes them (events once for all streams).
+pub type WatchItems = Pin<Box<dyn Stream<Item = Result<WatchItem, Status>> + Send>>;
 
 /// Serves `agentlifecycle.v1.AgentLifecycleService`.
 #[derive(Clone, Debug)]
@@ -38,62 +53,34 @@ impl LifecycleHandler {
         LifecycleHandler { service }
     }
 
-    fn parts(&self, outcome: Outcome) -> (Option<pb::Agent>, Vec<pb::StateTransition>) {
-        (
-            Some(convert::agent_to_pb(&outcome.agent, self.service.policy())),
-            outcome
-                .transitions
-                .iter()
-                .map(|r| convert::transition_to_pb(r))
-                .collect(),
-        )
+    /// The service this handler calls.
+    pub fn service(&self) -> &AgentLifecycleService {
+        &self.service
+    }
+
+    /// The response of a mutating RPC for `outcome`.
+    fn reply<R: MutationResponse>(&self, outcome: &Outcome) -> Response<R> {
+        Response::new(R::from_outcome(outcome, self.service.policy()))
+    }
+
+    /// WatchEvents: validates the request, opens the watcher and returns
+    /// its items. The one implementation of the RPC; `fanout.rs` serves it.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a bad filter; OUT_OF_RANGE for a compacted or
+    /// future `start_sequence`; UNAVAILABLE while shutting down. The stream
+    /// itself ends with OUT_OF_RANGE (events compacted while it caught up)
+    /// or UNAVAILABLE (shutdown).
+    pub fn watch(&self, request: Request<pb::WatchEventsRequest>) -> Result<WatchItems, Status> {
+        let watch = convert::watch_request_from_pb(request.into_inner())?;
+        let watcher = self.service.watch(watch)?;
+        let items = futures_util::stream::unfold(watcher, |mut watcher| async move {
+            let item = watcher.next().await?;
+            Some((item.map_err(Status::from), watcher))
+        });
+        Ok(Box::pin(items))
     }
 }
-
-fn invalid(v: FieldViolation) -> Status {
-    Status::from(Error::InvalidArgument(v))
-}
-
-/// The response type of a mutating RPC, built from an outcome.
-macro_rules! mutation {
-    ($self:ident, $resp:ident, $call:expr) => {{
-        let outcome = $call.await.map_err(Status::from)?;
-        let (agent, transitions) = $self.parts(outcome);
-        Ok(Response::new(pb::$resp { agent, transitions }))
-    }};
-}
-
-/// A mutating request with only the common fields (agent_id, reason,
-/// triggered_by, metadata, expected_version), applied by one service method.
-macro_rules! plain_operation {
-    ($self:ident, $request:ident, $resp:ident, $method:ident) => {{
-        let r = $request.into_inner();
-        let (id, change) = parse_change(
-            &r.agent_id,
-            r.reason,
-            r.triggered_by,
-            r.metadata,
-            r.expected_version,
-        )?;
-        mutation!($self, $resp, $self.service.$method(id, change))
-    }};
-}
-
-/// The agent id and the change of a mutating request.
-fn parse_change(
-    agent_id: &str,
-    reason: String,
-    triggered_by: String,
-    metadata: Option<prost_types::Struct>,
-    expected_version: Option<u64>,
-) -> Result<(crate::domain::AgentId, crate::service::ChangeRequest), Status> {
-    let id = agent_id_from_pb("agent_id", agent_id).map_err(invalid)?;
-    let change =
-        change_from_pb(reason, triggered_by, metadata, expected_version).map_err(invalid)?;
-    Ok((id, change))
-}
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHandler {
@@ -101,151 +88,140 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        let r = request.into_inner();
-        let agent_id = if r.agent_id.is_empty() {
+        let caller = caller_of(&request);
+        let pb::RegisterAgentRequest {
+            agent_id,
+            name,
+            labels,
+            reason,
+            triggered_by,
+            metadata,
+        } = request.into_inner();
+        let agent_id = if agent_id.is_empty() {
             None
         } else {
-            Some(agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?)
+            Some(agent_id_from_pb("agent_id", &agent_id)?)
         };
         let registration = Registration {
             agent_id,
-            name: r.name,
-            labels: convert::labels_from_pb(r.labels),
-            change: change_from_pb(r.reason, r.triggered_by, r.metadata, None).map_err(invalid)?,
+            name,
+            labels: convert::labels_from_pb(labels),
+            change: convert::change_from_pb(reason, triggered_by, metadata, None, caller)?,
         };
-        mutation!(
-            self,
-            RegisterAgentResponse,
-            self.service.register_agent(registration)
-        )
+        let outcome = self.service.register_agent(registration).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn transition_agent(
         &self,
         request: Request<pb::TransitionAgentRequest>,
     ) -> Result<Response<pb::TransitionAgentResponse>, Status> {
-        let r = request.into_inner();
-        let (id, change) = parse_change(
-            &r.agent_id,
-            r.reason,
-            r.triggered_by,
-            r.metadata,
-            r.expected_version,
-        )?;
-        let target = convert::state_from_pb("target_state", r.target_state).map_err(invalid)?;
-        mutation!(
-            self,
-            TransitionAgentResponse,
-            self.service.transition(id, target, change)
-        )
+        let caller = caller_of(&request);
+        let (fields, target_state) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let target = convert::state_from_pb("target_state", target_state)?;
+        let outcome = self.service.transition(id, target, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn deploy_agent(
         &self,
         request: Request<pb::DeployAgentRequest>,
     ) -> Result<Response<pb::DeployAgentResponse>, Status> {
-        plain_operation!(self, request, DeployAgentResponse, deploy_agent)
+        let caller = caller_of(&request);
+        let (fields, ()) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.deploy_agent(id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn start_agent(
         &self,
         request: Request<pb::StartAgentRequest>,
     ) -> Result<Response<pb::StartAgentResponse>, Status> {
-        plain_operation!(self, request, StartAgentResponse, start_agent)
+        let caller = caller_of(&request);
+        let (fields, ()) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.start_agent(id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn stop_agent(
         &self,
         request: Request<pb::StopAgentRequest>,
     ) -> Result<Response<pb::StopAgentResponse>, Status> {
-        plain_operation!(self, request, StopAgentResponse, stop_agent)
+        let caller = caller_of(&request);
+        let (fields, ()) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.stop_agent(id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn assign_task(
         &self,
         request: Request<pb::AssignTaskRequest>,
     ) -> Result<Response<pb::AssignTaskResponse>, Status> {
-        let r = request.into_inner();
-        let (id, change) = parse_change(
-            &r.agent_id,
-            r.reason,
-            r.triggered_by,
-            r.metadata,
-            r.expected_version,
-        )?;
-        let task_id = Some(r.task_id).filter(|t| !t.is_empty());
-        mutation!(
-            self,
-            AssignTaskResponse,
-            self.service.assign_task(id, task_id, change)
-        )
+        let caller = caller_of(&request);
+        let (fields, task_id) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.assign_task(id, task_id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn complete_task(
         &self,
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let r = request.into_inner();
-        let (id, change) = parse_change(
-            &r.agent_id,
-            r.reason,
-            r.triggered_by,
-            r.metadata,
-            r.expected_version,
-        )?;
-        let task_id = Some(r.task_id).filter(|t| !t.is_empty());
-        mutation!(
-            self,
-            CompleteTaskResponse,
-            self.service.complete_task(id, task_id, change)
-        )
+        let caller = caller_of(&request);
+        let (fields, task_id) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.complete_task(id, task_id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn handle_error(
         &self,
         request: Request<pb::HandleErrorRequest>,
     ) -> Result<Response<pb::HandleErrorResponse>, Status> {
-        let r = request.into_inner();
-        let (id, change) = parse_change(
-            &r.agent_id,
-            String::new(),
-            r.triggered_by,
-            r.metadata,
-            r.expected_version,
-        )?;
-        mutation!(
-            self,
-            HandleErrorResponse,
-            self.service.handle_error(id, &r.error_message, change)
-        )
+        let caller = caller_of(&request);
+        let (fields, error_message) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self
+            .service
+            .handle_error(id, &error_message, change)
+            .await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn put_in_maintenance(
         &self,
         request: Request<pb::PutInMaintenanceRequest>,
     ) -> Result<Response<pb::PutInMaintenanceResponse>, Status> {
-        plain_operation!(self, request, PutInMaintenanceResponse, put_in_maintenance)
+        let caller = caller_of(&request);
+        let (fields, ()) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.put_in_maintenance(id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn resume_from_maintenance(
         &self,
         request: Request<pb::ResumeFromMaintenanceRequest>,
     ) -> Result<Response<pb::ResumeFromMaintenanceResponse>, Status> {
-        plain_operation!(
-            self,
-            request,
-            ResumeFromMaintenanceResponse,
-            resume_from_maintenance
-        )
+        let caller = caller_of(&request);
+        let (fields, ()) = request.into_inner().into_parts();
+        let (id, change) = fields.parse(caller)?;
+        let outcome = self.service.resume_from_maintenance(id, change).await?;
+        Ok(self.reply(&outcome))
     }
 
     async fn get_agent(
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
-        let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
-        let agent = self.service.get_agent(id).map_err(Status::from)?;
+        let pb::GetAgentRequest { agent_id } = request.into_inner();
+        let id = agent_id_from_pb("agent_id", &agent_id)?;
+        let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::GetAgentResponse {
             agent: Some(convert::agent_to_pb(&agent, self.service.policy())),
         }))
@@ -257,22 +233,18 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let r = request.into_inner();
         let filter = AgentFilter {
-            states: convert::states_from_pb("states", &r.states)
-                .map_err(invalid)?
+            states: convert::states_from_pb("states", &r.states)?
                 .into_iter()
                 .collect(),
-            category: convert::category_from_pb(r.category).map_err(invalid)?,
+            category: convert::category_from_pb(r.category)?,
             labels: convert::labels_from_pb(r.labels),
         };
-        let after = convert::parse_list_token(&r.page_token).map_err(invalid)?;
+        let after = convert::parse_list_token(&r.page_token)?;
         let limit = match r.page_size as usize {
             0 => DEFAULT_LIST_PAGE,
             n => n.min(MAX_LIST_PAGE),
         };
-        let (agents, next) = self
-            .service
-            .list_agents(&filter, after, limit)
-            .map_err(Status::from)?;
+        let (agents, next) = self.service.list_agents(&filter, after, limit)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
                 .iter()
@@ -287,17 +259,13 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::GetAgentHistoryRequest>,
     ) -> Result<Response<pb::GetAgentHistoryResponse>, Status> {
         let r = request.into_inner();
-        let id = agent_id_from_pb("agent_id", &r.agent_id).map_err(invalid)?;
+        let id = agent_id_from_pb("agent_id", &r.agent_id)?;
         let query = HistoryQuery {
             limit: u64::from(r.limit),
             page_size: r.page_size as usize,
-            cursor: convert::parse_history_token(&r.page_token).map_err(invalid)?,
+            cursor: convert::parse_history_token(&r.page_token)?,
         };
-        let page = self
-            .service
-            .history(id, query)
-            .await
-            .map_err(Status::from)?;
+        let page = self.service.history(id, query).await?;
         Ok(Response::new(pb::GetAgentHistoryResponse {
             transitions: page
                 .transitions
@@ -313,9 +281,8 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         _request: Request<pb::GetLifecycleMetricsRequest>,
     ) -> Result<Response<pb::GetLifecycleMetricsResponse>, Status> {
-        Ok(Response::new(convert::metrics_to_pb(
-            &self.service.get_lifecycle_metrics(),
-        )))
+        let metrics = self.service.get_lifecycle_metrics();
+        Ok(Response::new(convert::metrics_to_pb(&metrics)))
     }
 
     async fn get_transition_rules(
@@ -323,7 +290,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         _request: Request<pb::GetTransitionRulesRequest>,
     ) -> Result<Response<pb::GetTransitionRulesResponse>, Status> {
         let policy = self.service.policy();
-        let rules = crate::domain::AgentState::ALL
+        let rules = AgentState::ALL
             .iter()
             .map(|from| pb::TransitionRule {
                 from_state: convert::state_to_pb(*from) as i32,
@@ -337,99 +304,39 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         Ok(Response::new(pb::GetTransitionRulesResponse { rules }))
     }
 
-    type WatchEventsStream = WatchStream;
+    type WatchEventsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
-    /// Served by `fanout::LifecycleServer` in the real server (events
-    /// encoded once); this path serves the generated server used alone.
+    /// Never reached: [`LifecycleServer`](super::LifecycleServer), the only
+    /// way this handler is served, answers the WatchEvents path itself with
+    /// [`LifecycleHandler::watch`] before the generated server sees it. The
+    /// generated signature cannot carry events encoded once, so it is not
+    /// a second implementation; it answers UNIMPLEMENTED.
     async fn watch_events(
         &self,
-        request: Request<pb::WatchEventsRequest>,
+        _request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let watcher = self.open_watcher(request.into_inner())?;
-        let policy = self.service.policy().clone();
-        let stream =
-            futures_util::stream::unfold((watcher, policy), |(mut watcher, policy)| async move {
-                let item = watcher.next().await?;
-                let message = item
-                    .map(|item| item_to_pb(item, &policy))
-                    .map_err(Status::from);
-                Some((message, (watcher, policy)))
-            });
-        Ok(Response::new(stream.boxed()))
+        Err(not_routed(
+            "/agentlifecycle.v1.AgentLifecycleService/WatchEvents",
+        ))
     }
-}
-
-impl LifecycleHandler {
-    /// The active policy.
-    pub(crate) fn policy(&self) -> &TransitionPolicy {
-        self.service.policy()
-    }
-
-    /// Validates a WatchEvents request and opens the watcher.
-    pub(crate) fn open_watcher(&self, r: pb::WatchEventsRequest) -> Result<Watcher, Status> {
-        let agent_ids = r
-            .agent_ids
-            .iter()
-            .map(|id| agent_id_from_pb("agent_ids", id))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
-        let watch = WatchRequest {
-            agent_ids,
-            states: convert::states_from_pb("states", &r.states).map_err(invalid)?,
-            kinds: convert::event_kinds_from_pb(&r.event_types).map_err(invalid)?,
-            labels: convert::labels_from_pb(r.labels),
-            start_sequence: r.start_sequence,
-            include_snapshot: r.include_snapshot,
-        };
-        self.service.watch(watch).map_err(Status::from)
-    }
-}
-
-/// The stream message carrying `event`.
-pub(crate) fn event_message(
-    event: &LifecycleEvent,
-    policy: &TransitionPolicy,
-) -> pb::WatchEventsResponse {
-    pb::WatchEventsResponse {
-        kind: Some(pb::watch_events_response::Kind::Event(pb::LifecycleEvent {
-            sequence: event.sequence(),
-            agent_id: event.record.agent_id.to_string(),
-            r#type: convert::kind_to_pb(event.kind()) as i32,
-            transition: Some(convert::transition_to_pb(&event.record)),
-            agent: Some(convert::agent_to_pb(&event.agent, policy)),
-        })),
-    }
-}
-
-/// The stream message for any watch item.
-pub(crate) fn item_to_pb(item: WatchItem, policy: &TransitionPolicy) -> pb::WatchEventsResponse {
-    use pb::watch_events_response::Kind;
-    let kind = match item {
-        WatchItem::Event(event) => return event_message(&event, policy),
-        WatchItem::Progress { head_sequence } => Kind::Progress(pb::Progress { head_sequence }),
-        WatchItem::SnapshotAgent(agent) => {
-            Kind::SnapshotAgent(convert::agent_to_pb(&agent, policy))
-        }
-        WatchItem::SnapshotComplete {
-            head_sequence,
-            agent_count,
-        } => Kind::SnapshotComplete(pb::SnapshotComplete {
-            head_sequence,
-            agent_count,
-        }),
-    };
-    pb::WatchEventsResponse { kind: Some(kind) }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
     use pb::agent_lifecycle_service_server::AgentLifecycleService as _;
 
-    /// The generated trait's own WatchEvents path (used when the generated
-    /// server is served alone) replays and converts like the fan-out path.
+    use super::*;
+
+    /// Handlers called directly: registration and a deploy convert their
+    /// outcomes; WatchEvents replays the registration from sequence 1; bad
+    /// input is INVALID_ARGUMENT; the generated `watch_events` answers
+    /// UNIMPLEMENTED because `fanout.rs` serves the RPC.
     #[tokio::test]
-    async fn generated_watch_path_replays_events() {
+    async fn handlers_convert_and_watch_replays() {
         let service = AgentLifecycleService::in_memory().expect("service");
         let handler = LifecycleHandler::new(service.clone());
         let registered = handler
@@ -437,28 +344,35 @@ mod tests {
             .await
             .expect("register")
             .into_inner();
+        let agent = registered.agent.expect("agent");
+        assert_eq!(registered.transitions.len(), 1);
+        let deployed = handler
+            .deploy_agent(Request::new(pb::DeployAgentRequest {
+                agent_id: agent.agent_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect("deploy")
+            .into_inner();
+        assert_eq!(deployed.transitions.len(), 2);
+        assert_eq!(deployed.agent.expect("agent").version, 3);
+
         let request = pb::WatchEventsRequest {
             start_sequence: 1,
             ..Default::default()
         };
-        let mut stream = handler
-            .watch_events(Request::new(request))
-            .await
-            .expect("watch")
-            .into_inner();
-        let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        let mut items = handler.watch(Request::new(request)).expect("watch");
+        let first = tokio::time::timeout(Duration::from_secs(10), items.next())
             .await
             .expect("in time")
             .expect("an item")
             .expect("ok");
-        let Some(pb::watch_events_response::Kind::Event(event)) = first.kind else {
-            panic!("expected an event");
+        let WatchItem::Event(event) = first else {
+            panic!("expected an event, got {first:?}");
         };
-        assert_eq!(event.sequence, 1);
-        assert_eq!(
-            event.agent.expect("agent"),
-            registered.agent.expect("agent")
-        );
+        assert_eq!(event.sequence(), 1);
+        assert_eq!(convert::agent_to_pb(&event.agent, service.policy()), agent);
+
         let err = handler
             .get_agent(Request::new(pb::GetAgentRequest {
                 agent_id: "x".into(),
@@ -466,5 +380,20 @@ mod tests {
             .await
             .expect_err("invalid");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = handler
+            .transition_agent(Request::new(pb::TransitionAgentRequest {
+                agent_id: agent.agent_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("no target");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("target_state"), "{}", err.message());
+        let err = handler
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
+            .await
+            .err()
+            .expect("not routed here");
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
     }
 }

@@ -1,10 +1,22 @@
 //! The tonic edge: the generated code, conversions between wire and domain
-//! types, the service handler and the one mapping from [`crate::Error`] to
-//! `tonic::Status`. Nothing below this module names tonic, prost or `pb`.
+//! types, the handler, the served lifecycle service, the layer around
+//! every call, and the one mapping from [`crate::Error`] to `tonic::Status`.
+//! Nothing below this module names tonic, prost or `pb`.
+//!
+//! - [`convert`]: wire <-> domain values, page tokens.
+//! - [`mutation`]: what every mutating request and response shares.
+//! - `handler`: one method per RPC (caller, parse, service, convert).
+//! - [`fanout`]: [`LifecycleServer`], the lifecycle service as served, with
+//!   WatchEvents encoded once per event.
+//! - [`layer`]: [`CallLayer`], around everything served: caller, span,
+//!   per-call record.
+//! - [`status`]: `crate::Error` -> `Status`, with google.rpc details.
 
 pub mod convert;
 pub mod fanout;
-pub mod handler;
+mod handler;
+pub mod layer;
+pub mod mutation;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.
@@ -18,4 +30,4 @@ pub mod pb {
 }
 
 pub use fanout::LifecycleServer;
-pub use handler::LifecycleHandler;
+pub use layer::{CallLayer, CallObserver, CallRecord, IgnoreCalls};

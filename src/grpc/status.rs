@@ -11,7 +11,7 @@ use tracing::{error, warn};
 
 use crate::{
     Error,
-    domain::{AgentState, TransitionError},
+    domain::{AgentState, FieldViolation, TransitionError},
 };
 
 /// `ErrorInfo.domain` of every error.
@@ -31,6 +31,25 @@ fn names(states: &[AgentState]) -> String {
         .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Malformed input: INVALID_ARGUMENT naming the field, as
+/// [`Error::InvalidArgument`].
+impl From<FieldViolation> for Status {
+    fn from(violation: FieldViolation) -> Self {
+        Status::from(Error::InvalidArgument(violation))
+    }
+}
+
+/// UNIMPLEMENTED for `method` (a full gRPC path): the generated server was
+/// asked for a method the served service answers before the generated
+/// server sees it.
+pub(crate) fn not_routed(method: &str) -> Status {
+    Status::with_error_details(
+        Code::Unimplemented,
+        format!("{method} is not served by this service"),
+        info("METHOD_NOT_ROUTED", &[("method", method.to_string())]),
+    )
 }
 
 impl From<Error> for Status {

@@ -1,0 +1,402 @@
+//! `CallLayer`: the one place that sees every RPC the server answers.
+//!
+//! `server.rs` applies it with `Server::builder().layer(..)`, so it wraps
+//! tonic's router: the lifecycle service (WatchEvents included, although
+//! `fanout.rs` routes that path itself), health, reflection, and paths no
+//! service knows. A tonic interceptor on the generated server would miss
+//! WatchEvents and the other services. For each call it:
+//!
+//! 1. establishes the [`Caller`] and inserts it into the request's http
+//!    extensions, which tonic hands on as `tonic::Request::extensions()`;
+//!    handlers read it with [`caller_of`]. No authentication is configured,
+//!    so every caller is anonymous;
+//! 2. opens the call's `grpc` span (field `method`: the gRPC path) and runs
+//!    the call inside it;
+//! 3. measures the call and hands a [`CallRecord`] to its [`CallObserver`].
+//!
+//! Depends on tonic's http types, `tracing` and the domain's [`Caller`] only.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tonic::{Code, codegen::http};
+use tower::{Layer, Service};
+use tracing::{Instrument, info_span};
+
+use crate::domain::Caller;
+
+/// The caller the [`CallLayer`] established for `request`; anonymous when
+/// the request did not pass through one (a handler called directly).
+pub fn caller_of<T>(request: &tonic::Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// One call as the layer saw it, from the request's arrival to the response
+/// headers.
+///
+/// For a unary call that is the whole call: tonic sends the headers once the
+/// handler has answered. For a streaming call it is the opening of the
+/// stream; the messages that follow are not part of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallRecord<'a> {
+    /// The gRPC path, `/package.Service/Method`.
+    pub method: &'a str,
+    /// From the request's arrival at the layer to the response headers.
+    pub duration: Duration,
+    /// The status code, when known without reading the body:
+    /// - `Some(code)` from a trailers-only response, whose headers carry
+    ///   `grpc-status` (every error raised before the first message);
+    /// - `Some(Code::Cancelled)` when the call was dropped before its
+    ///   response headers (the client went away or the connection closed);
+    /// - `None` when the status follows in the trailers (every success and
+    ///   a stream's later error), or the inner service failed instead of
+    ///   answering.
+    pub code: Option<Code>,
+}
+
+/// Receives a [`CallRecord`] for every call the layer sees.
+///
+/// Called once per call on the task serving it: when its response headers
+/// are ready (before they are sent), or when the call is dropped before
+/// that. Keep it short and never block.
+pub trait CallObserver: Send + Sync + 'static {
+    /// Records one call.
+    fn observe(&self, call: &CallRecord<'_>);
+}
+
+/// An observer that records nothing: the server keeps no per-call metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IgnoreCalls;
+
+impl CallObserver for IgnoreCalls {
+    fn observe(&self, _call: &CallRecord<'_>) {}
+}
+
+/// Wraps every served call: caller, span, measurement (see the module doc).
+#[derive(Clone)]
+pub struct CallLayer {
+    /// Where each call's record goes.
+    observer: Arc<dyn CallObserver>,
+    /// The identity every call gets: anonymous while no authentication is
+    /// configured.
+    caller: Caller,
+}
+
+impl CallLayer {
+    /// A layer handing every call's record to `observer`.
+    pub fn new(observer: Arc<dyn CallObserver>) -> Self {
+        CallLayer {
+            observer,
+            caller: Caller::anonymous(),
+        }
+    }
+
+    /// Gives every call `caller`, standing in for authentication in tests.
+    #[cfg(test)]
+    fn with_caller(mut self, caller: Caller) -> Self {
+        self.caller = caller;
+        self
+    }
+}
+
+impl Default for CallLayer {
+    /// Anonymous callers, records ignored.
+    fn default() -> Self {
+        CallLayer::new(Arc::new(IgnoreCalls))
+    }
+}
+
+impl std::fmt::Debug for CallLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallLayer")
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for CallLayer {
+    type Service = CallService<S>;
+
+    fn layer(&self, inner: S) -> CallService<S> {
+        CallService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`CallLayer`] makes of the one it wraps.
+#[derive(Clone, Debug)]
+pub struct CallService<S> {
+    inner: S,
+    layer: CallLayer,
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for CallService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let mut pending = PendingCall {
+            observer: Arc::clone(&self.layer.observer),
+            // Shares the request's bytes: no copy of the path.
+            uri: request.uri().clone(),
+            started: Instant::now(),
+            open: true,
+        };
+        let span = info_span!("grpc", method = %pending.uri.path());
+        request.extensions_mut().insert(self.layer.caller.clone());
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(async move {
+            let result = response.instrument(span).await;
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .map(|value| Code::from_bytes(value.as_bytes())),
+                Err(_) => None,
+            };
+            pending.finish(code);
+            result
+        })
+    }
+}
+
+/// A call between its arrival and its response headers. Dropped while
+/// still open, it records the call as cancelled.
+struct PendingCall {
+    observer: Arc<dyn CallObserver>,
+    uri: http::Uri,
+    started: Instant,
+    /// No record handed out yet.
+    open: bool,
+}
+
+impl PendingCall {
+    fn finish(&mut self, code: Option<Code>) {
+        self.open = false;
+        self.observer.observe(&CallRecord {
+            method: self.uri.path(),
+            duration: self.started.elapsed(),
+            code,
+        });
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if self.open {
+            self.finish(Some(Code::Cancelled));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, sync::Mutex};
+
+    use tokio::{net::TcpListener, sync::oneshot};
+    use tonic::{
+        Status,
+        body::Body,
+        codegen::BoxFuture,
+        server::{Grpc, NamedService, UnaryService},
+        transport::{Channel, Server, server::TcpIncoming},
+    };
+    use tonic_prost::ProstCodec;
+
+    use super::*;
+    use crate::grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient};
+
+    /// Keeps every record: method and code.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, Option<Code>)>>);
+
+    impl CallObserver for Recorder {
+        fn observe(&self, call: &CallRecord<'_>) {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push((call.method.to_string(), call.code));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(String, Option<Code>)> {
+            std::mem::take(&mut *self.0.lock().expect("not poisoned"))
+        }
+    }
+
+    /// A one-method gRPC service answering with the caller its request
+    /// carries, read as every handler reads it.
+    #[derive(Clone)]
+    struct EchoCaller;
+
+    impl NamedService for EchoCaller {
+        const NAME: &'static str = "test.EchoCaller";
+    }
+
+    impl Service<http::Request<Body>> for EchoCaller {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            Box::pin(async move {
+                let mut grpc = Grpc::new(ProstCodec::default());
+                Ok(grpc.unary(Echo, request).await)
+            })
+        }
+    }
+
+    struct Echo;
+
+    impl UnaryService<pb::GetAgentRequest> for Echo {
+        type Response = pb::GetAgentResponse;
+        type Future = std::future::Ready<Result<tonic::Response<Self::Response>, Status>>;
+
+        fn call(&mut self, request: tonic::Request<pb::GetAgentRequest>) -> Self::Future {
+            let caller = caller_of(&request);
+            std::future::ready(Ok(tonic::Response::new(pb::GetAgentResponse {
+                agent: Some(pb::Agent {
+                    name: caller.to_string(),
+                    ..Default::default()
+                }),
+            })))
+        }
+    }
+
+    /// Through tonic's real transport, a handler sees the caller the layer
+    /// established: tonic carries http extensions into the request's
+    /// `extensions()`. The layer observes the call as well.
+    #[tokio::test]
+    async fn handlers_see_the_caller_the_layer_established() {
+        let recorder = Arc::new(Recorder::default());
+        let layer = CallLayer::new(recorder.clone()).with_caller(Caller::principal("alice"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            Server::builder()
+                .layer(layer)
+                .add_service(EchoCaller)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let response: tonic::Response<pb::GetAgentResponse> = grpc
+            .unary(
+                tonic::Request::new(pb::GetAgentRequest::default()),
+                http::uri::PathAndQuery::from_static("/test.EchoCaller/Echo"),
+                ProstCodec::default(),
+            )
+            .await
+            .expect("echo");
+        assert_eq!(response.into_inner().agent.expect("agent").name, "alice");
+        assert_eq!(
+            recorder.take(),
+            vec![("/test.EchoCaller/Echo".to_string(), None)]
+        );
+        drop(grpc);
+        stop.send(()).expect("server running");
+        server.await.expect("joined").expect("served");
+    }
+
+    /// The server as `server.rs` wires it: every call passes the layer, the
+    /// lifecycle service's WatchEvents and health included; trailers-only
+    /// errors carry their code, successes leave it to the trailers.
+    #[tokio::test]
+    async fn every_served_call_is_observed() {
+        let recorder = Arc::new(Recorder::default());
+        let service = crate::AgentLifecycleService::in_memory().expect("service");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(crate::server::run_with(
+            listener,
+            service,
+            CallLayer::new(recorder.clone()),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = AgentLifecycleServiceClient::new(channel.clone());
+        client
+            .register_agent(pb::RegisterAgentRequest::default())
+            .await
+            .expect("register");
+        let err = client
+            .get_agent(pb::GetAgentRequest {
+                agent_id: "x".into(),
+            })
+            .await
+            .expect_err("invalid id");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let err = client
+            .watch_events(pb::WatchEventsRequest {
+                start_sequence: 1_000,
+                ..Default::default()
+            })
+            .await
+            .expect_err("not yet written");
+        assert_eq!(err.code(), Code::OutOfRange);
+        let stream = client
+            .watch_events(pb::WatchEventsRequest::default())
+            .await
+            .expect("watch");
+        drop(stream);
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("health");
+
+        let service = "/agentlifecycle.v1.AgentLifecycleService";
+        assert_eq!(
+            recorder.take(),
+            vec![
+                (format!("{service}/RegisterAgent"), None),
+                (format!("{service}/GetAgent"), Some(Code::InvalidArgument)),
+                (format!("{service}/WatchEvents"), Some(Code::OutOfRange)),
+                (format!("{service}/WatchEvents"), None),
+                ("/grpc.health.v1.Health/Check".to_string(), None),
+            ]
+        );
+        drop(client);
+        stop.send(()).expect("server running");
+        server.await.expect("joined").expect("served");
+    }
+}
