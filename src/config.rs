@@ -5,7 +5,7 @@
 
 use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use crate::store::{MemoryStore, Retention, SqliteStore, Store, StoreError};
+use crate::store::{MemoryStore, PostgresStore, Retention, SqliteStore, Store, StoreError};
 
 /// The default store: a SQLite file under `./data`.
 pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
@@ -20,6 +20,9 @@ pub enum StoreUrl {
     Memory,
     /// `sqlite://PATH` (`sqlite:PATH` too).
     Sqlite(PathBuf),
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (`postgresql://` too):
+    /// shared by several server processes.
+    Postgres(String),
 }
 
 impl FromStr for StoreUrl {
@@ -41,10 +44,11 @@ impl FromStr for StoreUrl {
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Err("the PostgreSQL store is not available in this version; use sqlite://PATH or memory".into());
+            return Ok(StoreUrl::Postgres(s.to_string()));
         }
         Err(format!(
-            "unknown store {s:?}: expected memory or sqlite://PATH"
+            "unknown store {:?}: expected memory, sqlite://PATH or postgres://USER@HOST/DB",
+            redact(s)
         ))
     }
 }
@@ -54,6 +58,7 @@ impl fmt::Display for StoreUrl {
         match self {
             StoreUrl::Memory => f.write_str("memory"),
             StoreUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            StoreUrl::Postgres(url) => f.write_str(&redact(url)),
         }
     }
 }
@@ -62,12 +67,28 @@ impl StoreUrl {
     /// Opens the store.
     ///
     /// # Errors
-    /// The SQLite file cannot be created, opened or written.
+    /// The SQLite file cannot be created, opened or written; the PostgreSQL
+    /// server cannot be reached or refuses the login.
     pub fn open(&self, retention: &Retention) -> Result<Arc<dyn Store>, StoreError> {
         Ok(match self {
             StoreUrl::Memory => Arc::new(MemoryStore::new(retention)),
             StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
+            StoreUrl::Postgres(url) => Arc::new(PostgresStore::open(url)?),
         })
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
     }
 }
 
@@ -107,7 +128,13 @@ mod tests {
             DEFAULT_STORE.parse::<StoreUrl>(),
             Ok(StoreUrl::Sqlite("./data/agent-lifecycle.db".into()))
         );
-        assert!("postgres://x".parse::<StoreUrl>().is_err());
+        let pg = "postgres://app:secret@db.local:5433/fleet";
+        assert_eq!(pg.parse::<StoreUrl>(), Ok(StoreUrl::Postgres(pg.into())));
+        assert_eq!(
+            StoreUrl::Postgres(pg.into()).to_string(),
+            "postgres://app:***@db.local:5433/fleet",
+            "the password never reaches logs"
+        );
         assert!("redis://x".parse::<StoreUrl>().is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));

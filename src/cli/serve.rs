@@ -35,7 +35,8 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:50051"
     )]
     listen: SocketAddr,
-    /// Store: `memory` or `sqlite://PATH`.
+    /// Store: `memory`, `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (several servers may share one PostgreSQL database).
     #[arg(long, env = "AGENT_LIFECYCLE_STORE", default_value = DEFAULT_STORE)]
     store: StoreUrl,
     /// Log format.

@@ -106,10 +106,11 @@ struct WatchRoute(LifecycleHandler);
 impl ServerStreamingService<pb::WatchEventsRequest> for WatchRoute {
     type Response = WatchItem;
     type ResponseStream = WatchItems;
-    type Future = std::future::Ready<Result<tonic::Response<WatchItems>, Status>>;
+    type Future = BoxFuture<tonic::Response<WatchItems>, Status>;
 
     fn call(&mut self, request: tonic::Request<pb::WatchEventsRequest>) -> Self::Future {
-        std::future::ready(self.0.watch(request).map(tonic::Response::new))
+        let handler = self.0.clone();
+        Box::pin(async move { handler.watch(request).await.map(tonic::Response::new) })
     }
 }
 

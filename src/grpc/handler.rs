@@ -71,8 +71,15 @@ impl LifecycleHandler {
     /// future `start_sequence`; UNAVAILABLE while shutting down. The stream
     /// itself ends with OUT_OF_RANGE (events compacted while it caught up)
     /// or UNAVAILABLE (shutdown).
-    pub fn watch(&self, request: Request<pb::WatchEventsRequest>) -> Result<WatchItems, Status> {
+    pub async fn watch(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<WatchItems, Status> {
         let watch = convert::watch_request_from_pb(request.into_inner())?;
+        // On a shared store, events other processes committed are applied
+        // first, so a stream resumed here from a sequence another process
+        // handed out starts where it should.
+        self.service.sync().await?;
         let watcher = self.service.watch(watch)?;
         let items = futures_util::stream::unfold(watcher, |mut watcher| async move {
             let item = watcher.next().await?;
@@ -221,6 +228,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
         let pb::GetAgentRequest { agent_id } = request.into_inner();
         let id = agent_id_from_pb("agent_id", &agent_id)?;
+        self.service.sync().await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::GetAgentResponse {
             agent: Some(convert::agent_to_pb(&agent, self.service.policy())),
@@ -244,6 +252,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             0 => DEFAULT_LIST_PAGE,
             n => n.min(MAX_LIST_PAGE),
         };
+        self.service.sync().await?;
         let (agents, next) = self.service.list_agents(&filter, after, limit)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
@@ -265,6 +274,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             page_size: r.page_size as usize,
             cursor: convert::parse_history_token(&r.page_token)?,
         };
+        self.service.sync().await?;
         let page = self.service.history(id, query).await?;
         Ok(Response::new(pb::GetAgentHistoryResponse {
             transitions: page
@@ -281,6 +291,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         _request: Request<pb::GetLifecycleMetricsRequest>,
     ) -> Result<Response<pb::GetLifecycleMetricsResponse>, Status> {
+        self.service.sync().await?;
         let metrics = self.service.get_lifecycle_metrics();
         Ok(Response::new(convert::metrics_to_pb(&metrics)))
     }
@@ -361,7 +372,7 @@ mod tests {
             start_sequence: 1,
             ..Default::default()
         };
-        let mut items = handler.watch(Request::new(request)).expect("watch");
+        let mut items = handler.watch(Request::new(request)).await.expect("watch");
         let first = tokio::time::timeout(Duration::from_secs(10), items.next())
             .await
             .expect("in time")

@@ -54,6 +54,9 @@ pub struct Metrics {
     commit_failures: IntCounter,
     /// `agent_lifecycle_head_sequence`: the newest applied sequence.
     head_sequence: IntGauge,
+    /// `agent_lifecycle_lease_held{lease}`: 1 while this process runs the
+    /// named background work (one process of a fleet at a time).
+    leases: IntGaugeVec,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -155,6 +158,17 @@ impl Metrics {
                 ))
                 .expect("valid gauge definition"),
             ),
+            leases: register(
+                &registry,
+                IntGaugeVec::new(
+                    opts(
+                        "agent_lifecycle_lease_held",
+                        "1 while this process holds the lease of a background task.",
+                    ),
+                    &["lease"],
+                )
+                .expect("valid gauge definition"),
+            ),
             registry,
         }
     }
@@ -221,6 +235,15 @@ impl Metrics {
 
     pub(crate) fn batch_failed(&self) {
         self.commit_failures.inc();
+    }
+
+    /// Whether this process holds the lease `name`.
+    pub fn lease_held(&self, name: &str) -> bool {
+        self.leases.with_label_values(&[name]).get() == 1
+    }
+
+    pub(crate) fn set_lease_held(&self, name: &str, held: bool) {
+        self.leases.with_label_values(&[name]).set(i64::from(held));
     }
 
     pub(crate) fn set_head(&self, head: u64) {

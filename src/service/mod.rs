@@ -22,6 +22,7 @@
 mod clock;
 mod commit;
 mod hooks;
+mod lease;
 mod manager;
 mod metrics;
 mod queries;
@@ -31,7 +32,11 @@ mod watch;
 mod write;
 
 use std::{
-    sync::{Arc, Mutex, RwLock, mpsc},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -73,6 +78,14 @@ struct Inner {
     commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The compaction timer, when retention is configured.
     compactor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Tells the follower thread (shared stores) to stop.
+    stop_following: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_following.store(true, Ordering::Release);
+    }
 }
 
 /// The lifecycle service. Cheap to clone; clones share everything.
@@ -140,10 +153,25 @@ impl AgentLifecycleService {
             .map_err(Error::Spawn)?;
         let compactor = match runtime {
             Ok(runtime) if !config.retention.keeps_everything() => {
-                Some(runtime.spawn(compact_every(tx.clone(), config.compaction_interval)))
+                let lease = lease::LeaseHolder::new(
+                    Arc::clone(&shared.store),
+                    "compaction",
+                    shared.metrics.clone(),
+                );
+                Some(runtime.spawn(compact_every(tx.clone(), lease, config.compaction_interval)))
             }
             _ => None,
         };
+        let stop_following = Arc::new(AtomicBool::new(false));
+        if shared.store.is_shared() {
+            let shared = Arc::clone(&shared);
+            let commits = tx.clone();
+            let stop = Arc::clone(&stop_following);
+            std::thread::Builder::new()
+                .name("follower".into())
+                .spawn(move || follow_commits(&shared, &commits, &stop))
+                .map_err(Error::Spawn)?;
+        }
         let (shutdown, _) = watch_channel::channel(false);
         Ok(AgentLifecycleService {
             inner: Arc::new(Inner {
@@ -154,6 +182,7 @@ impl AgentLifecycleService {
                 shutdown,
                 commit_thread: Mutex::new(Some(thread)),
                 compactor: Mutex::new(compactor),
+                stop_following,
             }),
         })
     }
@@ -212,6 +241,50 @@ impl AgentLifecycleService {
     /// from the event log, since start.
     pub fn watch_backfills(&self) -> u64 {
         self.metrics().watch_backfills()
+    }
+
+    /// Whether this process runs the background work `name` (for example
+    /// `compaction`): always, on a store only it writes; on a shared store,
+    /// while it holds that work's lease.
+    pub fn holds_lease(&self, name: &str) -> bool {
+        self.metrics().lease_held(name)
+    }
+
+    /// Brings the agent table up to date with the store before a read.
+    ///
+    /// On a store only this process writes, the table is the truth and this
+    /// returns at once. On a shared store (PostgreSQL) it reads the store's
+    /// head and, when other processes committed beyond the table, applies
+    /// their events first: a read after it sees every change committed
+    /// before it was called, whichever process committed it.
+    ///
+    /// # Errors
+    /// The store cannot be read, or the service is closed.
+    pub async fn sync(&self) -> Result<()> {
+        if !self.shared().store.is_shared() {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.shared().store);
+        let head = tokio::task::spawn_blocking(move || store.head())
+            .await
+            .map_err(Error::TaskFailed)??;
+        if self.head_sequence() >= head {
+            return Ok(());
+        }
+        self.catch_up().await
+    }
+
+    /// Has the commit thread apply whatever other processes committed.
+    pub(crate) async fn catch_up(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.commits()
+            .send(Message::Follow(Some(tx)))
+            .map_err(|_| Error::ShuttingDown)?;
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(Error::Store(err)),
+            Err(_) => Err(Error::ShuttingDown),
+        }
     }
 
     /// Registers a service-wide hook.
@@ -290,6 +363,7 @@ impl AgentLifecycleService {
     /// The store failed to close.
     pub async fn close(&self) -> Result<()> {
         self.begin_shutdown();
+        self.inner.stop_following.store(true, Ordering::Release);
         let compactor = self
             .inner
             .compactor
@@ -318,15 +392,61 @@ impl AgentLifecycleService {
     }
 }
 
+/// How long the follower waits for a notification before reading the log
+/// anyway (in case a notification was lost).
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The follower thread of a shared store: wakes on other processes' commits
+/// (LISTEN/NOTIFY) or every [`FOLLOW_INTERVAL`], and asks the commit thread
+/// to apply them. At most one request is queued at a time.
+fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &AtomicBool) {
+    let mut feed = None;
+    while !stop.load(Ordering::Acquire) {
+        if feed.is_none() {
+            match shared.store.commit_feed() {
+                Ok(Some(opened)) => feed = Some(opened),
+                Ok(None) => return,
+                Err(err) => {
+                    warn!(error = %crate::error::chain(&err), "cannot listen for other processes' commits; reading the log every second");
+                }
+            }
+        }
+        let waited = match feed.as_mut() {
+            Some(open) => open.wait(FOLLOW_INTERVAL),
+            None => {
+                std::thread::sleep(FOLLOW_INTERVAL);
+                Ok(false)
+            }
+        };
+        if let Err(err) = waited {
+            warn!(error = %crate::error::chain(&err), "the commit feed failed; reopening it");
+            feed = None;
+        }
+        if !shared.follow_requested.swap(true, Ordering::AcqRel)
+            && commits.send(Message::Follow(None)).is_err()
+        {
+            return;
+        }
+    }
+}
+
 /// Asks the commit thread for a compaction round every `interval` (tokio
-/// time, so tests can drive it with a paused clock), waiting for each round
-/// to end before the next interval starts.
-async fn compact_every(commits: mpsc::Sender<Message>, interval: Duration) {
+/// time, so tests can drive it with a paused clock) while this process
+/// holds the compaction lease, waiting for each round to end before the
+/// next interval starts.
+async fn compact_every(
+    commits: mpsc::Sender<Message>,
+    mut lease: lease::LeaseHolder,
+    interval: Duration,
+) {
     let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
         ticks.tick().await;
+        if !lease.held().await {
+            continue;
+        }
         let (tx, rx) = oneshot::channel();
         if commits.send(Message::Compact(tx)).is_err() {
             return;

@@ -24,6 +24,10 @@ use crate::{
     store::AgentIdentity,
 };
 
+/// How many times a change that lost to another process's change of the
+/// same agent is validated again before it is answered as a conflict.
+const CONFLICT_RETRIES: u32 = 8;
+
 /// The operations with a fixed path, their required states and default
 /// reasons.
 #[derive(Clone, Copy, Debug)]
@@ -322,7 +326,10 @@ impl AgentLifecycleService {
     }
 
     /// Validates `path` from the agent's current state under its writer
-    /// lock, then executes it.
+    /// lock, then executes it. When another process changed the agent in
+    /// between (a shared store), the change is validated again against the
+    /// new state, up to [`CONFLICT_RETRIES`] times, unless the caller asked
+    /// for a specific version, which is then a version mismatch.
     async fn apply(
         &self,
         id: AgentId,
@@ -331,6 +338,27 @@ impl AgentLifecycleService {
         change: ChangeRequest,
     ) -> Result<Outcome> {
         check_change(&change)?;
+        let mut retries = 0;
+        loop {
+            match self.apply_once(id, op, path, &change).await {
+                Err(Error::Transition(TransitionError::VersionMismatch { .. }))
+                    if change.expected_version.is_none() && retries < CONFLICT_RETRIES =>
+                {
+                    retries += 1;
+                    self.catch_up().await?;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn apply_once(
+        &self,
+        id: AgentId,
+        op: Operation,
+        path: &[(AgentState, &'static str)],
+        change: &ChangeRequest,
+    ) -> Result<Outcome> {
         self.refuse_when_closed()?;
         let writer = {
             let table = self.shared().read_table();
@@ -343,13 +371,21 @@ impl AgentLifecycleService {
         let guard = writer.lock_owned().await;
         let agent = self.shared().agent(id).ok_or(Error::AgentNotFound(id))?;
         self.validate(&agent, op, path, change.expected_version)?;
-        let triggered_by = defaulted(change.triggered_by, "system");
+        let triggered_by = if change.triggered_by.is_empty() {
+            "system"
+        } else {
+            change.triggered_by.as_str()
+        };
         let steps = path
             .iter()
             .map(|(to, default_reason)| Step {
                 to: *to,
-                reason: defaulted(change.reason.clone(), default_reason),
-                triggered_by: triggered_by.clone(),
+                reason: if change.reason.is_empty() {
+                    (*default_reason).to_string()
+                } else {
+                    change.reason.clone()
+                },
+                triggered_by: triggered_by.to_string(),
                 metadata: change.metadata.clone(),
             })
             .collect();
@@ -425,7 +461,10 @@ impl AgentLifecycleService {
             Ok(committed) => committed,
             Err(Rejected::Conflict { .. }) if registering => {
                 // Registered meanwhile (by a request of the same batch, or by
-                // another writer): answer as for an existing id.
+                // another process): answer as for an existing id.
+                if self.shared().agent(agent_id).is_none() {
+                    self.catch_up().await?;
+                }
                 let existing = self
                     .shared()
                     .agent(agent_id)
