@@ -12,16 +12,6 @@ use agent_lifecycle::{
     store::{MemoryStore, Retention},
 };
 
-/// Waits (without sleeping, and without letting tokio's paused clock run
-/// ahead) until `done` holds; fails after 10 s of real time.
-async fn until(mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "condition not reached in 10 s");
-        tokio::task::yield_now().await;
-    }
-}
-
 /// Keeps the runtime busy so that paused time moves only by
 /// `tokio::time::advance`: an idle paused runtime jumps to its next timer,
 /// and a test awaiting the commit thread (a real thread) would look idle.
@@ -65,7 +55,7 @@ async fn age_retention_follows_the_paused_clock() {
         .deploy_agent(id, ChangeRequest::default())
         .await
         .expect("deploy");
-    assert_eq!(service.oldest_sequence().expect("oldest"), 1);
+    assert_eq!(service.oldest_sequence().await.expect("oldest"), 1);
 
     // Several compaction intervals, still within the age limit: kept.
     tokio::time::advance(Duration::from_secs(30 * 60)).await;
@@ -74,11 +64,15 @@ async fn age_retention_follows_the_paused_clock() {
         0,
         "nothing is older than an hour yet"
     );
-    assert_eq!(service.oldest_sequence().expect("oldest"), 1);
+    assert_eq!(service.oldest_sequence().await.expect("oldest"), 1);
 
     // Past the age limit: the timer's next round deletes all three events.
     tokio::time::advance(Duration::from_secs(31 * 60)).await;
-    until(|| service.oldest_sequence().expect("oldest") == 4).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while service.oldest_sequence().await.expect("oldest") != 4 {
+        assert!(Instant::now() < deadline, "compaction within 10 s");
+        tokio::task::yield_now().await;
+    }
     let later = service
         .transition(
             id,

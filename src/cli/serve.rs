@@ -134,12 +134,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..ServiceConfig::default()
     };
     let started = std::time::Instant::now();
-    let store = args
-        .store
-        .open(&retention)
-        .with_context(|| format!("cannot open the store {}", args.store))?;
-    let service = AgentLifecycleService::open(store, config)
-        .with_context(|| format!("cannot load the store {}", args.store))?;
+    // Opening and loading block (file and network I/O), so they run on the
+    // blocking pool.
+    let url = args.store.clone();
+    let service = tokio::task::spawn_blocking(move || {
+        let store = url
+            .open(&retention)
+            .with_context(|| format!("cannot open the store {url}"))?;
+        AgentLifecycleService::open(store, config)
+            .with_context(|| format!("cannot load the store {url}"))
+    })
+    .await
+    .context("opening the store")??;
     info!(store = %args.store, elapsed_ms = started.elapsed().as_millis() as u64, "store ready");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -80,7 +80,7 @@ impl LifecycleHandler {
         // first, so a stream resumed here from a sequence another process
         // handed out starts where it should.
         self.service.sync().await?;
-        let watcher = self.service.watch(watch)?;
+        let watcher = self.service.watch(watch).await?;
         let items = futures_util::stream::unfold(watcher, |mut watcher| async move {
             let item = watcher.next().await?;
             Some((item.map_err(Status::from), watcher))

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
 use crate::store::{Lease, Store};
@@ -64,6 +64,9 @@ impl LeaseHolder {
             }
         };
         let held = self.lease.is_some();
+        if !held {
+            debug!(lease = name, "lease held by another process");
+        }
         if held != was_held {
             info!(lease = name, held, "background work lease changed hands");
         }

@@ -233,8 +233,10 @@ impl AgentLifecycleService {
     ///
     /// # Errors
     /// The store cannot be read.
-    pub fn oldest_sequence(&self) -> Result<u64> {
-        Ok(self.inner.shared.store.oldest_sequence()?)
+    pub async fn oldest_sequence(&self) -> Result<u64> {
+        self.shared()
+            .read_store(|store| store.oldest_sequence())
+            .await
     }
 
     /// Times a watcher fell behind the broadcast buffer and was backfilled
@@ -264,10 +266,7 @@ impl AgentLifecycleService {
         if !self.shared().store.is_shared() {
             return Ok(());
         }
-        let store = Arc::clone(&self.shared().store);
-        let head = tokio::task::spawn_blocking(move || store.head())
-            .await
-            .map_err(Error::TaskFailed)??;
+        let head = self.shared().read_store(|store| store.head()).await?;
         if self.head_sequence() >= head {
             return Ok(());
         }
@@ -322,7 +321,7 @@ impl AgentLifecycleService {
     /// # Errors
     /// [`Error::SequenceCompacted`], [`Error::SequenceNotYetWritten`],
     /// [`Error::ShuttingDown`], or a bad combination of options.
-    pub fn watch(&self, request: WatchRequest) -> Result<Watcher> {
+    pub async fn watch(&self, request: WatchRequest) -> Result<Watcher> {
         self.refuse_when_closed()?;
         Watcher::open(
             Arc::clone(&self.inner.shared),
@@ -330,6 +329,7 @@ impl AgentLifecycleService {
             self.inner.config.progress_interval,
             self.inner.shutdown.subscribe(),
         )
+        .await
     }
 
     /// Runs compaction to completion now, under the configured retention,

@@ -78,6 +78,19 @@ impl Shared {
         self.read_table().head
     }
 
+    /// Runs a store read on the blocking pool: store calls may block (and
+    /// the PostgreSQL client refuses to run on an async worker).
+    pub(crate) async fn read_store<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn Store) -> crate::store::Result<T> + Send + 'static,
+    ) -> crate::Result<T> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || read(store.as_ref()))
+            .await
+            .map_err(crate::Error::TaskFailed)?
+            .map_err(crate::Error::from)
+    }
+
     pub(crate) fn agent(&self, id: AgentId) -> Option<Arc<Agent>> {
         self.read_table()
             .agents

@@ -125,7 +125,7 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
-    pub(crate) fn open(
+    pub(crate) async fn open(
         shared: Arc<Shared>,
         request: WatchRequest,
         progress_interval: Duration,
@@ -186,7 +186,7 @@ impl Watcher {
                     head,
                 });
             }
-            let oldest = shared.store.oldest_sequence()?;
+            let oldest = shared.read_store(|store| store.oldest_sequence()).await?;
             if start < oldest {
                 return Err(Error::SequenceCompacted {
                     requested: start,
@@ -286,17 +286,20 @@ impl Watcher {
         // Read the head first: the table's head never runs ahead of the
         // store, so every event up to it must come back from the read.
         let head = self.shared.head();
-        let store = Arc::clone(&self.shared.store);
-        let records = tokio::task::spawn_blocking(move || store.events_after(after, CATCH_UP_PAGE))
-            .await
-            .map_err(Error::TaskFailed)??;
+        let records = self
+            .shared
+            .read_store(move |store| store.events_after(after, CATCH_UP_PAGE))
+            .await?;
         let contiguous = records
             .first()
             .map_or(after >= head, |r| r.sequence == after + 1);
         if !contiguous {
             return Err(Error::SequenceCompacted {
                 requested: after + 1,
-                oldest: self.shared.store.oldest_sequence()?,
+                oldest: self
+                    .shared
+                    .read_store(|store| store.oldest_sequence())
+                    .await?,
             });
         }
         // Records past `head` may be committed but not yet in the table (an

@@ -339,13 +339,31 @@ impl AgentLifecycleService {
     ) -> Result<Outcome> {
         check_change(&change)?;
         let mut retries = 0;
+        let mut synced = false;
+        let shared_store = self.shared().store.is_shared();
         loop {
             match self.apply_once(id, op, path, &change).await {
+                // Lost to another process's change of the agent, without a
+                // version of the caller's to hold on to: validate again.
                 Err(Error::Transition(TransitionError::VersionMismatch { .. }))
                     if change.expected_version.is_none() && retries < CONFLICT_RETRIES =>
                 {
                     retries += 1;
                     self.catch_up().await?;
+                }
+                // Refused against this process's table, which may not show
+                // another process's latest commits yet: check once more
+                // against the store's head before answering.
+                Err(
+                    Error::AgentNotFound(_)
+                    | Error::Transition(
+                        TransitionError::NotAllowed { .. }
+                        | TransitionError::RequiresState { .. }
+                        | TransitionError::VersionMismatch { .. },
+                    ),
+                ) if shared_store && !synced => {
+                    synced = true;
+                    self.sync().await?;
                 }
                 outcome => return outcome,
             }
