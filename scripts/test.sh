@@ -25,6 +25,23 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 export AGENT_LIFECYCLE_PYTHON="$PWD/.venv/bin/python"
 
+# --- PostgreSQL for the multi-process tests (tests/postgres.rs, store conformance) ---
+# A throwaway server under target/pg (Debian's packages, installed when
+# missing), on a free port, stopped again when the tests end. An existing
+# TEST_DATABASE_URL is used as it is. Under CI a missing server is an error.
+if [ -z "${TEST_DATABASE_URL:-}" ]; then
+    if pg_line=$(bash scripts/postgres.sh start target/pg); then
+        export TEST_DATABASE_URL="${pg_line#TEST_DATABASE_URL=}"
+        trap 'bash scripts/postgres.sh stop target/pg >/dev/null 2>&1 || true' EXIT
+    elif [ -n "${CI:-}" ]; then
+        echo "error: cannot start PostgreSQL for the tests" >&2
+        exit 1
+    else
+        echo "warning: no PostgreSQL (TEST_DATABASE_URL unset and none could be started): the PostgreSQL tests will be skipped" >&2
+    fi
+fi
+echo "TEST_DATABASE_URL=${TEST_DATABASE_URL:-<unset>}"
+
 # --- tool versions -------------------------------------------------------------
 rustc --version
 cargo --version
