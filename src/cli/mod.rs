@@ -21,7 +21,9 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Lifecycle control plane for AI agents"
 )]
 pub struct Args {
-    /// Server address for client commands.
+    /// Server address for client commands. `bench transition` and `bench get`
+    /// also take several, comma-separated (processes sharing one PostgreSQL
+    /// database): connection i goes to server i mod n.
     #[arg(
         long,
         global = true,

@@ -38,9 +38,19 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<Channel> {
 
 /// `count` independent connections, as clients.
 pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<Vec<Client>> {
+    // `--server` may list several servers (comma-separated: processes on one
+    // PostgreSQL database); connection i goes to server i mod n.
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        anyhow::bail!("--server names no server");
+    }
     let mut clients = Vec::with_capacity(count);
-    for _ in 0..count {
-        clients.push(Client::new(connect(url).await?));
+    for i in 0..count {
+        clients.push(Client::new(connect(urls[i % urls.len()]).await?));
     }
     Ok(clients)
 }
