@@ -1,7 +1,8 @@
 //! Settings of `agent-lifecycle serve` that the library defines: the store
-//! URL and its default, the request size limit, and durations as flags spell
-//! them. The binary reads flags and `AGENT_LIFECYCLE_*` environment
-//! variables with these parsers.
+//! URL and its default, the request size limit, durations as flags spell
+//! them, and the TOML configuration file (`--config FILE`). The binary reads
+//! flags and `AGENT_LIFECYCLE_*` environment variables with these parsers; a
+//! flag or variable wins over the file, the file over the default.
 
 use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
@@ -92,6 +93,94 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// The `--config` file: the same settings as the flags, by the same names
+/// (with `_` for `-`). Every key is optional; an unknown key is an error.
+///
+/// ```toml
+/// listen = "0.0.0.0:50051"
+/// store = "postgres://lifecycle@db.internal/lifecycle"
+/// log = "info"
+/// log_format = "json"
+/// event_buffer = 4096
+/// progress_interval = "10s"
+/// retain_events = 1000000
+/// retain_for = "30d"
+/// compaction_interval = "1s"
+/// max_batch = 1024
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `--listen`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `--store`.
+    pub store: Option<String>,
+    /// `--log`.
+    pub log: Option<String>,
+    /// `--log-format` (`human` or `json`).
+    pub log_format: Option<String>,
+    /// `--event-buffer`.
+    pub event_buffer: Option<usize>,
+    /// `--progress-interval`.
+    pub progress_interval: Option<String>,
+    /// `--retain-events`.
+    pub retain_events: Option<u64>,
+    /// `--retain-for`.
+    pub retain_for: Option<String>,
+    /// `--compaction-interval`.
+    pub compaction_interval: Option<String>,
+    /// `--max-batch`.
+    pub max_batch: Option<usize>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has an unknown key or a value
+    /// of the wrong kind (the message names the line), or a duration or
+    /// store URL that does not parse (the message names the key).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks the text of a configuration file.
+    ///
+    /// # Errors
+    /// As [`ConfigFile::load`].
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (key, value) in [
+            ("progress_interval", &file.progress_interval),
+            ("retain_for", &file.retain_for),
+            ("compaction_interval", &file.compaction_interval),
+        ] {
+            if let Some(value) = value {
+                parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        if let Some(store) = &file.store {
+            store
+                .parse::<StoreUrl>()
+                .map_err(|e| format!("store: {e}"))?;
+        }
+        if let Some(format) = &file.log_format
+            && format != "human"
+            && format != "json"
+        {
+            return Err(format!("log_format: {format:?} is not human or json"));
+        }
+        Ok(file)
+    }
+
+    /// A duration key, already checked by [`ConfigFile::parse`].
+    pub fn duration(value: &Option<String>) -> Option<Duration> {
+        value.as_deref().and_then(|v| parse_duration(v).ok())
+    }
+}
+
 /// Parses durations like `500ms`, `30s`, `15m`, `12h`, `7d` (a bare number
 /// is seconds).
 ///
@@ -139,5 +228,29 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert!(parse_duration("7 parsecs").is_err());
+    }
+
+    #[test]
+    fn config_files_parse_and_name_their_errors() {
+        let file = ConfigFile::parse(
+            "store = \"postgres://app@db/fleet\"\nretain_for = \"30d\"\nmax_batch = 64\n",
+        )
+        .expect("valid");
+        assert_eq!(file.store.as_deref(), Some("postgres://app@db/fleet"));
+        assert_eq!(
+            ConfigFile::duration(&file.retain_for),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(file.max_batch, Some(64));
+        let unknown = ConfigFile::parse("listen = \"127.0.0.1:1\"\nstroe = \"memory\"\n")
+            .expect_err("unknown key");
+        assert!(
+            unknown.contains("stroe") && unknown.contains("line 2"),
+            "{unknown}"
+        );
+        let bad = ConfigFile::parse("retain_for = \"soon\"").expect_err("bad duration");
+        assert!(bad.starts_with("retain_for:"), "{bad}");
+        let bad = ConfigFile::parse("store = \"redis://x\"").expect_err("bad store");
+        assert!(bad.starts_with("store:"), "{bad}");
     }
 }

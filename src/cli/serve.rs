@@ -1,7 +1,7 @@
 //! `agent-lifecycle serve`: logging, the store, the service, the listener
 //! and the signals.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -10,9 +10,9 @@ use tracing_subscriber::EnvFilter;
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    config::{DEFAULT_STORE, StoreUrl, parse_duration},
+    config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
     server,
-    service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, ServiceConfig},
+    service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
 };
 
@@ -25,49 +25,117 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flags of `serve`; each is also an `AGENT_LIFECYCLE_<NAME>` variable.
+/// Flags of `serve`; each is also an `AGENT_LIFECYCLE_<NAME>` variable and
+/// a key of the `--config` file. A flag or variable wins over the file, the
+/// file over the default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// gRPC listen address.
-    #[arg(
-        long,
-        env = "AGENT_LIFECYCLE_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
-    listen: SocketAddr,
+    /// TOML file with any of the settings below (keys with `_` for `-`).
+    #[arg(long, env = "AGENT_LIFECYCLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "AGENT_LIFECYCLE_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Store: `memory`, `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
-    /// (several servers may share one PostgreSQL database).
-    #[arg(long, env = "AGENT_LIFECYCLE_STORE", default_value = DEFAULT_STORE)]
-    store: StoreUrl,
-    /// Log format.
-    #[arg(long, env = "AGENT_LIFECYCLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG also works.
-    #[arg(long, env = "AGENT_LIFECYCLE_LOG", default_value = "info")]
-    log: String,
+    /// (several servers may share one PostgreSQL database)
+    /// [default: sqlite://./data/agent-lifecycle.db].
+    #[arg(long, env = "AGENT_LIFECYCLE_STORE")]
+    store: Option<StoreUrl>,
+    /// Log format [default: human].
+    #[arg(long, env = "AGENT_LIFECYCLE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG also works [default: info].
+    #[arg(long, env = "AGENT_LIFECYCLE_LOG")]
+    log: Option<String>,
     /// Events the broadcast channel buffers before a slow watcher is
-    /// backfilled from the event log.
-    #[arg(long, env = "AGENT_LIFECYCLE_EVENT_BUFFER", default_value_t = DEFAULT_EVENT_BUFFER)]
-    event_buffer: usize,
-    /// Idle time before a watch stream gets a progress message.
-    #[arg(long, env = "AGENT_LIFECYCLE_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
-    progress_interval: Duration,
+    /// backfilled from the event log [default: 4096].
+    #[arg(long, env = "AGENT_LIFECYCLE_EVENT_BUFFER")]
+    event_buffer: Option<usize>,
+    /// Idle time before a watch stream gets a progress message [default: 10s].
+    #[arg(long, env = "AGENT_LIFECYCLE_PROGRESS_INTERVAL", value_parser = parse_duration)]
+    progress_interval: Option<Duration>,
     /// Keep at most this many newest events (memory store default: 100000;
-    /// SQLite default: all).
+    /// SQLite and PostgreSQL default: all).
     #[arg(long, env = "AGENT_LIFECYCLE_RETAIN_EVENTS")]
     retain_events: Option<u64>,
     /// Delete events older than this (e.g. 30d); default: keep.
     #[arg(long, env = "AGENT_LIFECYCLE_RETAIN_FOR", value_parser = parse_duration)]
     retain_for: Option<Duration>,
-    /// How often compaction runs when retention is set.
-    #[arg(long, env = "AGENT_LIFECYCLE_COMPACTION_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    compaction_interval: Duration,
-    /// Largest group commit.
-    #[arg(long, env = "AGENT_LIFECYCLE_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
-    max_batch: usize,
+    /// How often compaction runs when retention is set [default: 1s].
+    #[arg(long, env = "AGENT_LIFECYCLE_COMPACTION_INTERVAL", value_parser = parse_duration)]
+    compaction_interval: Option<Duration>,
+    /// Largest group commit [default: 1024].
+    #[arg(long, env = "AGENT_LIFECYCLE_MAX_BATCH")]
+    max_batch: Option<usize>,
 }
 
-fn init_logging(args: &ServeArgs) -> anyhow::Result<()> {
+/// The settings in force: flags and variables over the file over defaults.
+struct Settings {
+    listen: SocketAddr,
+    store: StoreUrl,
+    log_format: LogFormat,
+    log: String,
+    retention: Retention,
+    service: ServiceConfig,
+}
+
+impl Settings {
+    fn resolve(args: ServeArgs) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => ConfigFile::default(),
+        };
+        let store = match (args.store, &file.store) {
+            (Some(store), _) => store,
+            (None, Some(text)) => text.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?,
+            (None, None) => DEFAULT_STORE
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("{e}"))?,
+        };
+        let log_format = match (args.log_format, file.log_format.as_deref()) {
+            (Some(format), _) => format,
+            (None, Some("json")) => LogFormat::Json,
+            _ => LogFormat::Human,
+        };
+        let retention = Retention {
+            max_events: args.retain_events.or(file.retain_events),
+            max_age: args.retain_for.or(ConfigFile::duration(&file.retain_for)),
+        };
+        let service = ServiceConfig {
+            event_buffer: args
+                .event_buffer
+                .or(file.event_buffer)
+                .unwrap_or(DEFAULT_EVENT_BUFFER),
+            retention,
+            compaction_interval: args
+                .compaction_interval
+                .or(ConfigFile::duration(&file.compaction_interval))
+                .unwrap_or(Duration::from_secs(1)),
+            progress_interval: args
+                .progress_interval
+                .or(ConfigFile::duration(&file.progress_interval))
+                .unwrap_or(DEFAULT_PROGRESS_INTERVAL),
+            max_batch: args
+                .max_batch
+                .or(file.max_batch)
+                .unwrap_or(DEFAULT_MAX_BATCH),
+            ..ServiceConfig::default()
+        };
+        Ok(Settings {
+            listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
+                [127, 0, 0, 1],
+                agent_lifecycle::DEFAULT_PORT,
+            ))),
+            store,
+            log_format,
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            retention,
+            service,
+        })
+    }
+}
+
+fn init_logging(args: &Settings) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) if !value.is_empty() => EnvFilter::try_new(value),
         _ => EnvFilter::try_new(&args.log),
@@ -119,24 +187,15 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
 /// The store cannot be opened, the address cannot be bound, or serving
 /// failed.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(&args)?;
+    let settings = Settings::resolve(args)?;
+    init_logging(&settings)?;
     let shutdown = shutdown_signal()?;
-    let retention = Retention {
-        max_events: args.retain_events,
-        max_age: args.retain_for,
-    };
-    let config = ServiceConfig {
-        event_buffer: args.event_buffer,
-        retention,
-        compaction_interval: args.compaction_interval,
-        progress_interval: args.progress_interval,
-        max_batch: args.max_batch,
-        ..ServiceConfig::default()
-    };
+    let retention = settings.retention;
+    let config = settings.service;
     let started = std::time::Instant::now();
     // Opening and loading block (file and network I/O), so they run on the
     // blocking pool.
-    let url = args.store.clone();
+    let url = settings.store.clone();
     let service = tokio::task::spawn_blocking(move || {
         let store = url
             .open(&retention)
@@ -146,10 +205,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await
     .context("opening the store")??;
-    info!(store = %args.store, elapsed_ms = started.elapsed().as_millis() as u64, "store ready");
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    info!(store = %settings.store, elapsed_ms = started.elapsed().as_millis() as u64, "store ready");
+    let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
     // One machine-readable line on stdout, so that scripts and tests that
     // pass port 0 learn the real address.
     let local = listener.local_addr().context("reading the bound address")?;
