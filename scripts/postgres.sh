@@ -120,8 +120,8 @@ pick_port() {
         perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0, Listen => 1) or die; print $s->sockport, "\n"'
         return
     fi
-    local p i
-    for i in $(seq 1 50); do
+    local p
+    for _ in $(seq 1 50); do
         p=$(( 20000 + RANDOM % 30000 ))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
@@ -252,8 +252,8 @@ EOF
 }
 
 start_server() { # start with a fresh port; retry if the port got taken meanwhile
-    local base=$1 pgdata=$1/data attempt port
-    for attempt in 1 2 3 4 5; do
+    local base=$1 pgdata=$1/data port
+    for _ in 1 2 3 4 5; do
         port=$(pick_port)
         echo "port = $port" | as_pg tee "$pgdata/port.conf" >/dev/null
         # 9>&-: the postmaster must not inherit the DIR/.lock descriptor
@@ -291,7 +291,9 @@ cmd_start() {
 
     if [[ -f $pgdata/PG_VERSION && $(cat "$pgdata/PG_VERSION") != "$major" ]]; then
         log "data directory is for PostgreSQL $(cat "$pgdata/PG_VERSION"), binaries are $major: re-creating"
-        is_running "$pgdata" && as_pg "$BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null || true
+        if is_running "$pgdata"; then
+            as_pg "$BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null || true
+        fi
         find "$pgdata" -mindepth 1 -delete
     fi
 

@@ -415,3 +415,63 @@ fn postgres_conflicting_writers_have_one_winner_and_order_by_commit() {
     assert_eq!(ids.len(), 1);
     assert_eq!(&*ids[0].1.name, "agent");
 }
+
+/// A registration that races with another process's registration of the
+/// same id (uncommitted when the batch checks versions, committed while it
+/// writes) is answered as a conflict, alone; the rest of the batch commits
+/// with contiguous sequences.
+#[test]
+fn postgres_registration_race_is_a_conflict_for_that_change_alone() {
+    let Some(url) = fresh_postgres("race") else {
+        return;
+    };
+    let store = PostgresStore::open(&url).expect("open");
+    let raced = AgentId::generate();
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let mut open_tx = other.transaction().expect("begin");
+    open_tx
+        .execute(
+            "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+             last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+             VALUES ($1, 'other', '', 'registered', 1, 0, 0, 0, NULL, '', '', '')",
+            &[&raced.as_bytes().as_slice()],
+        )
+        .expect("insert uncommitted");
+    let writer = std::thread::spawn(move || {
+        let mut batch = [register(raced), register(AgentId::generate())];
+        let outcomes = commit(&store, &mut batch);
+        (outcomes, batch[1].records[0].sequence, store)
+    });
+    // Wait until the batch's insert is blocked on the uncommitted row.
+    let mut watcher = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited"
+        );
+        std::thread::yield_now();
+    }
+    open_tx.commit().expect("commit the other registration");
+    let (outcomes, sequence, store) = writer.join().expect("writer");
+    assert_eq!(
+        outcomes,
+        vec![
+            ChangeOutcome::Conflict { actual: 1 },
+            ChangeOutcome::Committed
+        ]
+    );
+    assert_eq!(sequence, 1, "no sequence was spent on the raced change");
+    assert_eq!(store.head().expect("head"), 1);
+}

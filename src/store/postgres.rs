@@ -107,35 +107,58 @@ CREATE TABLE IF NOT EXISTS writers (
 INSERT INTO meta (key, value) VALUES ('head', 0) ON CONFLICT (key) DO NOTHING;
 ";
 
-const LOCK_HEAD: &str = "SELECT value FROM meta WHERE key = 'head' FOR UPDATE";
-const STORED_VERSIONS: &str =
-    "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
-const INSERT_AGENTS: &str = "
-INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
-SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-    $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[])";
-const UPDATE_AGENTS: &str = "
-UPDATE agents AS a SET state = u.state, version = u.version, updated_at = u.updated_at,
-    last_sequence = u.last_sequence, last_from = u.last_from, last_reason = u.last_reason,
-    last_triggered_by = u.last_triggered_by, last_metadata = u.last_metadata
-FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[],
-    $7::text[], $8::text[], $9::text[])
-    AS u(agent_id, state, version, updated_at, last_sequence, last_from, last_reason,
-         last_triggered_by, last_metadata)
-WHERE a.agent_id = u.agent_id";
-const INSERT_EVENTS: &str = "
-INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
-    triggered_by, metadata)
-SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::text[], $5::text[],
-    $6::bigint[], $7::text[], $8::text[], $9::text[])";
-const FINISH: &str = "
-WITH head AS (UPDATE meta SET value = $1 WHERE key = 'head'),
-     writer AS (
-        INSERT INTO writers (writer_id, last_batch, seen_at) VALUES ($2, $3, $4)
-        ON CONFLICT (writer_id) DO UPDATE
-            SET last_batch = excluded.last_batch, seen_at = excluded.seen_at)
-SELECT pg_notify('agent_lifecycle_commits', $1::text)";
+/// Step 1 of a commit: the stored versions of the batch's agents, their
+/// rows locked until the commit (changes of one agent from several
+/// processes queue here, not on the counter).
+const LOCK_AGENTS: &str =
+    "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[]) FOR UPDATE";
+/// Step 2, one statement: advance the counter by the batch's record count
+/// (its row lock serialises commits from here to COMMIT), then write the
+/// agents and events with sequences `base + offset`, record the batch id,
+/// and notify. Returns the base and how many agents it created (fewer than
+/// asked when another process registered one of the ids meanwhile).
+const WRITE_BATCH: &str = "
+WITH h AS (
+    UPDATE meta SET value = value + $1 WHERE key = 'head' RETURNING value - $1 AS base
+),
+ins AS (
+    INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+        last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+    SELECT n.agent_id, n.name, n.labels, n.state, n.version, $2, $2, h.base + n.last_offset,
+        n.last_from, n.reason, n.triggered_by, n.metadata
+    FROM h, unnest($3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+        $9::text[], $10::text[], $11::text[], $12::text[])
+        AS n(agent_id, name, labels, state, version, last_offset, last_from, reason,
+             triggered_by, metadata)
+    ON CONFLICT (agent_id) DO NOTHING
+    RETURNING 1
+),
+upd AS (
+    UPDATE agents AS a SET state = u.state, version = u.version, updated_at = $2,
+        last_sequence = h.base + u.last_offset, last_from = u.last_from,
+        last_reason = u.reason, last_triggered_by = u.triggered_by, last_metadata = u.metadata
+    FROM h, unnest($13::bytea[], $14::text[], $15::bigint[], $16::bigint[], $17::text[],
+        $18::text[], $19::text[], $20::text[])
+        AS u(agent_id, state, version, last_offset, last_from, reason, triggered_by, metadata)
+    WHERE a.agent_id = u.agent_id
+    RETURNING 1
+),
+ev AS (
+    INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+        triggered_by, metadata)
+    SELECT h.base + e.pos, e.agent_id, e.version, e.from_state, e.to_state, $2, e.reason,
+        e.triggered_by, e.metadata
+    FROM h, unnest($21::bytea[], $22::bigint[], $23::text[], $24::text[], $25::text[],
+        $26::text[], $27::text[]) WITH ORDINALITY
+        AS e(agent_id, version, from_state, to_state, reason, triggered_by, metadata, pos)
+),
+w AS (
+    INSERT INTO writers (writer_id, last_batch, seen_at) VALUES ($28, $29, $2)
+    ON CONFLICT (writer_id) DO UPDATE
+        SET last_batch = excluded.last_batch, seen_at = excluded.seen_at
+)
+SELECT h.base, (SELECT count(*) FROM ins), pg_notify('agent_lifecycle_commits', (h.base + $1)::text)
+FROM h";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata FROM agents";
 const EVENT_COLUMNS: &str =
@@ -152,12 +175,8 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
 /// The writer's connection and its prepared statements.
 struct Writer {
     client: Client,
-    lock_head: Statement,
-    stored_versions: Statement,
-    insert_agents: Statement,
-    update_agents: Statement,
-    insert_events: Statement,
-    finish: Statement,
+    lock_agents: Statement,
+    write_batch: Statement,
 }
 
 impl Writer {
@@ -168,12 +187,8 @@ impl Writer {
     fn new(mut client: Client) -> Result<Self> {
         let mut prepare = |sql: &str| client.prepare(sql).map_err(pg("preparing statements"));
         Ok(Writer {
-            lock_head: prepare(LOCK_HEAD)?,
-            stored_versions: prepare(STORED_VERSIONS)?,
-            insert_agents: prepare(INSERT_AGENTS)?,
-            update_agents: prepare(UPDATE_AGENTS)?,
-            insert_events: prepare(INSERT_EVENTS)?,
-            finish: prepare(FINISH)?,
+            lock_agents: prepare(LOCK_AGENTS)?,
+            write_batch: prepare(WRITE_BATCH)?,
             client,
         })
     }
@@ -258,6 +273,110 @@ impl PostgresStore {
         let (base, _) = url.split_once('?').unwrap_or((url, ""));
         let prefix = base.rsplit_once('/').map_or(base, |(prefix, _)| prefix);
         Ok(format!("{prefix}/{name}"))
+    }
+
+    /// One attempt at a commit; `None` when another process registered one
+    /// of the batch's new ids between the version check and the write (the
+    /// transaction is rolled back and the batch may be tried again).
+    fn write_batch(
+        &self,
+        w: &mut Writer,
+        id: BatchId,
+        batch: &mut [AgentChange],
+        at: std::time::SystemTime,
+    ) -> Result<Option<Vec<ChangeOutcome>>> {
+        let mut tx = w.client.transaction().map_err(pg("beginning a commit"))?;
+        let ids: Vec<[u8; 16]> = batch.iter().map(|c| *c.agent_id.as_bytes()).collect();
+        let id_refs: Vec<&[u8]> = ids.iter().map(|b| b.as_slice()).collect();
+        let mut stored: std::collections::HashMap<[u8; 16], u64> = tx
+            .query(&w.lock_agents, &[&id_refs])
+            .map_err(pg("reading agent versions"))?
+            .iter()
+            .filter_map(|row| {
+                let bytes: &[u8] = row.get(0);
+                let key: [u8; 16] = bytes.try_into().ok()?;
+                Some((key, row.get::<_, i64>(1) as u64))
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (change, key) in batch.iter().zip(&ids) {
+            let actual = stored.get(key).copied().unwrap_or(0);
+            let creatable = change.prior_version == 0 && change.identity.is_some();
+            if actual != change.prior_version || (actual == 0 && !creatable) {
+                outcomes.push(ChangeOutcome::Conflict { actual });
+                continue;
+            }
+            if let Some(last) = change.records.last() {
+                // A later change of the same agent in this batch is checked
+                // against this one's result.
+                stored.insert(*key, last.version);
+            }
+            outcomes.push(ChangeOutcome::Committed);
+        }
+        let mut rows = Rows::default();
+        for ((change, key), outcome) in batch.iter().zip(&id_refs).zip(&outcomes) {
+            if *outcome == ChangeOutcome::Committed {
+                rows.add(change, key);
+            }
+        }
+        let at_micros = to_micros(at);
+        let batch_id = id.0 as i64;
+        let writer_id = self.writer_id.as_slice();
+        let row = tx
+            .query_one(
+                &w.write_batch,
+                &[
+                    &rows.records,
+                    &at_micros,
+                    &rows.new_ids,
+                    &rows.new_names,
+                    &rows.new_labels,
+                    &rows.new_states,
+                    &rows.new_versions,
+                    &rows.new_last,
+                    &rows.new_last_from,
+                    &rows.new_reasons,
+                    &rows.new_triggers,
+                    &rows.new_metadata,
+                    &rows.upd_ids,
+                    &rows.upd_states,
+                    &rows.upd_versions,
+                    &rows.upd_last,
+                    &rows.upd_last_from,
+                    &rows.upd_reasons,
+                    &rows.upd_triggers,
+                    &rows.upd_metadata,
+                    &rows.ev_ids,
+                    &rows.ev_versions,
+                    &rows.ev_from,
+                    &rows.ev_to,
+                    &rows.ev_reasons,
+                    &rows.ev_triggers,
+                    &rows.ev_metadata,
+                    &writer_id,
+                    &batch_id,
+                ],
+            )
+            .map_err(pg("writing a batch"))?;
+        let base = row.get::<_, i64>(0) as u64;
+        let created: i64 = row.get(1);
+        if created != rows.new_ids.len() as i64 {
+            tx.rollback().map_err(pg("rolling back a raced batch"))?;
+            return Ok(None);
+        }
+        tx.commit().map_err(pg("committing"))?;
+        let mut next = base;
+        for (change, outcome) in batch.iter_mut().zip(&outcomes) {
+            if *outcome != ChangeOutcome::Committed {
+                continue;
+            }
+            for record in &mut change.records {
+                next += 1;
+                record.sequence = next;
+                record.at = at;
+            }
+        }
+        Ok(Some(outcomes))
     }
 
     fn with_writer<T>(&self, f: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
@@ -375,17 +494,17 @@ fn agent_from_row(row: &Row) -> Result<Agent> {
     })
 }
 
-/// Column arrays of the rows one batch writes.
+/// Column arrays of the rows one batch writes; positions are 1-based
+/// offsets from the batch's base sequence.
 #[derive(Default)]
 struct Rows<'a> {
+    records: i64,
     new_ids: Vec<&'a [u8]>,
     new_names: Vec<&'a str>,
     new_labels: Vec<String>,
     new_states: Vec<&'static str>,
     new_versions: Vec<i64>,
-    new_created: Vec<i64>,
-    new_updated: Vec<i64>,
-    new_last_seq: Vec<i64>,
+    new_last: Vec<i64>,
     new_last_from: Vec<Option<&'static str>>,
     new_reasons: Vec<&'a str>,
     new_triggers: Vec<&'a str>,
@@ -393,18 +512,15 @@ struct Rows<'a> {
     upd_ids: Vec<&'a [u8]>,
     upd_states: Vec<&'static str>,
     upd_versions: Vec<i64>,
-    upd_updated: Vec<i64>,
-    upd_last_seq: Vec<i64>,
+    upd_last: Vec<i64>,
     upd_last_from: Vec<Option<&'static str>>,
     upd_reasons: Vec<&'a str>,
     upd_triggers: Vec<&'a str>,
     upd_metadata: Vec<String>,
-    ev_seq: Vec<i64>,
     ev_ids: Vec<&'a [u8]>,
     ev_versions: Vec<i64>,
     ev_from: Vec<Option<&'static str>>,
     ev_to: Vec<&'static str>,
-    ev_at: Vec<i64>,
     ev_reasons: Vec<&'a str>,
     ev_triggers: Vec<&'a str>,
     ev_metadata: Vec<String>,
@@ -412,9 +528,20 @@ struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     fn add(&mut self, change: &'a AgentChange, id: &'a [u8]) {
-        let (Some(first), Some(last)) = (change.records.first(), change.records.last()) else {
+        let Some(last) = change.records.last() else {
             return;
         };
+        for record in &change.records {
+            self.records += 1;
+            self.ev_ids.push(id);
+            self.ev_versions.push(record.version as i64);
+            self.ev_from.push(record.from.map(AgentState::as_str));
+            self.ev_to.push(record.to.as_str());
+            self.ev_reasons.push(&record.reason);
+            self.ev_triggers.push(&record.triggered_by);
+            self.ev_metadata
+                .push(encode_map(&record.metadata, record.metadata.is_empty()));
+        }
         let last_metadata = encode_map(&last.metadata, last.metadata.is_empty());
         match &change.identity {
             Some(identity) if change.prior_version == 0 => {
@@ -424,9 +551,7 @@ impl<'a> Rows<'a> {
                     .push(encode_map(&*identity.labels, identity.labels.is_empty()));
                 self.new_states.push(last.to.as_str());
                 self.new_versions.push(last.version as i64);
-                self.new_created.push(to_micros(first.at));
-                self.new_updated.push(to_micros(last.at));
-                self.new_last_seq.push(last.sequence as i64);
+                self.new_last.push(self.records);
                 self.new_last_from.push(last.from.map(AgentState::as_str));
                 self.new_reasons.push(&last.reason);
                 self.new_triggers.push(&last.triggered_by);
@@ -436,28 +561,19 @@ impl<'a> Rows<'a> {
                 self.upd_ids.push(id);
                 self.upd_states.push(last.to.as_str());
                 self.upd_versions.push(last.version as i64);
-                self.upd_updated.push(to_micros(last.at));
-                self.upd_last_seq.push(last.sequence as i64);
+                self.upd_last.push(self.records);
                 self.upd_last_from.push(last.from.map(AgentState::as_str));
                 self.upd_reasons.push(&last.reason);
                 self.upd_triggers.push(&last.triggered_by);
                 self.upd_metadata.push(last_metadata);
             }
         }
-        for record in &change.records {
-            self.ev_seq.push(record.sequence as i64);
-            self.ev_ids.push(id);
-            self.ev_versions.push(record.version as i64);
-            self.ev_from.push(record.from.map(AgentState::as_str));
-            self.ev_to.push(record.to.as_str());
-            self.ev_at.push(to_micros(record.at));
-            self.ev_reasons.push(&record.reason);
-            self.ev_triggers.push(&record.triggered_by);
-            self.ev_metadata
-                .push(encode_map(&record.metadata, record.metadata.is_empty()));
-        }
     }
 }
+
+/// How many times a batch is tried again when another process registered
+/// one of its new ids between its version check and its write.
+const REGISTRATION_RACE_RETRIES: usize = 3;
 
 impl Store for PostgresStore {
     fn load(&self) -> Result<Recovered> {
@@ -491,117 +607,20 @@ impl Store for PostgresStore {
         batch: &mut [AgentChange],
         clock: &dyn Clock,
     ) -> Result<Vec<ChangeOutcome>> {
-        self.with_writer(|w| {
-            let mut tx = w.client.transaction().map_err(pg("beginning a commit"))?;
-            // Serialises every writer of every process from here to COMMIT.
-            let mut head = tx
-                .query_one(&w.lock_head, &[])
-                .map_err(pg("locking the sequence counter"))?
-                .get::<_, i64>(0) as u64;
-            let at = to_stored_precision(clock.now());
-            let ids: Vec<[u8; 16]> = batch.iter().map(|c| *c.agent_id.as_bytes()).collect();
-            let id_refs: Vec<&[u8]> = ids.iter().map(|b| b.as_slice()).collect();
-            let mut stored: std::collections::HashMap<[u8; 16], u64> = tx
-                .query(&w.stored_versions, &[&id_refs])
-                .map_err(pg("reading agent versions"))?
-                .iter()
-                .filter_map(|row| {
-                    let bytes: &[u8] = row.get(0);
-                    let key: [u8; 16] = bytes.try_into().ok()?;
-                    Some((key, row.get::<_, i64>(1) as u64))
-                })
-                .collect();
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for (change, key) in batch.iter_mut().zip(&ids) {
-                let actual = stored.get(key).copied().unwrap_or(0);
-                let creatable = change.prior_version == 0 && change.identity.is_some();
-                if actual != change.prior_version || (actual == 0 && !creatable) {
-                    outcomes.push(ChangeOutcome::Conflict { actual });
-                    continue;
-                }
-                for record in &mut change.records {
-                    head += 1;
-                    record.sequence = head;
-                    record.at = at;
-                }
-                if let Some(last) = change.records.last() {
-                    // A later change of the same agent in this batch is
-                    // checked against this one's result.
-                    stored.insert(*key, last.version);
-                }
-                outcomes.push(ChangeOutcome::Committed);
+        let at = to_stored_precision(clock.now());
+        for attempt in 1.. {
+            let written = self.with_writer(|w| self.write_batch(w, id, batch, at))?;
+            if let Some(outcomes) = written {
+                return Ok(outcomes);
             }
-            let mut rows = Rows::default();
-            for ((change, key), outcome) in batch.iter().zip(&id_refs).zip(&outcomes) {
-                if *outcome == ChangeOutcome::Committed {
-                    rows.add(change, key);
-                }
+            if attempt >= REGISTRATION_RACE_RETRIES {
+                break;
             }
-            if !rows.new_ids.is_empty() {
-                tx.execute(
-                    &w.insert_agents,
-                    &[
-                        &rows.new_ids,
-                        &rows.new_names,
-                        &rows.new_labels,
-                        &rows.new_states,
-                        &rows.new_versions,
-                        &rows.new_created,
-                        &rows.new_updated,
-                        &rows.new_last_seq,
-                        &rows.new_last_from,
-                        &rows.new_reasons,
-                        &rows.new_triggers,
-                        &rows.new_metadata,
-                    ],
-                )
-                .map_err(pg("inserting agents"))?;
-            }
-            if !rows.upd_ids.is_empty() {
-                tx.execute(
-                    &w.update_agents,
-                    &[
-                        &rows.upd_ids,
-                        &rows.upd_states,
-                        &rows.upd_versions,
-                        &rows.upd_updated,
-                        &rows.upd_last_seq,
-                        &rows.upd_last_from,
-                        &rows.upd_reasons,
-                        &rows.upd_triggers,
-                        &rows.upd_metadata,
-                    ],
-                )
-                .map_err(pg("updating agents"))?;
-            }
-            if !rows.ev_seq.is_empty() {
-                tx.execute(
-                    &w.insert_events,
-                    &[
-                        &rows.ev_seq,
-                        &rows.ev_ids,
-                        &rows.ev_versions,
-                        &rows.ev_from,
-                        &rows.ev_to,
-                        &rows.ev_at,
-                        &rows.ev_reasons,
-                        &rows.ev_triggers,
-                        &rows.ev_metadata,
-                    ],
-                )
-                .map_err(pg("inserting events"))?;
-            }
-            let head = head as i64;
-            let batch_id = id.0 as i64;
-            let seen = to_micros(at);
-            tx.query(
-                &w.finish,
-                &[&head, &self.writer_id.as_slice(), &batch_id, &seen],
-            )
-            .map_err(pg("advancing the sequence counter"))?;
-            tx.commit().map_err(pg("committing"))?;
-            Ok(outcomes)
-        })
+        }
+        Err(StoreError::backend(
+            "committing",
+            std::io::Error::other("registrations kept racing with another process"),
+        ))
     }
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {

@@ -114,7 +114,14 @@ pub struct SqliteStore {
     /// Oldest retained sequence, kept by the one writer (load and
     /// compaction change it; commits never do).
     oldest: AtomicU64,
+    /// The committed head (`meta.head`), cached by the one writer so a
+    /// commit need not read it; [`UNKNOWN_HEAD`] until read, and again after
+    /// a failed commit.
+    head: AtomicU64,
 }
+
+/// `SqliteStore::head` before it is read from the file.
+const UNKNOWN_HEAD: u64 = u64::MAX;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,6 +190,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             oldest: AtomicU64::new(1),
+            head: AtomicU64::new(UNKNOWN_HEAD),
         };
         Ok(store)
     }
@@ -413,16 +421,6 @@ fn read_meta(conn: &Connection, key: &str) -> Result<u64> {
     Ok(value.map_or(0, |v| v as u64))
 }
 
-fn write_meta(conn: &Connection, key: &str, value: u64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .and_then(|mut stmt| stmt.execute(params![key, value as i64]))
-    .map_err(sql("writing the meta table"))?;
-    Ok(())
-}
-
 fn stored_version(conn: &Connection, id: AgentId) -> Result<u64> {
     let version: Option<i64> = conn
         .query_row(
@@ -459,7 +457,13 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("beginning a commit"))?;
-        let mut head = read_meta(&tx, "head")?;
+        // The writer holds the file's lock, so nobody else moves the head.
+        let cached = self.head.swap(UNKNOWN_HEAD, Ordering::AcqRel);
+        let mut head = if cached == UNKNOWN_HEAD {
+            read_meta(&tx, "head")?
+        } else {
+            cached
+        };
         let at = to_stored_precision(clock.now());
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
@@ -473,9 +477,14 @@ impl Store for SqliteStore {
             }
             outcomes.push(outcome);
         }
-        write_meta(&tx, "head", head)?;
-        write_meta(&tx, "last_batch", id.0)?;
+        tx.prepare_cached(
+            "UPDATE meta SET value = CASE key WHEN 'head' THEN ?1 ELSE ?2 END
+             WHERE key IN ('head', 'last_batch')",
+        )
+        .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
+        .map_err(sql("advancing the head"))?;
         tx.commit().map_err(sql("committing"))?;
+        self.head.store(head, Ordering::Release);
         Ok(outcomes)
     }
 
