@@ -486,9 +486,11 @@ fn follow(shared: &Shared, stop_before: u64) -> Result<u64, StoreError> {
         if after.saturating_add(1) >= stop_before {
             return Ok(after);
         }
-        let records: Vec<_> = shared
-            .store
-            .events_after(after, FOLLOW_PAGE)?
+        let page = shared.store.events_after(after, FOLLOW_PAGE)?;
+        // A short page is the end of the log as of the read: no need to ask
+        // again.
+        let last_page = page.len() < FOLLOW_PAGE;
+        let records: Vec<_> = page
             .into_iter()
             .take_while(|r| r.sequence < stop_before)
             .collect();
@@ -533,6 +535,9 @@ fn follow(shared: &Shared, stop_before: u64) -> Result<u64, StoreError> {
         }
         for event in events {
             let _ = shared.bus.send(event);
+        }
+        if last_page {
+            return Ok(shared.head());
         }
     }
 }
