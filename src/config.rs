@@ -6,7 +6,10 @@
 
 use std::{fmt, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
-use crate::store::{MemoryStore, PostgresStore, Retention, SqliteStore, Store, StoreError};
+use crate::{
+    domain::{AgentState, TransitionPolicy},
+    store::{MemoryStore, PostgresStore, Retention, SqliteStore, Store, StoreError},
+};
 
 /// The default store: a SQLite file under `./data`.
 pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
@@ -131,6 +134,64 @@ pub struct ConfigFile {
     pub compaction_interval: Option<String>,
     /// `--max-batch`.
     pub max_batch: Option<usize>,
+    /// `[policy]`: edges added to or removed from the default transition
+    /// table.
+    pub policy: Option<PolicySection>,
+    /// The transition policy the file describes (the default when it has no
+    /// `[policy]`), built and checked by [`ConfigFile::parse`].
+    #[serde(skip)]
+    pub transition_policy: TransitionPolicy,
+}
+
+/// The `[policy]` section: edges as `"from -> to"` with the states'
+/// lowercase names.
+///
+/// ```toml
+/// [policy]
+/// add = ["online -> scaling", "idle -> scaling", "busy -> scaling"]
+/// remove = ["busy -> offline"]
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Edges to allow.
+    #[serde(default)]
+    pub add: Vec<toml::Spanned<String>>,
+    /// Edges to refuse.
+    #[serde(default)]
+    pub remove: Vec<toml::Spanned<String>>,
+}
+
+/// The line of byte `offset` in `text` (1-based).
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+/// Parses the edges of one `[policy]` list, naming the line of a bad one.
+fn parse_edges(
+    text: &str,
+    key: &str,
+    edges: &[toml::Spanned<String>],
+) -> Result<Vec<(AgentState, AgentState)>, String> {
+    edges
+        .iter()
+        .map(|edge| {
+            let line = line_of(text, edge.span().start);
+            let value = edge.get_ref();
+            let (from, to) = value.split_once("->").ok_or_else(|| {
+                format!("line {line}: policy.{key}: {value:?} is not \"from -> to\"")
+            })?;
+            let state = |name: &str| {
+                name.trim().parse::<AgentState>().map_err(|_| {
+                    format!(
+                        "line {line}: policy.{key}: unknown state {:?} in {value:?}",
+                        name.trim()
+                    )
+                })
+            };
+            Ok((state(from)?, state(to)?))
+        })
+        .collect()
 }
 
 impl ConfigFile {
@@ -171,6 +232,29 @@ impl ConfigFile {
             && format != "json"
         {
             return Err(format!("log_format: {format:?} is not human or json"));
+        }
+        let mut file = file;
+        if let Some(policy) = &file.policy {
+            let add = parse_edges(text, "add", &policy.add)?;
+            let remove = parse_edges(text, "remove", &policy.remove)?;
+            file.transition_policy = TransitionPolicy::default()
+                .with_changes(&add, &remove)
+                .map_err(|e| {
+                    // Name the line of the offending edge.
+                    let line = policy
+                        .add
+                        .iter()
+                        .chain(&policy.remove)
+                        .find(|edge| {
+                            let edge = edge.get_ref().replace(' ', "");
+                            e.replace(' ', "").contains(&edge)
+                        })
+                        .map(|edge| line_of(text, edge.span().start));
+                    match line {
+                        Some(line) => format!("line {line}: policy: {e}"),
+                        None => format!("policy: {e}"),
+                    }
+                })?;
         }
         Ok(file)
     }
@@ -252,5 +336,40 @@ mod tests {
         assert!(bad.starts_with("retain_for:"), "{bad}");
         let bad = ConfigFile::parse("store = \"redis://x\"").expect_err("bad store");
         assert!(bad.starts_with("store:"), "{bad}");
+    }
+
+    #[test]
+    fn the_policy_section_changes_edges_and_names_bad_lines() {
+        let example = include_str!("../examples/agent-lifecycle.toml");
+        let file = ConfigFile::parse(example).expect("the shipped example is valid");
+        for from in [AgentState::Online, AgentState::Idle, AgentState::Busy] {
+            assert!(file.transition_policy.allows(from, AgentState::Scaling));
+        }
+        assert_eq!(
+            ConfigFile::default().transition_policy,
+            TransitionPolicy::default()
+        );
+        for (text, expected) in [
+            (
+                "[policy]\nadd = [\n  \"online -> scaling\",\n  \"onlin -> busy\",\n]\n",
+                "line 4: policy.add: unknown state \"onlin\"",
+            ),
+            (
+                "[policy]\nadd = [\"deleted -> registered\"]\n",
+                "line 2: policy: deleted -> registered: deleted is final",
+            ),
+            (
+                "[policy]\nremove = [\"online -> registered\"]\n",
+                "line 2: policy: online -> registered is not allowed",
+            ),
+            (
+                "[policy]\nadd = [\"online scaling\"]\n",
+                "line 2: policy.add: \"online scaling\" is not \"from -> to\"",
+            ),
+            ("[policy]\nallow = []\n", "allow"),
+        ] {
+            let err = ConfigFile::parse(text).expect_err(text);
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 }

@@ -1,17 +1,20 @@
 //! agent-lifecycle: a control plane that owns the lifecycle of AI agents.
 //!
 //! # Layout
-//! Dependencies point one way: `domain <- store <- service <- grpc <- server`.
+//! Dependencies point one way: `domain <- store <- service <- sync <- grpc <- server`.
 //!
 //! - [`domain`]: states, categories, the transition policy, agents,
 //!   transition records, events. Pure and synchronous.
-//! - [`store`]: the durable record (`Store` trait; in-memory and SQLite back
-//!   ends). Knows nothing of gRPC.
+//! - [`store`]: the durable record (`Store` trait; in-memory, SQLite and
+//!   PostgreSQL back ends). Knows nothing of gRPC.
 //! - [`service`]: the library API ([`AgentLifecycleService`],
 //!   [`AgentLifecycleManager`]), the commit thread (group commit), the event
-//!   bus, handlers and event streams. Usable without any network.
-//! - [`grpc`]: the tonic edge: generated code, conversions, the handler and
-//!   the one place that maps errors to `Status`.
+//!   bus, transition hooks, event streams, the metrics registry. Usable
+//!   without any network.
+//! - [`grpc`]: the tonic edge: generated code, conversions, the handlers, the
+//!   layer around every call, and the one place that maps errors to `Status`.
+//! - [`sync`]: external status sync (Hugging Face Spaces, Kubernetes,
+//!   Docker), driving the service through its public API.
 //! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
 //! - [`config`]: settings for `serve`.
 //! - [`process`]: the server binary as a child process, for the benchmark
@@ -28,6 +31,7 @@ pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sync;
 
 pub use error::{Error, Result};
 pub use service::{AgentLifecycleManager, AgentLifecycleService};

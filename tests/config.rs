@@ -55,3 +55,38 @@ fn a_bad_config_file_is_refused_at_start_up() {
         assert!(output.stdout.is_empty(), "it never started listening");
     }
 }
+
+/// The shipped example file (with `--store memory` on the command line)
+/// enables SCALING from the operational states, and GetTransitionRules
+/// shows the active policy.
+#[tokio::test]
+async fn the_example_policy_is_the_active_policy() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/agent-lifecycle.toml");
+    let server = ServerProcess::start(&["--config", example, "--store", "memory", "--log", "warn"]);
+    let mut client = server.client().await;
+    let rules = client
+        .get_transition_rules(pb::GetTransitionRulesRequest {})
+        .await
+        .expect("rules")
+        .into_inner()
+        .rules;
+    for from in [
+        pb::AgentState::Online,
+        pb::AgentState::Idle,
+        pb::AgentState::Busy,
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| r.from_state == from as i32)
+            .expect("a rule per state");
+        assert!(
+            rule.allowed_targets
+                .contains(&(pb::AgentState::Scaling as i32)),
+            "{from:?} -> scaling"
+        );
+    }
+    let agent = common::online(&mut client, &[]).await;
+    common::transition(&mut client, &agent.agent_id, pb::AgentState::Scaling)
+        .await
+        .expect("online -> scaling is allowed by the file");
+}

@@ -30,7 +30,8 @@ pub enum LogFormat {
 /// file over the default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of the settings below (keys with `_` for `-`).
+    /// TOML file with any of the settings below (keys with `_` for `-`) and
+    /// a `[policy]` section (see examples/agent-lifecycle.toml).
     #[arg(long, env = "AGENT_LIFECYCLE_CONFIG")]
     config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:50051].
@@ -119,6 +120,7 @@ impl Settings {
                 .max_batch
                 .or(file.max_batch)
                 .unwrap_or(DEFAULT_MAX_BATCH),
+            policy: file.transition_policy.clone(),
             ..ServiceConfig::default()
         };
         Ok(Settings {

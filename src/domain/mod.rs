@@ -8,6 +8,7 @@ pub mod agent;
 pub mod caller;
 pub mod clock;
 pub mod error;
+pub mod external;
 pub mod hooks;
 pub mod limits;
 pub mod state;
@@ -17,6 +18,7 @@ pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, Tra
 pub use caller::Caller;
 pub use clock::{Clock, SystemClock};
 pub use error::TransitionError;
+pub use external::ExternalSource;
 pub use hooks::{HookError, HookPhase, TransitionContext};
 pub use limits::FieldViolation;
 pub use state::{AgentCategory, AgentState, StateSet};

@@ -93,6 +93,107 @@ impl TransitionPolicy {
     pub fn is_final(&self, state: AgentState) -> bool {
         self.allowed_targets(state).is_empty()
     }
+
+    /// Every allowed `(from, to)` edge, sources in state order, targets in
+    /// table order.
+    pub fn edges(&self) -> impl Iterator<Item = (AgentState, AgentState)> + '_ {
+        AgentState::ALL.iter().flat_map(move |from| {
+            self.allowed_targets(*from)
+                .iter()
+                .map(move |to| (*from, *to))
+        })
+    }
+
+    /// This policy with `add` allowed and `remove` refused.
+    ///
+    /// # Errors
+    /// An edge out of DELETED (it is final), a state to itself, adding an
+    /// edge the policy already has, or removing one it does not have; the
+    /// error names the edge.
+    pub fn with_changes(
+        &self,
+        add: &[(AgentState, AgentState)],
+        remove: &[(AgentState, AgentState)],
+    ) -> Result<TransitionPolicy, String> {
+        let mut targets = self.targets.clone();
+        for (from, to) in remove {
+            let list = &mut targets[from.index()];
+            let Some(at) = list.iter().position(|t| t == to) else {
+                return Err(format!(
+                    "{from} -> {to} is not allowed, so it cannot be removed"
+                ));
+            };
+            list.remove(at);
+        }
+        for (from, to) in add {
+            if *from == AgentState::Deleted {
+                return Err(format!(
+                    "{from} -> {to}: deleted is final, nothing may leave it"
+                ));
+            }
+            if from == to {
+                return Err(format!("{from} -> {to}: a state cannot lead to itself"));
+            }
+            let list = &mut targets[from.index()];
+            if list.contains(to) {
+                return Err(format!("{from} -> {to} is already allowed"));
+            }
+            list.push(*to);
+        }
+        Ok(TransitionPolicy { targets })
+    }
+
+    /// The states to pass through, in order, to get from `from` to `to`
+    /// (`to` last; empty when already there): the shortest allowed path
+    /// whose intermediate states are not error states (ERROR, FAILED,
+    /// TIMEOUT), or, where every path passes through one, the shortest path
+    /// at all. `None` when `to` cannot be reached. Ties go to the policy's
+    /// table order, so the answer is stable.
+    pub fn path_to(&self, from: AgentState, to: AgentState) -> Option<Vec<AgentState>> {
+        if from == to {
+            return Some(Vec::new());
+        }
+        self.shortest(from, to, true)
+            .or_else(|| self.shortest(from, to, false))
+    }
+
+    /// Breadth-first search; with `avoid_errors`, error states are only
+    /// allowed as the destination.
+    fn shortest(
+        &self,
+        from: AgentState,
+        to: AgentState,
+        avoid_errors: bool,
+    ) -> Option<Vec<AgentState>> {
+        let mut previous: [Option<AgentState>; 18] = [None; 18];
+        let mut seen = [false; 18];
+        seen[from.index()] = true;
+        let mut queue = std::collections::VecDeque::from([from]);
+        while let Some(state) = queue.pop_front() {
+            for next in self.allowed_targets(state) {
+                if seen[next.index()] {
+                    continue;
+                }
+                if *next == to {
+                    let mut path = vec![to];
+                    let mut at = state;
+                    while at != from {
+                        path.push(at);
+                        at = previous[at.index()]?;
+                    }
+                    path.reverse();
+                    return Some(path);
+                }
+                if avoid_errors && next.is_error() {
+                    continue;
+                }
+                seen[next.index()] = true;
+                previous[next.index()] = Some(state);
+                queue.push_back(*next);
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +247,75 @@ mod tests {
             }
         }
         assert_eq!(checked, 324);
+    }
+
+    #[test]
+    fn paths_avoid_error_states_unless_there_is_no_other_way() {
+        use AgentState::*;
+        let policy = TransitionPolicy::default();
+        assert_eq!(policy.path_to(Online, Online), Some(vec![]));
+        assert_eq!(policy.path_to(Online, Busy), Some(vec![Busy]));
+        // REGISTERED -> ONLINE: deploy, start.
+        assert_eq!(
+            policy.path_to(Registered, Online),
+            Some(vec![Deploying, Deployed, Starting, Online])
+        );
+        // OFFLINE -> DEPLOYING needs a detour: through FAILED is the only
+        // way (OFFLINE -> STARTING -> FAILED -> DEPLOYING), so the fallback
+        // takes it.
+        assert_eq!(
+            policy.path_to(Offline, Deploying),
+            Some(vec![Starting, Failed, Deploying])
+        );
+        // TERMINATED -> ONLINE: nothing leads back.
+        assert_eq!(policy.path_to(Terminated, Online), None);
+        assert_eq!(policy.path_to(Deleted, Offline), None);
+        // An error state as the destination is fine: ONLINE -> ERROR.
+        assert_eq!(policy.path_to(Online, Error), Some(vec![Error]));
+        // ERROR -> DEPLOYING: via FAILED only (an error state, the fallback).
+        assert_eq!(
+            policy.path_to(Error, Deploying),
+            Some(vec![Failed, Deploying])
+        );
+        // STOPPING -> ONLINE avoids ERROR (STOPPING -> ERROR -> ONLINE is
+        // shorter): STOPPING -> OFFLINE -> STARTING -> ONLINE.
+        assert_eq!(
+            policy.path_to(Stopping, Online),
+            Some(vec![Offline, Starting, Online])
+        );
+    }
+
+    #[test]
+    fn policies_add_and_remove_edges_and_refuse_nonsense() {
+        use AgentState::*;
+        let scaling = [(Online, Scaling), (Idle, Scaling), (Busy, Scaling)];
+        let policy = TransitionPolicy::default()
+            .with_changes(&scaling, &[(Busy, Offline)])
+            .expect("valid changes");
+        assert!(policy.allows(Online, Scaling) && policy.allows(Busy, Scaling));
+        assert!(!policy.allows(Busy, Offline));
+        assert_eq!(policy.edges().count(), 66 + 3 - 1);
+        let base = TransitionPolicy::default();
+        assert!(
+            base.with_changes(&[(Deleted, Registered)], &[])
+                .unwrap_err()
+                .contains("final")
+        );
+        assert!(
+            base.with_changes(&[(Online, Online)], &[])
+                .unwrap_err()
+                .contains("itself")
+        );
+        assert!(
+            base.with_changes(&[(Online, Busy)], &[])
+                .unwrap_err()
+                .contains("already")
+        );
+        assert!(
+            base.with_changes(&[], &[(Online, Registered)])
+                .unwrap_err()
+                .contains("cannot be removed")
+        );
     }
 
     #[test]

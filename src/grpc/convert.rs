@@ -276,6 +276,33 @@ pub fn watch_request_from_pb(
     })
 }
 
+/// The response of SyncExternalStatus.
+pub fn sync_result_to_pb(
+    result: &crate::sync::SyncResult,
+    policy: &TransitionPolicy,
+) -> pb::SyncExternalStatusResponse {
+    use crate::sync::SyncOutcome;
+    let outcome = match result.outcome {
+        SyncOutcome::Applied => pb::SyncOutcome::Applied,
+        SyncOutcome::AlreadyInState => pb::SyncOutcome::AlreadyInState,
+        SyncOutcome::UnknownStatus => pb::SyncOutcome::UnknownStatus,
+        SyncOutcome::Unreachable => pb::SyncOutcome::Unreachable,
+    };
+    pb::SyncExternalStatusResponse {
+        agent: Some(agent_to_pb(&result.agent, policy)),
+        transitions: result
+            .transitions
+            .iter()
+            .map(|r| transition_to_pb(r))
+            .collect(),
+        outcome: outcome as i32,
+        target_state: result
+            .target
+            .map_or(pb::AgentState::Unspecified, state_to_pb) as i32,
+        message: result.message.clone(),
+    }
+}
+
 /// A transition record on the wire.
 pub fn transition_to_pb(record: &TransitionRecord) -> pb::StateTransition {
     pb::StateTransition {

@@ -28,8 +28,9 @@ use super::{
     status::not_routed,
 };
 use crate::{
-    domain::AgentState,
+    domain::{AgentState, ExternalSource, FieldViolation},
     service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
+    sync::{self, StatusReport},
 };
 
 /// Default ListAgents page size.
@@ -313,6 +314,36 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             })
             .collect();
         Ok(Response::new(pb::GetTransitionRulesResponse { rules }))
+    }
+
+    async fn sync_external_status(
+        &self,
+        request: Request<pb::SyncExternalStatusRequest>,
+    ) -> Result<Response<pb::SyncExternalStatusResponse>, Status> {
+        let caller = caller_of(&request);
+        let pb::SyncExternalStatusRequest {
+            agent_id,
+            source,
+            status,
+            metadata,
+        } = request.into_inner();
+        let id = agent_id_from_pb("agent_id", &agent_id)?;
+        let source = source
+            .parse::<ExternalSource>()
+            .map_err(|e| FieldViolation::new("source", e))?;
+        if status.trim().is_empty() {
+            return Err(FieldViolation::new("status", "must not be empty").into());
+        }
+        let report = StatusReport {
+            status,
+            metadata: convert::metadata_from_pb("metadata", metadata)?,
+            caller,
+        };
+        let result = sync::sync_external_status(&self.service, id, source, report).await?;
+        Ok(Response::new(convert::sync_result_to_pb(
+            &result,
+            self.service.policy(),
+        )))
     }
 
     type WatchEventsStream =

@@ -312,7 +312,23 @@ impl Batch {
             }
             Err(PersistError::Uncertain(err)) => {
                 self.fail(&err);
-                Err(Arc::new(StoreError::Uncertain))
+                // Whatever of the batch reached the store is in its log:
+                // reading the log brings the table back in line with the
+                // store (the proposers were told the outcome is unknown).
+                // Only when the log cannot be read are writes refused.
+                match follow(shared, u64::MAX) {
+                    Ok(head) => {
+                        warn!(
+                            head,
+                            "after a failed commit the table was brought in line with the store's log"
+                        );
+                        Ok(())
+                    }
+                    Err(follow_err) => {
+                        error!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit");
+                        Err(Arc::new(StoreError::Uncertain))
+                    }
+                }
             }
         }
     }
@@ -344,8 +360,7 @@ impl Batch {
                             .unwrap_or_else(|e| crate::error::chain(&e));
                         error!(
                             batch = self.id.0,
-                            found,
-                            "the store is in an unknown state after a failed commit; refusing writes until restart"
+                            found, "a failed commit may have reached the store; reading its log"
                         );
                         Err(PersistError::Uncertain(err))
                     }

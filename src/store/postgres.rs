@@ -275,9 +275,11 @@ impl PostgresStore {
         Ok(format!("{prefix}/{name}"))
     }
 
-    /// One attempt at a commit; `None` when another process registered one
-    /// of the batch's new ids between the version check and the write (the
-    /// transaction is rolled back and the batch may be tried again).
+    /// One attempt at a commit; `None` when the attempt lost a race with
+    /// another process and rolled back, so the batch may be tried again:
+    /// another process registered one of the batch's new ids between the
+    /// version check and the write, or PostgreSQL broke a deadlock between
+    /// two batches' row locks by aborting this one.
     fn write_batch(
         &self,
         w: &mut Writer,
@@ -288,9 +290,12 @@ impl PostgresStore {
         let mut tx = w.client.transaction().map_err(pg("beginning a commit"))?;
         let ids: Vec<[u8; 16]> = batch.iter().map(|c| *c.agent_id.as_bytes()).collect();
         let id_refs: Vec<&[u8]> = ids.iter().map(|b| b.as_slice()).collect();
-        let mut stored: std::collections::HashMap<[u8; 16], u64> = tx
-            .query(&w.lock_agents, &[&id_refs])
-            .map_err(pg("reading agent versions"))?
+        let locked = match tx.query(&w.lock_agents, &[&id_refs]) {
+            Ok(rows) => rows,
+            Err(err) if is_retryable(&err) => return Ok(None),
+            Err(err) => return Err(pg("reading agent versions")(err)),
+        };
+        let mut stored: std::collections::HashMap<[u8; 16], u64> = locked
             .iter()
             .filter_map(|row| {
                 let bytes: &[u8] = row.get(0);
@@ -322,42 +327,45 @@ impl PostgresStore {
         let at_micros = to_micros(at);
         let batch_id = id.0 as i64;
         let writer_id = self.writer_id.as_slice();
-        let row = tx
-            .query_one(
-                &w.write_batch,
-                &[
-                    &rows.records,
-                    &at_micros,
-                    &rows.new_ids,
-                    &rows.new_names,
-                    &rows.new_labels,
-                    &rows.new_states,
-                    &rows.new_versions,
-                    &rows.new_last,
-                    &rows.new_last_from,
-                    &rows.new_reasons,
-                    &rows.new_triggers,
-                    &rows.new_metadata,
-                    &rows.upd_ids,
-                    &rows.upd_states,
-                    &rows.upd_versions,
-                    &rows.upd_last,
-                    &rows.upd_last_from,
-                    &rows.upd_reasons,
-                    &rows.upd_triggers,
-                    &rows.upd_metadata,
-                    &rows.ev_ids,
-                    &rows.ev_versions,
-                    &rows.ev_from,
-                    &rows.ev_to,
-                    &rows.ev_reasons,
-                    &rows.ev_triggers,
-                    &rows.ev_metadata,
-                    &writer_id,
-                    &batch_id,
-                ],
-            )
-            .map_err(pg("writing a batch"))?;
+        let row = tx.query_one(
+            &w.write_batch,
+            &[
+                &rows.records,
+                &at_micros,
+                &rows.new_ids,
+                &rows.new_names,
+                &rows.new_labels,
+                &rows.new_states,
+                &rows.new_versions,
+                &rows.new_last,
+                &rows.new_last_from,
+                &rows.new_reasons,
+                &rows.new_triggers,
+                &rows.new_metadata,
+                &rows.upd_ids,
+                &rows.upd_states,
+                &rows.upd_versions,
+                &rows.upd_last,
+                &rows.upd_last_from,
+                &rows.upd_reasons,
+                &rows.upd_triggers,
+                &rows.upd_metadata,
+                &rows.ev_ids,
+                &rows.ev_versions,
+                &rows.ev_from,
+                &rows.ev_to,
+                &rows.ev_reasons,
+                &rows.ev_triggers,
+                &rows.ev_metadata,
+                &writer_id,
+                &batch_id,
+            ],
+        );
+        let row = match row {
+            Ok(row) => row,
+            Err(err) if is_retryable(&err) => return Ok(None),
+            Err(err) => return Err(pg("writing a batch")(err)),
+        };
         let base = row.get::<_, i64>(0) as u64;
         let created: i64 = row.get(1);
         if created != rows.new_ids.len() as i64 {
@@ -571,9 +579,19 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// How many times a batch is tried again when another process registered
-/// one of its new ids between its version check and its write.
-const REGISTRATION_RACE_RETRIES: usize = 3;
+/// How many times a batch is tried again after losing a race with another
+/// process (see `PostgresStore::write_batch`).
+const RACE_RETRIES: usize = 3;
+
+/// Whether `err` aborted the transaction only because of another
+/// transaction (a deadlock or a serialization failure): nothing was
+/// written, and the same batch may simply be tried again.
+fn is_retryable(err: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    err.code().is_some_and(|code| {
+        *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
 
 impl Store for PostgresStore {
     fn load(&self) -> Result<Recovered> {
@@ -613,13 +631,13 @@ impl Store for PostgresStore {
             if let Some(outcomes) = written {
                 return Ok(outcomes);
             }
-            if attempt >= REGISTRATION_RACE_RETRIES {
+            if attempt >= RACE_RETRIES {
                 break;
             }
         }
         Err(StoreError::backend(
             "committing",
-            std::io::Error::other("registrations kept racing with another process"),
+            std::io::Error::other("the batch kept losing races with another process"),
         ))
     }
 

@@ -1,0 +1,218 @@
+//! External status sources and what their statuses mean as lifecycle
+//! states: Hugging Face Spaces runtime stages, Kubernetes pod phases and
+//! container states, Docker container states. Pure tables; the path an
+//! agent takes to the mapped state comes from
+//! [`TransitionPolicy::path_to`](super::TransitionPolicy::path_to).
+
+use std::{fmt, str::FromStr};
+
+use super::state::AgentState;
+
+/// Where an external status comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExternalSource {
+    /// A Hugging Face Space's runtime stage.
+    HfSpace,
+    /// A Kubernetes pod phase or container state.
+    Kubernetes,
+    /// A Docker container state.
+    Docker,
+}
+
+impl ExternalSource {
+    /// Every source.
+    pub const ALL: [ExternalSource; 3] = [
+        ExternalSource::HfSpace,
+        ExternalSource::Kubernetes,
+        ExternalSource::Docker,
+    ];
+
+    /// The name clients use (`hf_space`, `kubernetes`, `docker`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExternalSource::HfSpace => "hf_space",
+            ExternalSource::Kubernetes => "kubernetes",
+            ExternalSource::Docker => "docker",
+        }
+    }
+
+    /// The `triggered_by` recorded on the transitions it causes.
+    pub fn trigger(self) -> &'static str {
+        match self {
+            ExternalSource::HfSpace => "hf_sync",
+            ExternalSource::Kubernetes => "k8s_sync",
+            ExternalSource::Docker => "docker_sync",
+        }
+    }
+
+    /// The lifecycle state `status` means, matched case-insensitively;
+    /// `None` for a status this source's table does not know (or, for
+    /// Kubernetes `Unknown`, one that says nothing).
+    pub fn target(self, status: &str) -> Option<AgentState> {
+        let status = status.trim().to_ascii_lowercase();
+        match self {
+            ExternalSource::HfSpace => hf_space_target(&status),
+            ExternalSource::Kubernetes => kubernetes_target(&status),
+            ExternalSource::Docker => docker_target(&status),
+        }
+    }
+}
+
+impl fmt::Display for ExternalSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ExternalSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hf_space" | "hf" | "huggingface" => Ok(ExternalSource::HfSpace),
+            "kubernetes" | "k8s" => Ok(ExternalSource::Kubernetes),
+            "docker" => Ok(ExternalSource::Docker),
+            other => Err(format!(
+                "unknown source {other:?}: expected hf_space, kubernetes or docker"
+            )),
+        }
+    }
+}
+
+/// Hugging Face Spaces runtime stages (and the seed's lowercase keys:
+/// `building`, `running`, `sleeping`, `paused`, `stopped`, and `error`
+/// meaning RUNTIME_ERROR). `DELETED` stands for the API's 404.
+fn hf_space_target(stage: &str) -> Option<AgentState> {
+    use AgentState::*;
+    Some(match stage {
+        "building" => Deploying,
+        "app_starting" => Starting,
+        "running" => Online,
+        "running_building" | "running_app_starting" => Updating,
+        "runtime_error" | "error" => Error,
+        "build_error" | "config_error" | "no_app_file" => Failed,
+        "paused" => Suspended,
+        "stopped" => Offline,
+        "sleeping" => Idle,
+        "deleting" => Terminated,
+        "deleted" | "404" | "not_found" => Deleted,
+        _ => return None,
+    })
+}
+
+/// Kubernetes pod phases and container states.
+fn kubernetes_target(status: &str) -> Option<AgentState> {
+    use AgentState::*;
+    Some(match status {
+        "pending" => Deploying,
+        "containercreating" => Starting,
+        "running" | "ready" => Online,
+        "notready" => Error,
+        "crashloopbackoff" => Error,
+        "succeeded" => Offline,
+        "failed" => Failed,
+        "terminating" => Stopping,
+        _ => return None,
+    })
+}
+
+/// Docker container states.
+fn docker_target(status: &str) -> Option<AgentState> {
+    use AgentState::*;
+    Some(match status {
+        "created" => Deployed,
+        "restarting" => Starting,
+        "running" => Online,
+        "paused" => Suspended,
+        "exited" => Offline,
+        "dead" => Failed,
+        "removing" => Terminated,
+        _ => return None,
+    })
+}
+
+/// Whether a status of `source` keeps an agent where it is although the
+/// table maps it elsewhere: a Space that is RUNNING keeps a BUSY or IDLE
+/// agent in that state (they are running too).
+pub fn satisfied_by(source: ExternalSource, target: AgentState, current: AgentState) -> bool {
+    source == ExternalSource::HfSpace
+        && target == AgentState::Online
+        && matches!(current, AgentState::Busy | AgentState::Idle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use AgentState::*;
+
+    /// Every row of the mapping tables of the design, case-insensitively.
+    #[test]
+    fn every_documented_status_maps() {
+        let hf = [
+            ("BUILDING", Deploying),
+            ("APP_STARTING", Starting),
+            ("RUNNING", Online),
+            ("RUNNING_BUILDING", Updating),
+            ("RUNNING_APP_STARTING", Updating),
+            ("RUNTIME_ERROR", Error),
+            ("BUILD_ERROR", Failed),
+            ("CONFIG_ERROR", Failed),
+            ("NO_APP_FILE", Failed),
+            ("PAUSED", Suspended),
+            ("STOPPED", Offline),
+            ("SLEEPING", Idle),
+            ("DELETING", Terminated),
+            ("building", Deploying),
+            ("running", Online),
+            ("sleeping", Idle),
+            ("paused", Suspended),
+            ("stopped", Offline),
+            ("error", Error),
+        ];
+        for (status, state) in hf {
+            assert_eq!(
+                ExternalSource::HfSpace.target(status),
+                Some(state),
+                "{status}"
+            );
+        }
+        let k8s = [
+            ("Pending", Deploying),
+            ("ContainerCreating", Starting),
+            ("Running", Online),
+            ("NotReady", Error),
+            ("CrashLoopBackOff", Error),
+            ("Succeeded", Offline),
+            ("Failed", Failed),
+            ("Terminating", Stopping),
+        ];
+        for (status, state) in k8s {
+            assert_eq!(
+                ExternalSource::Kubernetes.target(status),
+                Some(state),
+                "{status}"
+            );
+        }
+        assert_eq!(ExternalSource::Kubernetes.target("Unknown"), None);
+        let docker = [
+            ("created", Deployed),
+            ("restarting", Starting),
+            ("running", Online),
+            ("paused", Suspended),
+            ("exited", Offline),
+            ("dead", Failed),
+            ("removing", Terminated),
+        ];
+        for (status, state) in docker {
+            assert_eq!(
+                ExternalSource::Docker.target(status),
+                Some(state),
+                "{status}"
+            );
+        }
+        for source in ExternalSource::ALL {
+            assert_eq!(source.target("SOMETHING_NEW"), None);
+            assert_eq!(source.as_str().parse::<ExternalSource>(), Ok(source));
+        }
+    }
+}
