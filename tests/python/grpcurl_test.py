@@ -28,7 +28,7 @@ METHODS = [
     "RegisterAgent", "TransitionAgent", "DeployAgent", "StartAgent", "StopAgent",
     "AssignTask", "CompleteTask", "HandleError", "PutInMaintenance",
     "ResumeFromMaintenance", "GetAgent", "ListAgents", "GetAgentHistory",
-    "GetLifecycleMetrics", "GetTransitionRules", "WatchEvents",
+    "GetLifecycleMetrics", "GetTransitionRules", "SyncExternalStatus", "WatchEvents",
 ]
 AGENT_FIELDS = [
     "agent_id", "name", "labels", "state", "version", "valid_transitions",
@@ -233,6 +233,31 @@ def run(target, c):
     # Reflection tells grpcurl the method does not exist: it refuses before calling.
     proc = g.run(f"{svc}/NoSuchMethod", data={})
     c.check(proc.returncode != 0, "an unknown method: grpcurl exits non-zero", proc.stdout + proc.stderr)
+
+    # --- external status sync -------------------------------------------------
+    space = str(uuid.uuid4())
+    g.call(f"{svc}/RegisterAgent", {"agent_id": space, "name": "a-space"})
+    synced = g.call(
+        f"{svc}/SyncExternalStatus",
+        {"agent_id": space, "source": "hf_space", "status": "RUNNING"},
+    )
+    c.eq(synced.get("outcome"), "SYNC_OUTCOME_APPLIED", "SyncExternalStatus via JSON: applied")
+    steps = synced.get("transitions", [])
+    c.eq(
+        [field(t, "to_state") for t in steps],
+        ["AGENT_STATE_DEPLOYING", "AGENT_STATE_DEPLOYED", "AGENT_STATE_STARTING", "AGENT_STATE_ONLINE"],
+        "SyncExternalStatus via JSON: RUNNING walks the policy to ONLINE",
+    )
+    c.eq(
+        {field(t, "triggered_by") for t in steps},
+        {"hf_sync"},
+        "SyncExternalStatus via JSON: every step names the source",
+    )
+    unknown = g.call(
+        f"{svc}/SyncExternalStatus",
+        {"agent_id": space, "source": "docker", "status": "teleporting"},
+    )
+    c.eq(unknown.get("outcome"), "SYNC_OUTCOME_UNKNOWN_STATUS", "SyncExternalStatus via JSON: unknown status")
 
     # --- server streaming through grpcurl ------------------------------------
     argv = g.argv(
