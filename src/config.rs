@@ -137,6 +137,8 @@ pub struct ConfigFile {
     /// `[policy]`: edges added to or removed from the default transition
     /// table.
     pub policy: Option<PolicySection>,
+    /// `[hf]`: the Hugging Face Spaces poller (off without it).
+    pub hf: Option<HfSection>,
     /// The transition policy the file describes (the default when it has no
     /// `[policy]`), built and checked by [`ConfigFile::parse`].
     #[serde(skip)]
@@ -160,6 +162,59 @@ pub struct PolicySection {
     /// Edges to refuse.
     #[serde(default)]
     pub remove: Vec<toml::Spanned<String>>,
+}
+
+/// The `[hf]` section: poll the runtime stage of every agent labelled
+/// `hf.space=owner/name`.
+///
+/// ```toml
+/// [hf]
+/// base_url = "http://hub-mirror.internal"
+/// token_env = "HF_TOKEN"      # read the bearer token from this variable
+/// interval = "30s"            # settled stages
+/// fast_interval = "5s"        # BUILDING, APP_STARTING, RUNNING_BUILDING, RUNNING_APP_STARTING
+/// max_backoff = "5m"          # after 429, 5xx or a failed request
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HfSection {
+    /// `http://HOST[:PORT]` of the Hub API or a mirror.
+    pub base_url: String,
+    /// The environment variable holding the bearer token (never the token
+    /// itself in the file).
+    pub token_env: Option<String>,
+    /// Time between polls of a settled Space.
+    pub interval: Option<String>,
+    /// Time between polls of a Space in an intermediate stage.
+    pub fast_interval: Option<String>,
+    /// Longest back-off.
+    pub max_backoff: Option<String>,
+}
+
+impl HfSection {
+    /// The poller's settings; the token is read from `token_env` now.
+    ///
+    /// # Errors
+    /// `token_env` names a variable that is not set.
+    pub fn settings(&self) -> Result<crate::hf::HfSettings, String> {
+        let defaults = crate::hf::HfSettings::default();
+        let token = match &self.token_env {
+            Some(name) => Some(
+                std::env::var(name)
+                    .map_err(|_| format!("hf.token_env: the variable {name} is not set"))?,
+            ),
+            None => None,
+        };
+        Ok(crate::hf::HfSettings {
+            base_url: self.base_url.clone(),
+            token,
+            interval: ConfigFile::duration(&self.interval).unwrap_or(defaults.interval),
+            fast_interval: ConfigFile::duration(&self.fast_interval)
+                .unwrap_or(defaults.fast_interval),
+            max_backoff: ConfigFile::duration(&self.max_backoff).unwrap_or(defaults.max_backoff),
+            tick: defaults.tick,
+        })
+    }
 }
 
 /// The line of byte `offset` in `text` (1-based).
@@ -232,6 +287,23 @@ impl ConfigFile {
             && format != "json"
         {
             return Err(format!("log_format: {format:?} is not human or json"));
+        }
+        if let Some(hf) = &file.hf {
+            for (key, value) in [
+                ("hf.interval", &hf.interval),
+                ("hf.fast_interval", &hf.fast_interval),
+                ("hf.max_backoff", &hf.max_backoff),
+            ] {
+                if let Some(value) = value {
+                    parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+                }
+            }
+            if !hf.base_url.starts_with("http://") {
+                return Err(format!(
+                    "hf.base_url: {:?} must be an http:// URL (HTTPS to the Hub comes with TLS support)",
+                    hf.base_url
+                ));
+            }
         }
         let mut file = file;
         if let Some(policy) = &file.policy {

@@ -14,7 +14,8 @@
 //! - [`grpc`]: the tonic edge: generated code, conversions, the handlers, the
 //!   layer around every call, and the one place that maps errors to `Status`.
 //! - [`sync`]: external status sync (Hugging Face Spaces, Kubernetes,
-//!   Docker), driving the service through its public API.
+//!   Docker), driving the service through its public API; [`hf`]: the
+//!   poller that feeds it the runtime stage of each labelled Space.
 //! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
 //! - [`config`]: settings for `serve`.
 //! - [`process`]: the server binary as a child process, for the benchmark
@@ -27,6 +28,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod hf;
 pub mod process;
 pub mod server;
 pub mod service;

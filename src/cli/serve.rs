@@ -78,6 +78,8 @@ struct Settings {
     log: String,
     retention: Retention,
     service: ServiceConfig,
+    /// The Hugging Face poller, when `[hf]` is configured.
+    hf: Option<agent_lifecycle::hf::HfSettings>,
 }
 
 impl Settings {
@@ -133,6 +135,12 @@ impl Settings {
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             retention,
             service,
+            hf: file
+                .hf
+                .as_ref()
+                .map(|hf| hf.settings())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
         })
     }
 }
@@ -215,6 +223,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // pass port 0 learn the real address.
     let local = listener.local_addr().context("reading the bound address")?;
     println!("listening on {local}");
+    if let Some(hf) = settings.hf {
+        tokio::spawn(agent_lifecycle::hf::run(service.clone(), hf));
+    }
     server::run(listener, service, shutdown).await?;
     Ok(())
 }

@@ -300,6 +300,11 @@ impl AgentLifecycleService {
         self.metrics().hook_failures()
     }
 
+    /// Whether shutdown has begun (background tasks stop on it).
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
     fn refuse_when_closed(&self) -> Result<()> {
         if *self.inner.shutdown.borrow() {
             return Err(Error::ShuttingDown);
@@ -459,4 +464,17 @@ async fn compact_every(
             Err(_) => return,
         }
     }
+}
+
+/// A holder of the lease `name` on the service's store, for background work
+/// that must run in one process of a fleet at a time.
+pub(crate) fn lease_holder(
+    service: &AgentLifecycleService,
+    name: &'static str,
+) -> lease::LeaseHolder {
+    lease::LeaseHolder::new(
+        Arc::clone(&service.shared().store),
+        name,
+        service.metrics().clone(),
+    )
 }

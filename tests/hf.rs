@@ -1,0 +1,214 @@
+//! The Hugging Face Spaces poller against a local fake of the Space runtime
+//! API that a test scripts through stages and errors: agents labelled
+//! `hf.space=owner/name` follow their Space, the bearer token is sent,
+//! errors back off, 404 means deleted, and a Space that never answers holds
+//! up nobody else.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_lifecycle::{
+    AgentLifecycleService,
+    domain::{AgentId, AgentState, Labels},
+    hf::{self, HfSettings},
+    service::{Registration, WatchItem, WatchRequest},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+/// What the fake answers for one request.
+#[derive(Clone, Debug)]
+enum Reply {
+    Stage(&'static str, Option<&'static str>),
+    Status(u16),
+    /// Keep the connection open and never answer.
+    Hang,
+}
+
+#[derive(Default)]
+struct Fake {
+    /// Per path, the replies still to give; the last one repeats.
+    script: HashMap<String, VecDeque<Reply>>,
+    /// Every request: path and Authorization header.
+    seen: Vec<(String, Option<String>)>,
+}
+
+async fn serve_fake(fake: Arc<Mutex<Fake>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let fake = Arc::clone(&fake);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+                let auth = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("authorization: ")
+                            .or_else(|| l.strip_prefix("Authorization: "))
+                    })
+                    .map(|v| v.trim().to_string());
+                let reply = {
+                    let mut fake = fake.lock().expect("fake");
+                    fake.seen.push((path.clone(), auth));
+                    let queue = fake.script.entry(path).or_default();
+                    let reply = if queue.len() > 1 {
+                        queue.pop_front()
+                    } else {
+                        queue.front().cloned()
+                    };
+                    reply.unwrap_or(Reply::Status(404))
+                };
+                let (status, body) = match reply {
+                    Reply::Stage(stage, error) => {
+                        let mut json = serde_json::json!({"stage": stage, "hardware": {"current": "cpu-basic"}});
+                        if let Some(error) = error {
+                            json["errorMessage"] = error.into();
+                        }
+                        (200, json.to_string())
+                    }
+                    Reply::Status(code) => (code, String::from("{}")),
+                    Reply::Hang => {
+                        // Hold the connection until the test ends.
+                        let _ = socket.read(&mut buf).await;
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                };
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn register(service: &AgentLifecycleService, space: &str) -> AgentId {
+    let mut labels = Labels::new();
+    labels.insert(hf::SPACE_LABEL.into(), space.into());
+    service
+        .register_agent(Registration {
+            labels,
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .agent
+        .id
+}
+
+/// A Space builds, starts, answers 503 once (the poller backs off and asks
+/// again), runs, fails with an error message, and is deleted (404): the
+/// agent walks the policy through every step, each recorded with
+/// triggered_by hf_sync, while another Space never answers at all.
+#[tokio::test]
+async fn agents_follow_their_space_through_stages_and_errors() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut fake = fake.lock().expect("fake");
+        fake.script.insert(
+            "/api/spaces/acme/bot/runtime".into(),
+            VecDeque::from([
+                Reply::Stage("BUILDING", None),
+                Reply::Stage("APP_STARTING", None),
+                Reply::Status(503),
+                Reply::Stage("RUNNING", None),
+                Reply::Stage("RUNTIME_ERROR", Some("CUDA out of memory")),
+                Reply::Status(404),
+            ]),
+        );
+        fake.script.insert(
+            "/api/spaces/slow/space/runtime".into(),
+            VecDeque::from([Reply::Hang]),
+        );
+    }
+    let base = serve_fake(Arc::clone(&fake)).await;
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let bot = register(&service, "acme/bot").await;
+    let slow = register(&service, "slow/space").await;
+    let mut watcher = service
+        .watch(WatchRequest {
+            agent_ids: vec![bot],
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    let poller = tokio::spawn(hf::run(
+        service.clone(),
+        HfSettings {
+            base_url: base,
+            token: Some("secret".into()),
+            interval: Duration::from_millis(40),
+            fast_interval: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(50),
+            tick: Duration::from_millis(10),
+        },
+    ));
+
+    use AgentState::*;
+    let expected = [
+        Deploying, Deployed, Starting, Online, Error, Offline, Deleted,
+    ];
+    let mut seen = Vec::new();
+    while seen.len() < expected.len() {
+        let item = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .expect("the agent moves on within 10 s")
+            .expect("stream open")
+            .expect("no error");
+        if let WatchItem::Event(event) = item {
+            assert_eq!(event.record.triggered_by, "hf_sync");
+            assert_eq!(event.record.metadata["space"], "acme/bot");
+            if event.record.to == Error {
+                assert_eq!(event.record.metadata["error_message"], "CUDA out of memory");
+                assert_eq!(event.record.metadata["status"], "RUNTIME_ERROR");
+            }
+            seen.push(event.record.to);
+        }
+    }
+    assert_eq!(seen, expected);
+    poller.abort();
+
+    let fake = fake.lock().expect("fake");
+    assert!(
+        fake.seen
+            .iter()
+            .all(|(_, auth)| auth.as_deref() == Some("Bearer secret")),
+        "every request carries the token: {:?}",
+        fake.seen
+    );
+    let slow_requests = fake
+        .seen
+        .iter()
+        .filter(|(p, _)| p.contains("slow/space"))
+        .count();
+    assert_eq!(
+        slow_requests, 1,
+        "the hanging Space was asked once and held up nobody"
+    );
+    assert_eq!(
+        service.get_agent(slow).expect("slow agent").state,
+        Registered,
+        "the silent Space's agent did not move"
+    );
+}
