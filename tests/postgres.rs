@@ -390,3 +390,132 @@ async fn background_work_moves_to_a_survivor() {
     wait_for("the survivor takes the lease", &|| held(&second) == 1);
     assert!(killed.elapsed() < Duration::from_secs(10));
 }
+
+async fn open_service(
+    url: &str,
+    config: agent_lifecycle::service::ServiceConfig,
+) -> agent_lifecycle::AgentLifecycleService {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let store = Arc::new(PostgresStore::open(&url).expect("open"));
+        agent_lifecycle::AgentLifecycleService::open(store, config).expect("service")
+    })
+    .await
+    .expect("join")
+}
+
+/// Every connection of the server to the database is ended (what a
+/// PostgreSQL restart, a failover or a connection proxy does). The server
+/// reconnects: writes work again (the first one may be refused, with
+/// nothing applied), and nothing is refused for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_recover_after_the_database_drops_every_connection() {
+    use agent_lifecycle::service::{ChangeRequest, Registration, ServiceConfig};
+    let Some(url) = database("reconnect").await else {
+        return;
+    };
+    let service = open_service(&url, ServiceConfig::default()).await;
+    let agent = service
+        .register_agent(Registration::default())
+        .await
+        .expect("register")
+        .agent;
+    // Concurrent reads leave several idle reader connections in the pool.
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    service.sync().await.expect("sync");
+                    service.oldest_sequence().await.expect("oldest");
+                }
+            })
+        })
+        .collect();
+    for read in reads {
+        read.await.expect("join");
+    }
+    let admin = url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls).expect("admin");
+        client
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .expect("terminate");
+    })
+    .await
+    .expect("join");
+    // Each attempt is one request; the first ones after the drop may fail.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempts = 0;
+    let deployed = loop {
+        attempts += 1;
+        match service
+            .deploy_agent(agent.id, ChangeRequest::default())
+            .await
+        {
+            Ok(outcome) => break outcome,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "writes never recovered: {err}");
+                assert!(attempts < 50, "writes never recovered: {err}");
+            }
+        }
+    };
+    assert_eq!(deployed.agent.version, 3);
+    service
+        .register_agent(Registration::default())
+        .await
+        .expect("a fresh registration works too");
+    service.close().await.expect("close");
+}
+
+/// Closing a server that runs compaction on PostgreSQL releases the
+/// compaction lease (a database connection) without a panic, and another
+/// server takes the lease over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_releases_the_lease_cleanly() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use agent_lifecycle::{service::ServiceConfig, store::Retention};
+    let Some(url) = database("release").await else {
+        return;
+    };
+    let panics = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&panics);
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        default(info);
+    }));
+    let config = || ServiceConfig {
+        retention: Retention {
+            max_events: Some(1_000_000),
+            max_age: None,
+        },
+        compaction_interval: Duration::from_millis(20),
+        ..ServiceConfig::default()
+    };
+    let first = open_service(&url, config()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first.holds_lease("compaction") {
+        assert!(
+            Instant::now() < deadline,
+            "the first server takes the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = open_service(&url, config()).await;
+    first.close().await.expect("close");
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "closing panicked");
+    while !second.holds_lease("compaction") {
+        assert!(
+            Instant::now() < deadline,
+            "the second server takes the lease over"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.close().await.expect("close");
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "closing panicked");
+}

@@ -100,6 +100,9 @@ impl Settings {
             (None, Some("json")) => LogFormat::Json,
             _ => LogFormat::Human,
         };
+        if args.retain_events.or(file.retain_events) == Some(0) {
+            anyhow::bail!("--retain-events must be at least 1 (the newest event is always kept)");
+        }
         let retention = Retention {
             max_events: args.retain_events.or(file.retain_events),
             max_age: args.retain_for.or(ConfigFile::duration(&file.retain_for)),

@@ -190,6 +190,19 @@ impl From<Error> for Status {
                 ),
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
+            Error::Store(source)
+                if matches!(
+                    **source,
+                    crate::store::StoreError::CommitOutcomeUnknown { .. }
+                ) =>
+            {
+                warn!(error = %crate::error::chain(&**source), "commit with an unknown outcome answered with UNAVAILABLE");
+                return Status::with_error_details(
+                    Code::Unavailable,
+                    "the store failed while committing: the change may or may not have been applied; read the agent to learn which",
+                    info("COMMIT_OUTCOME_UNKNOWN", &[]),
+                );
+            }
             Error::Store(source) => {
                 warn!(error = %crate::error::chain(&**source), "store failure answered with UNAVAILABLE");
                 let details = info("STORE_UNAVAILABLE", &[]);

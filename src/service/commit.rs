@@ -230,6 +230,22 @@ struct Batch {
     events: Vec<Arc<LifecycleEvent>>,
 }
 
+/// A shared store error as the source of another.
+#[derive(Debug)]
+struct ArcError(Arc<StoreError>);
+
+impl std::fmt::Display for ArcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ArcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 /// How a persist failed.
 enum PersistError {
     /// Rolled back: nothing of the batch is stored.
@@ -300,10 +316,11 @@ impl Batch {
     fn run(mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
         match self.persist(shared) {
             Ok(()) => {
-                self.follow_preceding(shared)?;
-                self.apply(shared);
-                self.publish(shared);
-                self.reply();
+                if self.follow_preceding(shared)? {
+                    self.apply(shared);
+                    self.publish(shared);
+                    self.reply();
+                }
                 Ok(())
             }
             Err(PersistError::Clean(err)) => {
@@ -311,7 +328,9 @@ impl Batch {
                 Ok(())
             }
             Err(PersistError::Uncertain(err)) => {
-                self.fail(&err);
+                self.fail(&Arc::new(StoreError::CommitOutcomeUnknown {
+                    source: Box::new(ArcError(err)),
+                }));
                 // Whatever of the batch reached the store is in its log:
                 // reading the log brings the table back in line with the
                 // store (the proposers were told the outcome is unknown).
@@ -322,6 +341,14 @@ impl Batch {
                             head,
                             "after a failed commit the table was brought in line with the store's log"
                         );
+                        Ok(())
+                    }
+                    // A shared store is followed anyway (the follower
+                    // applies what landed once the store answers again),
+                    // and every change is a compare-and-set against the
+                    // stored version: nothing to refuse.
+                    Err(follow_err) if shared.store.is_shared() => {
+                        warn!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit; the follower will catch up");
                         Ok(())
                     }
                     Err(follow_err) => {
@@ -350,10 +377,19 @@ impl Batch {
             }
             Err(err) => {
                 shared.metrics.batch_failed();
+                let unknown = matches!(err, StoreError::CommitOutcomeUnknown { .. });
                 let err = Arc::new(err);
                 error!(error = %crate::error::chain(&*err), batch = self.changes.len(), "commit failed");
+                if !unknown {
+                    // Failed before the commit itself: rolled back.
+                    return Err(PersistError::Clean(err));
+                }
                 match shared.store.batch_committed(self.id) {
-                    Ok(false) => Err(PersistError::Clean(err)),
+                    // Confirmed rolled back: nothing of it was stored.
+                    Ok(false) => Err(PersistError::Clean(Arc::new(StoreError::Backend {
+                        context: "committing (rolled back)",
+                        source: Box::new(ArcError(err)),
+                    }))),
                     outcome => {
                         let found = outcome
                             .map(|committed| format!("committed: {committed}"))
@@ -373,10 +409,15 @@ impl Batch {
     /// before this batch go into the table first, so that the table and the
     /// bus stay in sequence order.
     ///
+    /// Returns whether the batch may be applied now; `false` on a shared
+    /// store whose log could not be read: the proposers were answered and
+    /// the follower applies the batch later, in order.
+    ///
     /// # Errors
-    /// The log could not be read after retries; the batch is committed but
-    /// cannot be applied in order, so writes must be refused.
-    fn follow_preceding(&mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
+    /// The log could not be read after retries on a store only this process
+    /// writes: the batch is committed but cannot be applied in order, so
+    /// writes must be refused.
+    fn follow_preceding(&mut self, shared: &Shared) -> Result<bool, Arc<StoreError>> {
         let Some(first) = self
             .changes
             .iter()
@@ -384,21 +425,29 @@ impl Batch {
             .filter(|(_, outcome)| **outcome == ChangeOutcome::Committed)
             .find_map(|(change, _)| change.records.first().map(|r| r.sequence))
         else {
-            return Ok(());
+            return Ok(true);
         };
         let mut retries = FOLLOW_RETRIES.iter();
         loop {
             match follow(shared, first) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 Err(err) => match retries.next() {
                     Some(pause) => {
                         warn!(error = %crate::error::chain(&err), "reading the log before applying a batch failed; retrying");
                         std::thread::sleep(*pause);
                     }
                     None => {
-                        error!(error = %crate::error::chain(&err), "a committed batch cannot be applied in order; refusing writes until restart");
-                        let err = Arc::new(err);
+                        let err = Arc::new(StoreError::CommitOutcomeUnknown {
+                            source: Box::new(err),
+                        });
                         self.fail_committed(&err);
+                        if shared.store.is_shared() {
+                            // The follower applies the batch, in order, once
+                            // the log can be read again.
+                            warn!(error = %crate::error::chain(&*err), "a committed batch waits for the follower to apply it");
+                            return Ok(false);
+                        }
+                        error!(error = %crate::error::chain(&*err), "a committed batch cannot be applied in order; refusing writes until restart");
                         return Err(err);
                     }
                 },
@@ -510,6 +559,20 @@ fn follow(shared: &Shared, stop_before: u64) -> Result<u64, StoreError> {
             .take_while(|r| r.sequence < stop_before)
             .collect();
         let Some(first) = records.first() else {
+            // Nothing to apply: either the log ends here, or the events
+            // after `after` are gone (compacted before this process applied
+            // them), which must not pass for "nothing happened".
+            let missing = if stop_before == u64::MAX {
+                shared.store.head()? > after
+            } else {
+                true
+            };
+            if missing {
+                return Err(StoreError::Corrupt(format!(
+                    "the event log has no events after {after} although more were committed: \
+                     they were compacted before this process applied them; restart it"
+                )));
+            }
             return Ok(after);
         };
         if first.sequence != after + 1 {

@@ -23,6 +23,22 @@ pub(crate) struct LeaseHolder {
     metrics: Metrics,
 }
 
+impl Drop for LeaseHolder {
+    fn drop(&mut self) {
+        // A lease may own a blocking database connection, which must not be
+        // closed on an async worker (the holder's task may be dropped on
+        // one): let it go on a thread of its own.
+        if let Some(lease) = self.lease.take() {
+            let dropped = std::thread::Builder::new()
+                .name("lease-release".into())
+                .spawn(move || drop(lease));
+            if let Err(err) = dropped {
+                warn!(lease = self.name, error = %err, "cannot release a lease on its own thread; it ends with the process");
+            }
+        }
+    }
+}
+
 impl LeaseHolder {
     pub(crate) fn new(store: Arc<dyn Store>, name: &'static str, metrics: Metrics) -> Self {
         LeaseHolder {

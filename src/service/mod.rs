@@ -376,7 +376,10 @@ impl AgentLifecycleService {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(compactor) = compactor {
+            // Wait until the task is gone: it owns a lease (a database
+            // connection on a shared store), released with it.
             compactor.abort();
+            let _ = compactor.await;
         }
         let (tx, rx) = oneshot::channel();
         if self.inner.commits.send(Message::Close(tx)).is_ok()

@@ -52,8 +52,18 @@ pub enum StoreError {
         /// This program's.
         supported: i64,
     },
-    /// A commit failed in a way that may still have reached the disk, so the
-    /// server's view may differ from the store's.
+    /// The commit of a batch failed at its last step (COMMIT itself, the
+    /// fsync, the connection): it may or may not have been stored. Callers
+    /// ask [`Store::batch_committed`] or read the log.
+    #[error("the commit's outcome is unknown: {source}")]
+    CommitOutcomeUnknown {
+        /// The back end's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A commit failed in a way that may still have reached the disk, and
+    /// the store cannot be read to find out: the server's view may differ
+    /// from the store's.
     #[error(
         "a failed commit left the store in an unknown state; writes are refused until the server restarts"
     )]

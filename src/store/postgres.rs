@@ -1,17 +1,18 @@
 //! The shared store: PostgreSQL, written by several server processes.
 //!
 //! # Commit order is sequence order
-//! The global sequence is a counter row (`meta.head`). Every commit first
-//! locks it (`SELECT ... FOR UPDATE`), so commits from all processes are
-//! serialised: a transaction reads the head, assigns the next sequences to
-//! its accepted changes, writes them, advances the counter and commits. The
-//! row lock is released only after the commit is visible, so the next
-//! writer's sequences are higher *and* a reader can never see a sequence
-//! while a lower one is still uncommitted: a watcher that reads the log by
-//! sequence never skips an event that commits late. Group commit keeps the
-//! serialisation cheap: one process commits many changes per lock, and the
-//! whole batch takes a fixed number of round trips (arrays through
-//! `unnest`), not one per change.
+//! The global sequence is a counter row (`meta.head`). A commit first locks
+//! the rows of the batch's agents (in key order) and checks their versions;
+//! then one statement advances the counter by the number of records it
+//! writes (which locks the counter row until COMMIT), and writes the agents
+//! and the events at `base + offset`. The counter's lock serialises the
+//! tails of all processes' commits: the next writer's sequences are higher,
+//! and PostgreSQL releases the lock only after the commit is visible, so a
+//! reader never sees a sequence while a lower one is still uncommitted: a
+//! watcher that reads the log by sequence never skips an event that commits
+//! late. Group commit keeps the serialisation cheap: one process commits
+//! many changes per lock hold, in four round trips per batch (arrays through
+//! `unnest`), not per change.
 //!
 //! Each change is checked against the agent's stored version inside the
 //! transaction (compare-and-set); a change that lost to another process is
@@ -110,8 +111,11 @@ INSERT INTO meta (key, value) VALUES ('head', 0) ON CONFLICT (key) DO NOTHING;
 /// Step 1 of a commit: the stored versions of the batch's agents, their
 /// rows locked until the commit (changes of one agent from several
 /// processes queue here, not on the counter).
-const LOCK_AGENTS: &str =
-    "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[]) FOR UPDATE";
+///
+/// Rows are locked in key order, so two processes' batches over the same
+/// agents lock them in the same order and cannot deadlock each other.
+const LOCK_AGENTS: &str = "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])
+    ORDER BY agent_id FOR UPDATE";
 /// Step 2, one statement: advance the counter by the batch's record count
 /// (its row lock serialises commits from here to COMMIT), then write the
 /// agents and events with sequences `base + offset`, record the batch id,
@@ -372,7 +376,9 @@ impl PostgresStore {
             tx.rollback().map_err(pg("rolling back a raced batch"))?;
             return Ok(None);
         }
-        tx.commit().map_err(pg("committing"))?;
+        tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
+            source: Box::new(e),
+        })?;
         let mut next = base;
         for (change, outcome) in batch.iter_mut().zip(&outcomes) {
             if *outcome != ChangeOutcome::Committed {
@@ -400,13 +406,20 @@ impl PostgresStore {
         result
     }
 
-    fn with_reader<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    fn with_reader<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
         let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut client = match idle {
-            Some(client) if !client.is_closed() => client,
-            _ => connect(&self.url)?,
+        let (mut client, pooled) = match idle {
+            Some(client) if !client.is_closed() => (client, true),
+            _ => (connect(&self.url)?, false),
         };
-        let result = f(&mut client);
+        let mut result = f(&mut client);
+        // A pooled connection learns that the server ended it only when it
+        // is used (a database restart, an idle timeout): try once more on a
+        // fresh one.
+        if result.is_err() && pooled && client.is_closed() {
+            client = connect(&self.url)?;
+            result = f(&mut client);
+        }
         if !client.is_closed() {
             let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE_READERS {
@@ -589,7 +602,9 @@ const RACE_RETRIES: usize = 3;
 fn is_retryable(err: &postgres::Error) -> bool {
     use postgres::error::SqlState;
     err.code().is_some_and(|code| {
-        *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::LOCK_NOT_AVAILABLE
     })
 }
 

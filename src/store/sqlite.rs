@@ -483,7 +483,9 @@ impl Store for SqliteStore {
         )
         .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
         .map_err(sql("advancing the head"))?;
-        tx.commit().map_err(sql("committing"))?;
+        tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
+            source: Box::new(e),
+        })?;
         self.head.store(head, Ordering::Release);
         Ok(outcomes)
     }
