@@ -15,7 +15,8 @@
 //!   layer around every call, and the one place that maps errors to `Status`.
 //! - [`sync`]: external status sync (Hugging Face Spaces, Kubernetes,
 //!   Docker), driving the service through its public API; [`hf`]: the
-//!   poller that feeds it the runtime stage of each labelled Space.
+//!   poller that feeds it the runtime stage of each labelled Space;
+//!   [`health`]: heartbeats and the health monitor (timeouts, restarts).
 //! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
 //! - [`config`]: settings for `serve`.
 //! - [`process`]: the server binary as a child process, for the benchmark
@@ -28,6 +29,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod hf;
 pub mod process;
 pub mod server;

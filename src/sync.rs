@@ -157,6 +157,7 @@ pub async fn sync_external_status(
             }
         }
         if !lost_a_race {
+            service.metrics().sync_transitions(transitions.len());
             let agent = service.get_agent(id)?;
             return Ok(SyncResult {
                 outcome: SyncOutcome::Applied,

@@ -57,6 +57,19 @@ pub struct Metrics {
     /// `agent_lifecycle_lease_held{lease}`: 1 while this process runs the
     /// named background work (one process of a fleet at a time).
     leases: IntGaugeVec,
+    /// `agent_lifecycle_heartbeats_total`: heartbeats received.
+    heartbeats: IntCounter,
+    /// `agent_lifecycle_heartbeats_missed_total`: agents moved to ERROR for
+    /// missed heartbeats.
+    heartbeats_missed: IntCounter,
+    /// `agent_lifecycle_restarts_total`: restarts by the health monitor.
+    restarts: IntCounter,
+    /// `agent_lifecycle_stuck_agents_total`: agents moved on for staying too
+    /// long in a transitional state (start-up timeouts included).
+    stuck_agents: IntCounter,
+    /// `agent_lifecycle_sync_transitions_total`: transitions caused by
+    /// external status sync.
+    sync_transitions: IntCounter,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -169,6 +182,23 @@ impl Metrics {
                 )
                 .expect("valid gauge definition"),
             ),
+            heartbeats: counter("agent_lifecycle_heartbeats_total", "Heartbeats received."),
+            heartbeats_missed: counter(
+                "agent_lifecycle_heartbeats_missed_total",
+                "Agents moved to ERROR because their heartbeats stopped.",
+            ),
+            restarts: counter(
+                "agent_lifecycle_restarts_total",
+                "Agents restarted by the health monitor.",
+            ),
+            stuck_agents: counter(
+                "agent_lifecycle_stuck_agents_total",
+                "Agents moved on for staying too long in a transitional state.",
+            ),
+            sync_transitions: counter(
+                "agent_lifecycle_sync_transitions_total",
+                "Transitions caused by external status sync.",
+            ),
             registry,
         }
     }
@@ -244,6 +274,43 @@ impl Metrics {
 
     pub(crate) fn set_lease_held(&self, name: &str, held: bool) {
         self.leases.with_label_values(&[name]).set(i64::from(held));
+    }
+
+    /// Counts a heartbeat.
+    pub fn heartbeat_received(&self) {
+        self.heartbeats.inc();
+    }
+
+    /// Counts an agent moved to ERROR for missed heartbeats.
+    pub fn heartbeat_missed(&self) {
+        self.heartbeats_missed.inc();
+    }
+
+    /// Counts a restart by the health monitor.
+    pub fn restarted(&self) {
+        self.restarts.inc();
+    }
+
+    /// Counts an agent moved on for staying too long in a state.
+    pub fn stuck_agent(&self) {
+        self.stuck_agents.inc();
+    }
+
+    /// Counts transitions caused by external status sync.
+    pub fn sync_transitions(&self, n: usize) {
+        self.sync_transitions.inc_by(n as u64);
+    }
+
+    /// Heartbeats, missed heartbeats, restarts, stuck agents and sync
+    /// transitions since start.
+    pub fn automation(&self) -> [u64; 5] {
+        [
+            self.heartbeats.get(),
+            self.heartbeats_missed.get(),
+            self.restarts.get(),
+            self.stuck_agents.get(),
+            self.sync_transitions.get(),
+        ]
     }
 
     pub(crate) fn set_head(&self, head: u64) {

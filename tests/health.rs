@@ -1,0 +1,255 @@
+//! The health monitor on tokio's paused clock: heartbeats complete a start,
+//! silence is an ERROR (and heartbeats resuming undo it), a start that never
+//! heartbeats times out and is restarted with back-off until the restarts
+//! run out, idle agents with steady heartbeats are left alone, and nothing
+//! fires during the grace period after start.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use agent_lifecycle::{
+    AgentLifecycleService,
+    domain::{AgentId, AgentState},
+    health::{Health, HealthSettings, TRIGGER},
+    service::{ChangeRequest, HistoryQuery, Registration, ServiceConfig, TokioClock},
+    store::{MemoryStore, Retention},
+};
+
+/// Keeps the runtime busy so that paused time moves only by `advance` (an
+/// idle paused runtime would jump to its next timer while the commit thread
+/// works).
+fn hold_the_clock() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+fn service() -> AgentLifecycleService {
+    let config = ServiceConfig {
+        clock: Arc::new(TokioClock::starting_at(
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )),
+        ..ServiceConfig::default()
+    };
+    AgentLifecycleService::open(Arc::new(MemoryStore::new(&Retention::default())), config)
+        .expect("service")
+}
+
+fn settings() -> HealthSettings {
+    HealthSettings {
+        grace: Duration::ZERO,
+        jitter: 0.0,
+        max_restarts: 2,
+        ..HealthSettings::default()
+    }
+}
+
+/// Waits (real time, bounded) until the agent is in `state`.
+async fn until_state(service: &AgentLifecycleService, id: AgentId, state: AgentState) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = service.get_agent(id).expect("agent").state;
+        if now == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent in {now}, expected {state}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Advances paused time by `d`, letting the monitor's ticks run.
+async fn advance(d: Duration) {
+    tokio::time::advance(d).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// An agent in STARTING whose start waits for a heartbeat.
+async fn starting(service: &AgentLifecycleService, health: &Health) -> AgentId {
+    let id = service
+        .register_agent(Registration::default())
+        .await
+        .expect("register")
+        .agent
+        .id;
+    service
+        .deploy_agent(id, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    service
+        .transition(id, AgentState::Starting, ChangeRequest::default())
+        .await
+        .expect("starting");
+    health.await_heartbeat(id);
+    id
+}
+
+async fn last_reason(service: &AgentLifecycleService, id: AgentId) -> (String, String) {
+    let history = service
+        .history(id, HistoryQuery::default())
+        .await
+        .expect("history");
+    let last = history.transitions.last().expect("a transition");
+    (last.triggered_by.clone(), last.reason.clone())
+}
+
+/// First heartbeat: STARTING -> ONLINE. Steady heartbeats keep an idle
+/// agent idle for ten minutes. Silence past heartbeat_timeout: ERROR naming
+/// the numbers; heartbeats again: ONLINE.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_complete_starts_and_silence_is_an_error() {
+    let held = hold_the_clock();
+    let service = service();
+    let health = Health::new(service.clone(), settings());
+    let monitor = tokio::spawn(health.clone().run());
+    let id = starting(&service, &health).await;
+
+    health
+        .heartbeat(id, Some(0.25), Some("warm-up".into()))
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Online
+    );
+    let (by, reason) = last_reason(&service, id).await;
+    assert_eq!(by, TRIGGER);
+    assert!(reason.contains("first heartbeat"), "{reason}");
+    let beat = health.last_heartbeat(id).expect("recorded");
+    assert_eq!(beat.load, Some(0.25));
+    assert_eq!(beat.current_task.as_deref(), Some("warm-up"));
+
+    service
+        .transition(id, AgentState::Idle, ChangeRequest::default())
+        .await
+        .expect("idle");
+    for _ in 0..60 {
+        advance(Duration::from_secs(10)).await;
+        health.heartbeat(id, None, None).await.expect("heartbeat");
+    }
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Idle,
+        "ten minutes idle with steady heartbeats: untouched"
+    );
+
+    advance(Duration::from_secs(31)).await;
+    until_state(&service, id, AgentState::Error).await;
+    let (by, reason) = last_reason(&service, id).await;
+    assert_eq!(by, TRIGGER);
+    assert!(
+        reason.starts_with("heartbeat missed: last seen") && reason.contains("timeout 30s"),
+        "{reason}"
+    );
+
+    health.heartbeat(id, None, None).await.expect("heartbeat");
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Online
+    );
+    assert_eq!(last_reason(&service, id).await.1, "heartbeats resumed");
+    let [beats, missed, ..] = service.metrics().automation();
+    assert_eq!((beats, missed), (62, 1));
+    monitor.abort();
+    held.abort();
+}
+
+/// A start that never heartbeats: TIMEOUT after startup_timeout, restart
+/// after 10 s, TIMEOUT again, restart after 20 s (doubling), TIMEOUT, and
+/// with the two restarts spent, FAILED.
+#[tokio::test(start_paused = true)]
+async fn silent_starts_time_out_restart_with_backoff_and_fail() {
+    let held = hold_the_clock();
+    let service = service();
+    let health = Health::new(service.clone(), settings());
+    let monitor = tokio::spawn(health.clone().run());
+    let id = starting(&service, &health).await;
+
+    advance(Duration::from_secs(61)).await;
+    until_state(&service, id, AgentState::Timeout).await;
+    assert!(
+        last_reason(&service, id)
+            .await
+            .1
+            .contains("startup_timeout 60s")
+    );
+    // The restart waits 10 s: not after 5 s, then after 10 more.
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Timeout
+    );
+    advance(Duration::from_secs(10)).await;
+    until_state(&service, id, AgentState::Starting).await;
+    assert!(
+        last_reason(&service, id)
+            .await
+            .1
+            .starts_with("restart 1 of 2 after 10s")
+    );
+
+    advance(Duration::from_secs(61)).await;
+    until_state(&service, id, AgentState::Timeout).await;
+    advance(Duration::from_secs(12)).await;
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Timeout,
+        "the second restart waits 20 s"
+    );
+    advance(Duration::from_secs(12)).await;
+    until_state(&service, id, AgentState::Starting).await;
+    assert!(
+        last_reason(&service, id)
+            .await
+            .1
+            .starts_with("restart 2 of 2 after 20s")
+    );
+
+    advance(Duration::from_secs(61)).await;
+    until_state(&service, id, AgentState::Timeout).await;
+    advance(Duration::from_secs(2)).await;
+    until_state(&service, id, AgentState::Failed).await;
+    let (by, reason) = last_reason(&service, id).await;
+    assert_eq!(by, TRIGGER);
+    assert_eq!(reason, "restarts exhausted: 2 of 2");
+    let [_, _, restarts, stuck, _] = service.metrics().automation();
+    assert_eq!((restarts, stuck), (2, 3));
+    monitor.abort();
+    held.abort();
+}
+
+/// After the monitor starts (a server restart), nothing fires during the
+/// grace period, even for an agent silent past its timeout.
+#[tokio::test(start_paused = true)]
+async fn no_timeout_fires_during_the_grace_period() {
+    let held = hold_the_clock();
+    let service = service();
+    let health = Health::new(
+        service.clone(),
+        HealthSettings {
+            grace: Duration::from_secs(120),
+            ..settings()
+        },
+    );
+    let monitor = tokio::spawn(health.clone().run());
+    let id = starting(&service, &health).await;
+    health.heartbeat(id, None, None).await.expect("heartbeat");
+    advance(Duration::from_secs(100)).await;
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Online,
+        "silent for 100 s, but within the 120 s grace"
+    );
+    advance(Duration::from_secs(25)).await;
+    until_state(&service, id, AgentState::Error).await;
+    monitor.abort();
+    held.abort();
+}
