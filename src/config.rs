@@ -139,6 +139,8 @@ pub struct ConfigFile {
     pub policy: Option<PolicySection>,
     /// `[hf]`: the Hugging Face Spaces poller (off without it).
     pub hf: Option<HfSection>,
+    /// `[health]`: heartbeat and restart settings of the health monitor.
+    pub health: Option<HealthSection>,
     /// The transition policy the file describes (the default when it has no
     /// `[policy]`), built and checked by [`ConfigFile::parse`].
     #[serde(skip)]
@@ -217,6 +219,79 @@ impl HfSection {
     }
 }
 
+/// The `[health]` section: the health monitor's timeouts and restart
+/// policy (defaults in parentheses).
+///
+/// ```toml
+/// [health]
+/// startup_timeout = "60s"      # STARTING waiting for a heartbeat -> TIMEOUT
+/// heartbeat_interval = "10s"   # expected period, for counting misses
+/// heartbeat_timeout = "30s"    # silence -> ERROR
+/// grace = "30s"                # after start, before any timeout fires
+/// max_restarts = 5             # then FAILED
+/// restart_delay = "10s"        # first back-off
+/// restart_multiplier = 2.0
+/// restart_max_delay = "5m"
+/// restart_jitter = 0.1         # +-10 %
+/// restart_reset_after = "10m"  # healthy this long: the count starts over
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// See [`crate::health::HealthSettings::startup_timeout`].
+    pub startup_timeout: Option<String>,
+    /// See [`crate::health::HealthSettings::heartbeat_interval`].
+    pub heartbeat_interval: Option<String>,
+    /// See [`crate::health::HealthSettings::heartbeat_timeout`].
+    pub heartbeat_timeout: Option<String>,
+    /// See [`crate::health::HealthSettings::grace`].
+    pub grace: Option<String>,
+    /// See [`crate::health::HealthSettings::max_restarts`].
+    pub max_restarts: Option<u32>,
+    /// See [`crate::health::HealthSettings::initial_delay`].
+    pub restart_delay: Option<String>,
+    /// See [`crate::health::HealthSettings::multiplier`].
+    pub restart_multiplier: Option<f64>,
+    /// See [`crate::health::HealthSettings::max_delay`].
+    pub restart_max_delay: Option<String>,
+    /// See [`crate::health::HealthSettings::jitter`].
+    pub restart_jitter: Option<f64>,
+    /// See [`crate::health::HealthSettings::reset_after`].
+    pub restart_reset_after: Option<String>,
+}
+
+impl HealthSection {
+    fn durations(&self) -> [(&'static str, &Option<String>); 6] {
+        [
+            ("health.startup_timeout", &self.startup_timeout),
+            ("health.heartbeat_interval", &self.heartbeat_interval),
+            ("health.heartbeat_timeout", &self.heartbeat_timeout),
+            ("health.grace", &self.grace),
+            ("health.restart_delay", &self.restart_delay),
+            ("health.restart_max_delay", &self.restart_max_delay),
+        ]
+    }
+
+    /// The monitor's settings: the defaults with this section's values.
+    pub fn settings(&self) -> crate::health::HealthSettings {
+        let d = crate::health::HealthSettings::default();
+        let or = |value: &Option<String>, default| ConfigFile::duration(value).unwrap_or(default);
+        crate::health::HealthSettings {
+            startup_timeout: or(&self.startup_timeout, d.startup_timeout),
+            heartbeat_interval: or(&self.heartbeat_interval, d.heartbeat_interval),
+            heartbeat_timeout: or(&self.heartbeat_timeout, d.heartbeat_timeout),
+            grace: or(&self.grace, d.grace),
+            max_restarts: self.max_restarts.unwrap_or(d.max_restarts),
+            initial_delay: or(&self.restart_delay, d.initial_delay),
+            multiplier: self.restart_multiplier.unwrap_or(d.multiplier),
+            max_delay: or(&self.restart_max_delay, d.max_delay),
+            jitter: self.restart_jitter.unwrap_or(d.jitter),
+            reset_after: or(&self.restart_reset_after, d.reset_after),
+            check_interval: d.check_interval,
+        }
+    }
+}
+
 /// The line of byte `offset` in `text` (1-based).
 fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
@@ -287,6 +362,25 @@ impl ConfigFile {
             && format != "json"
         {
             return Err(format!("log_format: {format:?} is not human or json"));
+        }
+        if let Some(health) = &file.health {
+            for (key, value) in health.durations() {
+                if let Some(value) = value {
+                    parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+                }
+            }
+            if health
+                .restart_multiplier
+                .is_some_and(|m| !(1.0..=100.0).contains(&m))
+            {
+                return Err("health.restart_multiplier: must be between 1 and 100".into());
+            }
+            if health
+                .restart_jitter
+                .is_some_and(|j| !(0.0..=1.0).contains(&j))
+            {
+                return Err("health.restart_jitter: must be between 0 and 1".into());
+            }
         }
         if let Some(hf) = &file.hf {
             for (key, value) in [

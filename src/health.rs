@@ -251,9 +251,8 @@ impl Health {
         let started = self.now();
         async move {
             let mut lease = lease_holder(&self.service, "health-monitor");
-            let mut ticks = tokio::time::interval(
-                self.settings.check_interval.max(Duration::from_millis(10)),
-            );
+            let mut ticks =
+                tokio::time::interval(self.settings.check_interval.max(Duration::from_millis(10)));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
@@ -328,10 +327,9 @@ impl Health {
                             && now.duration_since(agent.updated_at).unwrap_or_default()
                                 > self.settings.reset_after
                             && silent <= self.settings.heartbeat_timeout
+                            && let Some(w) = self.watches().get_mut(&id)
                         {
-                            if let Some(w) = self.watches().get_mut(&id) {
-                                w.restarts = 0;
-                            }
+                            w.restarts = 0;
                         }
                         Ok(())
                     }

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::{
     config::MAX_REQUEST_BYTES,
     grpc::{CallLayer, LifecycleServer, pb},
+    health::{Health, HealthSettings},
     service::AgentLifecycleService,
 };
 
@@ -47,7 +48,8 @@ pub enum ServerError {
 
 /// Serves `service` on `listener` until `shutdown` completes, then shuts
 /// down gracefully and closes the service. Callers are anonymous and no
-/// per-call records are kept ([`CallLayer::default`]).
+/// per-call records are kept ([`CallLayer::default`]); heartbeats are
+/// watched by a health monitor with the default settings.
 ///
 /// # Errors
 /// See [`ServerError`].
@@ -56,16 +58,26 @@ pub async fn run(
     service: AgentLifecycleService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    run_with(listener, service, CallLayer::default(), shutdown).await
+    let health = Health::new(service.clone(), HealthSettings::default());
+    let monitor = tokio::spawn(health.clone().run());
+    let served = run_with(listener, service, health, CallLayer::default(), shutdown).await;
+    // The monitor holds the service: end it, so that the store is released
+    // when this returns.
+    monitor.abort();
+    let _ = monitor.await;
+    served
 }
 
-/// [`run`], with `calls` around every call served.
+/// [`run`], with `heartbeats` recording the heartbeats received (the
+/// health monitor, if any, is the caller's to run) and `calls` around every
+/// call served.
 ///
 /// # Errors
 /// See [`ServerError`].
 pub async fn run_with(
     listener: TcpListener,
     service: AgentLifecycleService,
+    heartbeats: Health,
     calls: CallLayer,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -82,7 +94,7 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = LifecycleServer::new(service.clone(), MAX_REQUEST_BYTES);
+    let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -361,7 +361,11 @@ async fn background_work_moves_to_a_survivor() {
         server
             .log()
             .lines()
-            .filter(|l| l.contains("lease changed hands") && l.contains("held=true"))
+            .filter(|l| {
+                l.contains("lease changed hands")
+                    && l.contains("lease=\"compaction\"")
+                    && l.contains("held=true")
+            })
             .count()
     };
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
@@ -377,7 +381,10 @@ async fn background_work_moves_to_a_survivor() {
     let refused = |server: &ServerProcess| {
         server
             .log()
-            .matches("lease held by another process")
+            .lines()
+            .filter(|l| {
+                l.contains("lease held by another process") && l.contains("lease=\"compaction\"")
+            })
             .count()
     };
     wait_for("the second process tries three times", &|| {

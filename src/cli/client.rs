@@ -511,6 +511,7 @@ async fn start(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        wait_for_heartbeat: false,
     });
     let response = s
         .client

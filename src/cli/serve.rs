@@ -11,6 +11,8 @@ use tracing_subscriber::EnvFilter;
 use agent_lifecycle::{
     AgentLifecycleService,
     config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
+    grpc::CallLayer,
+    health::Health,
     server,
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
@@ -80,6 +82,8 @@ struct Settings {
     service: ServiceConfig,
     /// The Hugging Face poller, when `[hf]` is configured.
     hf: Option<agent_lifecycle::hf::HfSettings>,
+    /// The health monitor's settings.
+    health: agent_lifecycle::health::HealthSettings,
 }
 
 impl Settings {
@@ -138,6 +142,11 @@ impl Settings {
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             retention,
             service,
+            health: file
+                .health
+                .as_ref()
+                .map(|h| h.settings())
+                .unwrap_or_default(),
             hf: file
                 .hf
                 .as_ref()
@@ -229,6 +238,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(hf) = settings.hf {
         tokio::spawn(agent_lifecycle::hf::run(service.clone(), hf));
     }
-    server::run(listener, service, shutdown).await?;
+    let health = Health::new(service.clone(), settings.health);
+    let monitor = tokio::spawn(health.clone().run());
+    let served = server::run_with(listener, service, health, CallLayer::default(), shutdown).await;
+    monitor.abort();
+    let _ = monitor.await;
+    served?;
     Ok(())
 }

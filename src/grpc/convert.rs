@@ -343,6 +343,7 @@ pub fn agent_to_pb(agent: &Agent, policy: &TransitionPolicy) -> pb::Agent {
         last_transition: Some(transition_to_pb(&agent.last_transition)),
         created_at: Some(timestamp(agent.created_at)),
         updated_at: Some(timestamp(agent.updated_at)),
+        last_heartbeat: None,
     }
 }
 
@@ -393,6 +394,7 @@ pub fn metrics_to_pb(metrics: &LifecycleMetrics) -> pb::GetLifecycleMetricsRespo
         head_sequence: metrics.head_sequence,
         hook_failures: metrics.hook_failures,
         watch_backfills: metrics.watch_backfills,
+        ..Default::default()
     }
 }
 

@@ -59,7 +59,23 @@ pub struct LifecycleServer {
 impl LifecycleServer {
     /// Serves `service`, refusing request messages over `max_request_bytes`.
     pub fn new(service: AgentLifecycleService, max_request_bytes: usize) -> Self {
-        let handler = LifecycleHandler::new(service);
+        Self::with_handler(LifecycleHandler::new(service), max_request_bytes)
+    }
+
+    /// Serves `service`, recording heartbeats in `health` (the one the
+    /// health monitor watches).
+    pub fn with_health(
+        service: AgentLifecycleService,
+        health: crate::health::Health,
+        max_request_bytes: usize,
+    ) -> Self {
+        Self::with_handler(
+            LifecycleHandler::with_health(service, health),
+            max_request_bytes,
+        )
+    }
+
+    fn with_handler(handler: LifecycleHandler, max_request_bytes: usize) -> Self {
         LifecycleServer {
             generated: AgentLifecycleServiceServer::new(handler.clone())
                 .max_decoding_message_size(max_request_bytes),

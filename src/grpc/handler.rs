@@ -28,7 +28,8 @@ use super::{
     status::not_routed,
 };
 use crate::{
-    domain::{AgentState, ExternalSource, FieldViolation},
+    domain::{AgentId, AgentState, ExternalSource, FieldViolation},
+    health::{Health, HealthSettings},
     service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
     sync::{self, StatusReport},
 };
@@ -46,12 +47,60 @@ pub type WatchItems = Pin<Box<dyn Stream<Item = Result<WatchItem, Status>> + Sen
 #[derive(Clone, Debug)]
 pub struct LifecycleHandler {
     service: AgentLifecycleService,
+    /// Heartbeats (and the monitor's bookkeeping), shared with the health
+    /// monitor when one runs.
+    health: Health,
 }
 
 impl LifecycleHandler {
-    /// A handler over `service`.
+    /// A handler over `service`, with heartbeat tracking of its own.
     pub fn new(service: AgentLifecycleService) -> Self {
-        LifecycleHandler { service }
+        let health = Health::new(service.clone(), HealthSettings::default());
+        LifecycleHandler { service, health }
+    }
+
+    /// A handler over `service` that records heartbeats in `health` (the
+    /// one the health monitor watches).
+    pub fn with_health(service: AgentLifecycleService, health: Health) -> Self {
+        LifecycleHandler { service, health }
+    }
+
+    /// `agent` on the wire, with its last heartbeat.
+    fn agent_with_heartbeat(&self, agent: &crate::domain::Agent) -> pb::Agent {
+        let mut wire = convert::agent_to_pb(agent, self.service.policy());
+        wire.last_heartbeat = self
+            .health
+            .last_heartbeat(agent.id)
+            .map(|beat| pb::LastHeartbeat {
+                received_at: Some(convert::timestamp(beat.at)),
+                load: beat.load,
+                current_task: beat.current_task.unwrap_or_default(),
+            });
+        wire
+    }
+
+    /// Records one heartbeat message.
+    async fn beat(&self, request: pb::HeartbeatRequest) -> Result<AgentId, Status> {
+        let pb::HeartbeatRequest {
+            agent_id,
+            load,
+            current_task,
+        } = request;
+        let id = agent_id_from_pb("agent_id", &agent_id)?;
+        crate::domain::limits::check_text(
+            "current_task",
+            &current_task,
+            crate::domain::limits::MAX_SHORT_TEXT_BYTES,
+        )?;
+        if load.is_some_and(|l| !l.is_finite()) {
+            return Err(FieldViolation::new("load", "must be a finite number").into());
+        }
+        if self.service.get_agent(id).is_err() {
+            self.service.sync().await?;
+        }
+        let task = Some(current_task).filter(|t| !t.is_empty());
+        self.health.heartbeat(id, load, task).await?;
+        Ok(id)
     }
 
     /// The service this handler calls.
@@ -148,9 +197,17 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         request: Request<pb::StartAgentRequest>,
     ) -> Result<Response<pb::StartAgentResponse>, Status> {
         let caller = caller_of(&request);
-        let (fields, ()) = request.into_inner().into_parts();
+        let (fields, wait_for_heartbeat) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
-        let outcome = self.service.start_agent(id, change).await?;
+        if !wait_for_heartbeat {
+            let outcome = self.service.start_agent(id, change).await?;
+            return Ok(self.reply(&outcome));
+        }
+        let outcome = self
+            .service
+            .transition(id, AgentState::Starting, change)
+            .await?;
+        self.health.await_heartbeat(id);
         Ok(self.reply(&outcome))
     }
 
@@ -232,7 +289,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         self.service.sync().await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::GetAgentResponse {
-            agent: Some(convert::agent_to_pb(&agent, self.service.policy())),
+            agent: Some(self.agent_with_heartbeat(&agent)),
         }))
     }
 
@@ -258,7 +315,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
                 .iter()
-                .map(|a| convert::agent_to_pb(a, self.service.policy()))
+                .map(|a| self.agent_with_heartbeat(a))
                 .collect(),
             next_page_token: next.map(convert::list_token).unwrap_or_default(),
         }))
@@ -294,7 +351,14 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::GetLifecycleMetricsResponse>, Status> {
         self.service.sync().await?;
         let metrics = self.service.get_lifecycle_metrics();
-        Ok(Response::new(convert::metrics_to_pb(&metrics)))
+        let mut response = convert::metrics_to_pb(&metrics);
+        let [heartbeats, missed, restarts, stuck, sync] = self.service.metrics().automation();
+        response.heartbeats = heartbeats;
+        response.heartbeats_missed = missed;
+        response.restarts = restarts;
+        response.stuck_agents = stuck;
+        response.sync_transitions = sync;
+        Ok(Response::new(response))
     }
 
     async fn get_transition_rules(
@@ -344,6 +408,30 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             &result,
             self.service.policy(),
         )))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = self.beat(request.into_inner()).await?;
+        let agent = self.service.get_agent(id)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            agent: Some(self.agent_with_heartbeat(&agent)),
+        }))
+    }
+
+    async fn heartbeat_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<pb::HeartbeatStreamResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut heartbeats = 0;
+        while let Some(message) = stream.message().await? {
+            self.beat(message).await?;
+            heartbeats += 1;
+        }
+        Ok(Response::new(pb::HeartbeatStreamResponse { heartbeats }))
     }
 
     type WatchEventsStream =

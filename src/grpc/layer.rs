@@ -343,7 +343,8 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(crate::server::run_with(
             listener,
-            service,
+            service.clone(),
+            crate::health::Health::new(service, crate::health::HealthSettings::default()),
             CallLayer::new(recorder.clone()),
             async {
                 let _ = stopped.await;

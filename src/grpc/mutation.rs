@@ -109,15 +109,17 @@ impl MutatingRequest for pb::DeployAgentRequest {
 }
 
 impl MutatingRequest for pb::StartAgentRequest {
-    type Rest = ();
+    /// `wait_for_heartbeat`.
+    type Rest = bool;
 
-    fn into_parts(self) -> (ChangeFields, ()) {
+    fn into_parts(self) -> (ChangeFields, bool) {
         let pb::StartAgentRequest {
             agent_id,
             reason,
             triggered_by,
             metadata,
             expected_version,
+            wait_for_heartbeat,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -126,7 +128,7 @@ impl MutatingRequest for pb::StartAgentRequest {
             metadata,
             expected_version,
         };
-        (fields, ())
+        (fields, wait_for_heartbeat)
     }
 }
 

@@ -28,7 +28,8 @@ METHODS = [
     "RegisterAgent", "TransitionAgent", "DeployAgent", "StartAgent", "StopAgent",
     "AssignTask", "CompleteTask", "HandleError", "PutInMaintenance",
     "ResumeFromMaintenance", "GetAgent", "ListAgents", "GetAgentHistory",
-    "GetLifecycleMetrics", "GetTransitionRules", "SyncExternalStatus", "WatchEvents",
+    "GetLifecycleMetrics", "GetTransitionRules", "SyncExternalStatus", "Heartbeat",
+    "HeartbeatStream", "WatchEvents",
 ]
 AGENT_FIELDS = [
     "agent_id", "name", "labels", "state", "version", "valid_transitions",
