@@ -258,6 +258,10 @@ pub struct HealthSection {
     pub restart_jitter: Option<f64>,
     /// See [`crate::health::HealthSettings::reset_after`].
     pub restart_reset_after: Option<String>,
+    /// `[health.max_dwell]`: state name -> longest stay (see
+    /// [`crate::health::HealthSettings::max_dwell`]).
+    #[serde(default)]
+    pub max_dwell: std::collections::BTreeMap<String, String>,
 }
 
 impl HealthSection {
@@ -288,8 +292,34 @@ impl HealthSection {
             jitter: self.restart_jitter.unwrap_or(d.jitter),
             reset_after: or(&self.restart_reset_after, d.reset_after),
             check_interval: d.check_interval,
+            max_dwell: self
+                .max_dwell
+                .iter()
+                .filter_map(|(state, limit)| {
+                    Some((state.parse().ok()?, parse_duration(limit).ok()?))
+                })
+                .collect(),
         }
     }
+}
+
+/// The policy a file's `[policy]` describes, before it is checked (the
+/// default when it has none or when it does not build).
+fn file_policy(file: &ConfigFile) -> TransitionPolicy {
+    let Some(policy) = &file.policy else {
+        return TransitionPolicy::default();
+    };
+    let edges = |list: &[toml::Spanned<String>]| -> Vec<(AgentState, AgentState)> {
+        list.iter()
+            .filter_map(|edge| {
+                let (from, to) = edge.get_ref().split_once("->")?;
+                Some((from.trim().parse().ok()?, to.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    TransitionPolicy::default()
+        .with_changes(&edges(&policy.add), &edges(&policy.remove))
+        .unwrap_or_default()
 }
 
 /// The line of byte `offset` in `text` (1-based).
@@ -367,6 +397,17 @@ impl ConfigFile {
             for (key, value) in health.durations() {
                 if let Some(value) = value {
                     parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+                }
+            }
+            for (state, limit) in &health.max_dwell {
+                let parsed: AgentState = state
+                    .parse()
+                    .map_err(|_| format!("health.max_dwell: unknown state {state:?}"))?;
+                parse_duration(limit).map_err(|e| format!("health.max_dwell.{state}: {e}"))?;
+                if crate::health::timeout_edge(&file_policy(&file), parsed).is_none() {
+                    return Err(format!(
+                        "health.max_dwell.{state}: the policy has no timeout edge (timeout, error or failed) from {state}"
+                    ));
                 }
             }
             if health
@@ -533,6 +574,15 @@ mod tests {
                 "line 2: policy.add: \"online scaling\" is not \"from -> to\"",
             ),
             ("[policy]\nallow = []\n", "allow"),
+            (
+                "[health.max_dwell]\ndeploying = \"soon\"\n",
+                "health.max_dwell.deploying",
+            ),
+            (
+                "[health.max_dwell]\nterminated = \"1m\"\n",
+                "no timeout edge",
+            ),
+            ("[health.max_dwell]\ndeployin = \"1m\"\n", "unknown state"),
         ] {
             let err = ConfigFile::parse(text).expect_err(text);
             assert!(err.contains(expected), "{text}: {err}");

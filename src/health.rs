@@ -75,6 +75,11 @@ pub struct HealthSettings {
     pub reset_after: Duration,
     /// How often the monitor looks.
     pub check_interval: Duration,
+    /// Longest stay in a state (for any agent, heartbeats or not): past it
+    /// the agent moves along the state's timeout edge (the first the policy
+    /// allows of TIMEOUT, ERROR, FAILED). Typically DEPLOYING, STARTING,
+    /// STOPPING and UPDATING; none by default.
+    pub max_dwell: Vec<(AgentState, Duration)>,
 }
 
 impl Default for HealthSettings {
@@ -93,6 +98,7 @@ impl Default for HealthSettings {
             jitter: 0.1,
             reset_after: Duration::from_secs(600),
             check_interval: Duration::from_secs(1),
+            max_dwell: Vec::new(),
         }
     }
 }
@@ -154,6 +160,17 @@ fn change(reason: String, metadata: Metadata, expected_version: u64) -> ChangeRe
         expected_version: Some(expected_version),
         caller: Caller::principal(TRIGGER),
     }
+}
+
+/// Where an agent stuck in `state` goes: the first of TIMEOUT, ERROR and
+/// FAILED that the policy allows from it.
+pub fn timeout_edge(
+    policy: &crate::domain::TransitionPolicy,
+    state: AgentState,
+) -> Option<AgentState> {
+    [AgentState::Timeout, AgentState::Error, AgentState::Failed]
+        .into_iter()
+        .find(|to| policy.allows(state, *to))
 }
 
 fn secs(d: Duration) -> String {
@@ -271,8 +288,46 @@ impl Health {
         }
     }
 
+    /// Agents that stayed longer than `max_dwell` in their state move along
+    /// its timeout edge.
+    async fn check_dwell(&self, now: SystemTime) {
+        if self.settings.max_dwell.is_empty() {
+            return;
+        }
+        for info in self.service.get_all_agent_statuses().into_values() {
+            let agent = info.agent;
+            let Some((_, limit)) = self
+                .settings
+                .max_dwell
+                .iter()
+                .find(|(state, _)| *state == agent.state)
+            else {
+                continue;
+            };
+            let stayed = now.duration_since(agent.updated_at).unwrap_or_default();
+            if stayed <= *limit {
+                continue;
+            }
+            let Some(edge) = timeout_edge(self.service.policy(), agent.state) else {
+                continue;
+            };
+            let reason = format!(
+                "stuck in {} for {}, max_dwell {}",
+                agent.state,
+                secs(stayed),
+                secs(*limit)
+            );
+            warn!(agent_id = %agent.id, state = %agent.state, %edge, %reason, "agent stuck");
+            self.service.metrics().stuck_agent();
+            if let Err(err) = self.move_to(agent.id, agent.version, edge, reason).await {
+                warn!(agent_id = %agent.id, error = %err, "moving a stuck agent failed");
+            }
+        }
+    }
+
     /// One pass over the watched agents.
     async fn check(&self, now: SystemTime) {
+        self.check_dwell(now).await;
         let ids: Vec<AgentId> = self.watches().keys().copied().collect();
         for id in ids {
             let Ok(agent) = self.service.get_agent(id) else {

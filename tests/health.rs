@@ -253,3 +253,46 @@ async fn no_timeout_fires_during_the_grace_period() {
     monitor.abort();
     held.abort();
 }
+
+/// An agent stuck in DEPLOYING longer than its max_dwell moves along the
+/// state's timeout edge (ERROR: DEPLOYING has no edge to TIMEOUT), whether
+/// or not it ever sent a heartbeat, and is counted as stuck.
+#[tokio::test(start_paused = true)]
+async fn agents_stuck_past_max_dwell_move_along_the_timeout_edge() {
+    let held = hold_the_clock();
+    let service = service();
+    let health = Health::new(
+        service.clone(),
+        HealthSettings {
+            max_dwell: vec![(AgentState::Deploying, Duration::from_secs(120))],
+            ..settings()
+        },
+    );
+    let monitor = tokio::spawn(health.clone().run());
+    let id = service
+        .register_agent(Registration::default())
+        .await
+        .expect("register")
+        .agent
+        .id;
+    service
+        .transition(id, AgentState::Deploying, ChangeRequest::default())
+        .await
+        .expect("deploying");
+    advance(Duration::from_secs(100)).await;
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Deploying
+    );
+    advance(Duration::from_secs(25)).await;
+    until_state(&service, id, AgentState::Error).await;
+    let (by, reason) = last_reason(&service, id).await;
+    assert_eq!(by, TRIGGER);
+    assert!(
+        reason.starts_with("stuck in deploying for") && reason.contains("max_dwell 120s"),
+        "{reason}"
+    );
+    assert_eq!(service.metrics().automation()[3], 1, "counted as stuck");
+    monitor.abort();
+    held.abort();
+}
