@@ -25,15 +25,25 @@ pub(crate) struct LeaseHolder {
 
 impl Drop for LeaseHolder {
     fn drop(&mut self) {
-        // A lease may own a blocking database connection, which must not be
-        // closed on an async worker (the holder's task may be dropped on
-        // one): let it go on a thread of its own.
-        if let Some(lease) = self.lease.take() {
-            let dropped = std::thread::Builder::new()
+        drop(InTransit(self.lease.take()));
+    }
+}
+
+/// A lease on its way between threads. A lease may own a blocking database
+/// connection, which must not be closed on an async worker (a task holding
+/// one may be dropped there, and so may the output of a blocking task that
+/// nobody awaits any more): dropped anywhere, this releases the lease on a
+/// thread of its own.
+struct InTransit(Option<Box<dyn Lease>>);
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0.take() {
+            let released = std::thread::Builder::new()
                 .name("lease-release".into())
                 .spawn(move || drop(lease));
-            if let Err(err) = dropped {
-                warn!(lease = self.name, error = %err, "cannot release a lease on its own thread; it ends with the process");
+            if let Err(err) = released {
+                warn!(error = %err, "cannot release a lease on its own thread");
             }
         }
     }
@@ -54,22 +64,22 @@ impl LeaseHolder {
     pub(crate) async fn held(&mut self) -> bool {
         let store = Arc::clone(&self.store);
         let name = self.name;
-        let current = self.lease.take();
-        let checked = tokio::task::spawn_blocking(move || match current {
+        let mut current = InTransit(self.lease.take());
+        let checked = tokio::task::spawn_blocking(move || match current.0.take() {
             Some(mut lease) => {
                 if lease.is_held() {
-                    Ok(Some(lease))
+                    Ok(InTransit(Some(lease)))
                 } else {
                     warn!(lease = name, "lost a lease (its connection ended)");
-                    Ok(None)
+                    Ok(InTransit(None))
                 }
             }
-            None => store.try_lease(name),
+            None => store.try_lease(name).map(InTransit),
         })
         .await;
         let was_held = self.metrics.lease_held(self.name);
         self.lease = match checked {
-            Ok(Ok(lease)) => lease,
+            Ok(Ok(mut lease)) => lease.0.take(),
             Ok(Err(err)) => {
                 warn!(lease = name, error = %crate::error::chain(&err), "cannot take a lease; retrying later");
                 None
