@@ -41,6 +41,8 @@ fn a_bad_config_file_is_refused_at_start_up() {
         ("store = \"memory\"\nretain_evnets = 3\n", "line 2"),
         ("retain_for = \"a while\"\n", "retain_for"),
         ("store = \"redis://x\"\n", "store"),
+        ("retain_events = 0\n", "--retain-events must be at least 1"),
+        ("[health]\nrestart_jitter = 2.0\n", "health.restart_jitter"),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).expect("write");
