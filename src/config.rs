@@ -262,6 +262,13 @@ pub struct HealthSection {
     /// [`crate::health::HealthSettings::max_dwell`]).
     #[serde(default)]
     pub max_dwell: std::collections::BTreeMap<String, String>,
+    /// In a `[[health.rule]]`: the labels an agent must carry for the
+    /// rule's values to apply to it.
+    pub selector: Option<crate::domain::Labels>,
+    /// `[[health.rule]]`: settings for the agents a selector matches, on
+    /// top of this section's (the first matching rule applies).
+    #[serde(default)]
+    pub rule: Vec<HealthSection>,
 }
 
 impl HealthSection {
@@ -276,9 +283,24 @@ impl HealthSection {
         ]
     }
 
-    /// The monitor's settings: the defaults with this section's values.
+    /// The monitor's settings: the defaults with this section's values,
+    /// and one rule per `[[health.rule]]`.
     pub fn settings(&self) -> crate::health::HealthSettings {
-        let d = crate::health::HealthSettings::default();
+        let mut base = self.overlay(&crate::health::HealthSettings::default());
+        base.rules = self
+            .rule
+            .iter()
+            .map(|rule| crate::health::HealthRule {
+                selector: rule.selector.clone().unwrap_or_default(),
+                settings: rule.overlay(&base),
+            })
+            .collect();
+        base
+    }
+
+    /// `base` with the values this section sets.
+    fn overlay(&self, base: &crate::health::HealthSettings) -> crate::health::HealthSettings {
+        let d = base.clone();
         let or = |value: &Option<String>, default| ConfigFile::duration(value).unwrap_or(default);
         crate::health::HealthSettings {
             startup_timeout: or(&self.startup_timeout, d.startup_timeout),
@@ -292,13 +314,17 @@ impl HealthSection {
             jitter: self.restart_jitter.unwrap_or(d.jitter),
             reset_after: or(&self.restart_reset_after, d.reset_after),
             check_interval: d.check_interval,
-            max_dwell: self
-                .max_dwell
-                .iter()
-                .filter_map(|(state, limit)| {
-                    Some((state.parse().ok()?, parse_duration(limit).ok()?))
-                })
-                .collect(),
+            max_dwell: if self.max_dwell.is_empty() {
+                d.max_dwell
+            } else {
+                self.max_dwell
+                    .iter()
+                    .filter_map(|(state, limit)| {
+                        Some((state.parse().ok()?, parse_duration(limit).ok()?))
+                    })
+                    .collect()
+            },
+            rules: Vec::new(),
         }
     }
 }
@@ -394,6 +420,25 @@ impl ConfigFile {
             return Err(format!("log_format: {format:?} is not human or json"));
         }
         if let Some(health) = &file.health {
+            if health.selector.is_some() {
+                return Err("health.selector: only a [[health.rule]] has a selector".into());
+            }
+            for rule in &health.rule {
+                if rule.selector.as_ref().is_none_or(|s| s.is_empty()) {
+                    return Err("health.rule: every rule needs a non-empty selector".into());
+                }
+                if !rule.rule.is_empty() || !rule.max_dwell.is_empty() || rule.grace.is_some() {
+                    return Err(
+                        "health.rule: a rule sets timeouts and restarts only (no rule, max_dwell or grace)"
+                            .into(),
+                    );
+                }
+                for (key, value) in rule.durations() {
+                    if let Some(value) = value {
+                        parse_duration(value).map_err(|e| format!("{key} (in a rule): {e}"))?;
+                    }
+                }
+            }
             for (key, value) in health.durations() {
                 if let Some(value) = value {
                     parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
@@ -583,6 +628,18 @@ mod tests {
                 "no timeout edge",
             ),
             ("[health.max_dwell]\ndeployin = \"1m\"\n", "unknown state"),
+            (
+                "[[health.rule]]\nheartbeat_timeout = \"1m\"\n",
+                "non-empty selector",
+            ),
+            (
+                "[[health.rule]]\nselector = { a = \"b\" }\ngrace = \"1m\"\n",
+                "timeouts and restarts only",
+            ),
+            (
+                "[[health.rule]]\nselector = { a = \"b\" }\nheartbeat_timeout = \"x\"\n",
+                "in a rule",
+            ),
         ] {
             let err = ConfigFile::parse(text).expect_err(text);
             assert!(err.contains(expected), "{text}: {err}");

@@ -80,6 +80,19 @@ pub struct HealthSettings {
     /// allows of TIMEOUT, ERROR, FAILED). Typically DEPLOYING, STARTING,
     /// STOPPING and UPDATING; none by default.
     pub max_dwell: Vec<(AgentState, Duration)>,
+    /// Settings for agents with certain labels: the first rule whose
+    /// selector the agent's labels match applies (its timeouts and restart
+    /// policy; `grace`, `check_interval` and `max_dwell` are the monitor's).
+    pub rules: Vec<HealthRule>,
+}
+
+/// Health settings for the agents a label selector matches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthRule {
+    /// Labels an agent must carry (all of them).
+    pub selector: crate::domain::Labels,
+    /// The settings for those agents.
+    pub settings: HealthSettings,
 }
 
 impl Default for HealthSettings {
@@ -99,11 +112,21 @@ impl Default for HealthSettings {
             reset_after: Duration::from_secs(600),
             check_interval: Duration::from_secs(1),
             max_dwell: Vec::new(),
+            rules: Vec::new(),
         }
     }
 }
 
 impl HealthSettings {
+    /// The settings for `agent`: those of the first rule whose selector
+    /// matches its labels, or these.
+    pub fn for_agent(&self, agent: &crate::domain::Agent) -> &HealthSettings {
+        self.rules
+            .iter()
+            .find(|rule| agent.has_labels(&rule.selector))
+            .map_or(self, |rule| &rule.settings)
+    }
+
     /// The wait before restart `attempt` (1-based), before jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = self
@@ -341,17 +364,18 @@ impl Health {
                 .last
                 .as_ref()
                 .and_then(|b| now.duration_since(b.at).ok());
+            let settings = self.settings.for_agent(&agent);
             let result = match agent.state {
                 AgentState::Starting => match watch.awaiting_since {
                     Some(since)
                         if now.duration_since(since).unwrap_or_default()
-                            > self.settings.startup_timeout =>
+                            > settings.startup_timeout =>
                     {
                         let reason = format!(
                             "no heartbeat within startup_timeout {} (restart {} of {})",
-                            secs(self.settings.startup_timeout),
+                            secs(settings.startup_timeout),
                             watch.restarts,
-                            self.settings.max_restarts
+                            settings.max_restarts
                         );
                         self.service.metrics().stuck_agent();
                         self.move_to(id, agent.version, AgentState::Timeout, reason)
@@ -360,16 +384,13 @@ impl Health {
                     _ => Ok(()),
                 },
                 AgentState::Online | AgentState::Idle | AgentState::Busy => match since_beat {
-                    Some(silent) if silent > self.settings.heartbeat_timeout => {
-                        let interval = self
-                            .settings
-                            .heartbeat_interval
-                            .max(Duration::from_millis(1));
+                    Some(silent) if silent > settings.heartbeat_timeout => {
+                        let interval = settings.heartbeat_interval.max(Duration::from_millis(1));
                         let missed = (silent.as_secs_f64() / interval.as_secs_f64()).floor() as u64;
                         let reason = format!(
                             "{MISSED}: last seen {} ago, timeout {}, {missed} heartbeats missed",
                             secs(silent),
-                            secs(self.settings.heartbeat_timeout)
+                            secs(settings.heartbeat_timeout)
                         );
                         self.service.metrics().heartbeat_missed();
                         self.move_to(id, agent.version, AgentState::Error, reason)
@@ -380,8 +401,8 @@ impl Health {
                         // starts over.
                         if watch.restarts > 0
                             && now.duration_since(agent.updated_at).unwrap_or_default()
-                                > self.settings.reset_after
-                            && silent <= self.settings.heartbeat_timeout
+                                > settings.reset_after
+                            && silent <= settings.heartbeat_timeout
                             && let Some(w) = self.watches().get_mut(&id)
                         {
                             w.restarts = 0;
@@ -412,10 +433,11 @@ impl Health {
         watch: Watch,
         now: SystemTime,
     ) -> Result<()> {
-        if watch.restarts >= self.settings.max_restarts {
+        let settings = self.settings.for_agent(agent);
+        if watch.restarts >= settings.max_restarts {
             let reason = format!(
                 "restarts exhausted: {} of {}",
-                watch.restarts, self.settings.max_restarts
+                watch.restarts, settings.max_restarts
             );
             return self
                 .walk(id, agent.state, agent.version, AgentState::Failed, reason)
@@ -425,8 +447,8 @@ impl Health {
             Some(due) => due,
             None => {
                 let attempt = watch.restarts + 1;
-                let base = self.settings.backoff(attempt);
-                let jitter = self.settings.jitter.clamp(0.0, 1.0);
+                let base = settings.backoff(attempt);
+                let jitter = settings.jitter.clamp(0.0, 1.0);
                 let spread = if jitter > 0.0 {
                     let unit = (uuid::Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0;
                     1.0 + jitter * (2.0 * unit - 1.0)
@@ -451,8 +473,8 @@ impl Health {
         let attempt = watch.restarts + 1;
         let reason = format!(
             "restart {attempt} of {} after {} in {}",
-            self.settings.max_restarts,
-            secs(self.settings.backoff(attempt)),
+            settings.max_restarts,
+            secs(settings.backoff(attempt)),
             agent.state
         );
         self.walk(id, agent.state, agent.version, AgentState::Starting, reason)
@@ -491,7 +513,19 @@ impl Health {
         to: AgentState,
         reason: String,
     ) -> Result<()> {
-        let Some(path) = self.service.policy().path_to(from, to) else {
+        let policy = self.service.policy();
+        // Giving up goes through ERROR where the policy has no direct edge
+        // (TIMEOUT -> ERROR -> FAILED), never through another start.
+        let path = if to == AgentState::Failed
+            && !policy.allows(from, to)
+            && policy.allows(from, AgentState::Error)
+            && policy.allows(AgentState::Error, AgentState::Failed)
+        {
+            Some(vec![AgentState::Error, AgentState::Failed])
+        } else {
+            policy.path_to(from, to)
+        };
+        let Some(path) = path else {
             warn!(agent_id = %id, %from, %to, "the policy has no path for the health monitor");
             return Ok(());
         };

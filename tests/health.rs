@@ -213,13 +213,30 @@ async fn silent_starts_time_out_restart_with_backoff_and_fail() {
             .starts_with("restart 2 of 2 after 20s")
     );
 
+    // The third start times out; with both restarts spent, the next look
+    // (no back-off) walks the agent to FAILED.
     advance(Duration::from_secs(61)).await;
-    until_state(&service, id, AgentState::Timeout).await;
     advance(Duration::from_secs(2)).await;
     until_state(&service, id, AgentState::Failed).await;
-    let (by, reason) = last_reason(&service, id).await;
-    assert_eq!(by, TRIGGER);
-    assert_eq!(reason, "restarts exhausted: 2 of 2");
+    let history = service
+        .history(id, HistoryQuery::default())
+        .await
+        .expect("history");
+    let tail: Vec<_> = history.transitions[history.transitions.len() - 3..]
+        .iter()
+        .map(|t| (t.to, t.triggered_by.clone(), t.reason.clone()))
+        .collect();
+    assert_eq!(tail[0].0, AgentState::Timeout);
+    assert!(tail[0].2.contains("startup_timeout 60s"), "{tail:?}");
+    for (to, by, reason) in &tail[1..] {
+        assert_eq!(by, TRIGGER);
+        assert_eq!(reason, "restarts exhausted: 2 of 2", "{to}");
+    }
+    assert_eq!(
+        (tail[1].0, tail[2].0),
+        (AgentState::Error, AgentState::Failed),
+        "TIMEOUT -> ERROR -> FAILED, the policy's path"
+    );
     let [_, _, restarts, stuck, _] = service.metrics().automation();
     assert_eq!((restarts, stuck), (2, 3));
     monitor.abort();
@@ -293,6 +310,61 @@ async fn agents_stuck_past_max_dwell_move_along_the_timeout_edge() {
         "{reason}"
     );
     assert_eq!(service.metrics().automation()[3], 1, "counted as stuck");
+    monitor.abort();
+    held.abort();
+}
+
+/// A `[[health.rule]]` for `team=ml` allows a minute of silence where the
+/// default allows 30 s: after 31 s only the other agent is in ERROR, after
+/// 61 s both are.
+#[tokio::test(start_paused = true)]
+async fn rules_give_labelled_agents_their_own_timeouts() {
+    use agent_lifecycle::config::ConfigFile;
+    let held = hold_the_clock();
+    let service = service();
+    let file = ConfigFile::parse(
+        "[health]\ngrace = \"0s\"\nheartbeat_timeout = \"30s\"\n\
+         [[health.rule]]\nselector = { team = \"ml\" }\nheartbeat_timeout = \"60s\"\n",
+    )
+    .expect("config");
+    let settings = file.health.expect("[health]").settings();
+    assert_eq!(settings.rules.len(), 1);
+    let health = Health::new(service.clone(), settings);
+    let monitor = tokio::spawn(health.clone().run());
+    let mut ids = Vec::new();
+    for team in ["ml", "web"] {
+        let mut labels = agent_lifecycle::domain::Labels::new();
+        labels.insert("team".into(), team.into());
+        let id = service
+            .register_agent(Registration {
+                labels,
+                ..Default::default()
+            })
+            .await
+            .expect("register")
+            .agent
+            .id;
+        service
+            .deploy_agent(id, ChangeRequest::default())
+            .await
+            .expect("deploy");
+        service
+            .start_agent(id, ChangeRequest::default())
+            .await
+            .expect("start");
+        health.heartbeat(id, None, None).await.expect("heartbeat");
+        ids.push(id);
+    }
+    let (ml, web) = (ids[0], ids[1]);
+    advance(Duration::from_secs(31)).await;
+    until_state(&service, web, AgentState::Error).await;
+    assert_eq!(
+        service.get_agent(ml).expect("agent").state,
+        AgentState::Online
+    );
+    advance(Duration::from_secs(30)).await;
+    until_state(&service, ml, AgentState::Error).await;
+    assert!(last_reason(&service, ml).await.1.contains("timeout 60s"));
     monitor.abort();
     held.abort();
 }
