@@ -219,44 +219,58 @@ async fn lifecycles(mut client: Client, acks: Acks, until: Instant) {
                     .push((t.version, t.to_state, t.sequence));
             }
         };
-        let request = || pb::RegisterAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
+        // Each acknowledged step is recorded; the first error (the process
+        // went away) ends the client.
+        let steps = async {
+            let agent_id = id.clone();
+            record(
+                client
+                    .register_agent(pb::RegisterAgentRequest {
+                        agent_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .transitions,
+            );
+            let agent_id = id.clone();
+            record(
+                client
+                    .deploy_agent(pb::DeployAgentRequest {
+                        agent_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .transitions,
+            );
+            let agent_id = id.clone();
+            record(
+                client
+                    .start_agent(pb::StartAgentRequest {
+                        agent_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .transitions,
+            );
+            let agent_id = id.clone();
+            record(
+                client
+                    .stop_agent(pb::StopAgentRequest {
+                        agent_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .transitions,
+            );
+            Ok::<(), tonic::Status>(())
         };
-        let Ok(r) = client.register_agent(request()).await else {
+        if steps.await.is_err() {
             return;
-        };
-        record(r.into_inner().transitions);
-        let Ok(r) = client
-            .deploy_agent(pb::DeployAgentRequest {
-                agent_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-        else {
-            return;
-        };
-        record(r.into_inner().transitions);
-        let Ok(r) = client
-            .start_agent(pb::StartAgentRequest {
-                agent_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-        else {
-            return;
-        };
-        record(r.into_inner().transitions);
-        let Ok(r) = client
-            .stop_agent(pb::StopAgentRequest {
-                agent_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-        else {
-            return;
-        };
-        record(r.into_inner().transitions);
+        }
     }
 }
 
