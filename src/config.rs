@@ -224,6 +224,7 @@ impl HfSection {
 ///
 /// ```toml
 /// [health]
+/// start_waits_for_heartbeat = false  # StartAgent stays in STARTING until the first heartbeat
 /// startup_timeout = "60s"      # STARTING waiting for a heartbeat -> TIMEOUT
 /// heartbeat_interval = "10s"   # expected period, for counting misses
 /// heartbeat_timeout = "30s"    # silence -> ERROR
@@ -238,6 +239,8 @@ impl HfSection {
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
+    /// See [`crate::health::HealthSettings::start_waits_for_heartbeat`].
+    pub start_waits_for_heartbeat: Option<bool>,
     /// See [`crate::health::HealthSettings::startup_timeout`].
     pub startup_timeout: Option<String>,
     /// See [`crate::health::HealthSettings::heartbeat_interval`].
@@ -303,6 +306,9 @@ impl HealthSection {
         let d = base.clone();
         let or = |value: &Option<String>, default| ConfigFile::duration(value).unwrap_or(default);
         crate::health::HealthSettings {
+            start_waits_for_heartbeat: self
+                .start_waits_for_heartbeat
+                .unwrap_or(d.start_waits_for_heartbeat),
             startup_timeout: or(&self.startup_timeout, d.startup_timeout),
             heartbeat_interval: or(&self.heartbeat_interval, d.heartbeat_interval),
             heartbeat_timeout: or(&self.heartbeat_timeout, d.heartbeat_timeout),

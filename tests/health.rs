@@ -12,7 +12,7 @@ use std::{
 use agent_lifecycle::{
     AgentLifecycleService,
     domain::{AgentId, AgentState},
-    health::{Health, HealthSettings, TRIGGER},
+    health::{AWAIT_KEY, Health, HealthSettings, TRIGGER, awaits_heartbeat},
     service::{ChangeRequest, HistoryQuery, Registration, ServiceConfig, TokioClock},
     store::{MemoryStore, Retention},
 };
@@ -84,11 +84,14 @@ async fn starting(service: &AgentLifecycleService, health: &Health) -> AgentId {
         .deploy_agent(id, ChangeRequest::default())
         .await
         .expect("deploy");
-    service
-        .transition(id, AgentState::Starting, ChangeRequest::default())
+    health
+        .start(id, Some(true), ChangeRequest::default())
         .await
         .expect("starting");
-    health.await_heartbeat(id);
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Starting
+    );
     id
 }
 
@@ -123,7 +126,7 @@ async fn heartbeats_complete_starts_and_silence_is_an_error() {
     let (by, reason) = last_reason(&service, id).await;
     assert_eq!(by, TRIGGER);
     assert!(reason.contains("first heartbeat"), "{reason}");
-    let beat = health.last_heartbeat(id).expect("recorded");
+    let beat = health.local_heartbeat(id).expect("recorded");
     assert_eq!(beat.load, Some(0.25));
     assert_eq!(beat.current_task.as_deref(), Some("warm-up"));
 
@@ -365,6 +368,124 @@ async fn rules_give_labelled_agents_their_own_timeouts() {
     advance(Duration::from_secs(30)).await;
     until_state(&service, ml, AgentState::Error).await;
     assert!(last_reason(&service, ml).await.1.contains("timeout 60s"));
+    monitor.abort();
+    held.abort();
+}
+
+/// A deployed agent with `labels`.
+async fn deployed(service: &AgentLifecycleService, labels: &[(&str, &str)]) -> AgentId {
+    let id = service
+        .register_agent(Registration {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .agent
+        .id;
+    service
+        .deploy_agent(id, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    id
+}
+
+/// `start_waits_for_heartbeat` in the settings (here: only for agents a
+/// rule selects) makes a start that does not say otherwise stop in
+/// STARTING, marked in the transition's metadata; the request's own choice
+/// wins either way.
+#[tokio::test(start_paused = true)]
+async fn the_policy_decides_whether_starts_wait_for_a_heartbeat() {
+    use agent_lifecycle::config::ConfigFile;
+    let service = service();
+    let file = ConfigFile::parse(
+        "[health]\n[[health.rule]]\nselector = { runtime = \"space\" }\n\
+         start_waits_for_heartbeat = true\n",
+    )
+    .expect("config");
+    let health = Health::new(service.clone(), file.health.expect("[health]").settings());
+    let state = |id| service.get_agent(id).expect("agent").state;
+
+    let plain = deployed(&service, &[]).await;
+    health
+        .start(plain, None, ChangeRequest::default())
+        .await
+        .expect("start");
+    assert_eq!(state(plain), AgentState::Online, "the default: at once");
+
+    let space = deployed(&service, &[("runtime", "space")]).await;
+    let outcome = health
+        .start(space, None, ChangeRequest::default())
+        .await
+        .expect("start");
+    assert_eq!(state(space), AgentState::Starting, "the rule: wait");
+    let marker = &outcome.transitions[0].metadata;
+    assert_eq!(marker.get(AWAIT_KEY), Some(&serde_json::Value::Bool(true)));
+    assert!(awaits_heartbeat(&service.get_agent(space).expect("agent")));
+    health.heartbeat(space, None, None).await.expect("beat");
+    assert_eq!(state(space), AgentState::Online);
+
+    let explicit = deployed(&service, &[("runtime", "space")]).await;
+    health
+        .start(explicit, Some(false), ChangeRequest::default())
+        .await
+        .expect("start");
+    assert_eq!(state(explicit), AgentState::Online, "the request wins");
+    let waiting = deployed(&service, &[]).await;
+    health
+        .start(waiting, Some(true), ChangeRequest::default())
+        .await
+        .expect("start");
+    assert_eq!(state(waiting), AgentState::Starting, "the request wins");
+}
+
+/// The restart count lives in the monitor's transitions: a monitor that
+/// takes over (another process, a server restart) carries on counting
+/// instead of granting a fresh set of restarts.
+#[tokio::test(start_paused = true)]
+async fn a_monitor_taking_over_carries_on_counting_restarts() {
+    let held = hold_the_clock();
+    let service = service();
+    let first = Health::new(service.clone(), settings());
+    let monitor = tokio::spawn(first.clone().run());
+    let id = starting(&service, &first).await;
+    advance(Duration::from_secs(61)).await;
+    until_state(&service, id, AgentState::Timeout).await;
+    advance(Duration::from_secs(11)).await;
+    until_state(&service, id, AgentState::Starting).await;
+    assert!(
+        last_reason(&service, id)
+            .await
+            .1
+            .starts_with("restart 1 of 2")
+    );
+    monitor.abort();
+    let _ = monitor.await;
+
+    let second = Health::new(service.clone(), settings());
+    let monitor = tokio::spawn(second.clone().run());
+    advance(Duration::from_secs(61)).await;
+    until_state(&service, id, AgentState::Timeout).await;
+    assert!(
+        last_reason(&service, id).await.1.contains("restart 1 of 2"),
+        "the timeout names the attempt it ended"
+    );
+    advance(Duration::from_secs(21)).await;
+    until_state(&service, id, AgentState::Starting).await;
+    assert!(
+        last_reason(&service, id)
+            .await
+            .1
+            .starts_with("restart 2 of 2 after 20s"),
+        "{:?}",
+        last_reason(&service, id).await
+    );
+    advance(Duration::from_secs(61)).await;
+    advance(Duration::from_secs(2)).await;
+    until_state(&service, id, AgentState::Failed).await;
     monitor.abort();
     held.abort();
 }

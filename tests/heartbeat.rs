@@ -36,7 +36,7 @@ async fn a_start_waits_for_the_first_heartbeat() {
     let started = c
         .start_agent(pb::StartAgentRequest {
             agent_id: id.clone(),
-            wait_for_heartbeat: true,
+            wait_for_heartbeat: Some(true),
             ..Default::default()
         })
         .await

@@ -540,3 +540,107 @@ async fn closing_releases_the_lease_cleanly() {
     second.close().await.expect("close");
     assert_eq!(panics.load(Ordering::SeqCst), 0, "closing panicked");
 }
+
+/// Heartbeats count whichever process receives them: two processes share
+/// them through the database, so the health monitor (in whichever process
+/// holds its lease) sees the heartbeats sent to the other one. Heartbeats
+/// go to one process, then to the other, each for longer than the
+/// timeout: the agent stays ONLINE and both processes show its latest
+/// heartbeat. Then silence: the monitor moves it to ERROR.
+#[tokio::test]
+async fn heartbeats_count_whichever_process_receives_them() {
+    let Some(url) = database("beats").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("health.toml");
+    std::fs::write(
+        &config,
+        "[health]\ngrace = \"0s\"\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"4s\"\n",
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+    let a = start(&url, &["--config", config]);
+    let b = start(&url, &["--config", config]);
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let id = common::register(&mut ca, &[]).await.agent_id;
+    ca.deploy_agent(pb::DeployAgentRequest {
+        agent_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("deploy");
+    ca.start_agent(pb::StartAgentRequest {
+        agent_id: id.clone(),
+        wait_for_heartbeat: Some(true),
+        ..Default::default()
+    })
+    .await
+    .expect("start");
+    let beat = |task: &str| pb::HeartbeatRequest {
+        agent_id: id.clone(),
+        load: None,
+        current_task: task.to_string(),
+    };
+    let online = cb
+        .heartbeat(beat("b"))
+        .await
+        .expect("first heartbeat, to the other process")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert_eq!(
+        online.state,
+        pb::AgentState::Online as i32,
+        "start complete"
+    );
+
+    async fn get(client: &mut Client, id: &str) -> pb::Agent {
+        client
+            .get_agent(pb::GetAgentRequest {
+                agent_id: id.to_string(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .agent
+            .expect("agent")
+    }
+    for task in ["b", "a", "b"] {
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut ticks = tokio::time::interval(Duration::from_millis(300));
+        while Instant::now() < until {
+            ticks.tick().await;
+            let sender = if task == "a" { &mut ca } else { &mut cb };
+            sender.heartbeat(beat(task)).await.expect("heartbeat");
+        }
+        for client in [&mut ca, &mut cb] {
+            let agent = get(client, &id).await;
+            assert_eq!(
+                agent.state,
+                pb::AgentState::Online as i32,
+                "heartbeats to process {task} keep it online: {agent:?}"
+            );
+            let seen = agent.last_heartbeat.expect("last heartbeat");
+            assert_eq!(seen.current_task, task, "both processes show the latest");
+        }
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        let agent = get(&mut ca, &id).await;
+        if agent.state == pb::AgentState::Error as i32 {
+            break agent;
+        }
+        assert!(Instant::now() < deadline, "silence is noticed: {agent:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last = agent.last_transition.expect("last transition");
+    assert_eq!(last.triggered_by, "health-monitor");
+    assert!(
+        last.reason.starts_with("heartbeat missed"),
+        "{}",
+        last.reason
+    );
+}

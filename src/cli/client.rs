@@ -502,16 +502,29 @@ async fn deploy(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub op: OpArgs,
+    /// Stay in STARTING until the agent's first heartbeat (`true`), or go
+    /// on to ONLINE at once (`false`); unset: as the server's health
+    /// settings say.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub wait_for_heartbeat: Option<bool>,
+}
+
 /// `start`: StartAgent.
-async fn start(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
-    let c = PlainChange::from_args(a)?;
+async fn start(s: &mut Session, a: StartArgs) -> anyhow::Result<()> {
+    let wait_for_heartbeat = a.wait_for_heartbeat;
+    let c = PlainChange::from_args(a.op)?;
     let request = s.request(pb::StartAgentRequest {
         agent_id: c.agent_id,
         reason: c.reason,
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
-        wait_for_heartbeat: false,
+        wait_for_heartbeat,
     });
     let response = s
         .client

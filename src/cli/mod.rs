@@ -67,8 +67,8 @@ pub enum Command {
     Transition(client::TransitionArgs),
     /// DEPLOYING then DEPLOYED.
     Deploy(client::OpArgs),
-    /// STARTING then ONLINE.
-    Start(client::OpArgs),
+    /// STARTING then ONLINE (or STARTING until the first heartbeat).
+    Start(client::StartArgs),
     /// STOPPING then OFFLINE.
     Stop(client::OpArgs),
     /// ONLINE or IDLE -> BUSY.

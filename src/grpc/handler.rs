@@ -15,7 +15,7 @@
 //! the conversions and the layer's [`caller_of`]; knows nothing of the
 //! transport.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     domain::{AgentId, AgentState, ExternalSource, FieldViolation},
-    health::{Health, HealthSettings},
+    health::{Health, HealthSettings, Heartbeat},
     service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
     sync::{self, StatusReport},
 };
@@ -66,21 +66,33 @@ impl LifecycleHandler {
     }
 
     /// `agent` on the wire, with its last heartbeat.
-    fn agent_with_heartbeat(&self, agent: &crate::domain::Agent) -> pb::Agent {
+    fn agent_with_heartbeat(
+        &self,
+        agent: &crate::domain::Agent,
+        beat: Option<Heartbeat>,
+    ) -> pb::Agent {
         let mut wire = convert::agent_to_pb(agent, self.service.policy());
-        wire.last_heartbeat = self
-            .health
-            .last_heartbeat(agent.id)
-            .map(|beat| pb::LastHeartbeat {
-                received_at: Some(convert::timestamp(beat.at)),
-                load: beat.load,
-                current_task: beat.current_task.unwrap_or_default(),
-            });
+        wire.last_heartbeat = beat.map(|beat| pb::LastHeartbeat {
+            received_at: Some(convert::timestamp(beat.at)),
+            load: beat.load,
+            current_task: beat.current_task.unwrap_or_default(),
+        });
         wire
     }
 
+    /// `agents` on the wire, each with its last heartbeat (whichever
+    /// process of a shared store received it).
+    async fn agents_with_heartbeats(&self, agents: &[Arc<crate::domain::Agent>]) -> Vec<pb::Agent> {
+        let ids: Vec<AgentId> = agents.iter().map(|a| a.id).collect();
+        let mut beats = self.health.last_heartbeats(&ids).await;
+        agents
+            .iter()
+            .map(|a| self.agent_with_heartbeat(a, beats.remove(&a.id)))
+            .collect()
+    }
+
     /// Records one heartbeat message.
-    async fn beat(&self, request: pb::HeartbeatRequest) -> Result<AgentId, Status> {
+    async fn beat(&self, request: pb::HeartbeatRequest) -> Result<(AgentId, Heartbeat), Status> {
         let pb::HeartbeatRequest {
             agent_id,
             load,
@@ -99,8 +111,8 @@ impl LifecycleHandler {
             self.service.sync().await?;
         }
         let task = Some(current_task).filter(|t| !t.is_empty());
-        self.health.heartbeat(id, load, task).await?;
-        Ok(id)
+        let beat = self.health.heartbeat(id, load, task).await?;
+        Ok((id, beat))
     }
 
     /// The service this handler calls.
@@ -199,15 +211,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, wait_for_heartbeat) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
-        if !wait_for_heartbeat {
-            let outcome = self.service.start_agent(id, change).await?;
-            return Ok(self.reply(&outcome));
-        }
-        let outcome = self
-            .service
-            .transition(id, AgentState::Starting, change)
-            .await?;
-        self.health.await_heartbeat(id);
+        let outcome = self.health.start(id, wait_for_heartbeat, change).await?;
         Ok(self.reply(&outcome))
     }
 
@@ -289,7 +293,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         self.service.sync().await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::GetAgentResponse {
-            agent: Some(self.agent_with_heartbeat(&agent)),
+            agent: self.agents_with_heartbeats(&[agent]).await.pop(),
         }))
     }
 
@@ -313,10 +317,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         self.service.sync().await?;
         let (agents, next) = self.service.list_agents(&filter, after, limit)?;
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: agents
-                .iter()
-                .map(|a| self.agent_with_heartbeat(a))
-                .collect(),
+            agents: self.agents_with_heartbeats(&agents).await,
             next_page_token: next.map(convert::list_token).unwrap_or_default(),
         }))
     }
@@ -414,10 +415,10 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let id = self.beat(request.into_inner()).await?;
+        let (id, beat) = self.beat(request.into_inner()).await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::HeartbeatResponse {
-            agent: Some(self.agent_with_heartbeat(&agent)),
+            agent: Some(self.agent_with_heartbeat(&agent, Some(beat))),
         }))
     }
 

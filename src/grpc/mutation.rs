@@ -110,9 +110,9 @@ impl MutatingRequest for pb::DeployAgentRequest {
 
 impl MutatingRequest for pb::StartAgentRequest {
     /// `wait_for_heartbeat`.
-    type Rest = bool;
+    type Rest = Option<bool>;
 
-    fn into_parts(self) -> (ChangeFields, bool) {
+    fn into_parts(self) -> (ChangeFields, Option<bool>) {
         let pb::StartAgentRequest {
             agent_id,
             reason,

@@ -9,7 +9,7 @@ use super::{
     HistoryQuery, LifecycleMetrics, MAX_LIST_SCAN, StateInfo,
 };
 use crate::{
-    domain::{Agent, AgentId, AgentState, limits},
+    domain::{Agent, AgentId, AgentState, Heartbeat, limits},
     error::{Error, Result},
     store::HistoryRange,
 };
@@ -212,5 +212,43 @@ impl AgentLifecycleService {
         })
         .await
         .map_err(Error::TaskFailed)?
+    }
+}
+
+impl AgentLifecycleService {
+    /// Whether other processes share this service's store (heartbeats and
+    /// background work are then coordinated through it).
+    pub fn is_store_shared(&self) -> bool {
+        self.shared().store.is_shared()
+    }
+
+    /// Keeps heartbeats where every process sharing the store sees them
+    /// (nothing to do on a store only this process uses).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn save_heartbeats(&self, beats: Vec<(AgentId, Heartbeat)>) -> Result<()> {
+        if beats.is_empty() || !self.is_store_shared() {
+            return Ok(());
+        }
+        self.shared()
+            .read_store(move |store| store.save_heartbeats(&beats))
+            .await
+    }
+
+    /// The heartbeats kept in a shared store: of `ids`, or of all agents.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn saved_heartbeats(
+        &self,
+        ids: Option<Vec<AgentId>>,
+    ) -> Result<Vec<(AgentId, Heartbeat)>> {
+        if !self.is_store_shared() {
+            return Ok(Vec::new());
+        }
+        self.shared()
+            .read_store(move |store| store.heartbeats(ids.as_deref()))
+            .await
     }
 }

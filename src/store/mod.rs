@@ -21,7 +21,7 @@ mod sqlite;
 
 use std::{sync::Arc, time::Duration};
 
-use crate::domain::{Agent, AgentId, Clock, Labels, TransitionRecord};
+use crate::domain::{Agent, AgentId, Clock, Heartbeat, Labels, TransitionRecord};
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
@@ -269,6 +269,28 @@ pub trait Store: Send + Sync + 'static {
     fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>> {
         let _ = name;
         Ok(Some(Box::new(LocalLease)))
+    }
+
+    /// Keeps each agent's newest heartbeat of `beats` where every process
+    /// sees it (an older one than the stored one changes nothing). A store
+    /// that only this process uses keeps none: the process's own heartbeats
+    /// are the whole truth there.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn save_heartbeats(&self, beats: &[(AgentId, Heartbeat)]) -> Result<()> {
+        let _ = beats;
+        Ok(())
+    }
+
+    /// The heartbeats [`Store::save_heartbeats`] kept: of the agents `ids`,
+    /// or of all agents when `None`.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn heartbeats(&self, ids: Option<&[AgentId]>) -> Result<Vec<(AgentId, Heartbeat)>> {
+        let _ = ids;
+        Ok(Vec::new())
     }
 
     /// Up to `max` events with `sequence > after`, in sequence order.

@@ -36,6 +36,7 @@
 //! `meta.schema_version`; a database from a newer program is refused.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -48,7 +49,7 @@ use super::{
     codec::{decode_map, encode_map, from_micros, to_micros},
 };
 use crate::domain::{
-    Agent, AgentId, AgentState, Clock, Labels, Metadata, TransitionRecord,
+    Agent, AgentId, AgentState, Clock, Heartbeat, Labels, Metadata, TransitionRecord,
     clock::to_stored_precision,
 };
 
@@ -105,8 +106,25 @@ CREATE TABLE IF NOT EXISTS writers (
     last_batch BIGINT NOT NULL,
     seen_at    BIGINT NOT NULL
 );
+-- The newest heartbeat of each agent, whichever process received it, so
+-- that the process running the health monitor sees them all. Added to
+-- version 1 without a version step: older programs simply ignore it.
+CREATE TABLE IF NOT EXISTS heartbeats (
+    agent_id     BYTEA PRIMARY KEY,
+    at           BIGINT NOT NULL,
+    load         DOUBLE PRECISION,
+    current_task TEXT
+);
 INSERT INTO meta (key, value) VALUES ('head', 0) ON CONFLICT (key) DO NOTHING;
 ";
+
+/// Keeps the newer of the stored and the given heartbeat of each agent.
+const SAVE_HEARTBEATS: &str = "
+INSERT INTO heartbeats (agent_id, at, load, current_task)
+SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::float8[], $4::text[])
+ON CONFLICT (agent_id) DO UPDATE
+    SET at = excluded.at, load = excluded.load, current_task = excluded.current_task
+    WHERE heartbeats.at < excluded.at";
 
 /// Step 1 of a commit: the stored versions of the batch's agents, their
 /// rows locked until the commit (changes of one agent from several
@@ -729,6 +747,66 @@ impl Store for PostgresStore {
             .map_err(pg("taking a lease"))?
             .get(0);
         Ok(granted.then(|| Box::new(AdvisoryLease { client }) as Box<dyn Lease>))
+    }
+
+    fn save_heartbeats(&self, beats: &[(AgentId, Heartbeat)]) -> Result<()> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        // One row per agent: the newest of the given ones (an upsert may not
+        // touch a row twice).
+        let mut newest: HashMap<AgentId, &Heartbeat> = HashMap::new();
+        for (id, beat) in beats {
+            let slot = newest.entry(*id).or_insert(beat);
+            if beat.at > slot.at {
+                *slot = beat;
+            }
+        }
+        let keys: Vec<[u8; 16]> = newest.keys().map(|id| *id.as_bytes()).collect();
+        let ids: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let ats: Vec<i64> = newest.values().map(|b| to_micros(b.at)).collect();
+        let loads: Vec<Option<f64>> = newest.values().map(|b| b.load).collect();
+        let tasks: Vec<Option<&str>> = newest.values().map(|b| b.current_task.as_deref()).collect();
+        self.with_reader(|client| {
+            client
+                .execute(SAVE_HEARTBEATS, &[&ids, &ats, &loads, &tasks])
+                .map_err(pg("saving heartbeats"))?;
+            Ok(())
+        })
+    }
+
+    fn heartbeats(&self, ids: Option<&[AgentId]>) -> Result<Vec<(AgentId, Heartbeat)>> {
+        let keys: Option<Vec<[u8; 16]>> =
+            ids.map(|ids| ids.iter().map(|id| *id.as_bytes()).collect());
+        let refs: Option<Vec<&[u8]>> = keys
+            .as_ref()
+            .map(|keys| keys.iter().map(|k| k.as_slice()).collect());
+        self.with_reader(|client| {
+            let rows = match &refs {
+                Some(refs) => client.query(
+                    "SELECT agent_id, at, load, current_task FROM heartbeats
+                     WHERE agent_id = ANY($1::bytea[])",
+                    &[refs],
+                ),
+                None => client.query(
+                    "SELECT agent_id, at, load, current_task FROM heartbeats",
+                    &[],
+                ),
+            }
+            .map_err(pg("reading heartbeats"))?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        decode_id(row.get(0))?,
+                        Heartbeat {
+                            at: from_micros(row.get(1)),
+                            load: row.get(2),
+                            current_task: row.get(3),
+                        },
+                    ))
+                })
+                .collect()
+        })
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {
