@@ -171,8 +171,9 @@ pub struct PolicySection {
 ///
 /// ```toml
 /// [hf]
-/// base_url = "http://hub-mirror.internal"
+/// base_url = "https://huggingface.co"
 /// token_env = "HF_TOKEN"      # read the bearer token from this variable
+/// ca_file = "/etc/ssl/internal-ca.pem"  # trusted besides the public roots (a mirror's CA)
 /// interval = "30s"            # settled stages
 /// fast_interval = "5s"        # BUILDING, APP_STARTING, RUNNING_BUILDING, RUNNING_APP_STARTING
 /// max_backoff = "5m"          # after 429, 5xx or a failed request
@@ -180,8 +181,11 @@ pub struct PolicySection {
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HfSection {
-    /// `http://HOST[:PORT]` of the Hub API or a mirror.
+    /// `https://HOST[:PORT]` (or `http://`) of the Hub API or a mirror.
     pub base_url: String,
+    /// A PEM file of CA certificates trusted for HTTPS besides the
+    /// compiled-in public roots.
+    pub ca_file: Option<String>,
     /// The environment variable holding the bearer token (never the token
     /// itself in the file).
     pub token_env: Option<String>,
@@ -197,7 +201,8 @@ impl HfSection {
     /// The poller's settings; the token is read from `token_env` now.
     ///
     /// # Errors
-    /// `token_env` names a variable that is not set.
+    /// `token_env` names a variable that is not set, or `ca_file` cannot be
+    /// read.
     pub fn settings(&self) -> Result<crate::hf::HfSettings, String> {
         let defaults = crate::hf::HfSettings::default();
         let token = match &self.token_env {
@@ -207,9 +212,16 @@ impl HfSection {
             ),
             None => None,
         };
+        let extra_roots = match &self.ca_file {
+            Some(path) => crate::tls::certificates(std::path::Path::new(path))
+                .map_err(|e| format!("hf.ca_file: {e}"))?,
+            None => Vec::new(),
+        };
+        crate::tls::client_config(&extra_roots).map_err(|e| format!("hf.ca_file: {e}"))?;
         Ok(crate::hf::HfSettings {
             base_url: self.base_url.clone(),
             token,
+            extra_roots,
             interval: ConfigFile::duration(&self.interval).unwrap_or(defaults.interval),
             fast_interval: ConfigFile::duration(&self.fast_interval)
                 .unwrap_or(defaults.fast_interval),
@@ -484,9 +496,9 @@ impl ConfigFile {
                     parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
                 }
             }
-            if !hf.base_url.starts_with("http://") {
+            if !hf.base_url.starts_with("https://") && !hf.base_url.starts_with("http://") {
                 return Err(format!(
-                    "hf.base_url: {:?} must be an http:// URL (HTTPS to the Hub comes with TLS support)",
+                    "hf.base_url: {:?} must be an https:// (or http://) URL",
                     hf.base_url
                 ));
             }

@@ -18,8 +18,9 @@
 //! and polls only while this process holds the `hf-poller` lease, so a
 //! fleet of servers on one PostgreSQL database polls each Space once.
 //!
-//! The base URL is plain HTTP for now (a local mirror or proxy of the Hub
-//! API); HTTPS to the Hub itself comes with the server's TLS support.
+//! The base URL is `https://huggingface.co` for the Hub itself (verified
+//! against the compiled-in public roots plus any `ca_file`), or a mirror
+//! or proxy over HTTPS or plain HTTP.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,6 +30,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -63,8 +65,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poller settings (`[hf]` in the configuration file).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HfSettings {
-    /// `http://HOST[:PORT]` of the Hub API (or a mirror of it).
+    /// `https://HOST[:PORT]` of the Hub API (or of a mirror, which may be
+    /// plain `http://`).
     pub base_url: String,
+    /// CA certificates trusted besides the compiled-in public roots.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Bearer token, when the Spaces are private.
     pub token: Option<String>,
     /// Time between polls of a Space in a settled stage.
@@ -81,6 +86,7 @@ impl Default for HfSettings {
     fn default() -> Self {
         HfSettings {
             base_url: String::new(),
+            extra_roots: Vec::new(),
             token: None,
             interval: Duration::from_secs(30),
             fast_interval: Duration::from_secs(5),
@@ -109,10 +115,29 @@ enum Polled {
     Retry(String),
 }
 
+/// The HTTP client: HTTPS verified against the public roots and the
+/// configured extra ones, or plain HTTP.
+type HubClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+fn hub_client(settings: &HfSettings) -> Result<HubClient, crate::tls::TlsError> {
+    let tls = crate::tls::client_config(&settings.extra_roots)?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
 /// Runs the poller until the service shuts down.
 pub async fn run(service: AgentLifecycleService, settings: HfSettings) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client = match hub_client(&settings) {
+        Ok(client) => client,
+        Err(err) => {
+            tracing::error!(error = %err, "the Hugging Face poller cannot start");
+            return;
+        }
+    };
     let mut lease = lease_holder(&service, "hf-poller");
     let mut schedules: HashMap<AgentId, Schedule> = HashMap::new();
     let mut in_flight: HashSet<AgentId> = HashSet::new();
@@ -245,11 +270,7 @@ async fn apply(
 }
 
 /// One `GET .../runtime`.
-async fn poll(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    settings: &HfSettings,
-    space: &str,
-) -> Polled {
+async fn poll(client: &HubClient, settings: &HfSettings, space: &str) -> Polled {
     let Some((owner, name)) = space.split_once('/') else {
         return Polled::Retry(format!("label {SPACE_LABEL}={space:?} is not owner/name"));
     };

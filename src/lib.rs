@@ -36,6 +36,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sync;
+pub mod tls;
 
 pub use error::{Error, Result};
 pub use service::{AgentLifecycleManager, AgentLifecycleService};

@@ -17,9 +17,12 @@ use agent_lifecycle::{
     service::{Registration, WatchItem, WatchRequest},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
+use tokio_rustls::TlsAcceptor;
+
+mod common;
 
 /// What the fake answers for one request.
 #[derive(Clone, Debug)]
@@ -36,71 +39,99 @@ struct Fake {
     script: HashMap<String, VecDeque<Reply>>,
     /// Every request: path and Authorization header.
     seen: Vec<(String, Option<String>)>,
+    /// TLS handshakes the client broke off (it did not trust the
+    /// certificate).
+    refused: usize,
 }
 
 async fn serve_fake(fake: Arc<Mutex<Fake>>) -> String {
+    serve_fake_on(fake, None).await
+}
+
+/// The fake, over HTTPS with `tls` (its address as an https:// URL), or
+/// plain HTTP.
+async fn serve_fake_on(fake: Arc<Mutex<Fake>>, tls: Option<TlsAcceptor>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
+            let Ok((socket, _)) = listener.accept().await else {
                 return;
             };
             let fake = Arc::clone(&fake);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).to_string();
-                let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
-                let auth = text
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("authorization: ")
-                            .or_else(|| l.strip_prefix("Authorization: "))
-                    })
-                    .map(|v| v.trim().to_string());
-                let reply = {
-                    let mut fake = fake.lock().expect("fake");
-                    fake.seen.push((path.clone(), auth));
-                    let queue = fake.script.entry(path).or_default();
-                    let reply = if queue.len() > 1 {
-                        queue.pop_front()
-                    } else {
-                        queue.front().cloned()
-                    };
-                    reply.unwrap_or(Reply::Status(404))
-                };
-                let (status, body) = match reply {
-                    Reply::Stage(stage, error) => {
-                        let mut json = serde_json::json!({"stage": stage, "hardware": {"current": "cpu-basic"}});
-                        if let Some(error) = error {
-                            json["errorMessage"] = error.into();
+                match tls {
+                    Some(tls) => {
+                        // A client that does not trust the certificate
+                        // ends here, before any request.
+                        match tls.accept(socket).await {
+                            Ok(stream) => answer(stream, fake).await,
+                            Err(_) => fake.lock().expect("fake").refused += 1,
                         }
-                        (200, json.to_string())
                     }
-                    Reply::Status(code) => (code, String::from("{}")),
-                    Reply::Hang => {
-                        // Hold the connection until the test ends.
-                        let _ = socket.read(&mut buf).await;
-                        std::future::pending::<()>().await;
-                        return;
-                    }
-                };
-                let response = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
+                    None => answer(socket, fake).await,
+                }
             });
         }
     });
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
+}
+
+/// Reads one request from `socket` and answers it as scripted.
+async fn answer(mut socket: impl AsyncRead + AsyncWrite + Unpin, fake: Arc<Mutex<Fake>>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+    let auth = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("authorization: ")
+                .or_else(|| l.strip_prefix("Authorization: "))
+        })
+        .map(|v| v.trim().to_string());
+    let reply = {
+        let mut fake = fake.lock().expect("fake");
+        fake.seen.push((path.clone(), auth));
+        let queue = fake.script.entry(path).or_default();
+        let reply = if queue.len() > 1 {
+            queue.pop_front()
+        } else {
+            queue.front().cloned()
+        };
+        reply.unwrap_or(Reply::Status(404))
+    };
+    let (status, body) = match reply {
+        Reply::Stage(stage, error) => {
+            let mut json =
+                serde_json::json!({"stage": stage, "hardware": {"current": "cpu-basic"}});
+            if let Some(error) = error {
+                json["errorMessage"] = error.into();
+            }
+            (200, json.to_string())
+        }
+        Reply::Status(code) => (code, String::from("{}")),
+        Reply::Hang => {
+            // Hold the connection until the test ends.
+            let _ = socket.read(&mut buf).await;
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let response = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }
 
 async fn register(service: &AgentLifecycleService, space: &str) -> AgentId {
@@ -157,6 +188,7 @@ async fn agents_follow_their_space_through_stages_and_errors() {
         service.clone(),
         HfSettings {
             base_url: base,
+            extra_roots: Vec::new(),
             token: Some("secret".into()),
             interval: Duration::from_millis(40),
             fast_interval: Duration::from_millis(20),
@@ -211,4 +243,100 @@ async fn agents_follow_their_space_through_stages_and_errors() {
         Registered,
         "the silent Space's agent did not move"
     );
+}
+
+/// The fake Hub over HTTPS with a certificate from a CA of the test's own.
+/// A poller that trusts only the public roots refuses the certificate
+/// (no request is sent, the agent stays where it was, and the poller keeps
+/// trying); one whose `[hf] ca_file` names the CA follows the Space.
+#[tokio::test]
+async fn https_to_the_hub_verifies_the_certificate() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let ca = common::pki::Ca::new("test hub CA");
+    let issued = ca.server();
+    let certs = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    fake.lock().expect("fake").script.insert(
+        "/api/spaces/acme/tls/runtime".into(),
+        VecDeque::from([Reply::Stage("RUNNING", None)]),
+    );
+    let base = serve_fake_on(Arc::clone(&fake), Some(TlsAcceptor::from(Arc::new(config)))).await;
+    assert!(base.starts_with("https://"));
+
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let id = register(&service, "acme/tls").await;
+    let fast = |settings: HfSettings| HfSettings {
+        interval: Duration::from_millis(40),
+        fast_interval: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(40),
+        tick: Duration::from_millis(10),
+        ..settings
+    };
+
+    let untrusting = tokio::spawn(hf::run(
+        service.clone(),
+        fast(HfSettings {
+            base_url: base.clone(),
+            ..HfSettings::default()
+        }),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fake.lock().expect("fake").refused < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the poller tries again after a refused certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    untrusting.abort();
+    let _ = untrusting.await;
+    assert!(fake.lock().expect("fake").seen.is_empty(), "no request sent");
+    assert_eq!(
+        service.get_agent(id).expect("agent").state,
+        AgentState::Registered
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = ca.write(dir.path(), "hub-ca");
+    let file = agent_lifecycle::config::ConfigFile::parse(&format!(
+        "[hf]\nbase_url = {base:?}\nca_file = {:?}\n",
+        ca_file.to_str().expect("utf-8 path")
+    ))
+    .expect("config");
+    let settings = file.hf.expect("[hf]").settings().expect("settings");
+    assert_eq!(settings.extra_roots, vec![ca.der()]);
+    let mut watcher = service
+        .watch(WatchRequest {
+            agent_ids: vec![id],
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    let trusting = tokio::spawn(hf::run(service.clone(), fast(settings)));
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .expect("the agent follows its Space within 10 s")
+            .expect("stream open")
+            .expect("no error");
+        if let WatchItem::Event(event) = item
+            && event.record.to == AgentState::Online
+        {
+            assert_eq!(event.record.triggered_by, "hf_sync");
+            break;
+        }
+    }
+    trusting.abort();
+    assert!(!fake.lock().expect("fake").seen.is_empty());
 }

@@ -1,6 +1,7 @@
 //! A real server on 127.0.0.1:0 for the integration tests, and helpers.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
