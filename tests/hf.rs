@@ -301,7 +301,10 @@ async fn https_to_the_hub_verifies_the_certificate() {
     }
     untrusting.abort();
     let _ = untrusting.await;
-    assert!(fake.lock().expect("fake").seen.is_empty(), "no request sent");
+    assert!(
+        fake.lock().expect("fake").seen.is_empty(),
+        "no request sent"
+    );
     assert_eq!(
         service.get_agent(id).expect("agent").state,
         AgentState::Registered

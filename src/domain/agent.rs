@@ -97,6 +97,10 @@ pub struct TransitionRecord {
     pub reason: String,
     /// Who, as the caller said.
     pub triggered_by: String,
+    /// The authenticated principal that made the change (empty when the
+    /// server runs without authentication); unlike `triggered_by`, not the
+    /// caller's to choose.
+    pub principal: String,
     /// Caller's metadata.
     pub metadata: Metadata,
     /// Global sequence number; 1 is the first event ever committed.

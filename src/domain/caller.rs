@@ -27,6 +27,11 @@ impl Caller {
         }
     }
 
+    /// The principal's name; empty for an anonymous caller.
+    pub fn principal_name(&self) -> &str {
+        self.principal.as_deref().unwrap_or("")
+    }
+
     /// Whether no identity was established.
     pub fn is_anonymous(&self) -> bool {
         self.principal.is_none()

@@ -311,6 +311,7 @@ pub fn transition_to_pb(record: &TransitionRecord) -> pb::StateTransition {
         timestamp: Some(timestamp(record.at)),
         reason: record.reason.clone(),
         triggered_by: record.triggered_by.clone(),
+        principal: record.principal.clone(),
         metadata: metadata_to_pb(&record.metadata),
         sequence: record.sequence,
         version: record.version,

@@ -60,6 +60,7 @@ pub(crate) struct Step {
     pub to: AgentState,
     pub reason: String,
     pub triggered_by: String,
+    pub principal: String,
     pub metadata: Metadata,
 }
 
@@ -278,6 +279,7 @@ impl Batch {
                         at: std::time::UNIX_EPOCH,
                         reason: step.reason,
                         triggered_by: step.triggered_by,
+                        principal: step.principal,
                         metadata: step.metadata,
                         sequence: 0,
                         version,

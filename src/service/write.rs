@@ -195,6 +195,7 @@ impl AgentLifecycleService {
                 to: AgentState::Registered,
                 reason: defaulted(change.reason, "agent registered"),
                 triggered_by: defaulted(change.triggered_by, "system"),
+                principal: change.caller.principal_name().to_string(),
                 metadata: change.metadata,
             }],
             guard: None,
@@ -404,6 +405,7 @@ impl AgentLifecycleService {
                     change.reason.clone()
                 },
                 triggered_by: triggered_by.to_string(),
+                principal: change.caller.principal_name().to_string(),
                 metadata: change.metadata.clone(),
             })
             .collect();

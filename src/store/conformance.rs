@@ -20,6 +20,7 @@ fn record(id: AgentId, from: Option<AgentState>, to: AgentState, version: u64) -
         at: std::time::UNIX_EPOCH,
         reason: format!("to {to}"),
         triggered_by: "test".into(),
+        principal: "alice".into(),
         metadata: Metadata::new(),
         sequence: 0,
         version,
@@ -474,4 +475,48 @@ fn postgres_registration_race_is_a_conflict_for_that_change_alone() {
     );
     assert_eq!(sequence, 1, "no sequence was spent on the raced change");
     assert_eq!(store.head().expect("head"), 1);
+}
+
+/// A database of schema version 2 (before principals were recorded) opens:
+/// its records read back with an empty principal, and new records keep
+/// theirs.
+#[test]
+fn sqlite_migrates_a_version_2_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v2.db");
+    let id = AgentId::generate();
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        conn.execute_batch(&format!(
+            "{}{}PRAGMA user_version = 2;",
+            super::sqlite::SCHEMA_V1,
+            super::sqlite::SCHEMA_V2
+        ))
+        .expect("version 2 schema");
+        conn.execute(
+            "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+                last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+             VALUES (?1, 'old', '', 'registered', 1, 0, 0, 1, NULL, 'r', 'system', '')",
+            [id.as_bytes()],
+        )
+        .expect("old agent");
+        conn.execute(
+            "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+                triggered_by, metadata) VALUES (1, ?1, 1, NULL, 'registered', 0, 'r', 'system', '')",
+            [id.as_bytes()],
+        )
+        .expect("old event");
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'head'", [])
+            .expect("head");
+    }
+    let store = SqliteStore::open(&path).expect("open and migrate");
+    let loaded = store.load().expect("load");
+    assert_eq!(loaded.agents.len(), 1);
+    assert_eq!(loaded.agents[0].last_transition.principal, "");
+    let agent = loaded.agents[0].clone();
+    let mut next = [step(&agent, AgentState::Deploying)];
+    commit(&store, &mut next);
+    let history = store.history(id, range(0, u64::MAX, 10)).expect("history");
+    let principals: Vec<&str> = history.iter().map(|r| r.principal.as_str()).collect();
+    assert_eq!(principals, ["", "alice"]);
 }

@@ -54,7 +54,7 @@ use crate::domain::{
 };
 
 /// Schema version this program writes (`meta.schema_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Advisory lock key held while migrating (transaction level).
 const MIGRATION_LOCK: i64 = 0x6167_6c63_6d69_6772;
@@ -118,6 +118,15 @@ CREATE TABLE IF NOT EXISTS heartbeats (
 INSERT INTO meta (key, value) VALUES ('head', 0) ON CONFLICT (key) DO NOTHING;
 ";
 
+/// Version 2: the authenticated principal of every record (empty for the
+/// records written before, and without authentication), and an index to
+/// find what a principal did.
+const SCHEMA_V2: &str = "
+ALTER TABLE agents ADD COLUMN IF NOT EXISTS last_principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN IF NOT EXISTS principal TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
+";
+
 /// Keeps the newer of the stored and the given heartbeat of each agent.
 const SAVE_HEARTBEATS: &str = "
 INSERT INTO heartbeats (agent_id, at, load, current_task)
@@ -145,34 +154,37 @@ WITH h AS (
 ),
 ins AS (
     INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
-        last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+        last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal)
     SELECT n.agent_id, n.name, n.labels, n.state, n.version, $2, $2, h.base + n.last_offset,
-        n.last_from, n.reason, n.triggered_by, n.metadata
+        n.last_from, n.reason, n.triggered_by, n.metadata, n.principal
     FROM h, unnest($3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-        $9::text[], $10::text[], $11::text[], $12::text[])
+        $9::text[], $10::text[], $11::text[], $12::text[], $30::text[])
         AS n(agent_id, name, labels, state, version, last_offset, last_from, reason,
-             triggered_by, metadata)
+             triggered_by, metadata, principal)
     ON CONFLICT (agent_id) DO NOTHING
     RETURNING 1
 ),
 upd AS (
     UPDATE agents AS a SET state = u.state, version = u.version, updated_at = $2,
         last_sequence = h.base + u.last_offset, last_from = u.last_from,
-        last_reason = u.reason, last_triggered_by = u.triggered_by, last_metadata = u.metadata
+        last_reason = u.reason, last_triggered_by = u.triggered_by, last_metadata = u.metadata,
+        last_principal = u.principal
     FROM h, unnest($13::bytea[], $14::text[], $15::bigint[], $16::bigint[], $17::text[],
-        $18::text[], $19::text[], $20::text[])
-        AS u(agent_id, state, version, last_offset, last_from, reason, triggered_by, metadata)
+        $18::text[], $19::text[], $20::text[], $31::text[])
+        AS u(agent_id, state, version, last_offset, last_from, reason, triggered_by, metadata,
+             principal)
     WHERE a.agent_id = u.agent_id
     RETURNING 1
 ),
 ev AS (
     INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
-        triggered_by, metadata)
+        triggered_by, metadata, principal)
     SELECT h.base + e.pos, e.agent_id, e.version, e.from_state, e.to_state, $2, e.reason,
-        e.triggered_by, e.metadata
+        e.triggered_by, e.metadata, e.principal
     FROM h, unnest($21::bytea[], $22::bigint[], $23::text[], $24::text[], $25::text[],
-        $26::text[], $27::text[]) WITH ORDINALITY
-        AS e(agent_id, version, from_state, to_state, reason, triggered_by, metadata, pos)
+        $26::text[], $27::text[], $32::text[]) WITH ORDINALITY
+        AS e(agent_id, version, from_state, to_state, reason, triggered_by, metadata, principal,
+             pos)
 ),
 w AS (
     INSERT INTO writers (writer_id, last_batch, seen_at) VALUES ($28, $29, $2)
@@ -182,9 +194,11 @@ w AS (
 SELECT h.base, (SELECT count(*) FROM ins), pg_notify('agent_lifecycle_commits', (h.base + $1)::text)
 FROM h";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata FROM agents";
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal
+    FROM agents";
 const EVENT_COLUMNS: &str =
-    "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata";
+    "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
+    principal";
 
 fn pg(context: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
     move |err| StoreError::backend(context, err)
@@ -381,6 +395,9 @@ impl PostgresStore {
                 &rows.ev_metadata,
                 &writer_id,
                 &batch_id,
+                &rows.new_principals,
+                &rows.upd_principals,
+                &rows.ev_principals,
             ],
         );
         let row = match row {
@@ -468,6 +485,10 @@ fn migrate(client: &mut Client) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
+    if found.is_none_or(|found| found < 2) {
+        tx.batch_execute(SCHEMA_V2)
+            .map_err(pg("migrating the schema to version 2"))?;
+    }
     // Later versions add their steps here, under the same lock.
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('schema_version', $1)
@@ -501,6 +522,7 @@ fn record_from_row(row: &Row) -> Result<Arc<TransitionRecord>> {
         reason: row.get(6),
         triggered_by: row.get(7),
         metadata: decode_map::<Metadata>(row.get(8)).map_err(|e| corrupt("metadata", e))?,
+        principal: row.get(9),
     }))
 }
 
@@ -518,6 +540,7 @@ fn agent_from_row(row: &Row) -> Result<Agent> {
         reason: row.get(9),
         triggered_by: row.get(10),
         metadata: decode_map::<Metadata>(row.get(11)).map_err(|e| corrupt("metadata", e))?,
+        principal: row.get(12),
         sequence: row.get::<_, i64>(7) as u64,
         version,
     };
@@ -548,6 +571,7 @@ struct Rows<'a> {
     new_reasons: Vec<&'a str>,
     new_triggers: Vec<&'a str>,
     new_metadata: Vec<String>,
+    new_principals: Vec<&'a str>,
     upd_ids: Vec<&'a [u8]>,
     upd_states: Vec<&'static str>,
     upd_versions: Vec<i64>,
@@ -556,6 +580,7 @@ struct Rows<'a> {
     upd_reasons: Vec<&'a str>,
     upd_triggers: Vec<&'a str>,
     upd_metadata: Vec<String>,
+    upd_principals: Vec<&'a str>,
     ev_ids: Vec<&'a [u8]>,
     ev_versions: Vec<i64>,
     ev_from: Vec<Option<&'static str>>,
@@ -563,6 +588,7 @@ struct Rows<'a> {
     ev_reasons: Vec<&'a str>,
     ev_triggers: Vec<&'a str>,
     ev_metadata: Vec<String>,
+    ev_principals: Vec<&'a str>,
 }
 
 impl<'a> Rows<'a> {
@@ -578,6 +604,7 @@ impl<'a> Rows<'a> {
             self.ev_to.push(record.to.as_str());
             self.ev_reasons.push(&record.reason);
             self.ev_triggers.push(&record.triggered_by);
+            self.ev_principals.push(&record.principal);
             self.ev_metadata
                 .push(encode_map(&record.metadata, record.metadata.is_empty()));
         }
@@ -594,6 +621,7 @@ impl<'a> Rows<'a> {
                 self.new_last_from.push(last.from.map(AgentState::as_str));
                 self.new_reasons.push(&last.reason);
                 self.new_triggers.push(&last.triggered_by);
+                self.new_principals.push(&last.principal);
                 self.new_metadata.push(last_metadata);
             }
             _ => {
@@ -604,6 +632,7 @@ impl<'a> Rows<'a> {
                 self.upd_last_from.push(last.from.map(AgentState::as_str));
                 self.upd_reasons.push(&last.reason);
                 self.upd_triggers.push(&last.triggered_by);
+                self.upd_principals.push(&last.principal);
                 self.upd_metadata.push(last_metadata);
             }
         }

@@ -36,13 +36,13 @@ use crate::domain::{
 };
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Reader connections kept open for reuse; more may be opened under load and
 /// are closed after use.
 const MAX_IDLE_READERS: usize = 8;
 
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS agents (
     agent_id          BLOB PRIMARY KEY,
     name              TEXT NOT NULL,
@@ -77,29 +77,41 @@ CREATE TABLE IF NOT EXISTS meta (
 
 /// Version 2: the sequence counter and the last batch id, kept in `meta` and
 /// advanced by every commit (before, the head was derived from the agents).
-const SCHEMA_V2: &str = "
+pub(super) const SCHEMA_V2: &str = "
 INSERT INTO meta (key, value)
     SELECT 'head', coalesce(max(last_sequence), 0) FROM agents WHERE true
     ON CONFLICT (key) DO NOTHING;
 INSERT INTO meta (key, value) VALUES ('last_batch', 0) ON CONFLICT (key) DO NOTHING;
 ";
 
+/// Version 3: the authenticated principal of every record (empty for the
+/// records written before, and without authentication), and an index to
+/// find what a principal did.
+const SCHEMA_V3: &str = "
+ALTER TABLE agents ADD COLUMN last_principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN principal TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
+";
+
 const INSERT_AGENT: &str =
     "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
     ON CONFLICT (agent_id) DO NOTHING";
 const UPDATE_AGENT: &str =
     "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
-    last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9
+    last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9,
+    last_principal = ?11
     WHERE agent_id = ?1 AND version = ?10";
 const INSERT_EVENT: &str =
     "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
-    triggered_by, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+    triggered_by, metadata, principal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata FROM agents";
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal
+    FROM agents";
 const EVENT_COLUMNS: &str =
-    "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata";
+    "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
+    principal";
 
 /// The SQLite back end.
 pub struct SqliteStore {
@@ -259,6 +271,12 @@ fn migrate(conn: &Connection) -> Result<()> {
         ))
         .map_err(sql("migrating the schema to version 2"))?;
     }
+    if found < 3 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
+        ))
+        .map_err(sql("migrating the schema to version 3"))?;
+    }
     // Later schema versions add their steps here, each in its own
     // transaction that ends by setting user_version.
     Ok(())
@@ -305,6 +323,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Arc<TransitionRecord>> {
         reason: row.get(6)?,
         triggered_by: row.get(7)?,
         metadata: decode_metadata(&row.get::<_, String>(8)?)?,
+        principal: row.get(9)?,
     }))
 }
 
@@ -322,6 +341,7 @@ fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
         reason: row.get(9)?,
         triggered_by: row.get(10)?,
         metadata: decode_metadata(&row.get::<_, String>(11)?)?,
+        principal: row.get(12)?,
         sequence: row.get::<_, i64>(7)? as u64,
         version,
     };
@@ -364,6 +384,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                         last.reason,
                         last.triggered_by,
                         last_metadata,
+                        last.principal,
                     ])
                 })
                 .map_err(sql("inserting an agent"))?
@@ -382,6 +403,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                     last.triggered_by,
                     last_metadata,
                     change.prior_version as i64,
+                    last.principal,
                 ])
             })
             .map_err(sql("updating an agent"))?,
@@ -406,6 +428,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                 record.reason,
                 record.triggered_by,
                 encode_map(&record.metadata, record.metadata.is_empty()),
+                record.principal,
             ])
             .map_err(sql("inserting an event"))?;
     }
