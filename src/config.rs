@@ -134,6 +134,16 @@ pub struct ConfigFile {
     pub compaction_interval: Option<String>,
     /// `--max-batch`.
     pub max_batch: Option<usize>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<String>,
+    /// `--tls-key`.
+    pub tls_key: Option<String>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<String>,
+    /// `--insecure`.
+    pub insecure: Option<bool>,
+    /// `[auth]`: the principals allowed in (no authentication without it).
+    pub auth: Option<AuthSection>,
     /// `[policy]`: edges added to or removed from the default transition
     /// table.
     pub policy: Option<PolicySection>,
@@ -145,6 +155,102 @@ pub struct ConfigFile {
     /// `[policy]`), built and checked by [`ConfigFile::parse`].
     #[serde(skip)]
     pub transition_policy: TransitionPolicy,
+}
+
+/// The `[auth]` section: who may call the server, and as what.
+///
+/// ```toml
+/// [[auth.principal]]
+/// name = "ops"
+/// role = "operator"            # admin, operator, agent or viewer
+/// token_sha256 = "9f86d0..."   # from `agent-lifecycle token create`
+///
+/// [[auth.principal]]
+/// name = "agent-7"
+/// role = "agent"
+/// agents = ["0190c1f2-..."]    # the agents it reports for
+/// token_sha256 = "..."
+///
+/// [[auth.principal]]
+/// name = "dashboard"
+/// role = "viewer"
+/// cert_subject = "dashboard"   # a client certificate's common name (mutual TLS)
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// The principals.
+    #[serde(default)]
+    pub principal: Vec<PrincipalSection>,
+}
+
+/// One `[[auth.principal]]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalSection {
+    /// Its name, recorded with its transitions.
+    pub name: String,
+    /// `admin`, `operator`, `agent` or `viewer`.
+    pub role: String,
+    /// SHA-256 (hex) of its bearer token.
+    pub token_sha256: Option<String>,
+    /// The common name of its client certificate.
+    pub cert_subject: Option<String>,
+    /// For the `agent` role: the agent ids it acts for.
+    #[serde(default)]
+    pub agents: Vec<String>,
+}
+
+impl AuthSection {
+    /// The principals, checked.
+    ///
+    /// # Errors
+    /// A bad role, hash or agent id, a principal with no way to
+    /// authenticate, agents on a role other than `agent`, or duplicates.
+    pub fn principals(&self) -> Result<Vec<crate::auth::Principal>, String> {
+        let principals = self
+            .principal
+            .iter()
+            .map(|p| {
+                let at = |e: String| format!("auth.principal {:?}: {e}", p.name);
+                if p.name.trim().is_empty() {
+                    return Err("auth.principal: every principal needs a name".to_string());
+                }
+                let role: crate::domain::Role = p.role.parse().map_err(at)?;
+                let token_sha256 = p
+                    .token_sha256
+                    .as_deref()
+                    .map(crate::auth::parse_sha256)
+                    .transpose()
+                    .map_err(|e| at(format!("token_sha256: {e}")))?;
+                if token_sha256.is_none() && p.cert_subject.is_none() {
+                    return Err(at("needs token_sha256 or cert_subject".into()));
+                }
+                let agents = p
+                    .agents
+                    .iter()
+                    .map(|id| {
+                        crate::domain::AgentId::parse("agents", id).map_err(|e| at(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if role == crate::domain::Role::Agent && agents.is_empty() {
+                    return Err(at("the agent role needs the agents it acts for".into()));
+                }
+                if role != crate::domain::Role::Agent && !agents.is_empty() {
+                    return Err(at("only the agent role has agents".into()));
+                }
+                Ok(crate::auth::Principal {
+                    name: p.name.clone(),
+                    role,
+                    agents,
+                    token_sha256,
+                    cert_subject: p.cert_subject.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        crate::auth::Authenticator::new(&principals)?;
+        Ok(principals)
+    }
 }
 
 /// The `[policy]` section: edges as `"from -> to"` with the states'
@@ -502,6 +608,9 @@ impl ConfigFile {
                     hf.base_url
                 ));
             }
+        }
+        if let Some(auth) = &file.auth {
+            auth.principals()?;
         }
         let mut file = file;
         if let Some(policy) = &file.policy {

@@ -44,6 +44,16 @@ pub enum Error {
         /// The newest committed sequence.
         head: u64,
     },
+    /// The caller's role does not allow the call (or not for this agent).
+    #[error("permission denied: {principal} ({role}) may not {action}")]
+    PermissionDenied {
+        /// Who asked.
+        principal: String,
+        /// Its role.
+        role: crate::domain::Role,
+        /// What it may not do, e.g. "act for agent X" or "delete agents".
+        action: String,
+    },
     /// The service is shutting down and takes no more work.
     #[error("the service is shutting down")]
     ShuttingDown,

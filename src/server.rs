@@ -32,6 +32,23 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive pings, so dead peers of long watch streams are noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How the server meets its clients: the layer around every call
+/// (authentication, spans, per-call records) and TLS.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Around every call served.
+    pub calls: CallLayer,
+    /// TLS (and mutual TLS, when it names a client CA); plain HTTP/2
+    /// without it.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl From<CallLayer> for ServeOptions {
+    fn from(calls: CallLayer) -> Self {
+        ServeOptions { calls, tls: None }
+    }
+}
+
 /// Why the server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -60,7 +77,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let health = Health::new(service.clone(), HealthSettings::default());
     let monitor = tokio::spawn(health.clone().run());
-    let served = run_with(listener, service, health, CallLayer::default(), shutdown).await;
+    let served = run_with(listener, service, health, ServeOptions::default(), shutdown).await;
     // The monitor holds the service: end it, so that the store is released
     // when this returns.
     monitor.abort();
@@ -69,8 +86,8 @@ pub async fn run(
 }
 
 /// [`run`], with `heartbeats` recording the heartbeats received (the
-/// health monitor, if any, is the caller's to run) and `calls` around every
-/// call served.
+/// health monitor, if any, is the caller's to run), and `options`' layer
+/// around every call served and its TLS.
 ///
 /// # Errors
 /// See [`ServerError`].
@@ -78,9 +95,10 @@ pub async fn run_with(
     listener: TcpListener,
     service: AgentLifecycleService,
     heartbeats: Health,
-    calls: CallLayer,
+    options: impl Into<ServeOptions>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let ServeOptions { calls, tls } = options.into();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -116,7 +134,11 @@ pub async fn run_with(
     if let Some(addr) = local {
         info!(%addr, "serving gRPC");
     }
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let serve = builder
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .layer(calls)

@@ -14,14 +14,11 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use prost_types::Struct;
 use serde_json::json;
-use tonic::{Request, transport::Channel};
+use tonic::Request;
 
 use agent_lifecycle::{
     domain::{AgentCategory, AgentState},
-    grpc::pb::{
-        self, agent_lifecycle_service_client::AgentLifecycleServiceClient,
-        watch_events_response::Kind,
-    },
+    grpc::pb::{self, watch_events_response::Kind},
 };
 
 use super::{
@@ -29,7 +26,7 @@ use super::{
     output::{self, agent_json, agent_line, agent_text, transition_json, transition_line},
 };
 
-type Client = AgentLifecycleServiceClient<Channel>;
+use super::connect::Client;
 
 /// An agent id.
 #[derive(Debug, Args)]
@@ -233,13 +230,12 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 async fn connect(server: &str) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(server.to_string())
-        .with_context(|| format!("bad server address {server:?}"))?
+    let channel = super::connect::endpoint(server)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
         .with_context(|| format!("cannot connect to {server}"))?;
-    Ok(AgentLifecycleServiceClient::new(channel))
+    Ok(super::connect::client(channel))
 }
 
 /// A connected client, the per-call deadline and the output format.
@@ -339,7 +335,7 @@ pub async fn run(
         Command::Metrics => metrics(s).await,
         Command::Rules => rules(s).await,
         Command::Watch(a) => watch(s, a).await,
-        Command::Serve(_) | Command::Bench(_) => bail!("not a client command"),
+        Command::Serve(_) | Command::Bench(_) | Command::Token(_) => bail!("not a client command"),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod bench;
 mod client;
+mod connect;
 mod output;
 mod serve;
 
@@ -34,6 +35,9 @@ pub struct Args {
     /// Output format of client commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Text)]
     pub output: Format,
+    /// How to reach the server (TLS, token).
+    #[command(flatten)]
+    pub connect: connect::ConnectArgs,
     /// Per-call deadline of client commands (not `watch`).
     #[arg(long, global = true, default_value = "10s", value_parser = agent_lifecycle::config::parse_duration)]
     pub timeout: Duration,
@@ -89,6 +93,83 @@ pub enum Command {
     Watch(client::WatchArgs),
     /// Measure a running server (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Bearer tokens for `[auth]` principals.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token; print it (once: the server keeps only its
+    /// hash) and the configuration lines of its principal.
+    Create(TokenArgs),
+}
+
+/// `token create`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// The principal's name, recorded with its transitions.
+    #[arg(long)]
+    pub name: String,
+    /// admin, operator, agent or viewer.
+    #[arg(long)]
+    pub role: agent_lifecycle::domain::Role,
+    /// For the agent role: an agent it acts for (repeatable).
+    #[arg(long = "agent")]
+    pub agents: Vec<String>,
+}
+
+/// `token create`: the token on the first line, then the principal's
+/// configuration (or one JSON document with `-o json`).
+fn create_token(args: TokenArgs, format: Format) -> anyhow::Result<()> {
+    use agent_lifecycle::{auth, config::AuthSection, config::PrincipalSection};
+    let token = auth::new_token().map_err(|e| anyhow::anyhow!(e))?;
+    let hash = auth::hex(&auth::sha256(&token));
+    let section = AuthSection {
+        principal: vec![PrincipalSection {
+            name: args.name.clone(),
+            role: args.role.to_string(),
+            token_sha256: Some(hash.clone()),
+            cert_subject: None,
+            agents: args.agents.clone(),
+        }],
+    };
+    // The same checks as the server's at start-up.
+    section.principals().map_err(|e| anyhow::anyhow!(e))?;
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let mut config = format!(
+        "[[auth.principal]]\nname = {}\nrole = {}\ntoken_sha256 = {}\n",
+        quote(&args.name),
+        quote(args.role.as_str()),
+        quote(&hash)
+    );
+    if !args.agents.is_empty() {
+        let list: Vec<String> = args.agents.iter().map(|a| quote(a)).collect();
+        config.push_str(&format!("agents = [{}]\n", list.join(", ")));
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "name": args.name,
+                "role": args.role.as_str(),
+                "token": token,
+                "token_sha256": hash,
+                "config": config,
+            })
+        ),
+        Format::Text => {
+            println!("{token}");
+            println!(
+                "# Give the token above to {:?}; it is not shown again.",
+                args.name
+            );
+            println!("# Add this to the server's configuration file:");
+            print!("{config}");
+        }
+    }
+    Ok(())
 }
 
 /// Runs the command.
@@ -96,9 +177,11 @@ pub enum Command {
 /// # Errors
 /// Whatever the command reports; the binary prints it and exits 1.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    connect::install(&args.connect)?;
     match args.command {
         Command::Serve(serve) => serve::run(serve).await,
         Command::Bench(bench) => bench::run(&args.server, bench).await,
+        Command::Token(TokenCommand::Create(token)) => create_token(token, args.output),
         command => client::run(&args.server, args.output, args.timeout, command).await,
     }
 }

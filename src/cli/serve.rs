@@ -5,17 +5,20 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use agent_lifecycle::{
     AgentLifecycleService,
+    auth::Authenticator,
     config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
     grpc::CallLayer,
     health::Health,
-    server,
+    server::{self, ServeOptions},
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
+    tls,
 };
 
 /// Log output format.
@@ -70,6 +73,22 @@ pub struct ServeArgs {
     /// Largest group commit [default: 1024].
     #[arg(long, env = "AGENT_LIFECYCLE_MAX_BATCH")]
     max_batch: Option<usize>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "AGENT_LIFECYCLE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "AGENT_LIFECYCLE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Verify client certificates against this CA (PEM): mutual TLS. With
+    /// [auth] principals a certificate is optional (a token also
+    /// authenticates) and its common name names the principal; without,
+    /// every client must present one.
+    #[arg(long, env = "AGENT_LIFECYCLE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Listen on a non-loopback address without authentication (every
+    /// caller is admin). Without it, such a server refuses to start.
+    #[arg(long, env = "AGENT_LIFECYCLE_INSECURE")]
+    insecure: bool,
 }
 
 /// The settings in force: flags and variables over the file over defaults.
@@ -84,6 +103,62 @@ struct Settings {
     hf: Option<agent_lifecycle::hf::HfSettings>,
     /// The health monitor's settings.
     health: agent_lifecycle::health::HealthSettings,
+    /// Authentication and TLS.
+    serving: ServeOptions,
+    /// Whether anyone reaching the port is authenticated (principals or a
+    /// required client certificate).
+    authenticated: bool,
+    /// `--insecure`.
+    insecure: bool,
+}
+
+/// The layer (authentication) and TLS that the settings describe.
+fn serving(args: &ServeArgs, file: &ConfigFile) -> anyhow::Result<(ServeOptions, bool)> {
+    let path = |flag: &Option<PathBuf>, key: &Option<String>| {
+        flag.clone().or_else(|| key.as_ref().map(PathBuf::from))
+    };
+    let mut calls = CallLayer::default();
+    let principals = match &file.auth {
+        Some(auth) => auth.principals().map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Vec::new(),
+    };
+    if !principals.is_empty() {
+        let auth = Authenticator::new(&principals).map_err(|e| anyhow::anyhow!("{e}"))?;
+        calls = calls.with_auth(std::sync::Arc::new(auth));
+    }
+    let cert = path(&args.tls_cert, &file.tls_cert);
+    let key = path(&args.tls_key, &file.tls_key);
+    let client_ca = path(&args.tls_client_ca, &file.tls_client_ca);
+    let tls = match (cert, key) {
+        (None, None) => {
+            if client_ca.is_some() {
+                anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key");
+            }
+            None
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            anyhow::bail!("--tls-cert and --tls-key go together")
+        }
+        (Some(cert), Some(key)) => {
+            // Read and check now, so a bad file stops the start with its name.
+            tls::certificates(&cert)?;
+            tls::private_key(&key)?;
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(read(&cert)?, read(&key)?));
+            if let Some(ca) = &client_ca {
+                tls::certificates(ca)?;
+                config = config
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(!principals.is_empty());
+            }
+            Some(config)
+        }
+    };
+    let authenticated = !principals.is_empty() || client_ca.is_some();
+    Ok((ServeOptions { calls, tls }, authenticated))
 }
 
 impl Settings {
@@ -92,6 +167,8 @@ impl Settings {
             Some(path) => ConfigFile::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
             None => ConfigFile::default(),
         };
+        let (serving, authenticated) = serving(&args, &file)?;
+        let insecure = args.insecure || file.insecure.unwrap_or(false);
         let store = match (args.store, &file.store) {
             (Some(store), _) => store,
             (None, Some(text)) => text.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?,
@@ -139,6 +216,9 @@ impl Settings {
             ))),
             store,
             log_format,
+            serving,
+            authenticated,
+            insecure,
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             retention,
             service,
@@ -210,7 +290,20 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
 /// failed.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(args)?;
+    if !settings.listen.ip().is_loopback() && !settings.authenticated && !settings.insecure {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: configure [auth] principals \
+             (or --tls-client-ca), or pass --insecure to serve every caller as admin",
+            settings.listen
+        );
+    }
     init_logging(&settings)?;
+    if !settings.listen.ip().is_loopback() && !settings.authenticated {
+        tracing::warn!(
+            listen = %settings.listen,
+            "--insecure: serving without authentication on a non-loopback address; every caller is admin"
+        );
+    }
     let shutdown = shutdown_signal()?;
     let retention = settings.retention;
     let config = settings.service;
@@ -240,7 +333,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let health = Health::new(service.clone(), settings.health);
     let monitor = tokio::spawn(health.clone().run());
-    let served = server::run_with(listener, service, health, CallLayer::default(), shutdown).await;
+    let served = server::run_with(listener, service, health, settings.serving, shutdown).await;
     monitor.abort();
     let _ = monitor.await;
     served?;

@@ -16,7 +16,7 @@ pub mod state;
 pub mod transition;
 
 pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, TransitionRecord};
-pub use caller::Caller;
+pub use caller::{Caller, Role};
 pub use clock::{Clock, SystemClock};
 pub use error::TransitionError;
 pub use external::ExternalSource;

@@ -92,13 +92,18 @@ impl LifecycleHandler {
     }
 
     /// Records one heartbeat message.
-    async fn beat(&self, request: pb::HeartbeatRequest) -> Result<(AgentId, Heartbeat), Status> {
+    async fn beat(
+        &self,
+        caller: &crate::domain::Caller,
+        request: pb::HeartbeatRequest,
+    ) -> Result<(AgentId, Heartbeat), Status> {
         let pb::HeartbeatRequest {
             agent_id,
             load,
             current_task,
         } = request;
         let id = agent_id_from_pb("agent_id", &agent_id)?;
+        caller.check_agent(id)?;
         crate::domain::limits::check_text(
             "current_task",
             &current_task,
@@ -137,7 +142,17 @@ impl LifecycleHandler {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<WatchItems, Status> {
-        let watch = convert::watch_request_from_pb(request.into_inner())?;
+        let caller = caller_of(&request);
+        let mut watch = convert::watch_request_from_pb(request.into_inner())?;
+        if caller.role == crate::domain::Role::Agent {
+            // An agent principal watches its own agents only.
+            if watch.agent_ids.is_empty() {
+                watch.agent_ids = caller.agents.to_vec();
+            }
+            for id in &watch.agent_ids {
+                caller.check_agent(*id)?;
+            }
+        }
         // On a shared store, events other processes committed are applied
         // first, so a stream resumed here from a sequence another process
         // handed out starts where it should.
@@ -187,8 +202,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
     ) -> Result<Response<pb::TransitionAgentResponse>, Status> {
         let caller = caller_of(&request);
         let (fields, target_state) = request.into_inner().into_parts();
-        let (id, change) = fields.parse(caller)?;
         let target = convert::state_from_pb("target_state", target_state)?;
+        if target == AgentState::Deleted && !caller.may_delete() {
+            return Err(caller.denied("delete agents").into());
+        }
+        let (id, change) = fields.parse(caller)?;
         let outcome = self.service.transition(id, target, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -288,8 +306,10 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let caller = caller_of(&request);
         let pb::GetAgentRequest { agent_id } = request.into_inner();
         let id = agent_id_from_pb("agent_id", &agent_id)?;
+        caller.check_agent(id)?;
         self.service.sync().await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::GetAgentResponse {
@@ -326,8 +346,10 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::GetAgentHistoryRequest>,
     ) -> Result<Response<pb::GetAgentHistoryResponse>, Status> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
         let id = agent_id_from_pb("agent_id", &r.agent_id)?;
+        caller.check_agent(id)?;
         let query = HistoryQuery {
             limit: u64::from(r.limit),
             page_size: r.page_size as usize,
@@ -393,6 +415,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             metadata,
         } = request.into_inner();
         let id = agent_id_from_pb("agent_id", &agent_id)?;
+        caller.check_agent(id)?;
         let source = source
             .parse::<ExternalSource>()
             .map_err(|e| FieldViolation::new("source", e))?;
@@ -415,7 +438,8 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let (id, beat) = self.beat(request.into_inner()).await?;
+        let caller = caller_of(&request);
+        let (id, beat) = self.beat(&caller, request.into_inner()).await?;
         let agent = self.service.get_agent(id)?;
         Ok(Response::new(pb::HeartbeatResponse {
             agent: Some(self.agent_with_heartbeat(&agent, Some(beat))),
@@ -426,10 +450,11 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         &self,
         request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<pb::HeartbeatStreamResponse>, Status> {
+        let caller = caller_of(&request);
         let mut stream = request.into_inner();
         let mut heartbeats = 0;
         while let Some(message) = stream.message().await? {
-            self.beat(message).await?;
+            self.beat(&caller, message).await?;
             heartbeats += 1;
         }
         Ok(Response::new(pb::HeartbeatStreamResponse { heartbeats }))

@@ -8,8 +8,12 @@
 //!
 //! 1. establishes the [`Caller`] and inserts it into the request's http
 //!    extensions, which tonic hands on as `tonic::Request::extensions()`;
-//!    handlers read it with [`caller_of`]. No authentication is configured,
-//!    so every caller is anonymous;
+//!    handlers read it with [`caller_of`]. With an [`Authenticator`] it
+//!    authenticates the call (a bearer token, or the client certificate's
+//!    common name under mutual TLS) and checks the principal's role against
+//!    the method ([`super::access`]): UNAUTHENTICATED or PERMISSION_DENIED
+//!    end the call here, before any service sees it. Health and reflection
+//!    stay open. Without one every caller is anonymous;
 //! 2. opens the call's `grpc` span (field `method`: the gRPC path) and runs
 //!    the call inside it;
 //! 3. measures the call and hands a [`CallRecord`] to its [`CallObserver`].
@@ -24,11 +28,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::{Code, codegen::http};
+use tonic::{
+    Code,
+    codegen::http,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use tower::{Layer, Service};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info_span, warn};
 
-use crate::domain::Caller;
+use super::access::{self, Access};
+use crate::{auth::Authenticator, domain::Caller};
 
 /// The caller the [`CallLayer`] established for `request`; anonymous when
 /// the request did not pass through one (a handler called directly).
@@ -86,9 +95,10 @@ impl CallObserver for IgnoreCalls {
 pub struct CallLayer {
     /// Where each call's record goes.
     observer: Arc<dyn CallObserver>,
-    /// The identity every call gets: anonymous while no authentication is
-    /// configured.
+    /// The identity every call gets when no authentication is configured.
     caller: Caller,
+    /// Authenticates every call that is not open.
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl CallLayer {
@@ -97,7 +107,51 @@ impl CallLayer {
         CallLayer {
             observer,
             caller: Caller::anonymous(),
+            auth: None,
         }
+    }
+
+    /// Authenticates every call with `auth`.
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The caller of `request`, or the status that refuses it.
+    fn caller<B>(&self, request: &http::Request<B>) -> Result<Caller, tonic::Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(self.caller.clone());
+        };
+        let path = request.uri().path();
+        let needs = access::access(path);
+        if needs == Access::Open {
+            return Ok(Caller::anonymous());
+        }
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs());
+        let caller = auth
+            .authenticate(authorization, certs.as_deref().map(Vec::as_slice))
+            .map_err(|err| {
+                warn!(method = path, error = %err, "refused: unauthenticated");
+                tonic::Status::unauthenticated(err.to_string())
+            })?;
+        if !access::allows(caller.role, needs) {
+            warn!(
+                method = path,
+                principal = %caller,
+                role = %caller.role,
+                "refused: permission denied"
+            );
+            let method = path.rsplit('/').next().unwrap_or(path);
+            return Err(tonic::Status::from(caller.denied(format!("call {method}"))));
+        }
+        Ok(caller)
     }
 
     /// Gives every call `caller`, standing in for authentication in tests.
@@ -145,6 +199,8 @@ impl<S, B, ResBody> Service<http::Request<B>> for CallService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -163,7 +219,14 @@ where
             open: true,
         };
         let span = info_span!("grpc", method = %pending.uri.path());
-        request.extensions_mut().insert(self.layer.caller.clone());
+        let caller = match span.in_scope(|| self.layer.caller(&request)) {
+            Ok(caller) => caller,
+            Err(status) => {
+                pending.finish(Some(status.code()));
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
+        request.extensions_mut().insert(caller);
         let response = span.in_scope(|| self.inner.call(request));
         Box::pin(async move {
             let result = response.instrument(span).await;

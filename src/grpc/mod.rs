@@ -12,6 +12,7 @@
 //!   per-call record.
 //! - [`status`]: `crate::Error` -> `Status`, with google.rpc details.
 
+pub mod access;
 pub mod convert;
 pub mod fanout;
 mod handler;

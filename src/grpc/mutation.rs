@@ -16,7 +16,7 @@ use super::{
     pb,
 };
 use crate::{
-    domain::{AgentId, Caller, FieldViolation, TransitionPolicy},
+    domain::{AgentId, Caller, TransitionPolicy},
     service::{ChangeRequest, Outcome},
 };
 
@@ -39,9 +39,11 @@ impl ChangeFields {
     /// The agent id and the service's change request, made by `caller`.
     ///
     /// # Errors
-    /// A missing or malformed `agent_id`, or metadata JSON cannot hold.
-    pub fn parse(self, caller: Caller) -> Result<(AgentId, ChangeRequest), FieldViolation> {
+    /// A missing or malformed `agent_id`, metadata JSON cannot hold, or an
+    /// agent principal asking about another agent.
+    pub fn parse(self, caller: Caller) -> Result<(AgentId, ChangeRequest), crate::Error> {
         let id = agent_id_from_pb("agent_id", &self.agent_id)?;
+        caller.check_agent(id)?;
         let change = change_from_pb(
             self.reason,
             self.triggered_by,
@@ -411,7 +413,10 @@ mod tests {
         .into_parts();
         assert_eq!(message, "boom");
         assert!(fields.reason.is_empty());
-        let violation = fields.parse(Caller::anonymous()).expect_err("bad id");
-        assert_eq!(violation.field, "agent_id");
+        let err = fields.parse(Caller::anonymous()).expect_err("bad id");
+        assert!(
+            matches!(&err, crate::Error::InvalidArgument(v) if v.field == "agent_id"),
+            "{err}"
+        );
     }
 }

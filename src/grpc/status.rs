@@ -190,6 +190,15 @@ impl From<Error> for Status {
                 ),
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
+            Error::PermissionDenied {
+                principal, role, ..
+            } => (
+                Code::PermissionDenied,
+                info(
+                    "PERMISSION_DENIED",
+                    &[("principal", principal.clone()), ("role", role.to_string())],
+                ),
+            ),
             Error::Store(source)
                 if matches!(
                     **source,

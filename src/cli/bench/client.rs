@@ -8,11 +8,9 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tonic::{Response, Status, transport::Channel};
 
-use agent_lifecycle::grpc::pb::{
-    self, AgentState, agent_lifecycle_service_client::AgentLifecycleServiceClient,
-};
+use agent_lifecycle::grpc::pb::{self, AgentState};
 
-pub(super) type Client = AgentLifecycleServiceClient<Channel>;
+pub(super) use crate::cli::connect::Client;
 
 /// Deadline of every unary call the tool makes.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,8 +25,7 @@ pub(super) const TRIGGERED_BY: &str = "bench";
 
 /// One connection: `tcp_nodelay`, its own HTTP/2 connection.
 pub(super) async fn connect(url: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(url.to_string())
-        .with_context(|| format!("bad server address {url:?}"))?
+    crate::cli::connect::endpoint(url)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .connect()
@@ -50,7 +47,9 @@ pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<V
     }
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
-        clients.push(Client::new(connect(urls[i % urls.len()]).await?));
+        clients.push(crate::cli::connect::client(
+            connect(urls[i % urls.len()]).await?,
+        ));
     }
     Ok(clients)
 }

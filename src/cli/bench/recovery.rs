@@ -151,7 +151,7 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
         let listening = spawned.elapsed();
         let deadline = spawned + args.start_timeout;
-        let mut client = Client::new(connect(&server.url).await?);
+        let mut client = crate::cli::connect::client(connect(&server.url).await?);
         let head = loop {
             let head = head_sequence(&mut client).await?;
             if head >= args.events {

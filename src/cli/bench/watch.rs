@@ -83,10 +83,11 @@ async fn open_watch(channel: Channel) -> anyhow::Result<Streaming<LiteResponse>>
         "/agentlifecycle.v1.AgentLifecycleService/WatchEvents",
     );
     let codec = tonic_prost::ProstCodec::<pb::WatchEventsRequest, LiteResponse>::default();
-    let request = tonic::Request::new(pb::WatchEventsRequest {
+    let mut request = tonic::Request::new(pb::WatchEventsRequest {
         start_sequence: 0,
         ..Default::default()
     });
+    crate::cli::connect::authorize(&mut request);
     let response = tokio::time::timeout(CALL_TIMEOUT, grpc.server_streaming(request, path, codec))
         .await
         .context("WatchEvents: timed out")?
