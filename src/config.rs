@@ -17,6 +17,10 @@ pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
 /// Largest request message the server decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// Largest response message the server sends (a ListAgents page of 1000
+/// agents with large metadata stays well below it).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Which back end holds the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreUrl {
@@ -144,6 +148,8 @@ pub struct ConfigFile {
     pub insecure: Option<bool>,
     /// `[auth]`: the principals allowed in (no authentication without it).
     pub auth: Option<AuthSection>,
+    /// `[limits]`: rate limits and stream caps (generous defaults).
+    pub limits: Option<LimitsSection>,
     /// `[policy]`: edges added to or removed from the default transition
     /// table.
     pub policy: Option<PolicySection>,
@@ -155,6 +161,80 @@ pub struct ConfigFile {
     /// `[policy]`), built and checked by [`ConfigFile::parse`].
     #[serde(skip)]
     pub transition_policy: TransitionPolicy,
+}
+
+/// The `[limits]` section (defaults shown; a rate of 0 turns its limit off).
+///
+/// ```toml
+/// [limits]
+/// agent_transitions_per_second = 1000   # per agent, sustained
+/// agent_transition_burst = 1000
+/// principal_requests_per_second = 10000 # per authenticated principal
+/// principal_request_burst = 20000
+/// max_watches_per_principal = 1000      # open WatchEvents streams
+/// max_watches = 10000
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub agent_transitions_per_second: Option<f64>,
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub agent_transition_burst: Option<f64>,
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub principal_requests_per_second: Option<f64>,
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub principal_request_burst: Option<f64>,
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub max_watches_per_principal: Option<usize>,
+    /// See [`crate::grpc::limits::LimitSettings`].
+    pub max_watches: Option<usize>,
+}
+
+impl LimitsSection {
+    /// The defaults with this section's values.
+    ///
+    /// # Errors
+    /// A negative or non-finite rate or burst.
+    pub fn settings(&self) -> Result<crate::grpc::limits::LimitSettings, String> {
+        let d = crate::grpc::limits::LimitSettings::default();
+        for (key, value) in [
+            (
+                "agent_transitions_per_second",
+                self.agent_transitions_per_second,
+            ),
+            ("agent_transition_burst", self.agent_transition_burst),
+            (
+                "principal_requests_per_second",
+                self.principal_requests_per_second,
+            ),
+            ("principal_request_burst", self.principal_request_burst),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("limits.{key}: {v} must be a number >= 0"));
+            }
+        }
+        Ok(crate::grpc::limits::LimitSettings {
+            agent_transitions_per_second: self
+                .agent_transitions_per_second
+                .unwrap_or(d.agent_transitions_per_second),
+            agent_transition_burst: self
+                .agent_transition_burst
+                .unwrap_or(d.agent_transition_burst),
+            principal_requests_per_second: self
+                .principal_requests_per_second
+                .unwrap_or(d.principal_requests_per_second),
+            principal_request_burst: self
+                .principal_request_burst
+                .unwrap_or(d.principal_request_burst),
+            max_watches_per_principal: self
+                .max_watches_per_principal
+                .unwrap_or(d.max_watches_per_principal),
+            max_watches: self.max_watches.unwrap_or(d.max_watches),
+        })
+    }
 }
 
 /// The `[auth]` section: who may call the server, and as what.
@@ -611,6 +691,9 @@ impl ConfigFile {
         }
         if let Some(auth) = &file.auth {
             auth.principals()?;
+        }
+        if let Some(limits) = &file.limits {
+            limits.settings()?;
         }
         let mut file = file;
         if let Some(policy) = &file.policy {

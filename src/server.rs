@@ -41,11 +41,16 @@ pub struct ServeOptions {
     /// TLS (and mutual TLS, when it names a client CA); plain HTTP/2
     /// without it.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Rate limits and watch caps (none by default).
+    pub limits: std::sync::Arc<crate::grpc::limits::Limits>,
 }
 
 impl From<CallLayer> for ServeOptions {
     fn from(calls: CallLayer) -> Self {
-        ServeOptions { calls, tls: None }
+        ServeOptions {
+            calls,
+            ..ServeOptions::default()
+        }
     }
 }
 
@@ -98,7 +103,8 @@ pub async fn run_with(
     options: impl Into<ServeOptions>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let ServeOptions { calls, tls } = options.into();
+    let ServeOptions { calls, tls, limits } = options.into();
+    let calls = calls.with_limits(std::sync::Arc::clone(&limits));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -112,7 +118,8 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES);
+    let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES)
+        .with_limits(limits);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

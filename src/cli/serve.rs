@@ -13,7 +13,10 @@ use agent_lifecycle::{
     AgentLifecycleService,
     auth::Authenticator,
     config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
-    grpc::CallLayer,
+    grpc::{
+        CallLayer,
+        limits::{LimitSettings, Limits},
+    },
     health::Health,
     server::{self, ServeOptions},
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
@@ -158,7 +161,16 @@ fn serving(args: &ServeArgs, file: &ConfigFile) -> anyhow::Result<(ServeOptions,
         }
     };
     let authenticated = !principals.is_empty() || client_ca.is_some();
-    Ok((ServeOptions { calls, tls }, authenticated))
+    let limits = match &file.limits {
+        Some(limits) => limits.settings().map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => LimitSettings::default(),
+    };
+    let serving = ServeOptions {
+        calls,
+        tls,
+        limits: std::sync::Arc::new(Limits::new(limits)),
+    };
+    Ok((serving, authenticated))
 }
 
 impl Settings {

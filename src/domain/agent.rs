@@ -29,9 +29,12 @@ impl AgentId {
     /// # Errors
     /// A [`FieldViolation`] naming `field` when `text` is not a UUID.
     pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
-        Uuid::parse_str(text.trim())
-            .map(AgentId)
-            .map_err(|_| FieldViolation::new(field, format!("{text:?} is not a UUID")))
+        Uuid::parse_str(text.trim()).map(AgentId).map_err(|_| {
+            FieldViolation::new(
+                field,
+                format!("{} is not a UUID", super::limits::quoted(text)),
+            )
+        })
     }
 
     /// Builds an id from its 128-bit value (as stored).

@@ -73,7 +73,8 @@ impl FromStr for ExternalSource {
             "kubernetes" | "k8s" => Ok(ExternalSource::Kubernetes),
             "docker" => Ok(ExternalSource::Docker),
             other => Err(format!(
-                "unknown source {other:?}: expected hf_space, kubernetes or docker"
+                "unknown source {}: expected hf_space, kubernetes or docker",
+                super::limits::quoted(other)
             )),
         }
     }

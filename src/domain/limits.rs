@@ -19,8 +19,22 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_BYTES: usize = 128;
 /// Bytes in a label value.
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Nesting of objects and lists in `metadata` (the top-level object is 1).
+pub const MAX_METADATA_DEPTH: usize = 16;
 /// Agent ids in one WatchEvents filter.
 pub const MAX_FILTER_IDS: usize = 1000;
+
+/// Characters of a client's value quoted back in an error message.
+const MAX_QUOTED_CHARS: usize = 64;
+
+/// `value` quoted for an error message, shortened when long (with its full
+/// size), so that an error never grows with the input that caused it.
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &value[..cut], value.len()),
+    }
+}
 
 /// One bad field of a request.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -71,13 +85,19 @@ pub fn check_labels(field: &str, labels: &Labels) -> Result<(), FieldViolation> 
         if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES {
             return Err(FieldViolation::new(
                 field,
-                format!("label key {key:?} must have 1 to {MAX_LABEL_KEY_BYTES} bytes"),
+                format!(
+                    "label key {} must have 1 to {MAX_LABEL_KEY_BYTES} bytes",
+                    quoted(key)
+                ),
             ));
         }
         if value.len() > MAX_LABEL_VALUE_BYTES {
             return Err(FieldViolation::new(
                 field,
-                format!("label {key:?} has a value over {MAX_LABEL_VALUE_BYTES} bytes"),
+                format!(
+                    "label {} has a value over {MAX_LABEL_VALUE_BYTES} bytes",
+                    quoted(key)
+                ),
             ));
         }
     }

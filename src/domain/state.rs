@@ -239,7 +239,8 @@ impl FromStr for AgentCategory {
             "error" => Ok(AgentCategory::Error),
             "maintenance" => Ok(AgentCategory::Maintenance),
             other => Err(format!(
-                "unknown category {other:?} (operational, available, error, maintenance)"
+                "unknown category {} (operational, available, error, maintenance)",
+                super::limits::quoted(other)
             )),
         }
     }

@@ -195,12 +195,25 @@ pub fn metadata_from_pb(field: &str, metadata: Option<Struct>) -> Result<Metadat
     metadata
         .fields
         .into_iter()
-        .map(|(k, v)| Ok((k, value_from_pb(field, v)?)))
+        .map(|(k, v)| Ok((k, value_from_pb(field, v, 2)?)))
         .collect()
 }
 
-fn value_from_pb(field: &str, value: Value) -> Result<serde_json::Value, FieldViolation> {
+/// `value`, nested `depth` deep (the top-level object is 1).
+fn value_from_pb(
+    field: &str,
+    value: Value,
+    depth: usize,
+) -> Result<serde_json::Value, FieldViolation> {
+    use crate::domain::limits::MAX_METADATA_DEPTH;
     use serde_json::Value as J;
+    let nested = matches!(value.kind, Some(Kind::ListValue(_) | Kind::StructValue(_)));
+    if nested && depth > MAX_METADATA_DEPTH {
+        return Err(FieldViolation::new(
+            field,
+            format!("nested deeper than {MAX_METADATA_DEPTH} levels"),
+        ));
+    }
     Ok(match value.kind {
         None | Some(Kind::NullValue(_)) => J::Null,
         Some(Kind::BoolValue(b)) => J::Bool(b),
@@ -211,13 +224,13 @@ fn value_from_pb(field: &str, value: Value) -> Result<serde_json::Value, FieldVi
         Some(Kind::ListValue(list)) => J::Array(
             list.values
                 .into_iter()
-                .map(|v| value_from_pb(field, v))
+                .map(|v| value_from_pb(field, v, depth + 1))
                 .collect::<Result<_, _>>()?,
         ),
         Some(Kind::StructValue(s)) => J::Object(
             s.fields
                 .into_iter()
-                .map(|(k, v)| Ok((k, value_from_pb(field, v)?)))
+                .map(|(k, v)| Ok((k, value_from_pb(field, v, depth + 1)?)))
                 .collect::<Result<_, FieldViolation>>()?,
         ),
     })

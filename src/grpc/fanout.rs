@@ -75,10 +75,16 @@ impl LifecycleServer {
         )
     }
 
+    /// This server with `limits` (transition rates, watch caps).
+    pub fn with_limits(self, limits: std::sync::Arc<super::limits::Limits>) -> Self {
+        Self::with_handler(self.handler.with_limits(limits), self.max_request_bytes)
+    }
+
     fn with_handler(handler: LifecycleHandler, max_request_bytes: usize) -> Self {
         LifecycleServer {
             generated: AgentLifecycleServiceServer::new(handler.clone())
-                .max_decoding_message_size(max_request_bytes),
+                .max_decoding_message_size(max_request_bytes)
+                .max_encoding_message_size(crate::config::MAX_RESPONSE_BYTES),
             handler,
             max_request_bytes,
         }
@@ -110,7 +116,10 @@ where
         let codec = WatchCodec(self.handler.service().clone());
         let limit = self.max_request_bytes;
         Box::pin(async move {
-            let mut grpc = Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
+            let mut grpc = Grpc::new(codec).apply_max_message_size_config(
+                Some(limit),
+                Some(crate::config::MAX_RESPONSE_BYTES),
+            );
             Ok(grpc.server_streaming(route, request).await)
         })
     }

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{self, agent_id_from_pb},
     layer::caller_of,
+    limits::Limits,
     mutation::{MutatingRequest, MutationResponse},
     pb,
     status::not_routed,
@@ -50,19 +51,31 @@ pub struct LifecycleHandler {
     /// Heartbeats (and the monitor's bookkeeping), shared with the health
     /// monitor when one runs.
     health: Health,
+    /// Transition rates and watch caps (none unless set).
+    limits: Arc<Limits>,
 }
 
 impl LifecycleHandler {
     /// A handler over `service`, with heartbeat tracking of its own.
     pub fn new(service: AgentLifecycleService) -> Self {
         let health = Health::new(service.clone(), HealthSettings::default());
-        LifecycleHandler { service, health }
+        Self::with_health(service, health)
     }
 
     /// A handler over `service` that records heartbeats in `health` (the
     /// one the health monitor watches).
     pub fn with_health(service: AgentLifecycleService, health: Health) -> Self {
-        LifecycleHandler { service, health }
+        LifecycleHandler {
+            service,
+            health,
+            limits: Arc::default(),
+        }
+    }
+
+    /// This handler with `limits`.
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// `agent` on the wire, with its last heartbeat.
@@ -112,9 +125,10 @@ impl LifecycleHandler {
         if load.is_some_and(|l| !l.is_finite()) {
             return Err(FieldViolation::new("load", "must be a finite number").into());
         }
-        if self.service.get_agent(id).is_err() {
-            self.service.sync().await?;
-        }
+        // On a shared store, what other processes committed first: the
+        // heartbeat's effect (completing a start, ending an ERROR) depends
+        // on the agent's latest state.
+        self.service.sync().await?;
         let task = Some(current_task).filter(|t| !t.is_empty());
         let beat = self.health.heartbeat(id, load, task).await?;
         Ok((id, beat))
@@ -143,6 +157,7 @@ impl LifecycleHandler {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<WatchItems, Status> {
         let caller = caller_of(&request);
+        let permit = self.limits.open_watch(&caller)?;
         let mut watch = convert::watch_request_from_pb(request.into_inner())?;
         if caller.role == crate::domain::Role::Agent {
             // An agent principal watches its own agents only.
@@ -158,10 +173,12 @@ impl LifecycleHandler {
         // handed out starts where it should.
         self.service.sync().await?;
         let watcher = self.service.watch(watch).await?;
-        let items = futures_util::stream::unfold(watcher, |mut watcher| async move {
-            let item = watcher.next().await?;
-            Some((item.map_err(Status::from), watcher))
-        });
+        // The permit counts the stream as open until the stream is dropped.
+        let items =
+            futures_util::stream::unfold((watcher, permit), |(mut watcher, permit)| async move {
+                let item = watcher.next().await?;
+                Some((item.map_err(Status::from), (watcher, permit)))
+            });
         Ok(Box::pin(items))
     }
 }
@@ -207,6 +224,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             return Err(caller.denied("delete agents").into());
         }
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.transition(id, target, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -218,6 +236,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, ()) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.deploy_agent(id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -229,6 +248,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, wait_for_heartbeat) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.health.start(id, wait_for_heartbeat, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -240,6 +260,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, ()) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.stop_agent(id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -251,6 +272,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, task_id) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.assign_task(id, task_id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -262,6 +284,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, task_id) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.complete_task(id, task_id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -273,6 +296,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, error_message) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self
             .service
             .handle_error(id, &error_message, change)
@@ -287,6 +311,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, ()) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.put_in_maintenance(id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -298,6 +323,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let caller = caller_of(&request);
         let (fields, ()) = request.into_inner().into_parts();
         let (id, change) = fields.parse(caller)?;
+        self.limits.admit_transition(&change.caller, id)?;
         let outcome = self.service.resume_from_maintenance(id, change).await?;
         Ok(self.reply(&outcome))
     }
@@ -416,6 +442,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         } = request.into_inner();
         let id = agent_id_from_pb("agent_id", &agent_id)?;
         caller.check_agent(id)?;
+        self.limits.admit_transition(&caller, id)?;
         let source = source
             .parse::<ExternalSource>()
             .map_err(|e| FieldViolation::new("source", e))?;

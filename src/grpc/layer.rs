@@ -36,7 +36,10 @@ use tonic::{
 use tower::{Layer, Service};
 use tracing::{Instrument, info_span, warn};
 
-use super::access::{self, Access};
+use super::{
+    access::{self, Access},
+    limits::Limits,
+};
 use crate::{auth::Authenticator, domain::Caller};
 
 /// The caller the [`CallLayer`] established for `request`; anonymous when
@@ -99,6 +102,8 @@ pub struct CallLayer {
     caller: Caller,
     /// Authenticates every call that is not open.
     auth: Option<Arc<Authenticator>>,
+    /// Per-principal request rates.
+    limits: Option<Arc<Limits>>,
 }
 
 impl CallLayer {
@@ -108,7 +113,14 @@ impl CallLayer {
             observer,
             caller: Caller::anonymous(),
             auth: None,
+            limits: None,
         }
+    }
+
+    /// Limits every authenticated principal's request rate by `limits`.
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// Authenticates every call with `auth`.
@@ -150,6 +162,9 @@ impl CallLayer {
             );
             let method = path.rsplit('/').next().unwrap_or(path);
             return Err(tonic::Status::from(caller.denied(format!("call {method}"))));
+        }
+        if let Some(limits) = &self.limits {
+            limits.admit_request(&caller)?;
         }
         Ok(caller)
     }

@@ -17,6 +17,7 @@ pub mod convert;
 pub mod fanout;
 mod handler;
 pub mod layer;
+pub mod limits;
 pub mod mutation;
 pub mod status;
 

@@ -33,6 +33,24 @@ fn names(states: &[AgentState]) -> String {
         .join(",")
 }
 
+/// Bytes of a status message (and of a BadRequest description). Status
+/// travels in HTTP/2 trailers, which clients cap (16 KiB by default in
+/// tonic); an error must never outgrow them, whatever the input was.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `text`, cut at [`MAX_MESSAGE_BYTES`] (on a character boundary).
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
 /// Malformed input: INVALID_ARGUMENT naming the field, as
 /// [`Error::InvalidArgument`].
 impl From<FieldViolation> for Status {
@@ -54,11 +72,14 @@ pub(crate) fn not_routed(method: &str) -> Status {
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        let message = err.to_string();
+        let message = bounded(err.to_string());
         let (code, details) = match &err {
             Error::InvalidArgument(v) => {
                 let mut details = info("INVALID_ARGUMENT", &[("field", v.field.clone())]);
-                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                details.add_bad_request_violation(
+                    bounded(v.field.clone()),
+                    bounded(v.description.clone()),
+                );
                 (Code::InvalidArgument, details)
             }
             Error::AgentNotFound(id) => (

@@ -58,6 +58,30 @@ impl ServerProcess {
         self.inner.stderr_after_exit(Duration::from_secs(10))
     }
 
+    /// Fails the test, showing the server's stderr, when the server has
+    /// exited or one of its threads panicked.
+    pub fn assert_running(&mut self) {
+        match self.inner.try_wait() {
+            Ok(None) => {}
+            Ok(Some(status)) => panic!("the server exited: {status}{}", self.log()),
+            Err(e) => panic!("{}{}", chain(&e), self.log()),
+        }
+        let log = self.inner.stderr_text();
+        assert!(
+            !log.contains("panicked"),
+            "a server thread panicked{}",
+            self.log()
+        );
+    }
+
+    /// The server's resident memory (VmRSS), in bytes.
+    pub fn resident_memory(&self) -> u64 {
+        self.inner
+            .memory()
+            .unwrap_or_else(|e| panic!("{}{}", chain(&e), self.log()))
+            .resident
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         self.stop(Signal::Terminate)
