@@ -104,7 +104,12 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let ServeOptions { calls, tls, limits } = options.into();
-    let calls = calls.with_limits(std::sync::Arc::clone(&limits));
+    let mut calls = calls.with_limits(std::sync::Arc::clone(&limits));
+    // Per-call metrics in the service's registry, once per registry (a
+    // service served twice keeps the first server's).
+    if let Ok(rpc) = crate::grpc::observe::RpcMetrics::register(service.metrics().registry()) {
+        calls = calls.also_observe(std::sync::Arc::new(rpc));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;

@@ -310,6 +310,85 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
     c.transition_agent(delete(&admin.token, &other))
         .await
         .expect("the admin deletes");
+
+    // The audit trail: what the operator did, newest first; who moved the
+    // own agent.
+    let by_ops = c
+        .list_transitions(with(
+            &viewer.token,
+            pb::ListTransitionsRequest {
+                principal: Some("ops".into()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("viewer reads the audit trail")
+        .into_inner()
+        .transitions;
+    assert_eq!(
+        by_ops.len(),
+        8,
+        "2 registrations, 2 deployments and 1 start (two steps each)"
+    );
+    assert!(by_ops.iter().all(|t| t.principal == "ops"));
+    assert!(
+        by_ops.windows(2).all(|w| w[0].sequence > w[1].sequence),
+        "newest first"
+    );
+    let page = c
+        .list_transitions(with(
+            &viewer.token,
+            pb::ListTransitionsRequest {
+                agent_id: own.clone(),
+                page_size: 2,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("by agent")
+        .into_inner();
+    let who: Vec<&str> = page
+        .transitions
+        .iter()
+        .map(|t| t.principal.as_str())
+        .collect();
+    assert_eq!(who, ["agent-7", "ops"], "the error, then the start");
+    assert!(!page.next_page_token.is_empty());
+    let audit = c.list_transitions(with(&agent.token, pb::ListTransitionsRequest::default()));
+    assert_eq!(code(audit.await), Code::PermissionDenied, "fleet-wide");
+    let output = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
+        .args([
+            "--server",
+            &server.url(),
+            "--token",
+            &viewer.token,
+            "audit",
+            "--agent",
+            &own,
+            "--principal",
+            "agent-7",
+        ])
+        .output()
+        .expect("run the CLI");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("agent-7") && text.contains("online -> error"),
+        "{text}"
+    );
+
+    // Every refusal is counted by reason.
+    let metrics = c
+        .get_lifecycle_metrics(with(&viewer.token, pb::GetLifecycleMetricsRequest {}))
+        .await
+        .expect("metrics")
+        .into_inner();
+    assert_eq!(
+        metrics.refused.get("unauthenticated"),
+        Some(&4),
+        "{metrics:?}"
+    );
+    assert!(metrics.refused["permission_denied"] >= 8, "{metrics:?}");
 }
 
 /// A non-loopback address without authentication is refused, naming the

@@ -385,11 +385,22 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
             }),
         ],
         "GetAgentHistory" => vec![enc(pb::GetAgentHistoryRequest {
-            agent_id: id,
+            agent_id: id.clone(),
             limit: 3,
             page_size: 2,
             page_token: String::new(),
         })],
+        "ListTransitions" => vec![
+            enc(pb::ListTransitionsRequest {
+                agent_id: id,
+                page_size: 2,
+                ..Default::default()
+            }),
+            enc(pb::ListTransitionsRequest {
+                principal: Some("someone".into()),
+                ..Default::default()
+            }),
+        ],
         "GetLifecycleMetrics" => vec![enc(pb::GetLifecycleMetricsRequest {})],
         "GetTransitionRules" => vec![enc(pb::GetTransitionRulesRequest {})],
         "SyncExternalStatus" => [
@@ -449,6 +460,7 @@ fn is_response(method: &str, bytes: &[u8]) -> Result<(), String> {
         "GetAgent" => is::<pb::GetAgentResponse>(bytes),
         "ListAgents" => is::<pb::ListAgentsResponse>(bytes),
         "GetAgentHistory" => is::<pb::GetAgentHistoryResponse>(bytes),
+        "ListTransitions" => is::<pb::ListTransitionsResponse>(bytes),
         "GetLifecycleMetrics" => is::<pb::GetLifecycleMetricsResponse>(bytes),
         "GetTransitionRules" => is::<pb::GetTransitionRulesResponse>(bytes),
         "SyncExternalStatus" => is::<pb::SyncExternalStatusResponse>(bytes),
@@ -1370,6 +1382,10 @@ fn call_with_agent_id(client: &Client, method: &str, agent_id: &str) -> Call {
             agent_id,
             ..Default::default()
         })),
+        "ListTransitions" => rpc!(client.list_transitions(pb::ListTransitionsRequest {
+            agent_id,
+            ..Default::default()
+        })),
         "SyncExternalStatus" => rpc!(client.sync_external_status(pb::SyncExternalStatusRequest {
             agent_id,
             source: "docker".into(),
@@ -1762,7 +1778,10 @@ async fn unknown_enums_and_malformed_ids_are_invalid_arguments() {
         .collect();
     for method in &takes_id {
         for not_id in not_ids.iter().map(String::as_str).chain(["", "   "]) {
-            if method.name == "RegisterAgent" && not_id.is_empty() {
+            // An empty id means "any" (a new id, every agent's trail).
+            if matches!(method.name.as_str(), "RegisterAgent" | "ListTransitions")
+                && not_id.is_empty()
+            {
                 continue;
             }
             let what = format!("{} with agent_id {:?}", method.name, truncated(not_id));
@@ -1809,7 +1828,7 @@ async fn unknown_enums_and_malformed_ids_are_invalid_arguments() {
         )
         .await;
         let expected = match method.name.as_str() {
-            "RegisterAgent" => Code::Ok,
+            "RegisterAgent" | "ListTransitions" => Code::Ok,
             _ => Code::NotFound,
         };
         checks.code(

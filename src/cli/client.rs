@@ -23,7 +23,9 @@ use agent_lifecycle::{
 
 use super::{
     Command, Format,
-    output::{self, agent_json, agent_line, agent_text, transition_json, transition_line},
+    output::{
+        self, agent_json, agent_line, agent_text, audit_line, transition_json, transition_line,
+    },
 };
 
 use super::connect::Client;
@@ -96,6 +98,20 @@ pub struct HistoryArgs {
     /// Only the newest N transitions.
     #[arg(long, default_value_t = 0)]
     pub limit: u32,
+}
+
+/// `audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this agent's transitions.
+    #[arg(long = "agent")]
+    pub agent_id: Option<String>,
+    /// Only the transitions this principal made.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
 }
 
 /// `transition`.
@@ -323,6 +339,7 @@ pub async fn run(
         Command::Get(a) => get(s, a).await,
         Command::List(a) => list(s, a).await,
         Command::History(a) => history(s, a).await,
+        Command::Audit(a) => audit(s, a).await,
         Command::Transition(a) => transition(s, a).await,
         Command::Deploy(a) => deploy(s, a).await,
         Command::Start(a) => start(s, a).await,
@@ -451,6 +468,45 @@ async fn history(s: &mut Session, a: HistoryArgs) -> anyhow::Result<()> {
         Format::Text => {
             for t in &all {
                 println!("{}", transition_line(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `audit`: ListTransitions, newest first, page after page up to the
+/// limit.
+async fn audit(s: &mut Session, a: AuditArgs) -> anyhow::Result<()> {
+    let mut token = String::new();
+    let mut all = Vec::new();
+    while all.len() < a.limit {
+        let request = s.request(pb::ListTransitionsRequest {
+            agent_id: a.agent_id.clone().unwrap_or_default(),
+            principal: a.principal.clone(),
+            page_size: u32::try_from(a.limit - all.len()).unwrap_or(u32::MAX),
+            page_token: token,
+        });
+        let page = s
+            .client
+            .list_transitions(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        all.extend(page.transitions);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    all.truncate(a.limit);
+    match s.format {
+        Format::Json => println!(
+            "{}",
+            json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
+        ),
+        Format::Text => {
+            for t in &all {
+                println!("{}", audit_line(t));
             }
         }
     }

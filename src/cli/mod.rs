@@ -67,6 +67,9 @@ pub enum Command {
     List(client::ListArgs),
     /// Show an agent's transitions, oldest first.
     History(client::HistoryArgs),
+    /// The audit trail: who moved which agent, newest first (by agent
+    /// and/or principal).
+    Audit(client::AuditArgs),
     /// Move an agent to a state.
     Transition(client::TransitionArgs),
     /// DEPLOYING then DEPLOYED.

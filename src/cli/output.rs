@@ -90,8 +90,33 @@ pub fn transition_json(t: &pb::StateTransition) -> Value {
         "timestamp": time_text(t.timestamp.as_ref()),
         "reason": t.reason,
         "triggered_by": t.triggered_by,
+        "principal": t.principal,
         "metadata": struct_json(t.metadata.as_ref()),
     })
+}
+
+/// One text line of the audit trail: when, who (principal and
+/// triggered_by), which agent, what.
+pub fn audit_line(t: &pb::StateTransition) -> String {
+    let principal = if t.principal.is_empty() {
+        "-"
+    } else {
+        t.principal.as_str()
+    };
+    format!(
+        "{}  {:<16} {:<16} {}  {} -> {}  {:?}",
+        time_text(t.timestamp.as_ref()),
+        principal,
+        t.triggered_by,
+        t.agent_id,
+        if t.from_state == 0 {
+            "(new)".to_string()
+        } else {
+            state_name(t.from_state)
+        },
+        state_name(t.to_state),
+        t.reason,
+    )
 }
 
 /// JSON of an agent.

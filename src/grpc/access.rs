@@ -12,7 +12,7 @@ const LIFECYCLE: &str = "/agentlifecycle.v1.AgentLifecycleService/";
 pub enum Access {
     /// Health checks and reflection: open to everyone, authenticated or not.
     Open,
-    /// Fleet-wide reads: ListAgents, GetLifecycleMetrics.
+    /// Fleet-wide reads: ListAgents, ListTransitions, GetLifecycleMetrics.
     ReadFleet,
     /// Reads of one agent: GetAgent, GetAgentHistory (an agent principal:
     /// its own), and WatchEvents (an agent principal: its own agents).
@@ -38,7 +38,7 @@ pub fn access(path: &str) -> Access {
         return Access::Unknown;
     };
     match method {
-        "ListAgents" | "GetLifecycleMetrics" => Access::ReadFleet,
+        "ListAgents" | "ListTransitions" | "GetLifecycleMetrics" => Access::ReadFleet,
         "GetAgent" | "GetAgentHistory" | "WatchEvents" => Access::ReadAgent,
         "GetTransitionRules" => Access::ReadPolicy,
         "RegisterAgent"

@@ -436,6 +436,29 @@ pub fn parse_list_token(token: &str) -> Result<Option<AgentId>, FieldViolation> 
         .ok_or_else(|| FieldViolation::new("page_token", "not a token issued by ListAgents"))
 }
 
+const AUDIT_TOKEN_PREFIX: &str = "audit.v1.";
+
+/// The opaque ListTransitions token: the next page holds the records below
+/// `before`.
+pub fn audit_token(before: u64) -> String {
+    format!("{AUDIT_TOKEN_PREFIX}{before:x}")
+}
+
+/// Parses a ListTransitions token; `None` (the newest) when empty.
+///
+/// # Errors
+/// A token this server did not issue.
+pub fn parse_audit_token(token: &str) -> Result<Option<u64>, FieldViolation> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(AUDIT_TOKEN_PREFIX)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .map(Some)
+        .ok_or_else(|| FieldViolation::new("page_token", "not a token issued by ListTransitions"))
+}
+
 /// The opaque GetAgentHistory token for `cursor`.
 pub fn history_token(cursor: HistoryCursor) -> String {
     format!("{HISTORY_TOKEN_PREFIX}{:x}.{:x}", cursor.after, cursor.upto)

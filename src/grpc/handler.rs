@@ -394,6 +394,61 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         }))
     }
 
+    async fn list_transitions(
+        &self,
+        request: Request<pb::ListTransitionsRequest>,
+    ) -> Result<Response<pb::ListTransitionsResponse>, Status> {
+        let pb::ListTransitionsRequest {
+            agent_id,
+            principal,
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let agent_id = if agent_id.is_empty() {
+            None
+        } else {
+            Some(agent_id_from_pb("agent_id", &agent_id)?)
+        };
+        if let Some(principal) = &principal {
+            crate::domain::limits::check_text(
+                "principal",
+                principal,
+                crate::domain::limits::MAX_SHORT_TEXT_BYTES,
+            )?;
+        }
+        let before = convert::parse_audit_token(&page_token)?.unwrap_or(u64::MAX);
+        let max = match page_size as usize {
+            0 => DEFAULT_LIST_PAGE,
+            n => n.min(MAX_LIST_PAGE),
+        };
+        // One more than asked tells whether another page follows.
+        let mut records = self
+            .service
+            .audit(crate::store::AuditQuery {
+                agent_id,
+                principal,
+                before,
+                max: max + 1,
+            })
+            .await?;
+        let next_page_token = if records.len() > max {
+            records.truncate(max);
+            records
+                .last()
+                .map(|r| convert::audit_token(r.sequence))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTransitionsResponse {
+            transitions: records
+                .iter()
+                .map(|r| convert::transition_to_pb(r))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
     async fn get_lifecycle_metrics(
         &self,
         _request: Request<pb::GetLifecycleMetricsRequest>,
@@ -407,6 +462,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         response.restarts = restarts;
         response.stuck_agents = stuck;
         response.sync_transitions = sync;
+        response.refused = super::observe::refused_counts(self.service.metrics().registry());
         Ok(Response::new(response))
     }
 

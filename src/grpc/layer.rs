@@ -93,6 +93,16 @@ impl CallObserver for IgnoreCalls {
     fn observe(&self, _call: &CallRecord<'_>) {}
 }
 
+/// Two observers, in order.
+struct Both(Arc<dyn CallObserver>, Arc<dyn CallObserver>);
+
+impl CallObserver for Both {
+    fn observe(&self, call: &CallRecord<'_>) {
+        self.0.observe(call);
+        self.1.observe(call);
+    }
+}
+
 /// Wraps every served call: caller, span, measurement (see the module doc).
 #[derive(Clone)]
 pub struct CallLayer {
@@ -167,6 +177,12 @@ impl CallLayer {
             limits.admit_request(&caller)?;
         }
         Ok(caller)
+    }
+
+    /// Hands every call's record to `extra` as well.
+    pub fn also_observe(mut self, extra: Arc<dyn CallObserver>) -> Self {
+        self.observer = Arc::new(Both(self.observer, extra));
+        self
     }
 
     /// Gives every call `caller`, standing in for authentication in tests.

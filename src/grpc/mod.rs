@@ -19,6 +19,7 @@ mod handler;
 pub mod layer;
 pub mod limits;
 pub mod mutation;
+pub mod observe;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.

@@ -212,14 +212,19 @@ impl From<Error> for Status {
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
             Error::PermissionDenied {
-                principal, role, ..
-            } => (
-                Code::PermissionDenied,
-                info(
-                    "PERMISSION_DENIED",
-                    &[("principal", principal.clone()), ("role", role.to_string())],
-                ),
-            ),
+                principal,
+                role,
+                action,
+            } => {
+                warn!(%principal, %role, %action, "refused: permission denied");
+                (
+                    Code::PermissionDenied,
+                    info(
+                        "PERMISSION_DENIED",
+                        &[("principal", principal.clone()), ("role", role.to_string())],
+                    ),
+                )
+            }
             Error::Store(source)
                 if matches!(
                     **source,

@@ -216,6 +216,19 @@ impl AgentLifecycleService {
 }
 
 impl AgentLifecycleService {
+    /// The audit trail: the retained records `query` selects, newest first.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn audit(
+        &self,
+        query: crate::store::AuditQuery,
+    ) -> Result<Vec<Arc<crate::domain::TransitionRecord>>> {
+        self.shared()
+            .read_store(move |store| store.audit(&query))
+            .await
+    }
+
     /// Whether other processes share this service's store (heartbeats and
     /// background work are then coordinated through it).
     pub fn is_store_shared(&self) -> bool {

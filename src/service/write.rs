@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{OwnedMutexGuard, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     AgentLifecycleService, ChangeRequest, Outcome, Registration,
@@ -389,7 +389,21 @@ impl AgentLifecycleService {
         // cancelled while the proposal waits in the queue.
         let guard = writer.lock_owned().await;
         let agent = self.shared().agent(id).ok_or(Error::AgentNotFound(id))?;
-        self.validate(&agent, op, path, change.expected_version)?;
+        if let Err(err) = self.validate(&agent, op, path, change.expected_version) {
+            // The audit trail of refusals: who tried what on which agent.
+            let to = path.last().map(|(to, _)| *to);
+            warn!(
+                principal = %change.caller,
+                triggered_by = %change.triggered_by,
+                agent_id = %id,
+                from = %agent.state,
+                to = to.map(AgentState::as_str).unwrap_or(""),
+                reason = %change.reason,
+                refusal = %err,
+                "refused: transition not allowed"
+            );
+            return Err(err);
+        }
         let triggered_by = if change.triggered_by.is_empty() {
             "system"
         } else {

@@ -10,8 +10,8 @@ use std::{
 };
 
 use super::{
-    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention,
-    Store,
+    AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
+    Result, Retention, Store,
 };
 use crate::domain::{Agent, AgentId, Clock, TransitionRecord, clock::to_stored_precision};
 
@@ -204,6 +204,32 @@ impl Store for MemoryStore {
         let end = list.partition_point(|r| r.sequence <= upto);
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         Ok(end.checked_sub(n).map(|i| list[i].sequence))
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
+        let inner = self.read();
+        let matches = |r: &&Arc<TransitionRecord>| {
+            r.sequence < query.before && query.principal.as_ref().is_none_or(|p| r.principal == *p)
+        };
+        let records: Vec<_> = match query.agent_id {
+            Some(id) => inner.by_agent.get(&id).map_or_else(Vec::new, |list| {
+                list.iter()
+                    .rev()
+                    .filter(matches)
+                    .take(query.max)
+                    .cloned()
+                    .collect()
+            }),
+            None => inner
+                .log
+                .iter()
+                .rev()
+                .filter(matches)
+                .take(query.max)
+                .cloned()
+                .collect(),
+        };
+        Ok(records)
     }
 
     fn history_count(&self, agent_id: AgentId) -> Result<u64> {

@@ -196,6 +196,19 @@ impl Lease for LocalLease {
     }
 }
 
+/// Which records an audit query wants: newest first, below `before`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only this agent's records.
+    pub agent_id: Option<AgentId>,
+    /// Only the records this principal made ("" for the unauthenticated).
+    pub principal: Option<String>,
+    /// Only records with `sequence < before`.
+    pub before: u64,
+    /// At most this many.
+    pub max: usize,
+}
+
 /// The durable record.
 pub trait Store: Send + Sync + 'static {
     /// Reads the agents and the head sequence, creating or migrating the
@@ -318,6 +331,12 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// The back end failed.
     fn nth_newest(&self, agent_id: AgentId, upto: u64, n: u64) -> Result<Option<u64>>;
+
+    /// The retained records `query` selects, newest first.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>>;
 
     /// How many records of the agent are retained.
     ///

@@ -44,8 +44,8 @@ use std::{
 use postgres::{Client, NoTls, Row, Statement, fallible_iterator::FallibleIterator};
 
 use super::{
-    AgentChange, AgentIdentity, BatchId, ChangeOutcome, CommitFeed, HistoryRange, Lease, Recovered,
-    Result, Retention, Store, StoreError,
+    AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, CommitFeed, HistoryRange,
+    Lease, Recovered, Result, Retention, Store, StoreError,
     codec::{decode_map, encode_map, from_micros, to_micros},
 };
 use crate::domain::{
@@ -913,6 +913,44 @@ impl Store for PostgresStore {
                 )
                 .map_err(pg("reading history"))?
                 .map(|row| row.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
+        let before = query.before.min(i64::MAX as u64) as i64;
+        let max = query.max.min(i64::MAX as usize) as i64;
+        let id = query.agent_id.map(|id| *id.as_bytes());
+        let id = id.as_ref().map(|b| b.as_slice());
+        let principal = query.principal.as_deref();
+        let mut conditions = vec!["sequence < $1"];
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&before];
+        let id_ref;
+        if let Some(id) = &id {
+            id_ref = *id;
+            params.push(&id_ref);
+            conditions.push("agent_id = $2");
+        }
+        if let Some(principal) = &principal {
+            params.push(principal);
+            conditions.push(if id.is_some() {
+                "principal = $3"
+            } else {
+                "principal = $2"
+            });
+        }
+        params.push(&max);
+        let text = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE {} ORDER BY sequence DESC LIMIT ${}",
+            conditions.join(" AND "),
+            params.len()
+        );
+        self.with_reader(|client| {
+            client
+                .query(&text, &params)
+                .map_err(pg("reading the audit trail"))?
+                .iter()
+                .map(record_from_row)
+                .collect()
         })
     }
 

@@ -26,8 +26,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AgentChange, AgentIdentity, BatchId, ChangeOutcome, HistoryRange, Recovered, Result, Retention,
-    Store, StoreError,
+    AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
+    Result, Retention, Store, StoreError,
     codec::{encode_map, from_micros, to_micros},
 };
 use crate::domain::{
@@ -614,6 +614,38 @@ impl Store for SqliteStore {
             })
             .map(|s| s.map(|s| s as u64))
             .map_err(sql("reading history"))
+        })
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
+        let mut conditions = vec!["sequence < ?1"];
+        let mut values: Vec<rusqlite::types::Value> =
+            vec![(query.before.min(i64::MAX as u64) as i64).into()];
+        if let Some(id) = query.agent_id {
+            conditions.push("agent_id = ?2");
+            values.push(id.as_bytes().to_vec().into());
+        }
+        if let Some(principal) = &query.principal {
+            conditions.push(if query.agent_id.is_some() {
+                "principal = ?3"
+            } else {
+                "principal = ?2"
+            });
+            values.push(principal.clone().into());
+        }
+        values.push((query.max.min(i64::MAX as usize) as i64).into());
+        let sql_text = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE {} ORDER BY sequence DESC LIMIT ?{}",
+            conditions.join(" AND "),
+            values.len()
+        );
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&sql_text)
+                .map_err(sql("reading the audit trail"))?;
+            stmt.query_map(rusqlite::params_from_iter(values.iter()), record_from_row)
+                .and_then(|rows| rows.collect())
+                .map_err(sql("reading the audit trail"))
         })
     }
 
