@@ -138,6 +138,8 @@ pub struct ConfigFile {
     pub compaction_interval: Option<String>,
     /// `--max-batch`.
     pub max_batch: Option<usize>,
+    /// `--request-id-window`.
+    pub request_id_window: Option<String>,
     /// `--tls-cert`.
     pub tls_cert: Option<String>,
     /// `--tls-key`.
@@ -607,6 +609,7 @@ impl ConfigFile {
             ("progress_interval", &file.progress_interval),
             ("retain_for", &file.retain_for),
             ("compaction_interval", &file.compaction_interval),
+            ("request_id_window", &file.request_id_window),
         ] {
             if let Some(value) = value {
                 parse_duration(value).map_err(|e| format!("{key}: {e}"))?;

@@ -54,6 +54,20 @@ pub enum Error {
         /// What it may not do, e.g. "act for agent X" or "delete agents".
         action: String,
     },
+    /// A `request_id` already used for a request with other content.
+    #[error("request_id {request_id:?} was already used for a different request")]
+    RequestIdReused {
+        /// The id.
+        request_id: String,
+    },
+    /// A retried request whose original records retention already deleted.
+    #[error(
+        "the request was already applied, but its events were compacted (the oldest retained sequence is past {oldest}); its outcome cannot be returned again"
+    )]
+    RequestCompacted {
+        /// The first sequence it committed.
+        oldest: u64,
+    },
     /// The service is shutting down and takes no more work.
     #[error("the service is shutting down")]
     ShuttingDown,

@@ -197,6 +197,7 @@ fn change(reason: String, metadata: Metadata, expected_version: u64) -> ChangeRe
         metadata,
         expected_version: Some(expected_version),
         caller: Caller::principal(TRIGGER),
+        request_id: None,
     }
 }
 

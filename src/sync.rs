@@ -143,6 +143,7 @@ pub async fn sync_external_status(
                 metadata: metadata.clone(),
                 expected_version: Some(version),
                 caller: report.caller.clone(),
+                request_id: None,
             };
             match service.transition(id, step, change).await {
                 Ok(outcome) => {

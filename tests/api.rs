@@ -48,6 +48,7 @@ async fn register_and_get_agent() {
         reason: "new".into(),
         triggered_by: "ci".into(),
         metadata: None,
+        request_id: String::new(),
     };
     let first = client
         .register_agent(request.clone())
@@ -305,6 +306,7 @@ async fn transition_agent_codes_and_details() {
                 )]
                 .into(),
             }),
+            request_id: String::new(),
         })
         .await
         .expect("cas transition")

@@ -316,6 +316,7 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
                     triggered_by: "fuzzer".into(),
                     metadata: meta.clone(),
                     expected_version: Some(7),
+                    request_id: "fuzz-request".into(),
                     $($field: $value,)*
                 }),
             ]
@@ -367,6 +368,7 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
             triggered_by: "fuzzer".into(),
             metadata: meta,
             expected_version: Some(3),
+            request_id: "fuzz-error".into(),
         })],
         "PutInMaintenance" => change!(PutInMaintenanceRequest {}),
         "ResumeFromMaintenance" => change!(ResumeFromMaintenanceRequest {}),

@@ -55,6 +55,10 @@ pub struct ChangeArgs {
     /// Apply only if the agent is at this version.
     #[arg(long)]
     pub expected_version: Option<u64>,
+    /// Idempotency key: running the same command again with the same id
+    /// returns the first answer without a second change.
+    #[arg(long, default_value = "")]
+    pub request_id: String,
 }
 
 /// `register`.
@@ -303,6 +307,7 @@ struct PlainChange {
     triggered_by: String,
     metadata: Option<Struct>,
     expected_version: Option<u64>,
+    request_id: String,
 }
 
 impl PlainChange {
@@ -314,6 +319,7 @@ impl PlainChange {
             triggered_by: a.change.triggered_by,
             metadata,
             expected_version: a.change.expected_version,
+            request_id: a.change.request_id,
         })
     }
 }
@@ -366,6 +372,7 @@ async fn register(s: &mut Session, a: RegisterArgs) -> anyhow::Result<()> {
         reason: a.change.reason,
         triggered_by: a.change.triggered_by,
         metadata,
+        request_id: a.change.request_id,
     });
     let response = s
         .client
@@ -523,6 +530,7 @@ async fn transition(s: &mut Session, a: TransitionArgs) -> anyhow::Result<()> {
         triggered_by: a.change.triggered_by,
         metadata,
         expected_version: a.change.expected_version,
+        request_id: a.change.request_id,
     });
     let response = s
         .client
@@ -543,6 +551,7 @@ async fn deploy(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        request_id: c.request_id,
     });
     let response = s
         .client
@@ -576,6 +585,7 @@ async fn start(s: &mut Session, a: StartArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        request_id: c.request_id,
         wait_for_heartbeat,
     });
     let response = s
@@ -597,6 +607,7 @@ async fn stop(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        request_id: c.request_id,
     });
     let response = s
         .client
@@ -618,6 +629,7 @@ async fn assign(s: &mut Session, a: TaskArgs) -> anyhow::Result<()> {
         triggered_by: a.change.triggered_by,
         metadata,
         expected_version: a.change.expected_version,
+        request_id: a.change.request_id,
     });
     let response = s
         .client
@@ -639,6 +651,7 @@ async fn complete(s: &mut Session, a: TaskArgs) -> anyhow::Result<()> {
         triggered_by: a.change.triggered_by,
         metadata,
         expected_version: a.change.expected_version,
+        request_id: a.change.request_id,
     });
     let response = s
         .client
@@ -659,6 +672,7 @@ async fn error(s: &mut Session, a: ErrorArgs) -> anyhow::Result<()> {
         triggered_by: a.change.triggered_by,
         metadata,
         expected_version: a.change.expected_version,
+        request_id: a.change.request_id,
     });
     let response = s
         .client
@@ -679,6 +693,7 @@ async fn maintenance(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        request_id: c.request_id,
     });
     let response = s
         .client
@@ -699,6 +714,7 @@ async fn resume(s: &mut Session, a: OpArgs) -> anyhow::Result<()> {
         triggered_by: c.triggered_by,
         metadata: c.metadata,
         expected_version: c.expected_version,
+        request_id: c.request_id,
     });
     let response = s
         .client

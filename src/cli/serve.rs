@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Largest group commit [default: 1024].
     #[arg(long, env = "AGENT_LIFECYCLE_MAX_BATCH")]
     max_batch: Option<usize>,
+    /// How long a client request_id is remembered, so that a retry returns
+    /// the original answer (across restarts) [default: 1h].
+    #[arg(long, env = "AGENT_LIFECYCLE_REQUEST_ID_WINDOW", value_parser = parse_duration)]
+    request_id_window: Option<Duration>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "AGENT_LIFECYCLE_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -219,6 +223,10 @@ impl Settings {
                 .or(file.max_batch)
                 .unwrap_or(DEFAULT_MAX_BATCH),
             policy: file.transition_policy.clone(),
+            request_window: args
+                .request_id_window
+                .or(ConfigFile::duration(&file.request_id_window))
+                .unwrap_or(agent_lifecycle::service::DEFAULT_REQUEST_WINDOW),
             ..ServiceConfig::default()
         };
         Ok(Settings {

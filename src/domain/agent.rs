@@ -75,6 +75,18 @@ impl fmt::Display for AgentId {
     }
 }
 
+/// The client's idempotency key of the request a record was made for
+/// (AIP-155 `request_id`), with a fingerprint of the request's content: a
+/// retry with the same key and fingerprint gets the original response, the
+/// same key with other content is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestTag {
+    /// The client's `request_id`.
+    pub id: String,
+    /// SHA-256 of the request's content (operation, agent, fields).
+    pub fingerprint: [u8; 32],
+}
+
 /// What kind of change an event records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -104,6 +116,9 @@ pub struct TransitionRecord {
     /// server runs without authentication); unlike `triggered_by`, not the
     /// caller's to choose.
     pub principal: String,
+    /// The request it was made for, when the client gave a `request_id`
+    /// (every record of that request carries it).
+    pub request: Option<Arc<RequestTag>>,
     /// Caller's metadata.
     pub metadata: Metadata,
     /// Global sequence number; 1 is the first event ever committed.

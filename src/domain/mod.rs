@@ -15,7 +15,9 @@ pub mod limits;
 pub mod state;
 pub mod transition;
 
-pub use agent::{Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, TransitionRecord};
+pub use agent::{
+    Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, RequestTag, TransitionRecord,
+};
 pub use caller::{Caller, Role};
 pub use clock::{Clock, SystemClock};
 pub use error::TransitionError;

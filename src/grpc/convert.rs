@@ -251,6 +251,7 @@ pub fn change_from_pb(
     metadata: Option<Struct>,
     expected_version: Option<u64>,
     caller: Caller,
+    request_id: String,
 ) -> Result<ChangeRequest, FieldViolation> {
     Ok(ChangeRequest {
         reason,
@@ -258,6 +259,7 @@ pub fn change_from_pb(
         metadata: metadata_from_pb("metadata", metadata)?,
         expected_version,
         caller,
+        request_id: Some(request_id).filter(|id| !id.is_empty()),
     })
 }
 

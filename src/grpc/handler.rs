@@ -197,6 +197,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             reason,
             triggered_by,
             metadata,
+            request_id,
         } = request.into_inner();
         let agent_id = if agent_id.is_empty() {
             None
@@ -207,7 +208,14 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
             agent_id,
             name,
             labels: convert::labels_from_pb(labels),
-            change: convert::change_from_pb(reason, triggered_by, metadata, None, caller)?,
+            change: convert::change_from_pb(
+                reason,
+                triggered_by,
+                metadata,
+                None,
+                caller,
+                request_id,
+            )?,
         };
         let outcome = self.service.register_agent(registration).await?;
         Ok(self.reply(&outcome))

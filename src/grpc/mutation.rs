@@ -33,6 +33,8 @@ pub struct ChangeFields {
     pub metadata: Option<Struct>,
     /// Compare-and-set on the agent's version.
     pub expected_version: Option<u64>,
+    /// Idempotency key; empty for none.
+    pub request_id: String,
 }
 
 impl ChangeFields {
@@ -50,6 +52,7 @@ impl ChangeFields {
             self.metadata,
             self.expected_version,
             caller,
+            self.request_id,
         )?;
         Ok((id, change))
     }
@@ -76,6 +79,7 @@ impl MutatingRequest for pb::TransitionAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -83,6 +87,7 @@ impl MutatingRequest for pb::TransitionAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, target_state)
     }
@@ -98,6 +103,7 @@ impl MutatingRequest for pb::DeployAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -105,6 +111,7 @@ impl MutatingRequest for pb::DeployAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, ())
     }
@@ -122,6 +129,7 @@ impl MutatingRequest for pb::StartAgentRequest {
             metadata,
             expected_version,
             wait_for_heartbeat,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -129,6 +137,7 @@ impl MutatingRequest for pb::StartAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, wait_for_heartbeat)
     }
@@ -144,6 +153,7 @@ impl MutatingRequest for pb::StopAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -151,6 +161,7 @@ impl MutatingRequest for pb::StopAgentRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, ())
     }
@@ -168,6 +179,7 @@ impl MutatingRequest for pb::AssignTaskRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -175,6 +187,7 @@ impl MutatingRequest for pb::AssignTaskRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, Some(task_id).filter(|t| !t.is_empty()))
     }
@@ -192,6 +205,7 @@ impl MutatingRequest for pb::CompleteTaskRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -199,6 +213,7 @@ impl MutatingRequest for pb::CompleteTaskRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, Some(task_id).filter(|t| !t.is_empty()))
     }
@@ -216,6 +231,7 @@ impl MutatingRequest for pb::HandleErrorRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -223,6 +239,7 @@ impl MutatingRequest for pb::HandleErrorRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, error_message)
     }
@@ -238,6 +255,7 @@ impl MutatingRequest for pb::PutInMaintenanceRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -245,6 +263,7 @@ impl MutatingRequest for pb::PutInMaintenanceRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, ())
     }
@@ -260,6 +279,7 @@ impl MutatingRequest for pb::ResumeFromMaintenanceRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         } = self;
         let fields = ChangeFields {
             agent_id,
@@ -267,6 +287,7 @@ impl MutatingRequest for pb::ResumeFromMaintenanceRequest {
             triggered_by,
             metadata,
             expected_version,
+            request_id,
         };
         (fields, ())
     }
@@ -395,6 +416,7 @@ mod tests {
             triggered_by: "scheduler".into(),
             metadata: None,
             expected_version: Some(4),
+            request_id: "r-1".into(),
         };
         let (fields, task_id) = request.into_parts();
         assert_eq!(task_id.as_deref(), Some("t-1"));
@@ -403,6 +425,7 @@ mod tests {
         assert_eq!(change.reason, "work");
         assert_eq!(change.triggered_by, "scheduler");
         assert_eq!(change.expected_version, Some(4));
+        assert_eq!(change.request_id.as_deref(), Some("r-1"));
         assert_eq!(change.caller, Caller::principal("alice"));
 
         let (fields, message) = pb::HandleErrorRequest {

@@ -211,6 +211,16 @@ impl From<Error> for Status {
                 ),
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
+            Error::RequestIdReused { request_id } => (
+                Code::AlreadyExists,
+                info(
+                    "REQUEST_ID_REUSED",
+                    &[("request_id", crate::domain::limits::quoted(request_id))],
+                ),
+            ),
+            Error::RequestCompacted { .. } => {
+                (Code::FailedPrecondition, info("REQUEST_COMPACTED", &[]))
+            }
             Error::PermissionDenied {
                 principal,
                 role,

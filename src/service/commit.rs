@@ -61,6 +61,7 @@ pub(crate) struct Step {
     pub reason: String,
     pub triggered_by: String,
     pub principal: String,
+    pub request: Option<Arc<crate::domain::RequestTag>>,
     pub metadata: Metadata,
 }
 
@@ -280,6 +281,7 @@ impl Batch {
                         reason: step.reason,
                         triggered_by: step.triggered_by,
                         principal: step.principal,
+                        request: step.request.clone(),
                         metadata: step.metadata,
                         sequence: 0,
                         version,

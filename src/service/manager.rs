@@ -71,6 +71,7 @@ impl AgentLifecycleManager {
             metadata,
             expected_version: None,
             caller: crate::domain::Caller::anonymous(),
+            request_id: None,
         };
         let outcome = self.service.transition(self.id, target, change).await?;
         Ok(outcome

@@ -26,6 +26,7 @@ mod lease;
 mod manager;
 mod metrics;
 mod queries;
+mod requests;
 mod table;
 mod types;
 mod watch;
@@ -48,6 +49,7 @@ pub use self::{
     hooks::Hook,
     manager::AgentLifecycleManager,
     metrics::Metrics,
+    requests::{DEFAULT_REQUEST_WINDOW, MAX_REQUEST_ID_BYTES},
     types::{
         AgentFilter, ChangeRequest, DEFAULT_EVENT_BUFFER, DEFAULT_HISTORY_PAGE, DEFAULT_MAX_BATCH,
         DEFAULT_PROGRESS_INTERVAL, HistoryCursor, HistoryPage, HistoryQuery, LifecycleMetrics,
@@ -115,8 +117,19 @@ impl AgentLifecycleService {
         let metrics = Metrics::new();
         let mut table = Table {
             head: recovered.head,
+            requests: requests::RequestIndex::new(config.request_window),
             ..Table::default()
         };
+        // The request ids of the window, so retries after a restart are
+        // recognised.
+        let since = config
+            .clock
+            .now()
+            .checked_sub(config.request_window)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        for record in store.requests_since(since)? {
+            table.requests.note(&record);
+        }
         for agent in recovered.agents {
             metrics.agent_loaded(agent.state);
             table.agents.insert(agent.id, Slot::new(Arc::new(agent)));
@@ -140,6 +153,7 @@ impl AgentLifecycleService {
             metrics: metrics.clone(),
             clock: Arc::clone(&config.clock),
             follow_requested: std::sync::atomic::AtomicBool::new(false),
+            in_flight: requests::InFlight::default(),
         });
         let (tx, rx) = mpsc::channel();
         let settings = commit::Settings {

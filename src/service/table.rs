@@ -45,6 +45,8 @@ pub(crate) struct Table {
     /// Newest committed sequence; consistent with `agents` (both change under
     /// one write lock), which snapshots rely on.
     pub head: u64,
+    /// Recent client request ids and what they committed.
+    pub requests: super::requests::RequestIndex,
 }
 
 /// What the commit thread shares with the service.
@@ -63,6 +65,8 @@ pub(crate) struct Shared {
     /// Set while a `Follow` message is queued, so the follower thread sends
     /// at most one at a time.
     pub follow_requested: AtomicBool,
+    /// Requests with a request id being served, one at a time per id.
+    pub in_flight: super::requests::InFlight,
 }
 
 impl Shared {
@@ -131,6 +135,7 @@ impl Table {
             _ => return None,
         };
         self.head = self.head.max(record.sequence);
+        self.requests.note(&record);
         metrics.agent_moved(record.from, record.to);
         Some(agent)
     }

@@ -46,6 +46,9 @@ pub struct ServiceConfig {
     pub max_batch: usize,
     /// Where wall-clock time comes from (commit times, retention by age).
     pub clock: Arc<dyn Clock>,
+    /// How long a client `request_id` is remembered for retries
+    /// ([`super::DEFAULT_REQUEST_WINDOW`]).
+    pub request_window: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -58,6 +61,7 @@ impl Default for ServiceConfig {
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             max_batch: DEFAULT_MAX_BATCH,
             clock: Arc::new(SystemClock),
+            request_window: super::DEFAULT_REQUEST_WINDOW,
         }
     }
 }
@@ -76,6 +80,10 @@ pub struct ChangeRequest {
     pub expected_version: Option<u64>,
     /// Who asks (the gRPC edge sets it from the request's extensions).
     pub caller: Caller,
+    /// The client's idempotency key (AIP-155): a retry with the same id and
+    /// content within the request window returns the original outcome
+    /// without a second change; the same id with other content is refused.
+    pub request_id: Option<String>,
 }
 
 impl ChangeRequest {

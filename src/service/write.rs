@@ -19,7 +19,10 @@ use super::{
     commit::{Committed, Message, Proposal, Rejected, Step},
 };
 use crate::{
-    domain::{Agent, AgentId, AgentState, HookPhase, TransitionContext, TransitionError, limits},
+    domain::{
+        Agent, AgentId, AgentState, HookPhase, RequestTag, TransitionContext, TransitionError,
+        limits,
+    },
     error::{Error, Result},
     store::AgentIdentity,
 };
@@ -140,6 +143,9 @@ fn check_change(change: &ChangeRequest) -> Result<()> {
         limits::MAX_SHORT_TEXT_BYTES,
     )?;
     limits::check_metadata("metadata", &change.metadata)?;
+    if let Some(id) = &change.request_id {
+        limits::check_text("request_id", id, super::MAX_REQUEST_ID_BYTES)?;
+    }
     Ok(())
 }
 
@@ -179,6 +185,35 @@ impl AgentLifecycleService {
         limits::check_labels("labels", &registration.labels)?;
         check_change(&registration.change)?;
         self.refuse_when_closed()?;
+        let change = &registration.change;
+        let labels = serde_json::to_vec(&registration.labels).unwrap_or_default();
+        let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+        let id = registration
+            .agent_id
+            .map(|id| *id.as_bytes())
+            .unwrap_or_default();
+        let fingerprint = super::requests::fingerprint(&[
+            b"register_agent",
+            &id,
+            registration.name.as_bytes(),
+            &labels,
+            change.reason.as_bytes(),
+            change.triggered_by.as_bytes(),
+            &metadata,
+        ]);
+        let principal = change.caller.principal_name().to_string();
+        let request_id = change.request_id.clone();
+        self.idempotent(&principal, request_id.as_deref(), fingerprint, |tag| {
+            self.register_once(registration, tag)
+        })
+        .await
+    }
+
+    async fn register_once(
+        &self,
+        registration: Registration,
+        request: Option<Arc<RequestTag>>,
+    ) -> Result<Outcome> {
         let agent_id = registration.agent_id.unwrap_or_else(AgentId::generate);
         if let Some(existing) = self.shared().agent(agent_id) {
             return existing_registration(existing);
@@ -196,6 +231,7 @@ impl AgentLifecycleService {
                 reason: defaulted(change.reason, "agent registered"),
                 triggered_by: defaulted(change.triggered_by, "system"),
                 principal: change.caller.principal_name().to_string(),
+                request,
                 metadata: change.metadata,
             }],
             guard: None,
@@ -339,11 +375,45 @@ impl AgentLifecycleService {
         change: ChangeRequest,
     ) -> Result<Outcome> {
         check_change(&change)?;
+        let targets: Vec<u8> = path.iter().map(|(to, _)| *to as u8).collect();
+        let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+        let expected = change
+            .expected_version
+            .map(u64::to_be_bytes)
+            .unwrap_or_default();
+        let fingerprint = super::requests::fingerprint(&[
+            op.name.as_bytes(),
+            id.as_bytes(),
+            &targets,
+            change.reason.as_bytes(),
+            change.triggered_by.as_bytes(),
+            &metadata,
+            &[u8::from(change.expected_version.is_some())],
+            &expected,
+        ]);
+        let principal = change.caller.principal_name().to_string();
+        let request_id = change.request_id.clone();
+        self.idempotent(&principal, request_id.as_deref(), fingerprint, |tag| {
+            self.apply_retrying(id, op, path, change, tag)
+        })
+        .await
+    }
+
+    /// [`Self::apply`] for one request: validates again when another process
+    /// changed the agent in between.
+    async fn apply_retrying(
+        &self,
+        id: AgentId,
+        op: Operation,
+        path: &[(AgentState, &'static str)],
+        change: ChangeRequest,
+        request: Option<Arc<RequestTag>>,
+    ) -> Result<Outcome> {
         let mut retries = 0;
         let mut synced = false;
         let shared_store = self.shared().store.is_shared();
         loop {
-            match self.apply_once(id, op, path, &change).await {
+            match self.apply_once(id, op, path, &change, &request).await {
                 // Lost to another process's change of the agent, without a
                 // version of the caller's to hold on to: validate again.
                 Err(Error::Transition(TransitionError::VersionMismatch { .. }))
@@ -377,6 +447,7 @@ impl AgentLifecycleService {
         op: Operation,
         path: &[(AgentState, &'static str)],
         change: &ChangeRequest,
+        request: &Option<Arc<RequestTag>>,
     ) -> Result<Outcome> {
         self.refuse_when_closed()?;
         let writer = {
@@ -420,6 +491,7 @@ impl AgentLifecycleService {
                 },
                 triggered_by: triggered_by.to_string(),
                 principal: change.caller.principal_name().to_string(),
+                request: request.clone(),
                 metadata: change.metadata.clone(),
             })
             .collect();

@@ -19,6 +19,31 @@ pub(crate) fn from_micros(micros: i64) -> SystemTime {
     }
 }
 
+/// A record's request tag as text: empty, or the fingerprint's 64 hex
+/// digits followed by the request id.
+pub(crate) fn encode_request(request: Option<&crate::domain::RequestTag>) -> String {
+    match request {
+        None => String::new(),
+        Some(tag) => format!("{}{}", crate::auth::hex(&tag.fingerprint), tag.id),
+    }
+}
+
+/// Decodes [`encode_request`]'s text.
+pub(crate) fn decode_request(
+    text: &str,
+) -> Result<Option<std::sync::Arc<crate::domain::RequestTag>>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let (hash, id) = text
+        .split_at_checked(64)
+        .ok_or_else(|| format!("request tag {text:?} is too short"))?;
+    Ok(Some(std::sync::Arc::new(crate::domain::RequestTag {
+        id: id.to_string(),
+        fingerprint: crate::auth::parse_sha256(hash)?,
+    })))
+}
+
 pub(crate) fn encode_map<T: serde::Serialize>(map: &T, empty: bool) -> String {
     if empty {
         return String::new();

@@ -21,6 +21,7 @@ fn record(id: AgentId, from: Option<AgentState>, to: AgentState, version: u64) -
         reason: format!("to {to}"),
         triggered_by: "test".into(),
         principal: "alice".into(),
+        request: None,
         metadata: Metadata::new(),
         sequence: 0,
         version,

@@ -206,6 +206,16 @@ impl Store for MemoryStore {
         Ok(end.checked_sub(n).map(|i| list[i].sequence))
     }
 
+    fn requests_since(&self, since: std::time::SystemTime) -> Result<Vec<Arc<TransitionRecord>>> {
+        Ok(self
+            .read()
+            .log
+            .iter()
+            .filter(|r| r.request.is_some() && r.at >= since)
+            .cloned()
+            .collect())
+    }
+
     fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
         let inner = self.read();
         let matches = |r: &&Arc<TransitionRecord>| {

@@ -332,6 +332,14 @@ pub trait Store: Send + Sync + 'static {
     /// The back end failed.
     fn nth_newest(&self, agent_id: AgentId, upto: u64, n: u64) -> Result<Option<u64>>;
 
+    /// The retained records made for a client `request_id` (those with a
+    /// request tag) committed at or after `since`, in sequence order: what
+    /// the service needs to recognise retries after a restart.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn requests_since(&self, since: std::time::SystemTime) -> Result<Vec<Arc<TransitionRecord>>>;
+
     /// The retained records `query` selects, newest first.
     ///
     /// # Errors

@@ -46,7 +46,7 @@ use postgres::{Client, NoTls, Row, Statement, fallible_iterator::FallibleIterato
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, CommitFeed, HistoryRange,
     Lease, Recovered, Result, Retention, Store, StoreError,
-    codec::{decode_map, encode_map, from_micros, to_micros},
+    codec::{decode_map, decode_request, encode_map, encode_request, from_micros, to_micros},
 };
 use crate::domain::{
     Agent, AgentId, AgentState, Clock, Heartbeat, Labels, Metadata, TransitionRecord,
@@ -121,10 +121,15 @@ INSERT INTO meta (key, value) VALUES ('head', 0) ON CONFLICT (key) DO NOTHING;
 /// Version 2: the authenticated principal of every record (empty for the
 /// records written before, and without authentication), and an index to
 /// find what a principal did.
+/// The request tag of records made for a client `request_id`, with an
+/// index to find the recent ones at start-up.
 const SCHEMA_V2: &str = "
 ALTER TABLE agents ADD COLUMN IF NOT EXISTS last_principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN IF NOT EXISTS last_request TEXT NOT NULL DEFAULT '';
 ALTER TABLE events ADD COLUMN IF NOT EXISTS principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN IF NOT EXISTS request TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
+CREATE INDEX IF NOT EXISTS events_with_request ON events (at) WHERE request <> '';
 ";
 
 /// Keeps the newer of the stored and the given heartbeat of each agent.
@@ -154,13 +159,14 @@ WITH h AS (
 ),
 ins AS (
     INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
-        last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal)
+        last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
+        last_request)
     SELECT n.agent_id, n.name, n.labels, n.state, n.version, $2, $2, h.base + n.last_offset,
-        n.last_from, n.reason, n.triggered_by, n.metadata, n.principal
+        n.last_from, n.reason, n.triggered_by, n.metadata, n.principal, n.request
     FROM h, unnest($3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-        $9::text[], $10::text[], $11::text[], $12::text[], $30::text[])
+        $9::text[], $10::text[], $11::text[], $12::text[], $30::text[], $33::text[])
         AS n(agent_id, name, labels, state, version, last_offset, last_from, reason,
-             triggered_by, metadata, principal)
+             triggered_by, metadata, principal, request)
     ON CONFLICT (agent_id) DO NOTHING
     RETURNING 1
 ),
@@ -168,23 +174,23 @@ upd AS (
     UPDATE agents AS a SET state = u.state, version = u.version, updated_at = $2,
         last_sequence = h.base + u.last_offset, last_from = u.last_from,
         last_reason = u.reason, last_triggered_by = u.triggered_by, last_metadata = u.metadata,
-        last_principal = u.principal
+        last_principal = u.principal, last_request = u.request
     FROM h, unnest($13::bytea[], $14::text[], $15::bigint[], $16::bigint[], $17::text[],
-        $18::text[], $19::text[], $20::text[], $31::text[])
+        $18::text[], $19::text[], $20::text[], $31::text[], $34::text[])
         AS u(agent_id, state, version, last_offset, last_from, reason, triggered_by, metadata,
-             principal)
+             principal, request)
     WHERE a.agent_id = u.agent_id
     RETURNING 1
 ),
 ev AS (
     INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
-        triggered_by, metadata, principal)
+        triggered_by, metadata, principal, request)
     SELECT h.base + e.pos, e.agent_id, e.version, e.from_state, e.to_state, $2, e.reason,
-        e.triggered_by, e.metadata, e.principal
+        e.triggered_by, e.metadata, e.principal, e.request
     FROM h, unnest($21::bytea[], $22::bigint[], $23::text[], $24::text[], $25::text[],
-        $26::text[], $27::text[], $32::text[]) WITH ORDINALITY
+        $26::text[], $27::text[], $32::text[], $35::text[]) WITH ORDINALITY
         AS e(agent_id, version, from_state, to_state, reason, triggered_by, metadata, principal,
-             pos)
+             request, pos)
 ),
 w AS (
     INSERT INTO writers (writer_id, last_batch, seen_at) VALUES ($28, $29, $2)
@@ -194,11 +200,11 @@ w AS (
 SELECT h.base, (SELECT count(*) FROM ins), pg_notify('agent_lifecycle_commits', (h.base + $1)::text)
 FROM h";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal
-    FROM agents";
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
+    last_request FROM agents";
 const EVENT_COLUMNS: &str =
     "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
-    principal";
+    principal, request";
 
 fn pg(context: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
     move |err| StoreError::backend(context, err)
@@ -398,6 +404,9 @@ impl PostgresStore {
                 &rows.new_principals,
                 &rows.upd_principals,
                 &rows.ev_principals,
+                &rows.new_requests,
+                &rows.upd_requests,
+                &rows.ev_requests,
             ],
         );
         let row = match row {
@@ -523,6 +532,7 @@ fn record_from_row(row: &Row) -> Result<Arc<TransitionRecord>> {
         triggered_by: row.get(7),
         metadata: decode_map::<Metadata>(row.get(8)).map_err(|e| corrupt("metadata", e))?,
         principal: row.get(9),
+        request: decode_request(row.get(10)).map_err(|e| corrupt("request", e))?,
     }))
 }
 
@@ -541,6 +551,7 @@ fn agent_from_row(row: &Row) -> Result<Agent> {
         triggered_by: row.get(10),
         metadata: decode_map::<Metadata>(row.get(11)).map_err(|e| corrupt("metadata", e))?,
         principal: row.get(12),
+        request: decode_request(row.get(13)).map_err(|e| corrupt("request", e))?,
         sequence: row.get::<_, i64>(7) as u64,
         version,
     };
@@ -572,6 +583,7 @@ struct Rows<'a> {
     new_triggers: Vec<&'a str>,
     new_metadata: Vec<String>,
     new_principals: Vec<&'a str>,
+    new_requests: Vec<String>,
     upd_ids: Vec<&'a [u8]>,
     upd_states: Vec<&'static str>,
     upd_versions: Vec<i64>,
@@ -581,6 +593,7 @@ struct Rows<'a> {
     upd_triggers: Vec<&'a str>,
     upd_metadata: Vec<String>,
     upd_principals: Vec<&'a str>,
+    upd_requests: Vec<String>,
     ev_ids: Vec<&'a [u8]>,
     ev_versions: Vec<i64>,
     ev_from: Vec<Option<&'static str>>,
@@ -589,6 +602,7 @@ struct Rows<'a> {
     ev_triggers: Vec<&'a str>,
     ev_metadata: Vec<String>,
     ev_principals: Vec<&'a str>,
+    ev_requests: Vec<String>,
 }
 
 impl<'a> Rows<'a> {
@@ -605,6 +619,8 @@ impl<'a> Rows<'a> {
             self.ev_reasons.push(&record.reason);
             self.ev_triggers.push(&record.triggered_by);
             self.ev_principals.push(&record.principal);
+            self.ev_requests
+                .push(encode_request(record.request.as_deref()));
             self.ev_metadata
                 .push(encode_map(&record.metadata, record.metadata.is_empty()));
         }
@@ -622,6 +638,8 @@ impl<'a> Rows<'a> {
                 self.new_reasons.push(&last.reason);
                 self.new_triggers.push(&last.triggered_by);
                 self.new_principals.push(&last.principal);
+                self.new_requests
+                    .push(encode_request(last.request.as_deref()));
                 self.new_metadata.push(last_metadata);
             }
             _ => {
@@ -633,6 +651,8 @@ impl<'a> Rows<'a> {
                 self.upd_reasons.push(&last.reason);
                 self.upd_triggers.push(&last.triggered_by);
                 self.upd_principals.push(&last.principal);
+                self.upd_requests
+                    .push(encode_request(last.request.as_deref()));
                 self.upd_metadata.push(last_metadata);
             }
         }
@@ -913,6 +933,24 @@ impl Store for PostgresStore {
                 )
                 .map_err(pg("reading history"))?
                 .map(|row| row.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn requests_since(&self, since: std::time::SystemTime) -> Result<Vec<Arc<TransitionRecord>>> {
+        let since = to_micros(since);
+        self.with_reader(|client| {
+            client
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE request <> '' AND at >= $1
+                         ORDER BY sequence"
+                    ),
+                    &[&since],
+                )
+                .map_err(pg("reading recent requests"))?
+                .iter()
+                .map(record_from_row)
+                .collect()
         })
     }
 

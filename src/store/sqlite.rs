@@ -28,7 +28,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
     Result, Retention, Store, StoreError,
-    codec::{encode_map, from_micros, to_micros},
+    codec::{decode_request, encode_map, encode_request, from_micros, to_micros},
 };
 use crate::domain::{
     Agent, AgentId, AgentState, Clock, Labels, Metadata, TransitionRecord,
@@ -85,33 +85,39 @@ INSERT INTO meta (key, value) VALUES ('last_batch', 0) ON CONFLICT (key) DO NOTH
 ";
 
 /// Version 3: the authenticated principal of every record (empty for the
-/// records written before, and without authentication), and an index to
-/// find what a principal did.
+/// records written before, and without authentication), with an index to
+/// find what a principal did; and the request tag of records made for a
+/// client `request_id`, with an index to find the recent ones at start-up.
 const SCHEMA_V3: &str = "
 ALTER TABLE agents ADD COLUMN last_principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN last_request TEXT NOT NULL DEFAULT '';
 ALTER TABLE events ADD COLUMN principal TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN request TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
+CREATE INDEX IF NOT EXISTS events_with_request ON events (at) WHERE request <> '';
 ";
 
 const INSERT_AGENT: &str =
     "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
+    last_request)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
     ON CONFLICT (agent_id) DO NOTHING";
 const UPDATE_AGENT: &str =
     "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
     last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9,
-    last_principal = ?11
+    last_principal = ?11, last_request = ?12
     WHERE agent_id = ?1 AND version = ?10";
 const INSERT_EVENT: &str =
     "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
-    triggered_by, metadata, principal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    triggered_by, metadata, principal, request)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, created_at, updated_at,
-    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal
-    FROM agents";
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
+    last_request FROM agents";
 const EVENT_COLUMNS: &str =
     "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
-    principal";
+    principal, request";
 
 /// The SQLite back end.
 pub struct SqliteStore {
@@ -306,6 +312,19 @@ fn decode_state(text: &str) -> rusqlite::Result<AgentState> {
     })
 }
 
+fn decode_request_column(
+    row: &Row<'_>,
+    index: usize,
+) -> rusqlite::Result<Option<Arc<crate::domain::RequestTag>>> {
+    decode_request(&row.get::<_, String>(index)?).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            Box::new(std::io::Error::other(e)),
+        )
+    })
+}
+
 fn decode_id(row: &Row<'_>, index: usize) -> rusqlite::Result<AgentId> {
     let bytes: [u8; 16] = row.get(index)?;
     Ok(AgentId::from_bytes(bytes))
@@ -324,6 +343,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Arc<TransitionRecord>> {
         triggered_by: row.get(7)?,
         metadata: decode_metadata(&row.get::<_, String>(8)?)?,
         principal: row.get(9)?,
+        request: decode_request_column(row, 10)?,
     }))
 }
 
@@ -342,6 +362,7 @@ fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
         triggered_by: row.get(10)?,
         metadata: decode_metadata(&row.get::<_, String>(11)?)?,
         principal: row.get(12)?,
+        request: decode_request_column(row, 13)?,
         sequence: row.get::<_, i64>(7)? as u64,
         version,
     };
@@ -385,6 +406,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                         last.triggered_by,
                         last_metadata,
                         last.principal,
+                        encode_request(last.request.as_deref()),
                     ])
                 })
                 .map_err(sql("inserting an agent"))?
@@ -404,6 +426,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                     last_metadata,
                     change.prior_version as i64,
                     last.principal,
+                    encode_request(last.request.as_deref()),
                 ])
             })
             .map_err(sql("updating an agent"))?,
@@ -429,6 +452,7 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                 record.triggered_by,
                 encode_map(&record.metadata, record.metadata.is_empty()),
                 record.principal,
+                encode_request(record.request.as_deref()),
             ])
             .map_err(sql("inserting an event"))?;
     }
@@ -614,6 +638,20 @@ impl Store for SqliteStore {
             })
             .map(|s| s.map(|s| s as u64))
             .map_err(sql("reading history"))
+        })
+    }
+
+    fn requests_since(&self, since: std::time::SystemTime) -> Result<Vec<Arc<TransitionRecord>>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE request <> '' AND at >= ?1
+                     ORDER BY sequence"
+                ))
+                .map_err(sql("reading recent requests"))?;
+            stmt.query_map([to_micros(since)], record_from_row)
+                .and_then(|rows| rows.collect())
+                .map_err(sql("reading recent requests"))
         })
     }
 

@@ -1,0 +1,221 @@
+//! Idempotent retries (AIP-155): a mutating request may carry a
+//! `request_id`. The records it commits carry the id and a fingerprint of
+//! the request's content (durably, in the same transaction). The index here
+//! maps each recent (principal, request_id) to those records, so that a
+//! retry with the same id and content gets the original outcome without a
+//! second transition, and the same id with other content is refused.
+//!
+//! The index is fed by every applied record (this process's commits and
+//! those followed from other processes) and rebuilt from the store at
+//! start-up, for the `window` the configuration keeps ids. Requests with
+//! the same id are serialised within a process, so a retry that overtakes
+//! its original waits for it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use super::{AgentLifecycleService, Outcome};
+use crate::{
+    domain::{AgentId, RequestTag, TransitionRecord},
+    error::{Error, Result},
+};
+
+/// Request ids remembered at most (the oldest go first beyond).
+const MAX_REMEMBERED: usize = 1_000_000;
+
+/// Bytes in a `request_id`.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Default time a `request_id` is remembered.
+pub const DEFAULT_REQUEST_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A principal's request id.
+type Key = (String, String);
+
+/// What a remembered request committed.
+#[derive(Clone, Debug)]
+pub(crate) struct Remembered {
+    fingerprint: [u8; 32],
+    agent_id: AgentId,
+    first: u64,
+    last: u64,
+}
+
+/// Recent request ids and their records.
+#[derive(Debug)]
+pub(crate) struct RequestIndex {
+    window: Duration,
+    entries: HashMap<Key, Remembered>,
+    /// Insertion order, for expiry.
+    order: VecDeque<(SystemTime, Key)>,
+}
+
+impl Default for RequestIndex {
+    fn default() -> Self {
+        RequestIndex::new(DEFAULT_REQUEST_WINDOW)
+    }
+}
+
+impl RequestIndex {
+    pub(crate) fn new(window: Duration) -> Self {
+        RequestIndex {
+            window,
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Notes a committed record (those without a request tag are ignored).
+    pub(crate) fn note(&mut self, record: &TransitionRecord) {
+        let Some(tag) = &record.request else {
+            return;
+        };
+        let key = (record.principal.clone(), tag.id.clone());
+        match self.entries.get_mut(&key) {
+            Some(entry) if entry.fingerprint == tag.fingerprint => {
+                entry.first = entry.first.min(record.sequence);
+                entry.last = entry.last.max(record.sequence);
+            }
+            _ => {
+                self.entries.insert(
+                    key.clone(),
+                    Remembered {
+                        fingerprint: tag.fingerprint,
+                        agent_id: record.agent_id,
+                        first: record.sequence,
+                        last: record.sequence,
+                    },
+                );
+                self.order.push_back((record.at, key));
+            }
+        }
+        self.expire(SystemTime::now().min(record.at));
+    }
+
+    /// Forgets ids older than the window (as of `now`) and beyond the cap.
+    fn expire(&mut self, now: SystemTime) {
+        while let Some((at, _)) = self.order.front() {
+            let old = now.duration_since(*at).unwrap_or_default() > self.window;
+            if !old && self.order.len() <= MAX_REMEMBERED {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn find(&self, key: &Key) -> Option<Remembered> {
+        self.entries.get(key).cloned()
+    }
+}
+
+/// SHA-256 over `parts`, each length-prefixed (so that no two different
+/// sequences of parts hash alike).
+pub(crate) fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        context.update(&(part.len() as u64).to_be_bytes());
+        context.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    out
+}
+
+/// Requests with a request id, in flight in this process.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>);
+
+impl AgentLifecycleService {
+    /// Runs `run` once per (principal, `request_id`): the first time with
+    /// the tag its records must carry; a retry with the same `fingerprint`
+    /// gets the original outcome back, rebuilt from the log; other content
+    /// under the same id is refused. Without a request id, just runs it.
+    pub(crate) async fn idempotent<F, Fut>(
+        &self,
+        principal: &str,
+        request_id: Option<&str>,
+        fingerprint: [u8; 32],
+        run: F,
+    ) -> Result<Outcome>
+    where
+        F: FnOnce(Option<Arc<RequestTag>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Outcome>>,
+    {
+        let Some(request_id) = request_id.filter(|id| !id.is_empty()) else {
+            return run(None).await;
+        };
+        let key: Key = (principal.to_string(), request_id.to_string());
+        let slot = {
+            let mut in_flight = self
+                .shared()
+                .in_flight
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            Arc::clone(in_flight.entry(key.clone()).or_default())
+        };
+        let result = {
+            let _turn = slot.lock().await;
+            // Another process may have committed it: the index learns of
+            // its records by following the log.
+            self.sync().await?;
+            let found = self.shared().read_table().requests.find(&key);
+            match found {
+                Some(entry) if entry.fingerprint == fingerprint => self.replay(&entry).await,
+                Some(_) => Err(Error::RequestIdReused {
+                    request_id: request_id.to_string(),
+                }),
+                None => {
+                    run(Some(Arc::new(RequestTag {
+                        id: request_id.to_string(),
+                        fingerprint,
+                    })))
+                    .await
+                }
+            }
+        };
+        let mut in_flight = self
+            .shared()
+            .in_flight
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // The map's and ours: nobody else waits for this id.
+        if Arc::strong_count(&slot) == 2 {
+            in_flight.remove(&key);
+        }
+        result
+    }
+
+    /// The outcome a remembered request had: its records from the log, and
+    /// the agent as they left it.
+    async fn replay(&self, entry: &Remembered) -> Result<Outcome> {
+        let (first, count) = (entry.first, entry.last - entry.first + 1);
+        let records = self
+            .shared()
+            .read_store(move |store| {
+                store.events_after(
+                    first.saturating_sub(1),
+                    usize::try_from(count).unwrap_or(usize::MAX),
+                )
+            })
+            .await?;
+        let agent = self.get_agent(entry.agent_id)?;
+        let transitions: Vec<Arc<TransitionRecord>> = records
+            .into_iter()
+            .filter(|r| r.agent_id == entry.agent_id && r.request.is_some())
+            .collect();
+        let Some(last) = transitions.last() else {
+            return Err(Error::RequestCompacted { oldest: first });
+        };
+        Ok(Outcome {
+            agent: Arc::new(agent.after(Arc::clone(last))),
+            transitions,
+        })
+    }
+}
