@@ -128,10 +128,31 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
         .connect()
         .await
         .expect("connect");
-    tonic_health::pb::health_client::HealthClient::new(channel)
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .expect("health is open");
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .expect("reflection is open")
+            .into_inner();
+        let answer = tokio::time::timeout(common::STEP, answers.message())
+            .await
+            .expect("an answer in time")
+            .expect("reflection answers")
+            .expect("one message");
+        assert!(format!("{answer:?}").contains("agentlifecycle.v1.AgentLifecycleService"));
+    }
 
     // The operator registers and starts agents, triggered_by its own word;
     // the principal is the server's.
@@ -389,6 +410,20 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
         "{metrics:?}"
     );
     assert!(metrics.refused["permission_denied"] >= 8, "{metrics:?}");
+
+    // And logged at WARN, naming who and what.
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("refused: permission denied")
+            && l.contains("principal=ops")
+            && l.contains("delete agents")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused: unauthenticated") && l.contains("ListAgents")),
+        "{log}"
+    );
 }
 
 /// A non-loopback address without authentication is refused, naming the
