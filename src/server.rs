@@ -114,13 +114,18 @@ pub async fn run_with(
     health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
+    // google.rpc's status and error details too, so that reflection
+    // clients (grpcurl) can show an error's ErrorInfo, BadRequest and
+    // PreconditionFailure.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES)

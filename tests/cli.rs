@@ -49,6 +49,25 @@ async fn cli_drives_an_agent_and_reports_errors() {
     assert_eq!(registered["agent"]["state"], "registered");
     assert_eq!(registered["transitions"][0]["sequence"], 1);
 
+    // Text: the new id on the first line; -q: nothing but the id.
+    let text = stdout(&cli(&server, &["register", "--name", "text"]).await);
+    let first = text.lines().next().expect("a first line");
+    assert!(uuid::Uuid::parse_str(first).is_ok(), "{text}");
+    let quiet = stdout(&cli(&server, &["register", "-q", "--name", "quiet"]).await);
+    assert_eq!(quiet.lines().count(), 1, "{quiet}");
+    assert!(uuid::Uuid::parse_str(quiet.trim()).is_ok(), "{quiet}");
+    let listed = stdout(&cli(&server, &["list"]).await);
+    let header = listed.lines().next().expect("a header");
+    assert!(
+        header.starts_with("AGENT ID") && header.contains("STATE") && header.contains("NAME"),
+        "{listed}"
+    );
+    assert_eq!(
+        listed.lines().count(),
+        4,
+        "the header and three agents: {listed}"
+    );
+
     let deploy = stdout(&cli(&server, &["deploy", &id]).await);
     assert!(
         deploy.contains("registered -> deploying") && deploy.contains("deploying -> deployed"),

@@ -73,6 +73,9 @@ pub struct RegisterArgs {
     /// Label KEY=VALUE; repeatable.
     #[arg(long = "label", value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
+    /// Print only the agent's id (for scripts).
+    #[arg(short, long)]
+    pub quiet: bool,
     #[command(flatten)]
     pub change: ChangeArgs,
 }
@@ -380,6 +383,19 @@ async fn register(s: &mut Session, a: RegisterArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
+    let id = response
+        .agent
+        .as_ref()
+        .map(|agent| agent.agent_id.clone())
+        .unwrap_or_default();
+    if a.quiet {
+        println!("{id}");
+        return Ok(());
+    }
+    // The new agent's id first: the one thing the next command needs.
+    if s.format == Format::Text {
+        println!("{id}");
+    }
     s.print_change(response.agent, response.transitions);
     Ok(())
 }
@@ -409,6 +425,7 @@ async fn get(s: &mut Session, a: IdArgs) -> anyhow::Result<()> {
 async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
     let mut token = String::new();
     let mut all = Vec::new();
+    let mut printed_header = false;
     loop {
         let request = s.request(pb::ListAgentsRequest {
             states: a.states.iter().map(|s| wire_state(*s)).collect(),
@@ -424,6 +441,10 @@ async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
             .map_err(status_error)?
             .into_inner();
         if s.format == Format::Text {
+            if !printed_header && !page.agents.is_empty() {
+                println!("{}", output::agent_header());
+                printed_header = true;
+            }
             for agent in &page.agents {
                 println!("{}", agent_line(agent));
             }
@@ -440,6 +461,8 @@ async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
             "{}",
             json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() })
         );
+    } else if !printed_header {
+        println!("no agents");
     }
     Ok(())
 }

@@ -157,6 +157,14 @@ pub fn transition_line(t: &pb::StateTransition) -> String {
     )
 }
 
+/// The header row of [`agent_line`]s.
+pub fn agent_header() -> String {
+    format!(
+        "{:<36}  {:<12} {:<5} {}",
+        "AGENT ID", "STATE", "VER", "NAME"
+    )
+}
+
 /// One text line for an agent.
 pub fn agent_line(a: &pb::Agent) -> String {
     format!(

@@ -221,9 +221,21 @@ def run(target, c):
     c.check(int(dist.get("deployed", "0")) >= 1, "GetLifecycleMetrics via JSON: deployed counted", str(metrics))
 
     # --- errors ------------------------------------------------------------
-    g.fails(c, f"{svc}/GetAgent", {"agent_id": "nope"}, "InvalidArgument", "GetAgent(nope)")
+    # Reflection serves google.rpc's error details: grpcurl prints them as JSON.
+    out = g.fails(c, f"{svc}/GetAgent", {"agent_id": "nope"}, "InvalidArgument", "GetAgent(nope)")
+    out = out.replace(" ", "")
+    c.check("not recognized" not in out, "grpcurl resolves the error details", repr(out))
+    c.check('"@type":"type.googleapis.com/google.rpc.ErrorInfo"' in out, "ErrorInfo printed", repr(out))
+    c.check('"reason":"INVALID_ARGUMENT"' in out, "ErrorInfo's reason printed", repr(out))
+    c.check('"@type":"type.googleapis.com/google.rpc.BadRequest"' in out, "BadRequest printed", repr(out))
+    c.check('"field":"agent_id"' in out, "BadRequest names the field", repr(out))
     g.fails(c, f"{svc}/GetAgent", {"agent_id": str(uuid.uuid4())}, "NotFound", "GetAgent(unknown uuid)")
-    g.fails(c, f"{svc}/AssignTask", {"agent_id": agent_id}, "FailedPrecondition", "AssignTask on DEPLOYED")
+    out = g.fails(c, f"{svc}/AssignTask", {"agent_id": agent_id}, "FailedPrecondition", "AssignTask on DEPLOYED")
+    c.check(
+        '"@type":"type.googleapis.com/google.rpc.PreconditionFailure"' in out.replace(" ", ""),
+        "PreconditionFailure printed",
+        repr(out),
+    )
     g.fails(
         c,
         f"{svc}/TransitionAgent",
