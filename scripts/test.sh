@@ -42,6 +42,33 @@ if [ -z "${TEST_DATABASE_URL:-}" ]; then
 fi
 echo "TEST_DATABASE_URL=${TEST_DATABASE_URL:-<unset>}"
 
+# --- promtool (Debian's prometheus package): metrics and alert-rule checks ---
+# Installed when missing, without starting the packaged Prometheus service.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing promtool (Debian package prometheus)" >&2
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    fi
+    if [ "$made_policy" = 1 ]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+fi
+if command -v promtool >/dev/null 2>&1; then
+    promtool --version 2>&1 | head -1
+elif [ -n "${CI:-}" ]; then
+    echo "error: promtool is missing and could not be installed" >&2
+    exit 1
+else
+    echo "warning: no promtool: the promtool checks will be skipped" >&2
+fi
+
 # --- tool versions -------------------------------------------------------------
 rustc --version
 cargo --version

@@ -120,6 +120,8 @@ pub fn redact(url: &str) -> String {
 pub struct ConfigFile {
     /// `--listen`.
     pub listen: Option<std::net::SocketAddr>,
+    /// `--http-listen`.
+    pub http_listen: Option<std::net::SocketAddr>,
     /// `--store`.
     pub store: Option<String>,
     /// `--log`.

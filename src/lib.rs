@@ -32,6 +32,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod hf;
+pub mod http;
 pub mod process;
 pub mod server;
 pub mod service;

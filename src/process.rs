@@ -280,6 +280,8 @@ pub struct ServerProcess {
     addr: SocketAddr,
     /// `None` when stderr is inherited.
     stderr: Option<CollectedPipe>,
+    /// The stdout lines after the first.
+    stdout_rest: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -346,6 +348,7 @@ impl ServerProcess {
             stop_on_drop: command.stop_on_drop,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             stderr: None,
+            stdout_rest: Arc::default(),
         };
         if let Some(pipe) = stderr {
             process.stderr = Some(collect(pipe).map_err(|source| ProcessError::Reader {
@@ -354,10 +357,14 @@ impl ServerProcess {
             })?);
         }
         let first_line = match stdout {
-            Some(stdout) => read_first_line(stdout).map_err(|source| ProcessError::Reader {
-                pipe: "stdout",
-                source,
-            })?,
+            Some(stdout) => {
+                read_first_line(stdout, Arc::clone(&process.stdout_rest)).map_err(|source| {
+                    ProcessError::Reader {
+                        pipe: "stdout",
+                        source,
+                    }
+                })?
+            }
             // Piped above, so always present; without it the wait below
             // sees end of file.
             None => mpsc::channel().1,
@@ -418,6 +425,25 @@ impl ServerProcess {
     /// `http://HOST:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The address of the HTTP listener (`--http-listen`), from the
+    /// server's `http listening on ADDR` line; `None` when it did not print
+    /// one within `timeout`.
+    pub fn http_addr(&self, timeout: Duration) -> Option<SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .stdout_rest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find_map(|line| line.trim().strip_prefix("http listening on ")?.parse().ok());
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The server's process id.
@@ -620,7 +646,10 @@ pub fn collect(mut pipe: impl Read + Send + 'static) -> io::Result<CollectedPipe
 
 /// Sends the first line of `stdout` (or its end) on the returned channel,
 /// then keeps reading to the end on the same thread.
-fn read_first_line(stdout: ChildStdout) -> io::Result<mpsc::Receiver<FirstLine>> {
+fn read_first_line(
+    stdout: ChildStdout,
+    rest: Arc<Mutex<Vec<String>>>,
+) -> io::Result<mpsc::Receiver<FirstLine>> {
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("server-stdout".to_string())
@@ -628,7 +657,13 @@ fn read_first_line(stdout: ChildStdout) -> io::Result<mpsc::Receiver<FirstLine>>
             let mut lines = BufReader::new(stdout).lines();
             let _ = tx.send(lines.next());
             drop(tx);
-            for _ in lines {}
+            for line in lines.map_while(Result::ok) {
+                let mut rest = rest.lock().unwrap_or_else(|p| p.into_inner());
+                // A bounded record: the few lines a server prints at start-up.
+                if rest.len() < 64 {
+                    rest.push(line);
+                }
+            }
         })?;
     Ok(rx)
 }

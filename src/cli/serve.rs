@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "AGENT_LIFECYCLE_LISTEN")]
     listen: Option<SocketAddr>,
+    /// HTTP address for `/metrics` (Prometheus); off when unset. It has no
+    /// authentication: bind it where only the monitoring system reaches.
+    #[arg(long, env = "AGENT_LIFECYCLE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// Store: `memory`, `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
     /// (several servers may share one PostgreSQL database)
     /// [default: sqlite://./data/agent-lifecycle.db].
@@ -101,6 +105,7 @@ pub struct ServeArgs {
 /// The settings in force: flags and variables over the file over defaults.
 struct Settings {
     listen: SocketAddr,
+    http_listen: Option<SocketAddr>,
     store: StoreUrl,
     log_format: LogFormat,
     log: String,
@@ -230,6 +235,7 @@ impl Settings {
             ..ServiceConfig::default()
         };
         Ok(Settings {
+            http_listen: args.http_listen.or(file.http_listen),
             listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
                 [127, 0, 0, 1],
                 agent_lifecycle::DEFAULT_PORT,
@@ -348,6 +354,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // pass port 0 learn the real address.
     let local = listener.local_addr().context("reading the bound address")?;
     println!("listening on {local}");
+    let http = match settings.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+            let bound = listener
+                .local_addr()
+                .context("reading the bound HTTP address")?;
+            println!("http listening on {bound}");
+            if !bound.ip().is_loopback() {
+                tracing::warn!(%bound, "/metrics has no authentication; it is reachable beyond this host");
+            }
+            Some(tokio::spawn(agent_lifecycle::http::serve(
+                listener,
+                service.clone(),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
     if let Some(hf) = settings.hf {
         tokio::spawn(agent_lifecycle::hf::run(service.clone(), hf));
     }
@@ -356,6 +382,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let served = server::run_with(listener, service, health, settings.serving, shutdown).await;
     monitor.abort();
     let _ = monitor.await;
+    if let Some(http) = http {
+        http.abort();
+        let _ = http.await;
+    }
     served?;
     Ok(())
 }

@@ -45,6 +45,14 @@ pub struct Metrics {
     hook_failures: [IntCounter; 2],
     /// `agent_lifecycle_watch_backfills_total`.
     watch_backfills: IntCounter,
+    /// `agent_lifecycle_watch_streams`: open WatchEvents streams.
+    watch_streams: IntGauge,
+    /// `agent_lifecycle_oldest_sequence`: the oldest retained event (set
+    /// when scraped).
+    oldest_sequence: IntGauge,
+    /// `agent_lifecycle_store_size_bytes`: the store's size on disk (set
+    /// when scraped; absent for the memory store).
+    store_size: IntGauge,
     /// `agent_lifecycle_commit_batch_size`: transitions per committed batch.
     commit_batch_size: Histogram,
     /// `agent_lifecycle_commit_duration_seconds`: store commit time per
@@ -149,6 +157,30 @@ impl Metrics {
                 "agent_lifecycle_watch_backfills_total",
                 "Times a watch stream fell behind the broadcast buffer and was refilled from the event log.",
             ),
+            watch_streams: register(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "agent_lifecycle_watch_streams",
+                    "Open WatchEvents streams.",
+                ))
+                .expect("valid gauge definition"),
+            ),
+            oldest_sequence: register(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "agent_lifecycle_oldest_sequence",
+                    "The oldest event sequence the store retains (head + 1 when it retains none).",
+                ))
+                .expect("valid gauge definition"),
+            ),
+            store_size: register(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "agent_lifecycle_store_size_bytes",
+                    "The store's size (SQLite: database and WAL files; PostgreSQL: the database; memory: 0).",
+                ))
+                .expect("valid gauge definition"),
+            ),
             commit_batch_size: histogram(
                 "agent_lifecycle_commit_batch_size",
                 "Transitions committed per store transaction.",
@@ -251,6 +283,26 @@ impl Metrics {
 
     pub(crate) fn watch_backfilled(&self) {
         self.watch_backfills.inc();
+    }
+
+    pub(crate) fn watch_opened(&self) {
+        self.watch_streams.inc();
+    }
+
+    pub(crate) fn watch_closed(&self) {
+        self.watch_streams.dec();
+    }
+
+    /// Open WatchEvents streams.
+    pub fn watch_streams(&self) -> u64 {
+        u64::try_from(self.watch_streams.get()).unwrap_or(0)
+    }
+
+    pub(crate) fn set_store_gauges(&self, oldest: u64, size: Option<u64>) {
+        self.oldest_sequence
+            .set(i64::try_from(oldest).unwrap_or(i64::MAX));
+        self.store_size
+            .set(size.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)));
     }
 
     /// Times a watcher was refilled from the event log.

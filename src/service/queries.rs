@@ -229,6 +229,20 @@ impl AgentLifecycleService {
             .await
     }
 
+    /// Reads the store's oldest retained sequence and size into the
+    /// metrics (for a scrape).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn refresh_store_metrics(&self) -> Result<()> {
+        let (oldest, size) = self
+            .shared()
+            .read_store(|store| Ok((store.oldest_sequence()?, store.size_bytes()?)))
+            .await?;
+        self.metrics().set_store_gauges(oldest, size);
+        Ok(())
+    }
+
     /// Whether other processes share this service's store (heartbeats and
     /// background work are then coordinated through it).
     pub fn is_store_shared(&self) -> bool {

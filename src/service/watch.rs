@@ -115,6 +115,12 @@ pub struct Watcher {
     finished: bool,
 }
 
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.shared.metrics.watch_closed();
+    }
+}
+
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
@@ -196,6 +202,7 @@ impl Watcher {
             catching_up = true;
             start - 1
         };
+        shared.metrics.watch_opened();
         Ok(Watcher {
             shared,
             filter,

@@ -340,6 +340,14 @@ pub trait Store: Send + Sync + 'static {
     /// The back end failed.
     fn requests_since(&self, since: std::time::SystemTime) -> Result<Vec<Arc<TransitionRecord>>>;
 
+    /// The store's size in bytes, when it has one (files or a database).
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn size_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// The retained records `query` selects, newest first.
     ///
     /// # Errors

@@ -954,6 +954,16 @@ impl Store for PostgresStore {
         })
     }
 
+    fn size_bytes(&self) -> Result<Option<u64>> {
+        self.with_reader(|client| {
+            let size: i64 = client
+                .query_one("SELECT pg_database_size(current_database())", &[])
+                .map_err(pg("reading the database size"))?
+                .get(0);
+            Ok(Some(u64::try_from(size).unwrap_or(0)))
+        })
+    }
+
     fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
         let before = query.before.min(i64::MAX as u64) as i64;
         let max = query.max.min(i64::MAX as usize) as i64;

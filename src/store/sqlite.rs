@@ -655,6 +655,18 @@ impl Store for SqliteStore {
         })
     }
 
+    fn size_bytes(&self) -> Result<Option<u64>> {
+        let mut total = 0;
+        for suffix in ["", "-wal"] {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            if let Ok(meta) = std::fs::metadata(&path) {
+                total += meta.len();
+            }
+        }
+        Ok(Some(total))
+    }
+
     fn audit(&self, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
         let mut conditions = vec!["sequence < ?1"];
         let mut values: Vec<rusqlite::types::Value> =

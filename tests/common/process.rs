@@ -43,6 +43,12 @@ impl ServerProcess {
         self.inner.url()
     }
 
+    /// The `--http-listen` address the server printed, waiting up to
+    /// `limit` for it.
+    pub fn http_addr(&self, limit: Duration) -> Option<std::net::SocketAddr> {
+        self.inner.http_addr(limit)
+    }
+
     /// A connected client.
     pub async fn client(&self) -> super::Client {
         super::connect(&self.url()).await
