@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod analytics;
 pub mod auth;
 pub mod config;
 pub mod domain;

@@ -107,6 +107,23 @@ pub struct HistoryArgs {
     pub limit: u32,
 }
 
+/// `analytics`.
+#[derive(Debug, Args)]
+pub struct AnalyticsArgs {
+    /// One agent (default: the fleet).
+    #[arg(long = "agent")]
+    pub agent_id: Option<String>,
+    /// The window, ending now.
+    #[arg(long, default_value = "24h", value_parser = agent_lifecycle::config::parse_duration)]
+    pub window: Duration,
+    /// Fleet: only agents with label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    /// Fleet: points of the state distribution.
+    #[arg(long, default_value_t = 6)]
+    pub buckets: u32,
+}
+
 /// `audit`.
 #[derive(Debug, Args)]
 pub struct AuditArgs {
@@ -349,6 +366,7 @@ pub async fn run(
         Command::List(a) => list(s, a).await,
         Command::History(a) => history(s, a).await,
         Command::Audit(a) => audit(s, a).await,
+        Command::Analytics(a) => analytics(s, a).await,
         Command::Transition(a) => transition(s, a).await,
         Command::Deploy(a) => deploy(s, a).await,
         Command::Start(a) => start(s, a).await,
@@ -498,6 +516,123 @@ async fn history(s: &mut Session, a: HistoryArgs) -> anyhow::Result<()> {
         Format::Text => {
             for t in &all {
                 println!("{}", transition_line(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn analytics_json(a: &pb::Analytics) -> serde_json::Value {
+    let seconds: BTreeMap<_, _> = a.seconds_in_state.iter().collect();
+    json!({
+        "agent_id": a.agent_id,
+        "seconds_in_state": seconds,
+        "observed_seconds": a.observed_seconds,
+        "transitions": a.transitions,
+        "error_entries": a.error_entries,
+        "recoveries": a.recoveries,
+        "mean_time_to_recovery_seconds": a.mean_time_to_recovery_seconds,
+        "availability": a.availability,
+        "last_error": a.last_error.as_ref().map(transition_json),
+    })
+}
+
+fn print_analytics(a: &pb::Analytics) {
+    println!("availability:  {:.1}%", a.availability * 100.0);
+    println!("transitions:   {}", a.transitions);
+    println!("error entries: {}", a.error_entries);
+    println!(
+        "recoveries:    {} (mean time to recovery {:.0}s)",
+        a.recoveries, a.mean_time_to_recovery_seconds
+    );
+    let mut seconds: Vec<_> = a.seconds_in_state.iter().collect();
+    seconds.sort_by(|x, y| y.1.total_cmp(x.1));
+    for (state, s) in seconds {
+        let share = if a.observed_seconds > 0.0 {
+            s / a.observed_seconds * 100.0
+        } else {
+            0.0
+        };
+        println!("  {state:<12} {s:>10.1}s  {share:5.1}%");
+    }
+    if let Some(last) = &a.last_error {
+        println!("last error:    {}", transition_line(last));
+    }
+}
+
+/// `analytics`: GetAgentAnalytics or GetFleetAnalytics.
+async fn analytics(s: &mut Session, a: AnalyticsArgs) -> anyhow::Result<()> {
+    let window = Some(prost_types::Duration {
+        seconds: i64::try_from(a.window.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    });
+    if let Some(agent_id) = a.agent_id {
+        let request = s.request(pb::GetAgentAnalyticsRequest { agent_id, window });
+        let response = s
+            .client
+            .get_agent_analytics(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let figures = response.analytics.unwrap_or_default();
+        match s.format {
+            Format::Json => println!("{}", analytics_json(&figures)),
+            Format::Text => print_analytics(&figures),
+        }
+        return Ok(());
+    }
+    let request = s.request(pb::GetFleetAnalyticsRequest {
+        window,
+        labels: a.labels.into_iter().collect(),
+        buckets: a.buckets,
+        top: 5,
+    });
+    let fleet = s
+        .client
+        .get_fleet_analytics(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let total = fleet.total.unwrap_or_default();
+    match s.format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "agents": fleet.agents,
+                "total": analytics_json(&total),
+                "top_by_errors": fleet.top_by_errors.iter().map(analytics_json).collect::<Vec<_>>(),
+                "top_by_transitions": fleet.top_by_transitions.iter().map(analytics_json).collect::<Vec<_>>(),
+                "distribution": fleet.distribution.iter().map(|d| json!({
+                    "at": output::time_text(d.at.as_ref()),
+                    "agents": d.agents.iter().collect::<BTreeMap<_, _>>(),
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        Format::Text => {
+            println!("agents:        {}", fleet.agents);
+            print_analytics(&total);
+            for (title, list) in [
+                ("most errors", &fleet.top_by_errors),
+                ("most transitions", &fleet.top_by_transitions),
+            ] {
+                if !list.is_empty() {
+                    println!("{title}:");
+                    for agent in list {
+                        println!(
+                            "  {}  {} errors, {} transitions",
+                            agent.agent_id, agent.error_entries, agent.transitions
+                        );
+                    }
+                }
+            }
+            for point in &fleet.distribution {
+                let counts: BTreeMap<_, _> = point.agents.iter().collect();
+                let text: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
+                println!(
+                    "  {}  {}",
+                    output::time_text(point.at.as_ref()),
+                    text.join(" ")
+                );
             }
         }
     }

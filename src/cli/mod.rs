@@ -67,6 +67,8 @@ pub enum Command {
     List(client::ListArgs),
     /// Show an agent's transitions, oldest first.
     History(client::HistoryArgs),
+    /// State analytics over a window: of one agent (--agent) or the fleet.
+    Analytics(client::AnalyticsArgs),
     /// The audit trail: who moved which agent, newest first (by agent
     /// and/or principal).
     Audit(client::AuditArgs),

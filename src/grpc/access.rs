@@ -38,8 +38,10 @@ pub fn access(path: &str) -> Access {
         return Access::Unknown;
     };
     match method {
-        "ListAgents" | "ListTransitions" | "GetLifecycleMetrics" => Access::ReadFleet,
-        "GetAgent" | "GetAgentHistory" | "WatchEvents" => Access::ReadAgent,
+        "ListAgents" | "ListTransitions" | "GetLifecycleMetrics" | "GetFleetAnalytics" => {
+            Access::ReadFleet
+        }
+        "GetAgent" | "GetAgentHistory" | "GetAgentAnalytics" | "WatchEvents" => Access::ReadAgent,
         "GetTransitionRules" => Access::ReadPolicy,
         "RegisterAgent"
         | "TransitionAgent"

@@ -461,6 +461,50 @@ pub fn parse_audit_token(token: &str) -> Result<Option<u64>, FieldViolation> {
         .ok_or_else(|| FieldViolation::new("page_token", "not a token issued by ListTransitions"))
 }
 
+/// Analytics on the wire.
+pub fn analytics_to_pb(a: &crate::analytics::AgentAnalytics) -> pb::Analytics {
+    pb::Analytics {
+        agent_id: a.agent_id.map(|id| id.to_string()).unwrap_or_default(),
+        seconds_in_state: a
+            .time_in_state
+            .iter()
+            .map(|(state, d)| (state.as_str().to_string(), d.as_secs_f64()))
+            .collect(),
+        observed_seconds: a.observed.as_secs_f64(),
+        transitions: a.transitions,
+        error_entries: a.error_entries,
+        recoveries: a.recoveries,
+        mean_time_to_recovery_seconds: a.mean_time_to_recovery().map_or(0.0, |d| d.as_secs_f64()),
+        availability: a.availability(),
+        last_error: a.last_error.as_deref().map(transition_to_pb),
+    }
+}
+
+/// The analytics window a request asks for (default 24 h).
+///
+/// # Errors
+/// A negative, malformed or over-long window.
+pub fn analytics_window(
+    window: Option<prost_types::Duration>,
+) -> Result<std::time::Duration, FieldViolation> {
+    const MAX: std::time::Duration = std::time::Duration::from_secs(400 * 86_400);
+    let Some(window) = window else {
+        return Ok(std::time::Duration::from_secs(86_400));
+    };
+    let seconds = u64::try_from(window.seconds)
+        .ok()
+        .filter(|_| (0..1_000_000_000).contains(&window.nanos))
+        .ok_or_else(|| FieldViolation::new("window", "must be a positive duration"))?;
+    let window = std::time::Duration::new(seconds, window.nanos.unsigned_abs());
+    if window.is_zero() || window > MAX {
+        return Err(FieldViolation::new(
+            "window",
+            "must be more than 0 and at most 400 days",
+        ));
+    }
+    Ok(window)
+}
+
 /// The opaque GetAgentHistory token for `cursor`.
 pub fn history_token(cursor: HistoryCursor) -> String {
     format!("{HISTORY_TOKEN_PREFIX}{:x}.{:x}", cursor.after, cursor.upto)

@@ -402,6 +402,77 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         }))
     }
 
+    async fn get_agent_analytics(
+        &self,
+        request: Request<pb::GetAgentAnalyticsRequest>,
+    ) -> Result<Response<pb::GetAgentAnalyticsResponse>, Status> {
+        let caller = caller_of(&request);
+        let pb::GetAgentAnalyticsRequest { agent_id, window } = request.into_inner();
+        let id = agent_id_from_pb("agent_id", &agent_id)?;
+        caller.check_agent(id)?;
+        let window = convert::analytics_window(window)?;
+        self.service.sync().await?;
+        let (analytics, start, end) =
+            crate::analytics::for_agent(&self.service, id, window).await?;
+        Ok(Response::new(pb::GetAgentAnalyticsResponse {
+            analytics: Some(convert::analytics_to_pb(&analytics)),
+            window_start: Some(convert::timestamp(start)),
+            window_end: Some(convert::timestamp(end)),
+        }))
+    }
+
+    async fn get_fleet_analytics(
+        &self,
+        request: Request<pb::GetFleetAnalyticsRequest>,
+    ) -> Result<Response<pb::GetFleetAnalyticsResponse>, Status> {
+        let pb::GetFleetAnalyticsRequest {
+            window,
+            labels,
+            buckets,
+            top,
+        } = request.into_inner();
+        let window = convert::analytics_window(window)?;
+        let labels = convert::labels_from_pb(labels);
+        let buckets = match buckets {
+            0 => 12,
+            n => (n as usize).min(1000),
+        };
+        let top = match top {
+            0 => 10,
+            n => (n as usize).min(1000),
+        };
+        self.service.sync().await?;
+        let fleet =
+            crate::analytics::for_fleet(&self.service, window, &labels, buckets, top).await?;
+        Ok(Response::new(pb::GetFleetAnalyticsResponse {
+            agents: fleet.agents,
+            total: Some(convert::analytics_to_pb(&fleet.total)),
+            top_by_errors: fleet
+                .top_by_errors
+                .iter()
+                .map(convert::analytics_to_pb)
+                .collect(),
+            top_by_transitions: fleet
+                .top_by_transitions
+                .iter()
+                .map(convert::analytics_to_pb)
+                .collect(),
+            distribution: fleet
+                .distribution
+                .iter()
+                .map(|(at, counts)| pb::StateDistribution {
+                    at: Some(convert::timestamp(*at)),
+                    agents: counts
+                        .iter()
+                        .map(|(state, n)| (state.as_str().to_string(), *n))
+                        .collect(),
+                })
+                .collect(),
+            window_start: Some(convert::timestamp(fleet.start)),
+            window_end: Some(convert::timestamp(fleet.end)),
+        }))
+    }
+
     async fn list_transitions(
         &self,
         request: Request<pb::ListTransitionsRequest>,

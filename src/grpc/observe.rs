@@ -29,6 +29,8 @@ const METHODS: &[&str] = &[
     "ListAgents",
     "GetAgentHistory",
     "ListTransitions",
+    "GetAgentAnalytics",
+    "GetFleetAnalytics",
     "GetLifecycleMetrics",
     "GetTransitionRules",
     "SyncExternalStatus",

@@ -27,7 +27,7 @@ REFLECTION = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.Se
 METHODS = [
     "RegisterAgent", "TransitionAgent", "DeployAgent", "StartAgent", "StopAgent",
     "AssignTask", "CompleteTask", "HandleError", "PutInMaintenance",
-    "ResumeFromMaintenance", "GetAgent", "ListAgents", "GetAgentHistory", "ListTransitions",
+    "ResumeFromMaintenance", "GetAgent", "ListAgents", "GetAgentHistory", "ListTransitions", "GetAgentAnalytics", "GetFleetAnalytics",
     "GetLifecycleMetrics", "GetTransitionRules", "SyncExternalStatus", "Heartbeat",
     "HeartbeatStream", "WatchEvents",
 ]
