@@ -69,6 +69,22 @@ else
     echo "warning: no promtool: the promtool checks will be skipped" >&2
 fi
 
+# --- headless Chromium (Debian's chromium, chromium-driver) for the dashboard test ---
+if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver" >&2
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    fi
+fi
+if command -v chromedriver >/dev/null 2>&1; then
+    chromedriver --version 2>&1 | head -1
+elif [ -n "${CI:-}" ]; then
+    echo "error: chromium and chromium-driver are missing and could not be installed" >&2
+    exit 1
+fi
+
 # --- tool versions -------------------------------------------------------------
 rustc --version
 cargo --version

@@ -1,18 +1,42 @@
-//! The HTTP listener (`--http-listen`): `/metrics` in the Prometheus text
-//! format (every metric of the service's one registry; the store's oldest
-//! retained sequence and size are read at each scrape), for Prometheus to
-//! scrape. HTTP/1.1, one small response per request.
+//! The HTTP listener (`--http-listen`):
+//!
+//! - `/metrics`: the Prometheus text format (every metric of the service's
+//!   one registry; the store's oldest retained sequence and size are read
+//!   at each scrape);
+//! - `/`: the live fleet dashboard, one self-contained page (no build step)
+//!   over the three JSON endpoints below;
+//! - `/api/agents`: every agent, as JSON;
+//! - `/api/events`: committed events as server-sent events (one `data:` line
+//!   of JSON per event, a comment while idle), live from the moment of the
+//!   request;
+//! - `/api/distribution`: agents per state over the last hour, from the
+//!   event log.
+//!
+//! HTTP/1.1. The listener has no authentication: bind it where only the
+//! people and systems allowed to see the whole fleet reach it.
 
 use std::{convert::Infallible, future::Future};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Method, Request, Response, StatusCode, body::Frame, body::Incoming, header};
 use hyper_util::rt::TokioIo;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::AgentLifecycleService;
+use crate::{
+    AgentLifecycleService,
+    domain::{Agent, LifecycleEvent},
+    service::{WatchItem, WatchRequest},
+};
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("../static/dashboard.html");
+
+/// A response body: a whole text, or a stream of events.
+type Body = BoxBody<Bytes, Infallible>;
 
 /// The Prometheus text exposition format's content type.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -51,8 +75,8 @@ pub async fn serve(
     }
 }
 
-fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).boxed());
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
@@ -60,10 +84,135 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     response
 }
 
-async fn answer(
-    service: &AgentLifecycleService,
-    request: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+/// Milliseconds since the Unix epoch (what JavaScript's `Date` takes).
+fn millis(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An agent as the dashboard reads it.
+fn agent_json(agent: &Agent) -> serde_json::Value {
+    json!({
+        "agent_id": agent.id.to_string(),
+        "name": &*agent.name,
+        "labels": &*agent.labels,
+        "state": agent.state.as_str(),
+        "version": agent.version,
+        "updated_ms": millis(agent.updated_at),
+    })
+}
+
+/// An event as the dashboard reads it.
+fn event_json(event: &LifecycleEvent) -> serde_json::Value {
+    let record = &event.record;
+    json!({
+        "sequence": record.sequence,
+        "agent_id": record.agent_id.to_string(),
+        "from": record.from.map(|s| s.as_str()),
+        "to": record.to.as_str(),
+        "at_ms": millis(record.at),
+        "reason": record.reason,
+        "triggered_by": record.triggered_by,
+        "principal": record.principal,
+        "agent": agent_json(&event.agent),
+    })
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    text(StatusCode::OK, "application/json", value.to_string())
+}
+
+/// `/api/events`: server-sent events from now on, until the client goes or
+/// the service shuts down.
+async fn events(service: &AgentLifecycleService) -> Response<Body> {
+    let watcher = match service.watch(WatchRequest::default()).await {
+        Ok(watcher) => watcher,
+        Err(err) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("{err}\n"),
+            );
+        }
+    };
+    let frames = futures_util::stream::unfold(watcher, |mut watcher| async move {
+        let item = watcher.next().await?;
+        let chunk = match item {
+            Ok(WatchItem::Event(event)) => format!("data: {}\n\n", event_json(&event)),
+            Ok(WatchItem::Progress { head_sequence }) => format!(": head {head_sequence}\n\n"),
+            // No snapshot is asked for.
+            Ok(WatchItem::SnapshotAgent(_) | WatchItem::SnapshotComplete { .. }) => String::new(),
+            Err(err) => format!(
+                "event: end\ndata: {}\n\n",
+                json!({ "error": err.to_string() })
+            ),
+        };
+        Some((chunk, watcher))
+    })
+    .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))));
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+/// `/api/distribution`: agents per state at 30 points of the last hour.
+async fn distribution(service: &AgentLifecycleService) -> Response<Body> {
+    let fleet = crate::analytics::for_fleet(
+        service,
+        std::time::Duration::from_secs(3600),
+        &crate::domain::Labels::new(),
+        30,
+        0,
+    )
+    .await;
+    match fleet {
+        Ok(fleet) => {
+            let points: Vec<_> = fleet
+                .distribution
+                .iter()
+                .map(|(at, counts)| {
+                    let counts: serde_json::Map<String, serde_json::Value> = counts
+                        .iter()
+                        .map(|(s, n)| (s.as_str().to_string(), json!(n)))
+                        .collect();
+                    json!({ "at_ms": millis(*at), "agents": counts })
+                })
+                .collect();
+            json_response(&json!({ "points": points }))
+        }
+        Err(err) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            format!("{err}\n"),
+        ),
+    }
+}
+
+async fn answer(service: &AgentLifecycleService, request: &Request<Incoming>) -> Response<Body> {
+    if request.method() == Method::GET {
+        match request.uri().path() {
+            "/" => return text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+            "/api/agents" => {
+                let agents: Vec<_> = service
+                    .get_all_agent_statuses()
+                    .into_values()
+                    .map(|info| agent_json(&info.agent))
+                    .collect();
+                return json_response(&json!({ "agents": agents }));
+            }
+            "/api/events" => return events(service).await,
+            "/api/distribution" => return distribution(service).await,
+            _ => {}
+        }
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             if let Err(err) = service.refresh_store_metrics().await {
@@ -83,7 +232,7 @@ async fn answer(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found; try /metrics\n",
+            "not found; try / or /metrics\n",
         ),
     }
 }

@@ -32,12 +32,17 @@ fn python() -> String {
 /// Runs `tests/python/<script> ADDR` with a deadline and panics, showing its
 /// output and the server's log, unless it exits successfully.
 fn run_script(server: &ServerProcess, script: &str) {
+    run_script_with(server, script, &[&server.addr]);
+}
+
+/// Runs `tests/python/<script> ARGS...` (see [`run_script`]).
+pub fn run_script_with(server: &ServerProcess, script: &str, args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("tests").join("python").join(script);
     let python = python();
     let mut child = Command::new(&python)
         .arg(&path)
-        .arg(&server.addr)
+        .args(args)
         .current_dir(root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -96,4 +101,32 @@ fn python_client_drives_and_watches_an_agent() {
 fn grpcurl_lists_services_and_registers_with_json() {
     let server = ServerProcess::start(&["--store", "memory"]);
     run_script(&server, "grpcurl_test.py");
+}
+
+/// Scenario: the live fleet dashboard in headless Chromium (Debian's
+/// chromium and chromium-driver, through selenium). The page opens on
+/// `--http-listen`, connects to the live event stream, lists the agents;
+/// agents registered and moved through the CLI appear and change colour
+/// without a reload, the live feed shows their events, the counts and the
+/// label and category filters follow, the distribution chart has its bars,
+/// and a screenshot is taken (target/dashboard.png).
+#[test]
+fn the_dashboard_follows_the_fleet_live_in_chromium() {
+    let server = ServerProcess::start(&["--store", "memory", "--http-listen", "127.0.0.1:0"]);
+    let http = server
+        .http_addr(Duration::from_secs(10))
+        .expect("the server prints its HTTP address")
+        .to_string();
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    run_script_with(
+        &server,
+        "dashboard_test.py",
+        &[
+            env!("CARGO_BIN_EXE_agent-lifecycle"),
+            &server.addr,
+            &http,
+            screenshot.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(screenshot.exists());
 }
