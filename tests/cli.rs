@@ -120,4 +120,21 @@ async fn cli_drives_an_agent_and_reports_errors() {
         })
         .collect();
     assert_eq!(sequences, vec![1, 2, 3, 4, 5, 6]);
+
+    // -o yaml and -o table everywhere; top and analytics.
+    let yaml = stdout(&cli(&server, &["-o", "yaml", "get", &id]).await);
+    assert!(yaml.starts_with("---\n"), "{yaml}");
+    assert!(yaml.contains("\nstate: \"busy\"\n"), "{yaml}");
+    assert!(yaml.contains("\nlabels:\n  team: \"ml\"\n"), "{yaml}");
+    let table = stdout(&cli(&server, &["-o", "table", "list"]).await);
+    assert!(table.starts_with("AGENT ID"), "{table}");
+    let top = stdout(&cli(&server, &["top", "--iterations", "1"]).await);
+    assert!(top.starts_with("agents: 3"), "{top}");
+    assert!(top.contains("  busy         1"), "{top}");
+    let figures = stdout(&cli(&server, &["analytics", "--agent", &id]).await);
+    assert!(figures.contains("transitions:   5"), "{figures}");
+    let fleet: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&server, &["-o", "json", "analytics"]).await))
+            .expect("json");
+    assert_eq!(fleet["agents"], 3);
 }

@@ -211,6 +211,24 @@ pub struct WatchArgs {
     pub count: Option<u64>,
 }
 
+/// `top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Only agents with label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_parser = parse_pair)]
+    pub labels: Vec<(String, String)>,
+    /// Recent events shown.
+    #[arg(long, default_value_t = 15)]
+    pub events: usize,
+    /// Time between screens.
+    #[arg(long, default_value = "1s", value_parser = agent_lifecycle::config::parse_duration)]
+    pub interval: Duration,
+    /// Print this many screens (without clearing the terminal), then stop;
+    /// default: until interrupted.
+    #[arg(long)]
+    pub iterations: Option<u64>,
+}
+
 fn parse_pair(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -297,12 +315,12 @@ impl Session {
     /// Prints what a change did: its transitions and the agent it left.
     fn print_change(&self, agent: Option<pb::Agent>, transitions: Vec<pb::StateTransition>) {
         match self.format {
-            Format::Json => println!(
-                "{}",
-                json!({
+            Format::Json | Format::Yaml => output::emit(
+                self.format,
+                &json!({
                     "agent": agent.as_ref().map(agent_json),
                     "transitions": transitions.iter().map(transition_json).collect::<Vec<_>>(),
-                })
+                }),
             ),
             Format::Text => {
                 for t in &transitions {
@@ -366,6 +384,7 @@ pub async fn run(
         Command::List(a) => list(s, a).await,
         Command::History(a) => history(s, a).await,
         Command::Audit(a) => audit(s, a).await,
+        Command::Top(a) => top(s, a).await,
         Command::Analytics(a) => analytics(s, a).await,
         Command::Transition(a) => transition(s, a).await,
         Command::Deploy(a) => deploy(s, a).await,
@@ -432,7 +451,7 @@ async fn get(s: &mut Session, a: IdArgs) -> anyhow::Result<()> {
         .agent
         .context("the server sent no agent")?;
     match s.format {
-        Format::Json => println!("{}", agent_json(&agent)),
+        Format::Json | Format::Yaml => output::emit(s.format, &agent_json(&agent)),
         Format::Text => println!("{}", agent_text(&agent)),
     }
     Ok(())
@@ -474,10 +493,10 @@ async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
         }
         token = page.next_page_token;
     }
-    if s.format == Format::Json {
-        println!(
-            "{}",
-            json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() })
+    if s.format != Format::Text {
+        output::emit(
+            s.format,
+            &json!({ "agents": all.iter().map(agent_json).collect::<Vec<_>>() }),
         );
     } else if !printed_header {
         println!("no agents");
@@ -509,9 +528,9 @@ async fn history(s: &mut Session, a: HistoryArgs) -> anyhow::Result<()> {
         token = page.next_page_token;
     }
     match s.format {
-        Format::Json => println!(
-            "{}",
-            json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
+        Format::Json | Format::Yaml => output::emit(
+            s.format,
+            &json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() }),
         ),
         Format::Text => {
             for t in &all {
@@ -576,7 +595,7 @@ async fn analytics(s: &mut Session, a: AnalyticsArgs) -> anyhow::Result<()> {
             .into_inner();
         let figures = response.analytics.unwrap_or_default();
         match s.format {
-            Format::Json => println!("{}", analytics_json(&figures)),
+            Format::Json | Format::Yaml => output::emit(s.format, &analytics_json(&figures)),
             Format::Text => print_analytics(&figures),
         }
         return Ok(());
@@ -595,9 +614,9 @@ async fn analytics(s: &mut Session, a: AnalyticsArgs) -> anyhow::Result<()> {
         .into_inner();
     let total = fleet.total.unwrap_or_default();
     match s.format {
-        Format::Json => println!(
-            "{}",
-            json!({
+        Format::Json | Format::Yaml => output::emit(
+            s.format,
+            &json!({
                 "agents": fleet.agents,
                 "total": analytics_json(&total),
                 "top_by_errors": fleet.top_by_errors.iter().map(analytics_json).collect::<Vec<_>>(),
@@ -606,7 +625,7 @@ async fn analytics(s: &mut Session, a: AnalyticsArgs) -> anyhow::Result<()> {
                     "at": output::time_text(d.at.as_ref()),
                     "agents": d.agents.iter().collect::<BTreeMap<_, _>>(),
                 })).collect::<Vec<_>>(),
-            })
+            }),
         ),
         Format::Text => {
             println!("agents:        {}", fleet.agents);
@@ -665,9 +684,9 @@ async fn audit(s: &mut Session, a: AuditArgs) -> anyhow::Result<()> {
     }
     all.truncate(a.limit);
     match s.format {
-        Format::Json => println!(
-            "{}",
-            json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() })
+        Format::Json | Format::Yaml => output::emit(
+            s.format,
+            &json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() }),
         ),
         Format::Text => {
             for t in &all {
@@ -895,9 +914,9 @@ async fn metrics(s: &mut Session) -> anyhow::Result<()> {
         .into_inner();
     let distribution: BTreeMap<_, _> = m.state_distribution.iter().collect();
     match s.format {
-        Format::Json => println!(
-            "{}",
-            json!({
+        Format::Json | Format::Yaml => output::emit(
+            s.format,
+            &json!({
                 "total_agents": m.total_agents,
                 "operational_agents": m.operational_agents,
                 "available_agents": m.available_agents,
@@ -905,7 +924,7 @@ async fn metrics(s: &mut Session) -> anyhow::Result<()> {
                 "maintenance_agents": m.maintenance_agents,
                 "state_distribution": distribution,
                 "head_sequence": m.head_sequence,
-            })
+            }),
         ),
         Format::Text => {
             println!("total:       {}", m.total_agents);
@@ -933,7 +952,7 @@ async fn rules(s: &mut Session) -> anyhow::Result<()> {
         .into_inner()
         .rules;
     match s.format {
-        Format::Json => {
+        Format::Json | Format::Yaml => {
             let map: serde_json::Map<String, serde_json::Value> = rules
                 .iter()
                 .map(|r| {
@@ -948,7 +967,7 @@ async fn rules(s: &mut Session) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            println!("{}", serde_json::Value::Object(map));
+            output::emit(s.format, &serde_json::Value::Object(map));
         }
         Format::Text => {
             for r in &rules {
@@ -998,21 +1017,111 @@ async fn watch(s: &mut Session, a: WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `top`: a live view of the fleet, from a WatchEvents snapshot and the
+/// events after it: agents per state and the most recent events, redrawn
+/// every `interval`.
+async fn top(s: &mut Session, a: TopArgs) -> anyhow::Result<()> {
+    let request = pb::WatchEventsRequest {
+        labels: a.labels.into_iter().collect(),
+        include_snapshot: true,
+        ..Default::default()
+    };
+    let mut stream = s
+        .client
+        .watch_events(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut states: HashMap<String, i32> = HashMap::new();
+    let mut recent: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut head = 0u64;
+    let mut ready = false;
+    let mut screens = 0u64;
+    let mut ticks = tokio::time::interval(a.interval.max(Duration::from_millis(100)));
+    let interactive =
+        a.iterations.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let Some(message) = message.map_err(status_error)? else {
+                    return Ok(());
+                };
+                match message.kind {
+                    Some(Kind::SnapshotAgent(agent)) => {
+                        states.insert(agent.agent_id.clone(), agent.state);
+                    }
+                    Some(Kind::SnapshotComplete(c)) => {
+                        head = c.head_sequence;
+                        ready = true;
+                    }
+                    Some(Kind::Event(e)) => {
+                        head = e.sequence;
+                        if let Some(agent) = &e.agent {
+                            states.insert(agent.agent_id.clone(), agent.state);
+                        }
+                        if let Some(t) = &e.transition {
+                            recent.push_front(format!("{}  {}", e.agent_id, transition_line(t)));
+                            recent.truncate(a.events);
+                        }
+                    }
+                    Some(Kind::Progress(p)) => head = head.max(p.head_sequence),
+                    None => {}
+                }
+            }
+            _ = ticks.tick(), if ready => {
+                let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+                for state in states.values() {
+                    *counts.entry(output::state_name(*state)).or_default() += 1;
+                }
+                match s.format {
+                    Format::Text => {
+                        if interactive {
+                            // Clear the screen and go home.
+                            print!("\x1b[2J\x1b[H");
+                        }
+                        println!("agents: {}   head: #{head}", states.len());
+                        for (state, n) in &counts {
+                            println!("  {state:<12} {n}");
+                        }
+                        println!("recent events:");
+                        for line in &recent {
+                            println!("  {line}");
+                        }
+                    }
+                    Format::Json | Format::Yaml => output::emit(
+                        s.format,
+                        &json!({
+                            "agents": states.len(),
+                            "head_sequence": head,
+                            "states": counts,
+                            "recent_events": recent.iter().collect::<Vec<_>>(),
+                        }),
+                    ),
+                }
+                screens += 1;
+                if a.iterations.is_some_and(|n| screens >= n) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// Prints one WatchEvents message (progress only when `progress`); true
 /// for an event, which is what `--count` counts.
 fn print_watch_message(format: Format, kind: Kind, progress: bool) -> bool {
     match (kind, format) {
-        (Kind::Event(e), Format::Json) => {
-            println!(
-                "{}",
-                json!({
+        (Kind::Event(e), Format::Json | Format::Yaml) => {
+            output::emit(
+                format,
+                &json!({
                     "type": "event",
                     "sequence": e.sequence,
                     "agent_id": e.agent_id,
                     "event_type": output::event_type_name(e.r#type),
                     "transition": e.transition.as_ref().map(transition_json),
                     "agent": e.agent.as_ref().map(agent_json),
-                })
+                }),
             );
             true
         }
@@ -1025,10 +1134,10 @@ fn print_watch_message(format: Format, kind: Kind, progress: bool) -> bool {
             println!("{}  {}", e.agent_id, line);
             true
         }
-        (Kind::Progress(p), Format::Json) if progress => {
-            println!(
-                "{}",
-                json!({"type": "progress", "head_sequence": p.head_sequence})
+        (Kind::Progress(p), Format::Json | Format::Yaml) if progress => {
+            output::emit(
+                format,
+                &json!({"type": "progress", "head_sequence": p.head_sequence}),
             );
             false
         }
@@ -1037,10 +1146,10 @@ fn print_watch_message(format: Format, kind: Kind, progress: bool) -> bool {
             false
         }
         (Kind::Progress(_), _) => false,
-        (Kind::SnapshotAgent(agent), Format::Json) => {
-            println!(
-                "{}",
-                json!({"type": "snapshot_agent", "agent": agent_json(&agent)})
+        (Kind::SnapshotAgent(agent), Format::Json | Format::Yaml) => {
+            output::emit(
+                format,
+                &json!({"type": "snapshot_agent", "agent": agent_json(&agent)}),
             );
             false
         }
@@ -1048,10 +1157,10 @@ fn print_watch_message(format: Format, kind: Kind, progress: bool) -> bool {
             println!("snapshot {}", agent_line(&agent));
             false
         }
-        (Kind::SnapshotComplete(c), Format::Json) => {
-            println!(
-                "{}",
-                json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count})
+        (Kind::SnapshotComplete(c), Format::Json | Format::Yaml) => {
+            output::emit(
+                format,
+                &json!({"type": "snapshot_complete", "head_sequence": c.head_sequence, "agent_count": c.agent_count}),
             );
             false
         }

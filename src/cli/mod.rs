@@ -48,10 +48,13 @@ pub struct Args {
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// Aligned text for people.
+    /// Aligned text for people (tables where there are rows).
+    #[value(name = "table", alias = "text")]
     Text,
-    /// JSON for machines.
+    /// JSON for machines (one document; one line per event for `watch`).
     Json,
+    /// YAML (one document; one per event for `watch`).
+    Yaml,
 }
 
 /// What to do.
@@ -94,6 +97,8 @@ pub enum Command {
     Metrics,
     /// The active transition policy.
     Rules,
+    /// A live view of the fleet: agents per state and recent events.
+    Top(client::TopArgs),
     /// Stream events, one line each, as they happen.
     Watch(client::WatchArgs),
     /// Measure a running server (see BENCHMARKS.md).
@@ -154,15 +159,15 @@ fn create_token(args: TokenArgs, format: Format) -> anyhow::Result<()> {
         config.push_str(&format!("agents = [{}]\n", list.join(", ")));
     }
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::json!({
+        Format::Json | Format::Yaml => output::emit(
+            format,
+            &serde_json::json!({
                 "name": args.name,
                 "role": args.role.as_str(),
                 "token": token,
                 "token_sha256": hash,
                 "config": config,
-            })
+            }),
         ),
         Format::Text => {
             println!("{token}");

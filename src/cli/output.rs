@@ -220,3 +220,112 @@ pub fn agent_text(a: &pb::Agent) -> String {
         time_text(a.updated_at.as_ref()),
     )
 }
+
+/// `value` as YAML: block style, every string double-quoted as JSON quotes
+/// it (valid YAML, since YAML's double-quoted scalars take JSON's escapes),
+/// so no value is ever read back as another type.
+pub fn yaml(value: &Value) -> String {
+    let mut out = String::new();
+    yaml_into(&mut out, value, 0);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// A mapping key: bare when it is a plain word YAML reads back as the same
+/// string, quoted otherwise.
+fn yaml_key(key: &str) -> String {
+    let plain = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && !matches!(
+            key.to_ascii_lowercase().as_str(),
+            "true" | "false" | "null" | "yes" | "no" | "on" | "off" | "y" | "n" | "~"
+        );
+    if plain {
+        key.to_string()
+    } else {
+        Value::String(key.to_string()).to_string()
+    }
+}
+
+fn yaml_scalar(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => Value::String(s.clone()).to_string(),
+        Value::Array(a) if a.is_empty() => "[]".to_string(),
+        Value::Object(o) if o.is_empty() => "{}".to_string(),
+        // Not a scalar; callers handle these.
+        other => other.to_string(),
+    }
+}
+
+fn is_block(value: &Value) -> bool {
+    match value {
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+fn yaml_into(out: &mut String, value: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, item) in map {
+                let key = yaml_key(key);
+                if is_block(item) {
+                    out.push_str(&format!("{pad}{key}:\n"));
+                    yaml_into(out, item, indent + 2);
+                } else {
+                    out.push_str(&format!("{pad}{key}: {}\n", yaml_scalar(item)));
+                }
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            for item in items {
+                if is_block(item) {
+                    out.push_str(&format!("{pad}-\n"));
+                    yaml_into(out, item, indent + 2);
+                } else {
+                    out.push_str(&format!("{pad}- {}\n", yaml_scalar(item)));
+                }
+            }
+        }
+        scalar => out.push_str(&format!("{pad}{}\n", yaml_scalar(scalar))),
+    }
+}
+
+/// Prints `value` as JSON (one line) or YAML (a document).
+pub fn emit(format: super::Format, value: &Value) {
+    match format {
+        super::Format::Yaml => print!("---\n{}", yaml(value)),
+        _ => println!("{value}"),
+    }
+}
+
+#[cfg(test)]
+mod yaml_tests {
+    use serde_json::json;
+
+    #[test]
+    fn yaml_is_block_style_with_quoted_strings() {
+        let text = super::yaml(&json!({
+            "agent": {"id": "a", "labels": {}, "tags": ["x", 1, null]},
+            "empty": [],
+            "n": 2.5,
+            "yes": "true",
+        }));
+        assert_eq!(
+            text,
+            "agent:\n  id: \"a\"\n  labels: {}\n  tags:\n    - \"x\"\n    - 1\n    - null\nempty: []\n\"n\": 2.5\n\"yes\": \"true\"\n"
+        );
+    }
+}
