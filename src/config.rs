@@ -122,6 +122,8 @@ pub struct ConfigFile {
     pub listen: Option<std::net::SocketAddr>,
     /// `--http-listen`.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// `--otlp-endpoint`.
+    pub otlp_endpoint: Option<String>,
     /// `--store`.
     pub store: Option<String>,
     /// `--log`.

@@ -39,6 +39,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sync;
+pub mod telemetry;
 pub mod tls;
 
 pub use error::{Error, Result};

@@ -21,6 +21,7 @@ use agent_lifecycle::{
     server::{self, ServeOptions},
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
+    telemetry::Telemetry,
     tls,
 };
 
@@ -45,6 +46,11 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "AGENT_LIFECYCLE_LISTEN")]
     listen: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint (`http://HOST:4317`) to export traces to: a span
+    /// per RPC and per commit batch, children of the caller's W3C
+    /// `traceparent`; off when unset.
+    #[arg(long, env = "AGENT_LIFECYCLE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// HTTP address for `/metrics` (Prometheus); off when unset. It has no
     /// authentication: bind it where only the monitoring system reaches.
     #[arg(long, env = "AGENT_LIFECYCLE_HTTP_LISTEN")]
@@ -104,6 +110,7 @@ pub struct ServeArgs {
 
 /// The settings in force: flags and variables over the file over defaults.
 struct Settings {
+    otlp_endpoint: Option<String>,
     listen: SocketAddr,
     http_listen: Option<SocketAddr>,
     store: StoreUrl,
@@ -235,6 +242,7 @@ impl Settings {
             ..ServiceConfig::default()
         };
         Ok(Settings {
+            otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint.clone()),
             http_listen: args.http_listen.or(file.http_listen),
             listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
                 [127, 0, 0, 1],
@@ -263,25 +271,42 @@ impl Settings {
     }
 }
 
-fn init_logging(args: &Settings) -> anyhow::Result<()> {
+/// Installs the logger, and the OTLP trace exporter when an endpoint is
+/// configured (its spans are filtered on their own, at `info`, whatever
+/// the log filter).
+fn init_logging(args: &Settings) -> anyhow::Result<Option<Telemetry>> {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) if !value.is_empty() => EnvFilter::try_new(value),
         _ => EnvFilter::try_new(&args.log),
     }
     .context("invalid log filter")?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (telemetry, otel) = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let (telemetry, layer) =
+                agent_lifecycle::telemetry::otlp(endpoint).map_err(|e| anyhow::anyhow!(e))?;
+            let layer = layer.with_filter(EnvFilter::new("agent_lifecycle=info"));
+            (Some(telemetry), Some(layer))
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(otel);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match args.log_format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Human => registry.with(fmt.with_filter(filter)).try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_filter(filter),
+            )
             .try_init(),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(telemetry)
 }
 
 /// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives
@@ -316,6 +341,17 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
 /// failed.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(args)?;
+    let telemetry = init_logging(&settings)?;
+    let result = serve(settings).await;
+    if let Some(telemetry) = telemetry {
+        // Export the last spans; the exporter's runtime may not be dropped
+        // on an async worker.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
+    result
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
     if !settings.listen.ip().is_loopback() && !settings.authenticated && !settings.insecure {
         anyhow::bail!(
             "refusing to listen on {} without authentication: configure [auth] principals \
@@ -323,7 +359,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             settings.listen
         );
     }
-    init_logging(&settings)?;
     if !settings.listen.ip().is_loopback() && !settings.authenticated {
         tracing::warn!(
             listen = %settings.listen,

@@ -250,6 +250,7 @@ where
             open: true,
         };
         let span = info_span!("grpc", method = %pending.uri.path());
+        adopt_remote_parent(&span, request.headers());
         let caller = match span.in_scope(|| self.layer.caller(&request)) {
             Ok(caller) => caller,
             Err(status) => {
@@ -272,6 +273,33 @@ where
             result
         })
     }
+}
+
+/// Reads a W3C Trace Context from the request's metadata.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Makes `span` a child of the caller's trace when the request carries a
+/// `traceparent` (a no-op without an OTLP exporter installed).
+fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !headers.contains_key("traceparent") {
+        return;
+    }
+    let context =
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Headers(headers));
+    // An invalid traceparent leaves the span a root, as if there were none.
+    let _ = span.set_parent(context);
 }
 
 /// A call between its arrival and its response headers. Dropped while

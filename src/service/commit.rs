@@ -366,6 +366,9 @@ impl Batch {
 
     /// Step 2: one store transaction.
     fn persist(&mut self, shared: &Shared) -> Result<(), PersistError> {
+        // One span per commit batch (exported over OTLP when configured).
+        let span = tracing::info_span!("commit", batch = self.id.0, changes = self.changes.len());
+        let _entered = span.enter();
         let started = Instant::now();
         match shared
             .store
