@@ -126,6 +126,12 @@ async fn heartbeats_complete_starts_and_silence_is_an_error() {
     let (by, reason) = last_reason(&service, id).await;
     assert_eq!(by, TRIGGER);
     assert!(reason.contains("first heartbeat"), "{reason}");
+    assert!(
+        service.metrics().encode_text().contains(
+            "agent_lifecycle_transitions_total{from=\"starting\",source=\"health-monitor\",to=\"online\"} 1"
+        ),
+        "automatic transitions are counted by source"
+    );
     let beat = health.local_heartbeat(id).expect("recorded");
     assert_eq!(beat.load, Some(0.25));
     assert_eq!(beat.current_task.as_deref(), Some("warm-up"));

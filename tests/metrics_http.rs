@@ -65,7 +65,7 @@ async fn metrics_are_scraped_in_the_prometheus_format() {
     };
     expect("agent_lifecycle_agents{state=\"online\"}", 1.0);
     expect(
-        "agent_lifecycle_transitions_total{from=\"deployed\",to=\"starting\"}",
+        "agent_lifecycle_transitions_total{from=\"deployed\",source=\"client\",to=\"starting\"}",
         1.0,
     );
     expect(

@@ -71,6 +71,12 @@ async fn shutdown_ends_open_streams_after_their_last_event() {
         .expect("server stops in time")
         .expect("join")
         .expect("clean stop");
+    let text = server.service.metrics().encode_text();
+    assert!(
+        text.contains("agent_lifecycle_watch_streams_ended_total{reason=\"shutdown\"} 3"),
+        "{text}"
+    );
+    assert!(text.contains("agent_lifecycle_watch_streams 0"), "{text}");
 }
 
 /// After shutdown begins, new work is refused with UNAVAILABLE and the

@@ -21,6 +21,23 @@ const STATES: usize = AgentState::ALL.len();
 /// Label value of `from` for a registration (it has no prior state).
 pub const NO_STATE: &str = "none";
 
+/// The `source` of transitions clients make (everything but the server's
+/// automation).
+pub const CLIENT_SOURCE: &str = "client";
+
+/// The `source` of a transition, from its `triggered_by`: the server's
+/// automation by name, every other value `client` (so that the label set
+/// stays bounded whatever clients write).
+pub fn trigger_source(triggered_by: &str) -> &'static str {
+    match triggered_by {
+        "health-monitor" => "health-monitor",
+        "hf_sync" => "hf_sync",
+        "k8s_sync" => "k8s_sync",
+        "docker_sync" => "docker_sync",
+        _ => CLIENT_SOURCE,
+    }
+}
+
 /// Upper bounds of the commit batch size histogram (transitions per batch).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
@@ -37,9 +54,12 @@ pub struct Metrics {
     /// the commit thread, under the table's write lock, so a reader holding
     /// the table's read lock sees them consistent with the table.
     agents: Vec<IntGauge>,
-    /// `agent_lifecycle_transitions_total{from,to}`, indexed
-    /// `from * STATES + to` with `from == STATES` for registrations.
+    /// `agent_lifecycle_transitions_total{from,to,source}` of clients,
+    /// resolved once and indexed `from * STATES + to` with `from == STATES`
+    /// for registrations.
     transitions: Vec<IntCounter>,
+    /// The same family, for the automation's sources (resolved when used).
+    transitions_vec: IntCounterVec,
     /// `agent_lifecycle_hook_failures_total{phase}`: hooks that failed or
     /// panicked (pre, post).
     hook_failures: [IntCounter; 2],
@@ -47,6 +67,10 @@ pub struct Metrics {
     watch_backfills: IntCounter,
     /// `agent_lifecycle_watch_streams`: open WatchEvents streams.
     watch_streams: IntGauge,
+    /// `agent_lifecycle_watch_streams_ended_total{reason}`: streams the
+    /// server ended (`compacted`: a watcher fell behind past retention
+    /// while catching up; `shutdown`; `failed`: the store failed).
+    watch_ended: IntCounterVec,
     /// `agent_lifecycle_oldest_sequence`: the oldest retained event (set
     /// when scraped).
     oldest_sequence: IntGauge,
@@ -109,16 +133,20 @@ impl Metrics {
             IntCounterVec::new(
                 opts(
                     "agent_lifecycle_transitions_total",
-                    "Committed transitions by edge (from \"none\": registrations).",
+                    "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync).",
                 ),
-                &["from", "to"],
+                &["from", "to", "source"],
             )
             .expect("valid counter definition"),
         );
         let mut transitions = Vec::with_capacity((STATES + 1) * STATES);
         for from in AgentState::ALL.iter().map(|s| s.as_str()).chain([NO_STATE]) {
             for to in AgentState::ALL {
-                transitions.push(transitions_vec.with_label_values(&[from, to.as_str()]));
+                transitions.push(transitions_vec.with_label_values(&[
+                    from,
+                    to.as_str(),
+                    CLIENT_SOURCE,
+                ]));
             }
         }
         let hooks_vec = register(
@@ -152,10 +180,22 @@ impl Metrics {
         Metrics {
             agents,
             transitions,
+            transitions_vec,
             hook_failures,
             watch_backfills: counter(
                 "agent_lifecycle_watch_backfills_total",
                 "Times a watch stream fell behind the broadcast buffer and was refilled from the event log.",
+            ),
+            watch_ended: register(
+                &registry,
+                IntCounterVec::new(
+                    opts(
+                        "agent_lifecycle_watch_streams_ended_total",
+                        "WatchEvents streams the server ended, by reason: compacted (fell behind past retention), shutdown, failed.",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid counter definition"),
             ),
             watch_streams: register(
                 &registry,
@@ -253,23 +293,49 @@ impl Metrics {
         self.agents[state.index()].get().max(0) as u64
     }
 
-    pub(crate) fn agent_moved(&self, from: Option<AgentState>, to: AgentState) {
+    pub(crate) fn agent_moved(&self, from: Option<AgentState>, to: AgentState, source: &str) {
         if let Some(from) = from {
             self.agents[from.index()].dec();
         }
         self.agents[to.index()].inc();
-        let row = from.map_or(STATES, AgentState::index);
-        self.transitions[row * STATES + to.index()].inc();
+        if source == CLIENT_SOURCE {
+            let row = from.map_or(STATES, AgentState::index);
+            self.transitions[row * STATES + to.index()].inc();
+        } else {
+            let from = from.map_or(NO_STATE, AgentState::as_str);
+            self.transitions_vec
+                .with_label_values(&[from, to.as_str(), source])
+                .inc();
+        }
     }
 
     pub(crate) fn agent_loaded(&self, state: AgentState) {
         self.agents[state.index()].inc();
     }
 
-    /// Committed transitions along one edge (`from` `None`: registrations).
+    /// Committed transitions along one edge (`from` `None`: registrations),
+    /// from every source (read from the registry: for reports, not for hot
+    /// paths).
     pub fn transitions(&self, from: Option<AgentState>, to: AgentState) -> u64 {
-        let row = from.map_or(STATES, AgentState::index);
-        self.transitions[row * STATES + to.index()].get()
+        let from = from.map_or(NO_STATE, AgentState::as_str);
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "agent_lifecycle_transitions_total")
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                label("from").as_deref() == Some(from)
+                    && label("to").as_deref() == Some(to.as_str())
+            })
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
     }
 
     pub(crate) fn hook_failed(&self, phase: HookPhase) {
@@ -283,6 +349,10 @@ impl Metrics {
 
     pub(crate) fn watch_backfilled(&self) {
         self.watch_backfills.inc();
+    }
+
+    pub(crate) fn watch_ended(&self, reason: &str) {
+        self.watch_ended.with_label_values(&[reason]).inc();
     }
 
     pub(crate) fn watch_opened(&self) {

@@ -136,7 +136,11 @@ impl Table {
         };
         self.head = self.head.max(record.sequence);
         self.requests.note(&record);
-        metrics.agent_moved(record.from, record.to);
+        metrics.agent_moved(
+            record.from,
+            record.to,
+            super::metrics::trigger_source(&record.triggered_by),
+        );
         Some(agent)
     }
 }

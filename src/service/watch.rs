@@ -224,6 +224,12 @@ impl Watcher {
 
     fn fail(&mut self, err: Error) -> Option<Result<WatchItem>> {
         self.finished = true;
+        let reason = match &err {
+            Error::ShuttingDown => "shutdown",
+            Error::SequenceCompacted { .. } => "compacted",
+            _ => "failed",
+        };
+        self.shared.metrics.watch_ended(reason);
         Some(Err(err))
     }
 
