@@ -42,15 +42,7 @@ fn entry(p: &Principal, role: &str, extra: &str) -> String {
     )
 }
 
-/// `message` with `token` as its bearer token.
-fn with<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header value"),
-    );
-    request
-}
+use common::with_token as with;
 
 fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("auth.toml");

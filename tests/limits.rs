@@ -10,17 +10,10 @@ use std::time::{Duration, Instant};
 
 use agent_lifecycle::{auth, grpc::pb};
 use common::process::ServerProcess;
-use tonic::{Code, Request};
+use tonic::Code;
 use tonic_types::StatusExt;
 
-fn with<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header value"),
-    );
-    request
-}
+use common::with_token as with;
 
 fn server(config: &str) -> (ServerProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");

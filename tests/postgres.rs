@@ -20,24 +20,9 @@ use agent_lifecycle::{grpc::pb, store::PostgresStore};
 use common::{Client, next_event, process::ServerProcess};
 use tonic::{Code, Streaming};
 
-/// A fresh database on the test server, or `None` (with a note) when no
-/// server is configured outside CI.
+/// A fresh database on the test server (see [`common::postgres_database`]).
 async fn database(prefix: &str) -> Option<String> {
-    let url = match std::env::var("TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("TEST_DATABASE_URL is not set; CI must run the PostgreSQL tests")
-        }
-        _ => {
-            eprintln!("TEST_DATABASE_URL is not set: skipping a PostgreSQL test");
-            return None;
-        }
-    };
-    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-    let created = tokio::task::spawn_blocking(move || PostgresStore::create_database(&url, &name))
-        .await
-        .expect("join");
-    Some(created.expect("create a test database"))
+    common::postgres_database(prefix).await
 }
 
 fn start(url: &str, extra: &[&str]) -> ServerProcess {

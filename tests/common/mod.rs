@@ -265,3 +265,36 @@ pub async fn next_event(stream: &mut Streaming<pb::WatchEventsResponse>) -> pb::
         }
     }
 }
+
+/// `message` with `token` as its bearer token.
+pub fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    request
+}
+
+/// A fresh database on the PostgreSQL test server, or `None` (with a note)
+/// when no server is configured outside CI; under CI a missing server
+/// fails the test.
+pub async fn postgres_database(prefix: &str) -> Option<String> {
+    let url = match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("TEST_DATABASE_URL is not set; CI must run the PostgreSQL tests")
+        }
+        _ => {
+            eprintln!("TEST_DATABASE_URL is not set: skipping a PostgreSQL test");
+            return None;
+        }
+    };
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let created = tokio::task::spawn_blocking(move || {
+        agent_lifecycle::store::PostgresStore::create_database(&url, &name)
+    })
+    .await
+    .expect("join");
+    Some(created.expect("create a test database"))
+}
