@@ -202,6 +202,8 @@ impl Signal {
 #[derive(Clone, Debug)]
 pub struct ServerCommand {
     binary: PathBuf,
+    /// What comes before `args`: `serve --listen 127.0.0.1:0` unless set.
+    leading: Vec<OsString>,
     args: Vec<OsString>,
     stderr: Stderr,
     env_remove: Vec<OsString>,
@@ -216,11 +218,27 @@ impl ServerCommand {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         ServerCommand {
             binary: binary.into(),
+            leading: ["serve", "--listen", "127.0.0.1:0"]
+                .into_iter()
+                .map(OsString::from)
+                .collect(),
             args: Vec::new(),
             stderr: Stderr::Collect,
             env_remove: Vec::new(),
             stop_on_drop: None,
         }
+    }
+
+    /// Runs `binary LEADING... ARGS...` instead of `binary serve --listen
+    /// 127.0.0.1:0 ARGS...` (another program that prints `listening on
+    /// ADDR` first, such as the benchmark's echo server).
+    pub fn leading<I, S>(mut self, leading: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.leading = leading.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Appends arguments of `serve`.
@@ -324,7 +342,7 @@ impl ServerProcess {
     fn spawn(command: &ServerCommand) -> Result<(Self, mpsc::Receiver<FirstLine>), ProcessError> {
         let mut builder = Command::new(&command.binary);
         builder
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(&command.leading)
             .args(&command.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -539,6 +557,31 @@ impl ServerProcess {
             source,
         })?;
         self.wait(KILL_GRACE)
+    }
+
+    /// CPU time the server's threads have used so far (from
+    /// `/proc/PID/task/*/schedstat`, nanosecond resolution).
+    ///
+    /// # Errors
+    /// `/proc` cannot be read.
+    pub fn cpu_time(&self) -> Result<Duration, ProcessError> {
+        let dir = format!("/proc/{}/task", self.pid);
+        let tasks = std::fs::read_dir(&dir).map_err(|source| ProcessError::ProcStatus {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut total = 0u64;
+        for task in tasks.flatten() {
+            // A thread that ended meanwhile has no file any more.
+            if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
+                total += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(Duration::from_nanos(total))
     }
 
     /// The server's resident memory now and at its peak.

@@ -8,6 +8,8 @@
 //! - `recovery`: spawns the server on a SQLite file of E events and measures
 //!   how long a restart takes until it answers with the whole log loaded.
 //! - `memory`: spawns the server and measures resident memory per agent.
+//! - `ceiling`: the baseline, a bare tonic echo server spawned here under
+//!   the load of `transition` (see `ceiling.rs`).
 //!
 //! Every measurement is repeated `--runs` times: each run is printed, then the
 //! median of the runs. Latency percentiles use the nearest rank over the
@@ -18,6 +20,7 @@
 //! own file, with `client` (gRPC plumbing), `stats` (percentiles, medians,
 //! formatting) and `server` (spawned servers) shared between them.
 
+mod ceiling;
 mod client;
 mod load;
 mod memory;
@@ -57,6 +60,13 @@ enum BenchCommand {
     Recovery(RecoveryArgs),
     /// Resident memory per registered agent of a server spawned here.
     Memory(MemoryArgs),
+    /// The baseline: a bare tonic echo server (spawned here, the same
+    /// HTTP/2 settings) under the load of `bench transition`, with a
+    /// 100-byte payload; throughput, latency, server CPU per call.
+    Ceiling(LoadArgs),
+    /// The echo server `ceiling` spawns (prints `listening on ADDR`).
+    #[command(hide = true)]
+    EchoServer,
 }
 
 /// `bench transition` and `bench get`.
@@ -175,6 +185,8 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
             BenchCommand::Watch(watch) => watch::run(server, watch).await,
             BenchCommand::Recovery(recovery) => recovery::run(recovery).await,
             BenchCommand::Memory(memory) => memory::run(memory).await,
+            BenchCommand::Ceiling(load) => ceiling::run(load).await,
+            BenchCommand::EchoServer => ceiling::serve().await,
         }
     };
     // Dropping the benchmark future on Ctrl-C drops its server guards.
