@@ -44,6 +44,20 @@ pub enum Error {
         /// The newest committed sequence.
         head: u64,
     },
+    /// Authentication is configured and the call did not pass it.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Over a rate limit or a cap; `retry_after` when waiting helps.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// The stable reason (`RATE_LIMITED`, `AGENT_RATE_LIMITED`,
+        /// `TOO_MANY_WATCHES`).
+        reason: &'static str,
+        /// What was exceeded.
+        message: String,
+        /// When to try again.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The caller's role does not allow the call (or not for this agent).
     #[error("permission denied: {principal} ({role}) may not {action}")]
     PermissionDenied {

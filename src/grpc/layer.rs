@@ -161,7 +161,7 @@ impl CallLayer {
             .authenticate(authorization, certs.as_deref().map(Vec::as_slice))
             .map_err(|err| {
                 warn!(method = path, error = %err, "refused: unauthenticated");
-                tonic::Status::unauthenticated(err.to_string())
+                tonic::Status::from(crate::Error::Unauthenticated(err.to_string()))
             })?;
         if !access::allows(caller.role, needs) {
             warn!(
@@ -174,7 +174,7 @@ impl CallLayer {
             return Err(tonic::Status::from(caller.denied(format!("call {method}"))));
         }
         if let Some(limits) = &self.limits {
-            limits.admit_request(&caller)?;
+            limits.admit_request(&caller).map_err(tonic::Status::from)?;
         }
         Ok(caller)
     }

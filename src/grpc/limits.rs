@@ -13,12 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use tracing::warn;
 
-use super::status::ERROR_DOMAIN;
-use crate::domain::{AgentId, Caller};
+use crate::{
+    Error,
+    domain::{AgentId, Caller},
+};
 
 /// Buckets kept before idle (full) ones are dropped.
 const MAX_BUCKETS: usize = 100_000;
@@ -141,13 +141,14 @@ impl Default for Limits {
     }
 }
 
-/// RESOURCE_EXHAUSTED with `RetryInfo` and an `ErrorInfo` naming the limit.
-fn exhausted(reason: &str, message: String, retry: Option<Duration>) -> Status {
-    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
-    if let Some(delay) = retry {
-        details.set_retry_info(Some(delay));
+/// The error refusing a call over a limit (RESOURCE_EXHAUSTED, with
+/// `RetryInfo` when `retry` is known; see `status.rs`).
+fn exhausted(reason: &'static str, message: String, retry: Option<Duration>) -> Error {
+    Error::ResourceExhausted {
+        reason,
+        message,
+        retry_after: retry,
     }
-    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 impl Limits {
@@ -171,7 +172,7 @@ impl Limits {
     ///
     /// # Errors
     /// RESOURCE_EXHAUSTED (`RATE_LIMITED`) with the delay.
-    pub fn admit_request(&self, caller: &Caller) -> Result<(), Status> {
+    pub fn admit_request(&self, caller: &Caller) -> Result<(), Error> {
         let Some(principal) = &caller.principal else {
             return Ok(());
         };
@@ -195,7 +196,7 @@ impl Limits {
     ///
     /// # Errors
     /// RESOURCE_EXHAUSTED (`AGENT_RATE_LIMITED`) with the delay.
-    pub fn admit_transition(&self, caller: &Caller, id: AgentId) -> Result<(), Status> {
+    pub fn admit_transition(&self, caller: &Caller, id: AgentId) -> Result<(), Error> {
         self.agents.take(&id, Instant::now()).map_err(|delay| {
             warn!(principal = %caller, agent_id = %id, retry_ms = delay.as_millis() as u64, "refused: agent transition rate limited");
             exhausted(
@@ -215,7 +216,7 @@ impl Limits {
     ///
     /// # Errors
     /// RESOURCE_EXHAUSTED (`TOO_MANY_WATCHES`).
-    pub fn open_watch(&self, caller: &Caller) -> Result<WatchPermit, Status> {
+    pub fn open_watch(&self, caller: &Caller) -> Result<WatchPermit, Error> {
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if watches.total >= self.settings.max_watches {
             warn!(principal = %caller, open = watches.total, "refused: too many watch streams");
@@ -303,7 +304,13 @@ mod tests {
         let alice = Caller::principal("alice");
         let first = limits.open_watch(&alice).expect("first");
         let refused = limits.open_watch(&alice).expect_err("per principal");
-        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(matches!(
+            refused,
+            Error::ResourceExhausted {
+                reason: "TOO_MANY_WATCHES",
+                ..
+            }
+        ));
         let anonymous = limits.open_watch(&Caller::anonymous()).expect("total 2");
         assert!(
             limits.open_watch(&Caller::principal("bob")).is_err(),

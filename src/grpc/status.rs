@@ -211,6 +211,18 @@ impl From<Error> for Status {
                 ),
             ),
             Error::ShuttingDown => (Code::Unavailable, info("SHUTTING_DOWN", &[])),
+            Error::Unauthenticated(_) => (Code::Unauthenticated, info("UNAUTHENTICATED", &[])),
+            Error::ResourceExhausted {
+                reason,
+                retry_after,
+                ..
+            } => {
+                let mut details = info(reason, &[]);
+                if let Some(delay) = retry_after {
+                    details.set_retry_info(Some(*delay));
+                }
+                (Code::ResourceExhausted, details)
+            }
             Error::RequestIdReused { request_id } => (
                 Code::AlreadyExists,
                 info(
