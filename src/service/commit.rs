@@ -26,7 +26,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, atomic::Ordering, mpsc},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc},
     time::{Duration, Instant},
 };
 
@@ -120,18 +120,88 @@ pub(crate) struct Settings {
     pub retention: Retention,
 }
 
+/// The writer's state: batch ids, the compaction round under way, and
+/// whether writes are refused. One [`Writer`] exists per service, behind a
+/// mutex: the commit thread holds it while it works on what it received,
+/// and on a store that commits in memory ([`crate::store::Store::commits_in_memory`])
+/// a proposer holds it to commit its own change, so that either way one
+/// batch is written at a time, in sequence order.
+pub(crate) struct Writer {
+    settings: Settings,
+    batch_ids: BatchIds,
+    compaction: Compaction,
+    /// Set when a failed commit may still have reached the disk: from then
+    /// on the table may disagree with the store, so every write is refused
+    /// until a restart reloads the store.
+    poisoned: Option<Arc<StoreError>>,
+    /// The store was closed: every proposal is refused.
+    closed: bool,
+}
+
+impl Writer {
+    pub(crate) fn new(settings: Settings) -> Self {
+        Writer {
+            settings,
+            batch_ids: BatchIds::new(),
+            compaction: Compaction::default(),
+            poisoned: None,
+            closed: false,
+        }
+    }
+
+    /// Commits `proposals` as one batch, or refuses them all (store closed
+    /// or writes refused); every proposer is answered before this returns.
+    pub(crate) fn commit(
+        &mut self,
+        shared: &Shared,
+        proposals: impl ExactSizeIterator<Item = (Proposal, Reply)>,
+    ) {
+        if proposals.len() == 0 {
+            return;
+        }
+        if self.closed {
+            for (_, reply) in proposals {
+                let _ = reply.send(Err(Rejected::Closed));
+            }
+            return;
+        }
+        if let Some(err) = &self.poisoned {
+            for (_, reply) in proposals {
+                let _ = reply.send(Err(Rejected::Store(Arc::clone(err))));
+            }
+            return;
+        }
+        let batch = Batch::prepare(self.batch_ids.next(), proposals);
+        if let Err(err) = batch.run(shared) {
+            self.poisoned = Some(err);
+        }
+    }
+
+    /// Closes the store; later proposals are refused.
+    fn close(&mut self, shared: &Shared) -> Result<(), StoreError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        shared.store.close()
+    }
+}
+
+/// Locks the writer. A panic while it was held cannot leave a batch half
+/// applied to the table (the table is updated under its own lock), so a
+/// poisoned lock is taken over.
+pub(crate) fn lock(writer: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
+    writer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Runs until a `Close` message or until every sender is gone.
-pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Settings) {
-    let mut queue: Vec<(Proposal, Reply)> = Vec::with_capacity(settings.max_batch);
-    let mut batch_ids = BatchIds::new();
-    let mut compaction = Compaction::default();
-    // Set when a failed commit may still have reached the disk: from then on
-    // the table may disagree with the store, so every write is refused until
-    // a restart reloads the store.
-    let mut poisoned: Option<Arc<StoreError>> = None;
+pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<Mutex<Writer>>) {
+    let max_batch = lock(&writer).settings.max_batch;
+    let mut queue: Vec<(Proposal, Reply)> = Vec::with_capacity(max_batch);
+    let mut compacting = false;
     loop {
         // While a compaction round is under way, only take what is queued.
-        let first = if compaction.active() {
+        let first = if compacting {
             match rx.try_recv() {
                 Ok(message) => Some(message),
                 Err(mpsc::TryRecvError::Empty) => None,
@@ -145,33 +215,22 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
         };
         let mut close = None;
         let mut followers = Vec::new();
+        let mut compact = Vec::new();
         let mut next = first;
         while let Some(message) = next.take() {
             match message {
                 Message::Propose(proposal, reply) => queue.push((proposal, reply)),
                 Message::Close(done) => close = Some(done),
-                Message::Compact(done) => compaction.waiters.push(done),
+                Message::Compact(done) => compact.push(done),
                 Message::Follow(done) => followers.push(done),
             }
-            if close.is_none() && queue.len() < settings.max_batch {
+            if close.is_none() && queue.len() < max_batch {
                 next = rx.try_recv().ok();
             }
         }
-        if !queue.is_empty() {
-            match &poisoned {
-                Some(err) => {
-                    for (_, reply) in queue.drain(..) {
-                        let _ = reply.send(Err(Rejected::Store(Arc::clone(err))));
-                    }
-                }
-                None => {
-                    let batch = Batch::prepare(batch_ids.next(), queue.drain(..));
-                    if let Err(err) = batch.run(&shared) {
-                        poisoned = Some(err);
-                    }
-                }
-            }
-        }
+        let mut writer = lock(&writer);
+        writer.compaction.waiters.append(&mut compact);
+        writer.commit(&shared, queue.drain(..));
         if !followers.is_empty() {
             shared.follow_requested.store(false, Ordering::Release);
             let result = follow(&shared, u64::MAX).map_err(Arc::new);
@@ -183,22 +242,22 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, settings: Se
             }
         }
         if let Some(done) = close {
-            let result = shared.store.close().map_err(Arc::new);
+            let result = writer.close(&shared).map_err(Arc::new);
             info!("store closed");
             let _ = done.send(result);
             return;
         }
-        if compaction.active() {
-            compaction.step(&shared, &settings.retention);
+        if writer.compaction.active() {
+            let retention = writer.settings.retention;
+            writer.compaction.step(&shared, &retention);
         }
+        compacting = writer.compaction.active();
     }
-    if let Err(err) = shared.store.close() {
+    if let Err(err) = lock(&writer).close(&shared) {
         error!(error = %crate::error::chain(&err), "closing the store failed");
     }
 }
 
-/// Batch ids: a random start, then consecutive, so that they do not repeat
-/// across restarts.
 struct BatchIds(u64);
 
 impl BatchIds {

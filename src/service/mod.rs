@@ -73,6 +73,11 @@ struct Inner {
     /// waiting for its reply, so the queue is bounded by in-flight requests
     /// (which the server caps per connection).
     commits: mpsc::Sender<Message>,
+    /// The writer, when the store commits in memory: proposers commit
+    /// their own changes under its lock (see `commit::Writer`). The commit
+    /// thread still closes the store and runs compaction, taking the same
+    /// lock.
+    inline_writer: Option<Arc<Mutex<commit::Writer>>>,
     hooks: hooks::Hooks,
     config: ServiceConfig,
     /// `true` once shutdown began: watch streams end, nothing new starts.
@@ -156,14 +161,18 @@ impl AgentLifecycleService {
             in_flight: requests::InFlight::default(),
         });
         let (tx, rx) = mpsc::channel();
-        let settings = commit::Settings {
+        let writer = Arc::new(Mutex::new(commit::Writer::new(commit::Settings {
             max_batch: config.max_batch.max(1),
             retention: config.retention,
-        };
+        })));
+        let inline_writer = shared
+            .store
+            .commits_in_memory()
+            .then(|| Arc::clone(&writer));
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("commit".into())
-            .spawn(move || commit::run(thread_shared, rx, settings))
+            .spawn(move || commit::run(thread_shared, rx, writer))
             .map_err(Error::Spawn)?;
         let compactor = match runtime {
             Ok(runtime) if !config.retention.keeps_everything() => {
@@ -191,6 +200,7 @@ impl AgentLifecycleService {
             inner: Arc::new(Inner {
                 shared,
                 commits: tx,
+                inline_writer,
                 hooks: hooks::Hooks::new(metrics),
                 config,
                 shutdown,
@@ -220,6 +230,10 @@ impl AgentLifecycleService {
 
     fn commits(&self) -> &mpsc::Sender<Message> {
         &self.inner.commits
+    }
+
+    fn inline_writer(&self) -> Option<&Mutex<commit::Writer>> {
+        self.inner.inline_writer.as_deref()
     }
 
     /// The settings in force.

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::{
     AgentLifecycleService, ChangeRequest, Outcome, Registration,
-    commit::{Committed, Message, Proposal, Rejected, Step},
+    commit::{self, Committed, Message, Proposal, Rejected, Step},
 };
 use crate::{
     domain::{
@@ -642,7 +642,12 @@ impl AgentLifecycleService {
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<Committed, Rejected> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        if let Some(writer) = self.inline_writer() {
+            // Answered before `commit` returns.
+            commit::lock(writer).commit(self.shared(), std::iter::once((proposal, tx)));
+            return rx.try_recv().unwrap_or(Err(Rejected::Closed));
+        }
         if self.commits().send(Message::Propose(proposal, tx)).is_err() {
             return Err(Rejected::Closed);
         }

@@ -82,6 +82,10 @@ impl Inner {
 }
 
 impl Store for MemoryStore {
+    fn commits_in_memory(&self) -> bool {
+        true
+    }
+
     fn load(&self) -> Result<Recovered> {
         let inner = self.read();
         Ok(Recovered {

@@ -243,6 +243,16 @@ pub trait Store: Send + Sync + 'static {
     /// The back end failed.
     fn batch_committed(&self, id: BatchId) -> Result<bool>;
 
+    /// Whether a commit is a short computation in memory (no I/O, no
+    /// waiting): the service then commits each change on the proposer's
+    /// own thread, under the writer's lock, instead of handing it to the
+    /// commit thread and waiting to be woken. Stores that write to disk or
+    /// to a network answer `false`, so that their commits are batched and
+    /// never block the async workers.
+    fn commits_in_memory(&self) -> bool {
+        false
+    }
+
     /// Whether other processes may commit to this store too (PostgreSQL).
     /// A shared store's log must be followed: the service applies events
     /// committed elsewhere, and its background work runs under a lease.
