@@ -559,29 +559,13 @@ impl ServerProcess {
         self.wait(KILL_GRACE)
     }
 
-    /// CPU time the server's threads have used so far (from
-    /// `/proc/PID/task/*/schedstat`, nanosecond resolution).
+    /// CPU time the server's threads have used so far (see
+    /// [`cpu_time_of`]).
     ///
     /// # Errors
     /// `/proc` cannot be read.
     pub fn cpu_time(&self) -> Result<Duration, ProcessError> {
-        let dir = format!("/proc/{}/task", self.pid);
-        let tasks = std::fs::read_dir(&dir).map_err(|source| ProcessError::ProcStatus {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut total = 0u64;
-        for task in tasks.flatten() {
-            // A thread that ended meanwhile has no file any more.
-            if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
-                total += text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-        Ok(Duration::from_nanos(total))
+        cpu_time_of(self.pid)
     }
 
     /// The server's resident memory now and at its peak.
@@ -600,6 +584,31 @@ impl ServerProcess {
             peak_resident: field("VmHWM")? * 1024,
         })
     }
+}
+
+/// CPU time the threads of process `pid` have used so far (from
+/// `/proc/PID/task/*/schedstat`, nanosecond resolution).
+///
+/// # Errors
+/// `/proc` cannot be read (no such process).
+pub fn cpu_time_of(pid: u32) -> Result<Duration, ProcessError> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|source| ProcessError::ProcStatus {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        // A thread that ended meanwhile has no file any more.
+        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(Duration::from_nanos(total))
 }
 
 impl Drop for ServerProcess {

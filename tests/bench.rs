@@ -43,3 +43,104 @@ fn the_ceiling_benchmark_reports_its_baseline() {
     assert!(run.contains("errors 0") && run.contains("us/call"), "{run}");
     assert!(stdout.lines().any(|l| l.starts_with("median:")), "{stdout}");
 }
+
+/// Runs the tool against a server of its own (memory store) and returns
+/// its standard output, failing with everything it printed otherwise.
+fn bench_against_a_server(args: &[&str]) -> String {
+    let bin = env!("CARGO_BIN_EXE_agent-lifecycle");
+    let command = agent_lifecycle::process::ServerCommand::new(bin)
+        .args(["--store", "memory", "--log", "warn"]);
+    let server = agent_lifecycle::process::ServerProcess::start(
+        &command,
+        std::time::Duration::from_secs(30),
+    )
+    .expect("server starts");
+    let output = Command::new(bin)
+        .arg("--server")
+        .arg(server.url())
+        .args(args)
+        .output()
+        .expect("run the benchmark");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// `bench transition --baseline` measures the echo before each run and
+/// reports the ratio, and reads the server's CPU time from /proc of the
+/// process it finds listening on the --server port.
+#[test]
+fn transition_runs_beside_the_echo_baseline_with_server_cpu() {
+    let stdout = bench_against_a_server(&[
+        "bench",
+        "transition",
+        "--baseline",
+        "--concurrency",
+        "4",
+        "--connections",
+        "2",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+        "--runs",
+        "1",
+    ]);
+    assert!(stdout.contains("server CPU from /proc of PID"), "{stdout}");
+    let run = stdout
+        .lines()
+        .find(|l| l.starts_with("run 1/1:"))
+        .unwrap_or_else(|| panic!("a run line in {stdout}"));
+    assert!(run.contains("us/op") && run.contains("errors 0"), "{run}");
+    assert!(stdout.contains("baseline echo just before"), "{stdout}");
+    let ratio: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("median ratio to the echo baseline: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a median ratio in {stdout}"));
+    assert!(ratio > 0.0, "{stdout}");
+}
+
+/// `bench watch --baseline`: one connection per subscriber by default,
+/// every event delivered to every stream, and the same load on the bare
+/// fan-out with every message delivered, reported as ratios.
+#[test]
+fn watch_runs_beside_the_bare_fan_out() {
+    let stdout = bench_against_a_server(&[
+        "bench",
+        "watch",
+        "--baseline",
+        "--subscribers",
+        "3",
+        "--writers",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "300ms",
+        "--runs",
+        "1",
+    ]);
+    assert!(stdout.contains("connections 3"), "{stdout}");
+    let subscribers: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("subscribers:"))
+        .collect();
+    assert_eq!(subscribers.len(), 2, "{stdout}");
+    for line in subscribers {
+        assert!(
+            line.contains("missing 0, skipped sequences 0, duplicates 0, failed streams 0"),
+            "{line}"
+        );
+    }
+    assert!(stdout.contains("bare fan-out ("), "{stdout}");
+    assert!(
+        stdout.contains("median ratios to the bare fan-out: deliveries/s"),
+        "{stdout}"
+    );
+}

@@ -4,21 +4,32 @@
 //! same closed-loop client as `bench transition` (N workers, one request in
 //! flight each, over C connections) measures throughput, latency and the
 //! server's CPU time per call (from `/proc` of its PID).
+//!
+//! The same process serves the bare fan-out that `bench watch --baseline`
+//! reads its figures against: `Publish` puts a message on a tokio
+//! broadcast channel (capacity the server's default event buffer) with the
+//! next sequence number in its first 8 bytes, `Subscribe` streams the
+//! channel to each subscriber, `Head` answers the last sequence. No
+//! storage, no validation, no encoding: what a fan-out costs in tonic.
 
 use std::{
     convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::sync::broadcast;
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     codegen::{BoxFuture, Service, http},
-    server::{Grpc, NamedService, UnaryService},
-    transport::{Channel, Server, server::TcpIncoming},
+    server::{Grpc, NamedService, ServerStreamingService, UnaryService},
+    transport::{Channel, Server},
 };
 
 use agent_lifecycle::process::{ServerCommand, ServerProcess};
@@ -30,13 +41,17 @@ use super::{
 
 /// The echo method's path.
 const ECHO_PATH: &str = "/agentlifecycle.bench.Echo/Echo";
+/// The bare fan-out's methods.
+pub(super) const PUBLISH_PATH: &str = "/agentlifecycle.bench.Echo/Publish";
+pub(super) const SUBSCRIBE_PATH: &str = "/agentlifecycle.bench.Echo/Subscribe";
+pub(super) const HEAD_PATH: &str = "/agentlifecycle.bench.Echo/Head";
 
 /// Bytes per call, about a TransitionAgent request.
 const PAYLOAD: usize = 100;
 
 /// Raw bytes in, raw bytes out.
 #[derive(Clone, Copy, Debug, Default)]
-struct RawCodec;
+pub(super) struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Bytes;
@@ -73,9 +88,94 @@ impl Decoder for RawCodec {
     }
 }
 
-/// The echo service: answers every call with its own bytes.
-#[derive(Clone, Copy, Debug)]
-struct EchoService;
+/// The echo service: answers every call with its own bytes; and the bare
+/// fan-out (see the module doc).
+#[derive(Clone)]
+struct EchoService {
+    fanout: Arc<Fanout>,
+}
+
+/// The bare fan-out's state.
+struct Fanout {
+    /// The last sequence handed out, locked while its message is sent so
+    /// that the channel's order is sequence order.
+    head: Mutex<u64>,
+    bus: broadcast::Sender<Bytes>,
+}
+
+impl Fanout {
+    /// Numbers `message` (its first 8 bytes, little-endian) and broadcasts
+    /// it; the sequence, as 8 bytes.
+    fn publish(&self, message: Bytes) -> Bytes {
+        let mut numbered = BytesMut::from(message.as_ref());
+        if numbered.len() < 8 {
+            numbered.resize(8, 0);
+        }
+        let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        *head += 1;
+        numbered[..8].copy_from_slice(&head.to_le_bytes());
+        // No subscriber is no error: nobody is listening yet.
+        let _ = self.bus.send(numbered.freeze());
+        Bytes::copy_from_slice(&head.to_le_bytes())
+    }
+
+    fn head(&self) -> Bytes {
+        let head = *self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        Bytes::copy_from_slice(&head.to_le_bytes())
+    }
+}
+
+struct Publish(Arc<Fanout>);
+
+impl UnaryService<Bytes> for Publish {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(
+            self.0.publish(request.into_inner()),
+        )))
+    }
+}
+
+struct Head(Arc<Fanout>);
+
+impl UnaryService<Bytes> for Head {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(self.0.head())))
+    }
+}
+
+struct Subscribe(Arc<Fanout>);
+
+/// A subscriber's messages; a subscriber that fell behind the channel's
+/// capacity gets DATA_LOSS and the stream ends (no backfill here).
+type Messages = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+impl ServerStreamingService<Bytes> for Subscribe {
+    type Response = Bytes;
+    type ResponseStream = Messages;
+    type Future = std::future::Ready<Result<tonic::Response<Messages>, Status>>;
+
+    fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
+        let receiver = self.0.bus.subscribe();
+        let messages = futures_util::stream::unfold(Some(receiver), |receiver| async move {
+            let mut receiver = receiver?;
+            match receiver.recv().await {
+                Ok(message) => Some((Ok(message), Some(receiver))),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                    Err(Status::data_loss(format!("fell {n} messages behind"))),
+                    None,
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        std::future::ready(Ok(tonic::Response::new(Box::pin(messages))))
+    }
+}
 
 impl NamedService for EchoService {
     const NAME: &'static str = "agentlifecycle.bench.Echo";
@@ -102,18 +202,23 @@ impl Service<http::Request<tonic::body::Body>> for EchoService {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let fanout = Arc::clone(&self.fanout);
         Box::pin(async move {
-            if request.uri().path() != ECHO_PATH {
-                return Ok(Status::unimplemented("only Echo").into_http());
-            }
-            Ok(Grpc::new(RawCodec).unary(Echo, request).await)
+            let mut grpc = Grpc::new(RawCodec);
+            Ok(match request.uri().path() {
+                ECHO_PATH => grpc.unary(Echo, request).await,
+                PUBLISH_PATH => grpc.unary(Publish(fanout), request).await,
+                HEAD_PATH => grpc.unary(Head(fanout), request).await,
+                SUBSCRIBE_PATH => grpc.server_streaming(Subscribe(fanout), request).await,
+                _ => Status::unimplemented("Echo, Publish, Subscribe and Head only").into_http(),
+            })
         })
     }
 }
 
 /// `bench echo-server`: serves the echo on 127.0.0.1 (a free port, printed
 /// as `listening on ADDR`) until SIGTERM or SIGINT, with the lifecycle
-/// server's HTTP/2 settings.
+/// server's HTTP/2 and connection settings (`server::incoming`).
 ///
 /// # Errors
 /// The port cannot be bound, or serving failed.
@@ -122,11 +227,16 @@ pub(super) async fn serve() -> anyhow::Result<()> {
         .await
         .context("binding the echo server")?;
     println!("listening on {}", listener.local_addr()?);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = agent_lifecycle::server::incoming(listener);
     Server::builder()
         .max_concurrent_streams(agent_lifecycle::server::MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(EchoService)
+        .add_service(EchoService {
+            fanout: Arc::new(Fanout {
+                head: Mutex::new(0),
+                bus: broadcast::channel(agent_lifecycle::service::DEFAULT_EVENT_BUFFER).0,
+            }),
+        })
         .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -169,6 +279,99 @@ async fn echo_worker(channel: Channel, warm_end: Instant, end: Instant) -> (Vec<
     (latencies, errors)
 }
 
+/// One measured load on the echo: what `bench ceiling` reports per run,
+/// and what `--baseline` sets beside each run of another benchmark.
+#[derive(Debug)]
+pub(super) struct EchoFigures {
+    pub(super) per_second: f64,
+    pub(super) latencies: Latencies,
+    pub(super) cpu_us: f64,
+    pub(super) errors: u64,
+}
+
+/// A running echo server (a process of its own) and connections to it.
+pub(super) struct EchoBaseline {
+    server: ServerProcess,
+    channels: Vec<Channel>,
+}
+
+impl EchoBaseline {
+    /// The server's PID.
+    pub(super) fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    /// The server's URL.
+    pub(super) fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Spawns `bench echo-server` from this executable and opens
+    /// `connections` connections to it.
+    ///
+    /// # Errors
+    /// The server does not start, or cannot be reached.
+    pub(super) async fn start(connections: usize) -> anyhow::Result<Self> {
+        let binary = std::env::current_exe().context("locating this executable")?;
+        let command = ServerCommand::new(binary).leading(["bench", "echo-server"]);
+        let server = tokio::task::spawn_blocking(move || {
+            ServerProcess::start(&command, Duration::from_secs(30))
+        })
+        .await
+        .context("starting the echo server")??;
+        let url = server.url();
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            channels.push(super::client::connect(&url).await?);
+        }
+        Ok(EchoBaseline { server, channels })
+    }
+
+    /// `concurrency` workers over the connections for `warmup`, then
+    /// measured for `duration`.
+    ///
+    /// # Errors
+    /// `/proc` of the server cannot be read, or a worker panicked.
+    pub(super) async fn measure(
+        &self,
+        concurrency: usize,
+        warmup: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<EchoFigures> {
+        let start = Instant::now();
+        let warm_end = start + warmup;
+        let end = warm_end + duration;
+        let mut tasks = Vec::with_capacity(concurrency);
+        for i in 0..concurrency {
+            let channel = self.channels[i % self.channels.len()].clone();
+            tasks.push(tokio::spawn(echo_worker(channel, warm_end, end)));
+        }
+        // The server's CPU time over the measured part of the run.
+        tokio::time::sleep_until(warm_end.into()).await;
+        let cpu_before = self.server.cpu_time()?;
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            let (l, e) = task.await.context("an echo worker panicked")?;
+            latencies.extend(l);
+            errors += e;
+        }
+        let cpu = self.server.cpu_time()?.saturating_sub(cpu_before);
+        let calls = latencies.len() as u64;
+        let cpu_us = if calls > 0 {
+            cpu.as_secs_f64() * 1e6 / calls as f64
+        } else {
+            0.0
+        };
+        Ok(EchoFigures {
+            per_second: rate(calls, duration),
+            latencies: Latencies::from_samples(latencies),
+            cpu_us,
+            errors,
+        })
+    }
+}
+
 /// Runs `bench ceiling`.
 ///
 /// # Errors
@@ -177,18 +380,7 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<()> {
     ensure_positive("concurrency", args.concurrency)?;
     ensure_positive("connections", args.connections)?;
     ensure_positive("runs", args.runs)?;
-    let binary = std::env::current_exe().context("locating this executable")?;
-    let command = ServerCommand::new(binary).leading(["bench", "echo-server"]);
-    let server = tokio::task::spawn_blocking(move || {
-        ServerProcess::start(&command, Duration::from_secs(30))
-    })
-    .await
-    .context("starting the echo server")??;
-    let url = server.url();
-    let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        channels.push(super::client::connect(&url).await?);
-    }
+    let echo = EchoBaseline::start(args.connections).await?;
     println!(
         "ceiling: bare tonic echo, {PAYLOAD}-byte payload, {} workers over {} connections, {} per run ({} warm-up), {} runs",
         args.concurrency,
@@ -201,42 +393,20 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let mut cpu_per_call = Vec::new();
     let mut all = Vec::new();
     for run in 1..=args.runs {
-        let start = Instant::now();
-        let warm_end = start + args.warmup;
-        let end = warm_end + args.duration;
-        let mut tasks = Vec::with_capacity(args.concurrency);
-        for i in 0..args.concurrency {
-            let channel = channels[i % channels.len()].clone();
-            tasks.push(tokio::spawn(echo_worker(channel, warm_end, end)));
-        }
-        // The server's CPU time over the measured part of the run.
-        tokio::time::sleep_until(warm_end.into()).await;
-        let cpu_before = server.cpu_time()?;
-        let mut latencies = Vec::new();
-        let mut errors = 0;
-        for task in tasks {
-            let (l, e) = task.await.context("an echo worker panicked")?;
-            latencies.extend(l);
-            errors += e;
-        }
-        let cpu = server.cpu_time()?.saturating_sub(cpu_before);
-        let calls = latencies.len() as u64;
-        let per_second = rate(calls, args.duration);
-        let cpu_us = if calls > 0 {
-            cpu.as_secs_f64() * 1e6 / calls as f64
-        } else {
-            0.0
-        };
-        let stats = Latencies::from_samples(latencies);
+        let figures = echo
+            .measure(args.concurrency, args.warmup, args.duration)
+            .await?;
         println!(
-            "run {run}/{}: {per_second:.1} echoes/s ({calls} in {})  {}  server CPU {cpu_us:.1} us/call  errors {errors}",
+            "run {run}/{}: {:.1} echoes/s  {}  server CPU {:.1} us/call  errors {}",
             args.runs,
-            secs(args.duration),
-            stats.line()
+            figures.per_second,
+            figures.latencies.line(),
+            figures.cpu_us,
+            figures.errors
         );
-        throughputs.push(per_second);
-        cpu_per_call.push(cpu_us);
-        all.push(stats);
+        throughputs.push(figures.per_second);
+        cpu_per_call.push(figures.cpu_us);
+        all.push(figures.latencies);
     }
     println!(
         "median: {:.1} echoes/s  {}  server CPU {:.1} us/call",

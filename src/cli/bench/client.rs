@@ -35,6 +35,15 @@ pub(super) async fn connect(url: &str) -> anyhow::Result<Channel> {
 
 /// `count` independent connections, as clients.
 pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<Vec<Client>> {
+    Ok(connect_channels(url, count)
+        .await?
+        .into_iter()
+        .map(crate::cli::connect::client)
+        .collect())
+}
+
+/// `count` independent connections.
+pub(super) async fn connect_channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     // `--server` may list several servers (comma-separated: processes on one
     // PostgreSQL database); connection i goes to server i mod n.
     let urls: Vec<&str> = url
@@ -45,13 +54,11 @@ pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<V
     if urls.is_empty() {
         anyhow::bail!("--server names no server");
     }
-    let mut clients = Vec::with_capacity(count);
+    let mut channels = Vec::with_capacity(count);
     for i in 0..count {
-        clients.push(crate::cli::connect::client(
-            connect(urls[i % urls.len()]).await?,
-        ));
+        channels.push(connect(urls[i % urls.len()]).await?);
     }
-    Ok(clients)
+    Ok(channels)
 }
 
 /// A unary call with the tool's deadline; the reply message or an error
@@ -159,26 +166,104 @@ fn timestamp_nanos(ts: &prost_types::Timestamp) -> i128 {
     i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos)
 }
 
+/// The part of a mutation's response the load reads: each transition's
+/// sequence and commit time. Wire-compatible with `TransitionAgentResponse`
+/// (`transitions` is field 2); the agent and every other field are skipped
+/// undecoded, so that the client, which shares the machine's cores with
+/// the server, spends as little CPU per call as it can.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteMutationResponse {
+    #[prost(message, repeated, tag = "2")]
+    transitions: Vec<LiteStep>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteStep {
+    #[prost(message, optional, tag = "3")]
+    timestamp: Option<prost_types::Timestamp>,
+    #[prost(uint64, tag = "7")]
+    sequence: u64,
+}
+
+/// GetAgentResponse with every field skipped undecoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SkippedResponse {}
+
+const TRANSITION_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/TransitionAgent";
+const GET_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/GetAgent";
+
+/// A unary call whose reply is decoded as `R`, with the tool's deadline
+/// and this process's token.
+async fn lite_call<Q, R>(channel: &Channel, path: &'static str, message: Q) -> anyhow::Result<R>
+where
+    Q: prost::Message + Send + Sync + 'static,
+    R: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let mut request = tonic::Request::new(message);
+    crate::cli::connect::authorize(&mut request);
+    let answer = tokio::time::timeout(CALL_TIMEOUT, async {
+        grpc.ready()
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        grpc.unary(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::<Q, R>::default(),
+        )
+        .await
+    })
+    .await;
+    let method = path.rsplit('/').next().unwrap_or(path);
+    match answer {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(anyhow!(
+            "{method}: {:?}: {}",
+            status.code(),
+            status.message()
+        )),
+        Err(_) => Err(anyhow!("{method}: no answer within {CALL_TIMEOUT:?}")),
+    }
+}
+
 /// A worker's agent and where it goes next.
 #[derive(Clone, Debug)]
 pub(super) struct Worker {
     pub(super) client: Client,
+    /// The connection under `client`, for the load's own calls.
+    pub(super) channel: Channel,
     pub(super) agent_id: String,
     pub(super) target: AgentState,
 }
 
 impl Worker {
-    /// One TransitionAgent to `target`; on success the next target flips.
-    /// Returns the committed (sequence, commit time in ns since the epoch).
-    pub(super) async fn transition(&mut self) -> anyhow::Result<(u64, i128)> {
-        let response = call(
-            "TransitionAgent",
-            self.client.transition_agent(pb::TransitionAgentRequest {
+    /// A worker flipping `agent_id` over `channel`, first to IDLE.
+    pub(super) fn new(channel: Channel, agent_id: String) -> Worker {
+        Worker {
+            client: crate::cli::connect::client(channel.clone()),
+            channel,
+            agent_id,
+            target: AgentState::Idle,
+        }
+    }
+
+    /// One TransitionAgent to `target` with `reason`; on success the next
+    /// target flips. Returns the committed (sequence, commit time in ns
+    /// since the epoch).
+    pub(super) async fn transition_because(
+        &mut self,
+        reason: String,
+    ) -> anyhow::Result<(u64, i128)> {
+        let response: LiteMutationResponse = lite_call(
+            &self.channel,
+            TRANSITION_PATH,
+            pb::TransitionAgentRequest {
                 agent_id: self.agent_id.clone(),
                 target_state: self.target as i32,
+                reason,
                 triggered_by: TRIGGERED_BY.to_string(),
                 ..Default::default()
-            }),
+            },
         )
         .await?;
         self.target = flip(self.target);
@@ -192,6 +277,24 @@ impl Worker {
             .map(timestamp_nanos)
             .unwrap_or(0);
         Ok((transition.sequence, at))
+    }
+
+    /// One TransitionAgent to `target` (see [`Worker::transition_because`]).
+    pub(super) async fn transition(&mut self) -> anyhow::Result<(u64, i128)> {
+        self.transition_because(String::new()).await
+    }
+
+    /// One GetAgent of the worker's agent, the reply skipped undecoded.
+    pub(super) async fn get(&self) -> anyhow::Result<()> {
+        let _: SkippedResponse = lite_call(
+            &self.channel,
+            GET_PATH,
+            pb::GetAgentRequest {
+                agent_id: self.agent_id.clone(),
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// After a failure: learn the agent's state so the next target is valid.

@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use agent_lifecycle::grpc::pb::{self, AgentState};
-
 use super::{
     LoadArgs,
-    client::{MAX_CONSECUTIVE_ERRORS, Worker, call, connect_clients, create_agents, head_sequence},
+    ceiling::EchoBaseline,
+    client::{MAX_CONSECUTIVE_ERRORS, Worker, connect_channels, create_agents, head_sequence},
+    cpu::{self, ServerCpu},
     ensure_positive,
     stats::{Latencies, median, nanos, rate, secs},
 };
@@ -68,14 +68,7 @@ async fn load_worker(
         }
         let result = match op {
             LoadOp::Transition => worker.transition().await.map(Some),
-            LoadOp::Get => {
-                let request = pb::GetAgentRequest {
-                    agent_id: worker.agent_id.clone(),
-                };
-                call("GetAgent", worker.client.get_agent(request))
-                    .await
-                    .map(|_| None)
-            }
+            LoadOp::Get => worker.get().await.map(|()| None),
         };
         let latency = started.elapsed();
         match result {
@@ -157,7 +150,22 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         secs(args.warmup),
         args.runs
     );
-    let mut clients = connect_clients(server, args.connections).await?;
+    let server_cpu = ServerCpu::find(server, &args.server_pid);
+    println!("  {}", server_cpu.describe());
+    let echo = if args.baseline {
+        println!(
+            "  baseline: a bare tonic echo (100-byte payload) under the same load before each run"
+        );
+        Some(EchoBaseline::start(args.connections).await?)
+    } else {
+        None
+    };
+    let channels = connect_channels(server, args.connections).await?;
+    let mut clients: Vec<_> = channels
+        .iter()
+        .cloned()
+        .map(crate::cli::connect::client)
+        .collect();
     let setup = Instant::now();
     let ids = create_agents(&clients, args.concurrency, true, &format!("bench-{name}")).await?;
     println!(
@@ -168,16 +176,22 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     let mut workers: Vec<Worker> = ids
         .into_iter()
         .enumerate()
-        .map(|(i, agent_id)| Worker {
-            client: clients[i % clients.len()].clone(),
-            agent_id,
-            target: AgentState::Idle,
-        })
+        .map(|(i, agent_id)| Worker::new(channels[i % channels.len()].clone(), agent_id))
         .collect();
 
     let mut throughputs = Vec::new();
     let mut latencies = Vec::new();
+    let mut cpu_per_op = Vec::new();
+    let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     for run in 1..=args.runs {
+        let baseline = match &echo {
+            Some(echo) => Some(
+                echo.measure(args.concurrency, args.warmup, args.duration)
+                    .await?,
+            ),
+            None => None,
+        };
         let head_before = head_sequence(&mut clients[0]).await?;
         let warm_end = Instant::now() + args.warmup;
         let end = warm_end + args.duration;
@@ -185,6 +199,8 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
             .drain(..)
             .map(|w| tokio::spawn(load_worker(op, w, warm_end, end)))
             .collect();
+        tokio::time::sleep_until(warm_end.into()).await;
+        let cpu_before = server_cpu.sample();
         let mut outcomes = Vec::with_capacity(handles.len());
         for handle in handles {
             let (worker, outcome) = handle.await.context("a worker panicked")?;
@@ -192,6 +208,7 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
             outcomes.push(outcome);
         }
         let elapsed = Instant::now().saturating_duration_since(warm_end);
+        let cpu_after = server_cpu.sample();
         let head_after = head_sequence(&mut clients[0]).await?;
 
         let errors: u64 = outcomes.iter().map(|o| o.errors).sum();
@@ -205,13 +222,36 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         let count = samples.len() as u64;
         let throughput = rate(count, elapsed);
         let lat = Latencies::from_samples(samples);
+        let us_per_op = cpu::per_op(cpu_before, cpu_after, count);
         println!(
-            "run {run}/{}: {throughput:.1} {} ({count} in {})  {}  errors {errors}",
+            "run {run}/{}: {throughput:.1} {} ({count} in {})  {}  {}  errors {errors}",
             args.runs,
             op.unit(),
             secs(elapsed),
-            lat.line()
+            lat.line(),
+            cpu::show(us_per_op, "op")
         );
+        if let Some(us) = us_per_op {
+            cpu_per_op.push(us);
+        }
+        if let Some(echo) = &baseline {
+            let ratio = throughput / echo.per_second.max(f64::MIN_POSITIVE);
+            ratios.push(ratio);
+            let cpu_ratio = us_per_op.map(|us| us / echo.cpu_us.max(f64::MIN_POSITIVE));
+            if let Some(r) = cpu_ratio {
+                cpu_ratios.push(r);
+            }
+            println!(
+                "  baseline echo just before: {:.1}/s  {}  server CPU {:.1} us/call  errors {}  ->  ratio {ratio:.2}{}",
+                echo.per_second,
+                echo.latencies.line(),
+                echo.cpu_us,
+                echo.errors,
+                cpu_ratio
+                    .map(|r| format!(", CPU per op {r:.2}x the echo's"))
+                    .unwrap_or_default()
+            );
+        }
         if op == LoadOp::Transition {
             let check = check_sequences(commits);
             let batch = if check.batches == 0 {
@@ -235,13 +275,31 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         throughputs.push(throughput);
         latencies.push(lat);
     }
+    let cpu_median = (!cpu_per_op.is_empty()).then(|| median(cpu_per_op.into_iter()));
     println!(
-        "median of {} runs: {:.1} {}  {}",
+        "median of {} runs: {:.1} {}  {}  {}",
         args.runs,
         median(throughputs.into_iter()),
         op.unit(),
-        Latencies::median_of(&latencies).line()
+        Latencies::median_of(&latencies).line(),
+        cpu::show(cpu_median, "op")
     );
+    if !ratios.is_empty() {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "median ratio to the echo baseline: {:.2} (runs: {}){}",
+            median(ratios.iter().copied()),
+            each.join(", "),
+            if cpu_ratios.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; server CPU per op {:.2}x the echo's",
+                    median(cpu_ratios.into_iter())
+                )
+            }
+        );
+    }
     Ok(())
 }
 

@@ -22,6 +22,7 @@
 
 mod ceiling;
 mod client;
+mod cpu;
 mod load;
 mod memory;
 mod recovery;
@@ -87,6 +88,15 @@ struct LoadArgs {
     /// Repetitions; every run is reported, then the median.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Before each run, the same load on a bare tonic echo server (spawned
+    /// here, as `bench ceiling`); each run is reported as a ratio to it,
+    /// then the median ratio. Ignored by `bench ceiling` itself.
+    #[arg(long)]
+    baseline: bool,
+    /// Server processes whose CPU time is read, comma-separated; default:
+    /// the process listening on each --server port on this machine.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
 }
 
 /// `bench watch`.
@@ -95,17 +105,21 @@ struct WatchBenchArgs {
     /// Open WatchEvents streams (live, no filter).
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
-    /// Aggregate commits per second of the writers.
+    /// Aggregate commits per second of the writers: write k is scheduled
+    /// at k / rate seconds after the start, whenever the one before it
+    /// returned.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
     /// How long the writers write per run.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
-    /// gRPC connections the streams are spread over (writers use their own).
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Writers, each at rate/writers with one request in flight; the
-    /// achievable rate is at most writers / TransitionAgent latency.
+    /// gRPC connections the streams are spread over (writers use their
+    /// own); default: one per subscriber, as separate monitors connect.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Writers, each taking every W-th scheduled write with one request in
+    /// flight; the achievable rate is at most writers / TransitionAgent
+    /// latency.
     #[arg(long, default_value_t = 32)]
     writers: usize,
     /// How long subscribers may take to receive the last event after the
@@ -115,6 +129,16 @@ struct WatchBenchArgs {
     /// Repetitions; every run is reported, then the median.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// After each run, the same subscribers, connections, writers and rate
+    /// on a bare tonic fan-out (a broadcast channel streamed to each
+    /// subscriber, messages the size of an encoded event; spawned here);
+    /// each run is reported as ratios to it.
+    #[arg(long)]
+    baseline: bool,
+    /// Server processes whose CPU time is read, comma-separated; default:
+    /// the process listening on each --server port on this machine.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
 }
 
 /// `bench recovery`.

@@ -12,12 +12,12 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use agent_lifecycle::grpc::pb::AgentState;
+use tonic::transport::Channel;
 
 use super::{
     RecoveryArgs,
     client::{
-        Client, LOAD_WORKERS, Worker, connect, connect_clients, create_agents, head_sequence,
+        Client, LOAD_WORKERS, Worker, connect, connect_channels, create_agents, head_sequence,
     },
     ensure_positive,
     server::{SpawnedServer, file_size, server_binary},
@@ -27,7 +27,7 @@ use super::{
 /// `workers` workers flip ONLINE agents ONLINE <-> IDLE until the head
 /// reaches `target`; returns the latencies and the number of transitions.
 async fn flip_until(
-    clients: &[Client],
+    channels: &[Channel],
     agents: Vec<String>,
     head: u64,
     target: u64,
@@ -35,11 +35,7 @@ async fn flip_until(
     let workers = LOAD_WORKERS.min(agents.len()).max(1);
     let mut groups: Vec<Vec<Worker>> = vec![Vec::new(); workers];
     for (i, agent_id) in agents.into_iter().enumerate() {
-        groups[i % workers].push(Worker {
-            client: clients[i % clients.len()].clone(),
-            agent_id,
-            target: AgentState::Idle,
-        });
+        groups[i % workers].push(Worker::new(channels[i % channels.len()].clone(), agent_id));
     }
     let seen = Arc::new(AtomicU64::new(head));
     let handles: Vec<_> = groups
@@ -100,7 +96,12 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
 
     // Populate unless the file already holds enough.
     let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
-    let clients = connect_clients(&server.url, 4).await?;
+    let channels = connect_channels(&server.url, 4).await?;
+    let clients: Vec<Client> = channels
+        .iter()
+        .cloned()
+        .map(crate::cli::connect::client)
+        .collect();
     let mut client = clients[0].clone();
     let head = head_sequence(&mut client).await?;
     if head >= args.events {
@@ -110,7 +111,7 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         let ids = create_agents(&clients, args.agents, true, "bench-recovery").await?;
         let created = started.elapsed();
         let after_setup = head_sequence(&mut client).await?;
-        let (transitions, samples) = flip_until(&clients, ids, after_setup, args.events).await?;
+        let (transitions, samples) = flip_until(&channels, ids, after_setup, args.events).await?;
         let elapsed = started.elapsed();
         let head_now = head_sequence(&mut client).await?;
         if head_now < args.events {

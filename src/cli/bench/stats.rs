@@ -27,6 +27,11 @@ impl Latencies {
         }
     }
 
+    /// The 99th percentile, ns (0 without samples).
+    pub(super) fn p99(&self) -> u64 {
+        self.p99
+    }
+
     pub(super) fn line(&self) -> String {
         if self.count == 0 {
             return "p50 n/a  p99 n/a  p999 n/a".to_string();
