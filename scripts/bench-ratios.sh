@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every figure of the performance table as a ratio to its baseline measured
+# in the same run (`--baseline`: the bare tonic echo for unary calls, a bare
+# broadcast fan-out for watch). SERVER is the server binary measured (default:
+# this build); the client is always this build's, so two servers compare
+# under the same load.
+#
+#   cargo build --release
+#   bash scripts/bench-ratios.sh [SERVER_BINARY] [RUNS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN=target/release/agent-lifecycle
+SERVER=${1:-$BIN} RUNS=${2:-3} SECS=${3:-5}
+DATA=$(mktemp -d)
+PID=
+stop() { if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=; fi; }
+trap 'stop; rm -rf "$DATA"' EXIT
+# The per-agent transition limit (1000/s by default) would refuse the one
+# client's transitions on its one agent: raised out of the way.
+cat > "$DATA/limits.toml" <<'TOML'
+[limits]
+agent_transitions_per_second = 1000000
+agent_transition_burst = 1000000
+TOML
+serve() { # STORE: starts SERVER on it, sets PID and URL
+    exec 3< <("$SERVER" serve --config "$DATA/limits.toml" --store "$1" --listen 127.0.0.1:0 --log warn)
+    PID=$!
+    read -r line <&3
+    URL="http://${line#listening on }"
+}
+load() { # TITLE BENCH ARGS...
+    local title=$1; shift
+    echo "== $title"
+    "$BIN" --server "$URL" bench "$@" --runs "$RUNS" --baseline | grep -E '^(run|  baseline echo|  ratios|  bare|median)'
+}
+
+serve memory
+load "TransitionAgent, memory store, 64 in flight over 4 connections" transition --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
+stop
+rm -rf "${DATA:?}"/*.db*; serve "sqlite://$DATA/bench.db"
+load "TransitionAgent, SQLite, 64 in flight over 4 connections" transition --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
+load "TransitionAgent, SQLite, one client" transition --concurrency 1 --connections 1 --duration "${SECS}s" --warmup 1s
+load "GetAgent, SQLite, 64 in flight over 4 connections" get --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
+stop
+serve memory
+load "WatchEvents, 100 subscribers (a connection each), 10 000 commits/s" watch --subscribers 100 --rate 10000 --writers 64 --duration "${SECS}s"
+load "WatchEvents, 1 000 subscribers (a connection each), 1 000 commits/s" watch --subscribers 1000 --rate 1000 --duration "${SECS}s"
+stop
