@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::{Buf, Bytes};
-use futures_util::{StreamExt, TryStreamExt, stream};
+use futures_util::{FutureExt, StreamExt, TryStreamExt, stream};
 use prost::Message as _;
 use tokio::{
     sync::{mpsc, watch},
@@ -92,10 +92,12 @@ struct LiteEvent {
     transition: Option<LiteTransition>,
 }
 
+/// `reason` as bytes: decoded from the message's own buffer without a
+/// copy or an allocation.
 #[derive(Clone, PartialEq, prost::Message)]
 struct LiteTransition {
-    #[prost(string, tag = "4")]
-    reason: String,
+    #[prost(bytes = "bytes", tag = "4")]
+    reason: Bytes,
 }
 
 /// What a benchmark run loads: the lifecycle server, or the bare fan-out.
@@ -111,8 +113,12 @@ enum Target {
 fn decode(target: Target, message: &Bytes) -> Option<(u64, Option<i128>)> {
     match target {
         Target::Lifecycle => {
-            let event = LiteResponse::decode(message.as_ref()).ok()?.event?;
-            let scheduled = event.transition.and_then(|t| t.reason.parse().ok());
+            let event = LiteResponse::decode(message.clone()).ok()?.event?;
+            let scheduled = event.transition.and_then(|t| {
+                std::str::from_utf8(&t.reason)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+            });
             Some((event.sequence, scheduled))
         }
         Target::Bare(_) => {
@@ -218,32 +224,71 @@ async fn subscriber(
                     break;
                 }
                 Ok(Some(Ok(message))) => {
-                    let now = unix_nanos(SystemTime::now());
-                    let Some((sequence, scheduled)) = decode(target, &message) else { continue };
-                    match last {
-                        Some(previous) if sequence <= previous => {
-                            out.duplicates += 1;
-                            continue;
+                    record(target, &message, phase.marker, &mut last, &mut out);
+                    // What the connection already buffered is taken without
+                    // a timer and a select per message (the client shares the
+                    // cores with the server); the phase is read again after.
+                    for _ in 0..DRAIN_AT_ONCE {
+                        match messages.next().now_or_never() {
+                            Some(Some(Ok(message))) => {
+                                record(target, &message, phase.marker, &mut last, &mut out);
+                            }
+                            Some(Some(Err(status))) => {
+                                out.error = Some(format!("stream failed at sequence {}: {:?}: {}", last.unwrap_or(0), status.code(), status.message()));
+                                break;
+                            }
+                            Some(None) => {
+                                out.error = Some(format!("stream ended at sequence {}", last.unwrap_or(0)));
+                                break;
+                            }
+                            None => break,
                         }
-                        Some(previous) if sequence > previous + 1 => {
-                            out.gap_events += sequence - previous - 1;
-                        }
-                        _ => {}
                     }
-                    last = Some(sequence);
-                    out.message_bytes = out.message_bytes.max(message.len());
-                    let marker = control.borrow().marker;
-                    if marker.is_some_and(|m| sequence > m) {
-                        out.received += 1;
-                        if let Some(at) = scheduled {
-                            out.latencies.push(u64::try_from(now - at).unwrap_or(0));
-                        }
+                    if out.error.is_some() {
+                        break;
                     }
                 }
             }
         }
     }
     out
+}
+
+/// Messages a subscriber takes from its stream's buffer before it looks
+/// at the coordinator again.
+const DRAIN_AT_ONCE: usize = 256;
+
+/// One received message: order checks, and the latency of an event after
+/// the marker.
+fn record(
+    target: Target,
+    message: &Bytes,
+    marker: Option<u64>,
+    last: &mut Option<u64>,
+    out: &mut SubscriberOutcome,
+) {
+    let now = unix_nanos(SystemTime::now());
+    let Some((sequence, scheduled)) = decode(target, message) else {
+        return;
+    };
+    match *last {
+        Some(previous) if sequence <= previous => {
+            out.duplicates += 1;
+            return;
+        }
+        Some(previous) if sequence > previous + 1 => {
+            out.gap_events += sequence - previous - 1;
+        }
+        _ => {}
+    }
+    *last = Some(sequence);
+    out.message_bytes = out.message_bytes.max(message.len());
+    if marker.is_some_and(|m| sequence > m) {
+        out.received += 1;
+        if let Some(at) = scheduled {
+            out.latencies.push(u64::try_from(now - at).unwrap_or(0));
+        }
+    }
 }
 
 /// Writes to one target: a lifecycle agent flipped ONLINE <-> IDLE, or
