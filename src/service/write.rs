@@ -185,6 +185,10 @@ impl AgentLifecycleService {
         limits::check_labels("labels", &registration.labels)?;
         check_change(&registration.change)?;
         self.refuse_when_closed()?;
+        if !has_request_id(&registration.change) {
+            // No retry to recognise: no fingerprint to take.
+            return self.register_once(registration, None).await;
+        }
         let change = &registration.change;
         let labels = serde_json::to_vec(&registration.labels).unwrap_or_default();
         let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
@@ -375,6 +379,10 @@ impl AgentLifecycleService {
         change: ChangeRequest,
     ) -> Result<Outcome> {
         check_change(&change)?;
+        if !has_request_id(&change) {
+            // No retry to recognise: no fingerprint to take.
+            return self.apply_retrying(id, op, path, change, None).await;
+        }
         let targets: Vec<u8> = path.iter().map(|(to, _)| *to as u8).collect();
         let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
         let expected = change
@@ -653,4 +661,10 @@ impl AgentLifecycleService {
         }
         rx.await.unwrap_or(Err(Rejected::Closed))
     }
+}
+
+/// Whether `change` carries a request id (empty counts as none, as in
+/// `idempotent`).
+fn has_request_id(change: &ChangeRequest) -> bool {
+    change.request_id.as_deref().is_some_and(|id| !id.is_empty())
 }
