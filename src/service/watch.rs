@@ -233,6 +233,29 @@ impl Watcher {
         Some(Err(err))
     }
 
+    /// A live event: the item to deliver, or `None` for one already sent
+    /// or filtered out.
+    fn accept(&mut self, event: Arc<LifecycleEvent>) -> Option<WatchItem> {
+        if event.sequence() <= self.last_seen {
+            return None;
+        }
+        self.last_seen = event.sequence();
+        self.filter
+            .matches_event(&event)
+            .then_some(WatchItem::Event(event))
+    }
+
+    /// The broadcast buffer overtook this watcher: backfill from the log.
+    fn lagged(&mut self, missed: u64) {
+        warn!(
+            missed,
+            last_seen = self.last_seen,
+            "watcher fell behind; backfilling from the event log"
+        );
+        self.shared.metrics.watch_backfilled();
+        self.catching_up = true;
+    }
+
     fn deliver(&mut self, item: WatchItem) -> Option<Result<WatchItem>> {
         self.idle_deadline = Instant::now() + self.progress_interval;
         Some(Ok(item))
@@ -258,6 +281,25 @@ impl Watcher {
                 }
                 continue;
             }
+            // An event already waiting is taken without the select below,
+            // which would register a timer and a shutdown waiter (on a
+            // channel every watcher shares) only to drop them again.
+            match self.rx.try_recv() {
+                Ok(event) => {
+                    if let Some(item) = self.accept(event) {
+                        return self.deliver(item);
+                    }
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    self.lagged(missed);
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return self.fail(Error::ShuttingDown);
+                }
+                Err(broadcast::error::TryRecvError::Empty) => {}
+            }
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed() => {
@@ -267,19 +309,11 @@ impl Watcher {
                 }
                 received = self.rx.recv() => match received {
                     Ok(event) => {
-                        if event.sequence() <= self.last_seen {
-                            continue;
-                        }
-                        self.last_seen = event.sequence();
-                        if self.filter.matches_event(&event) {
-                            return self.deliver(WatchItem::Event(event));
+                        if let Some(item) = self.accept(event) {
+                            return self.deliver(item);
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        warn!(missed, last_seen = self.last_seen, "watcher fell behind; backfilling from the event log");
-                        self.shared.metrics.watch_backfilled();
-                        self.catching_up = true;
-                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => self.lagged(missed),
                     Err(broadcast::error::RecvError::Closed) => {
                         return self.fail(Error::ShuttingDown);
                     }

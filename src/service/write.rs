@@ -666,5 +666,8 @@ impl AgentLifecycleService {
 /// Whether `change` carries a request id (empty counts as none, as in
 /// `idempotent`).
 fn has_request_id(change: &ChangeRequest) -> bool {
-    change.request_id.as_deref().is_some_and(|id| !id.is_empty())
+    change
+        .request_id
+        .as_deref()
+        .is_some_and(|id| !id.is_empty())
 }
