@@ -42,7 +42,10 @@ pub(super) async fn connect_clients(url: &str, count: usize) -> anyhow::Result<V
         .collect())
 }
 
-/// `count` independent connections.
+/// Connections opened at once.
+const CONNECT_CONCURRENCY: usize = 64;
+
+/// `count` independent connections, [`CONNECT_CONCURRENCY`] opened at once.
 pub(super) async fn connect_channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     // `--server` may list several servers (comma-separated: processes on one
     // PostgreSQL database); connection i goes to server i mod n.
@@ -54,11 +57,11 @@ pub(super) async fn connect_channels(url: &str, count: usize) -> anyhow::Result<
     if urls.is_empty() {
         anyhow::bail!("--server names no server");
     }
-    let mut channels = Vec::with_capacity(count);
-    for i in 0..count {
-        channels.push(connect(urls[i % urls.len()]).await?);
-    }
-    Ok(channels)
+    stream::iter(0..count)
+        .map(|i| connect(urls[i % urls.len()]))
+        .buffered(CONNECT_CONCURRENCY)
+        .try_collect()
+        .await
 }
 
 /// A unary call with the tool's deadline; the reply message or an error

@@ -44,9 +44,6 @@ use super::{
 /// Share of the target commit rate a run must reach.
 const TARGET_SHARE: f64 = 0.99;
 
-/// Connections opened at once while setting up.
-const CONNECT_CONCURRENCY: usize = 64;
-
 /// What the coordinator tells subscribers.
 #[derive(Clone, Copy, Debug, Default)]
 struct Phase {
@@ -501,7 +498,7 @@ pub(super) async fn run(server: &str, args: WatchBenchArgs) -> anyhow::Result<()
     }
     let cpu = ServerCpu::find(server, &args.server_pid);
     println!("  {}", cpu.describe());
-    let stream_channels = connections_to(server, connections).await?;
+    let stream_channels = connect_channels(server, connections).await?;
     let writer_channel = connect_channels(server, 1)
         .await?
         .pop()
@@ -583,28 +580,6 @@ pub(super) async fn run(server: &str, args: WatchBenchArgs) -> anyhow::Result<()
     Ok(())
 }
 
-/// `count` connections, spread over the comma-separated URLs in `server`,
-/// opened [`CONNECT_CONCURRENCY`] at a time.
-async fn connections_to(server: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
-    let urls: Vec<String> = server
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_string)
-        .collect();
-    if urls.is_empty() {
-        bail!("--server names no server");
-    }
-    stream::iter(0..count)
-        .map(|i| {
-            let url = urls[i % urls.len()].clone();
-            async move { connect(&url).await }
-        })
-        .buffered(CONNECT_CONCURRENCY)
-        .try_collect()
-        .await
-}
-
 async fn bare_setup(
     writers: usize,
     connections: usize,
@@ -612,7 +587,7 @@ async fn bare_setup(
 ) -> anyhow::Result<(EchoBaseline, Setup)> {
     let echo = EchoBaseline::start(1).await?;
     let url = echo.url();
-    let stream_channels = connections_to(&url, connections).await?;
+    let stream_channels = connect_channels(&url, connections).await?;
     let writer_channel = connect(&url).await?;
     let bytes = message_bytes.max(24);
     let bare = |channel: &Channel| Writer::Bare {
