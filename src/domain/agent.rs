@@ -182,16 +182,18 @@ impl Agent {
 
     /// The agent right after `record` was applied to `self`.
     pub fn after(&self, record: Arc<TransitionRecord>) -> Agent {
-        Agent {
-            id: self.id,
-            name: Arc::clone(&self.name),
-            labels: Arc::clone(&self.labels),
-            state: record.to,
-            version: record.version,
-            created_at: self.created_at,
-            updated_at: record.at,
-            last_transition: record,
-        }
+        let mut next = self.clone();
+        next.advance(record);
+        next
+    }
+
+    /// `self` becomes the agent right after `record` (as [`Agent::after`],
+    /// in place).
+    pub fn advance(&mut self, record: Arc<TransitionRecord>) {
+        self.state = record.to;
+        self.version = record.version;
+        self.updated_at = record.at;
+        self.last_transition = record;
     }
 
     /// Whether the agent carries every label of `wanted`.

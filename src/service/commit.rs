@@ -346,7 +346,7 @@ impl Batch {
                         version,
                     };
                     from = Some(step.to);
-                    record
+                    Arc::new(record)
                 })
                 .collect();
             changes.push(AgentChange {
@@ -536,7 +536,6 @@ impl Batch {
             let mut records = Vec::with_capacity(change.records.len());
             let mut agent = None;
             for record in change.records.drain(..) {
-                let record = Arc::new(record);
                 match table.apply(
                     Arc::clone(&record),
                     change.identity.as_ref(),

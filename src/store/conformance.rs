@@ -41,10 +41,10 @@ fn register(id: AgentId) -> AgentChange {
             name: Arc::from("agent"),
             labels: Arc::new(labels),
         }),
-        records: vec![TransitionRecord {
+        records: vec![Arc::new(TransitionRecord {
             metadata,
             ..record(id, None, AgentState::Registered, 1)
-        }],
+        })],
     }
 }
 
@@ -54,7 +54,12 @@ fn step(agent: &Agent, to: AgentState) -> AgentChange {
         agent_id: agent.id,
         prior_version: agent.version,
         identity: None,
-        records: vec![record(agent.id, Some(agent.state), to, agent.version + 1)],
+        records: vec![Arc::new(record(
+            agent.id,
+            Some(agent.state),
+            to,
+            agent.version + 1,
+        ))],
     }
 }
 
@@ -62,7 +67,7 @@ fn step(agent: &Agent, to: AgentState) -> AgentChange {
 fn after(prior: Option<&Agent>, change: &AgentChange) -> Agent {
     let mut agent = prior.cloned();
     for record in &change.records {
-        let record = Arc::new(record.clone());
+        let record = Arc::clone(record);
         agent = Some(match (agent, &change.identity) {
             (Some(prior), _) => prior.after(record),
             (None, Some(identity)) => Agent::registered(
@@ -160,7 +165,7 @@ fn conforms(store: &dyn Store) -> Vec<Agent> {
         vec![1, 2, 3, 4, 5]
     );
     assert_eq!(
-        *all[0], ra.records[0],
+        *all[0], *ra.records[0],
         "records round-trip exactly (metadata included)"
     );
     assert_eq!(all[0].at, to_stored_precision(all[0].at));

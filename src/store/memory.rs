@@ -4,7 +4,7 @@
 //! the ring that is its own, so memory stays bounded however long it runs.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     sync::{Arc, RwLock},
     time::SystemTime,
 };
@@ -27,7 +27,7 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    agents: HashMap<AgentId, Arc<Agent>>,
+    agents: HashMap<AgentId, Agent>,
     /// The retained global log, oldest first.
     log: VecDeque<Arc<TransitionRecord>>,
     /// Each agent's retained records, oldest first (shared with `log`).
@@ -89,7 +89,7 @@ impl Store for MemoryStore {
     fn load(&self) -> Result<Recovered> {
         let inner = self.read();
         Ok(Recovered {
-            agents: inner.agents.values().map(|a| Agent::clone(a)).collect(),
+            agents: inner.agents.values().cloned().collect(),
             head: inner.head,
         })
     }
@@ -100,42 +100,53 @@ impl Store for MemoryStore {
         batch: &mut [AgentChange],
         clock: &dyn Clock,
     ) -> Result<Vec<ChangeOutcome>> {
-        let mut inner = self.write();
+        let mut guard = self.write();
+        let inner = &mut *guard;
         let at = to_stored_precision(clock.now());
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
-            let stored = inner.agents.get(&change.agent_id).cloned();
-            let actual = stored.as_ref().map_or(0, |a| a.version);
+            // One lookup per change: the stored agent is updated in place.
             let creatable = change.prior_version == 0 && change.identity.is_some();
-            if actual != change.prior_version || (stored.is_none() && !creatable) {
-                outcomes.push(ChangeOutcome::Conflict { actual });
-                continue;
-            }
-            let mut agent = stored;
+            let slot = match inner.agents.entry(change.agent_id) {
+                Entry::Occupied(stored) if stored.get().version == change.prior_version => {
+                    Ok(stored.into_mut())
+                }
+                Entry::Occupied(stored) => {
+                    outcomes.push(ChangeOutcome::Conflict {
+                        actual: stored.get().version,
+                    });
+                    continue;
+                }
+                Entry::Vacant(vacant) if creatable => Err(vacant),
+                Entry::Vacant(_) => {
+                    outcomes.push(ChangeOutcome::Conflict { actual: 0 });
+                    continue;
+                }
+            };
+            let history = inner.by_agent.entry(change.agent_id).or_default();
             for record in &mut change.records {
                 inner.head += 1;
-                record.sequence = inner.head;
-                record.at = at;
-                let shared = Arc::new(record.clone());
-                agent = Some(Arc::new(match (&agent, &change.identity) {
-                    (Some(prior), _) => prior.after(Arc::clone(&shared)),
-                    (None, Some(identity)) => Agent::registered(
-                        change.agent_id,
-                        Arc::clone(&identity.name),
-                        Arc::clone(&identity.labels),
-                        Arc::clone(&shared),
-                    ),
-                    (None, None) => break,
-                }));
-                inner.log.push_back(Arc::clone(&shared));
-                inner
-                    .by_agent
-                    .entry(shared.agent_id)
-                    .or_default()
-                    .push_back(shared);
+                let stamped = Arc::make_mut(record);
+                stamped.sequence = inner.head;
+                stamped.at = at;
+                inner.log.push_back(Arc::clone(record));
+                history.push_back(Arc::clone(record));
             }
-            if let Some(agent) = agent {
-                inner.agents.insert(change.agent_id, agent);
+            if let (Some(first), Some(last)) = (change.records.first(), change.records.last()) {
+                match (slot, &change.identity) {
+                    (Ok(agent), _) => agent.advance(Arc::clone(last)),
+                    (Err(vacant), Some(identity)) => {
+                        let mut agent = Agent::registered(
+                            change.agent_id,
+                            Arc::clone(&identity.name),
+                            Arc::clone(&identity.labels),
+                            Arc::clone(first),
+                        );
+                        agent.advance(Arc::clone(last));
+                        vacant.insert(agent);
+                    }
+                    (Err(_), None) => {}
+                }
             }
             outcomes.push(ChangeOutcome::Committed);
         }

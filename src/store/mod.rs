@@ -110,8 +110,12 @@ pub struct AgentChange {
     pub prior_version: u64,
     /// Name and labels, for a creation (`prior_version == 0`).
     pub identity: Option<AgentIdentity>,
-    /// The transitions, in order; versions `prior_version + 1 ..`.
-    pub records: Vec<TransitionRecord>,
+    /// The transitions, in order; versions `prior_version + 1 ..`. Shared:
+    /// a store that keeps records in memory keeps these, and the agent table
+    /// and the event bus get the same ones once committed. A store sets
+    /// their sequence and time through `Arc::make_mut`, which copies nothing
+    /// while the change is the only holder, as it is until committed.
+    pub records: Vec<Arc<TransitionRecord>>,
 }
 
 /// What became of one change of a batch.

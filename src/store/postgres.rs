@@ -429,6 +429,7 @@ impl PostgresStore {
                 continue;
             }
             for record in &mut change.records {
+                let record = Arc::make_mut(record);
                 next += 1;
                 record.sequence = next;
                 record.at = at;

@@ -515,6 +515,7 @@ impl Store for SqliteStore {
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
             for (offset, record) in change.records.iter_mut().enumerate() {
+                let record = Arc::make_mut(record);
                 record.sequence = head + 1 + offset as u64;
                 record.at = at;
             }
