@@ -82,7 +82,8 @@ struct Bucket {
 struct Buckets<K> {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    /// Hashed with foldhash (seeded per process): one lookup per call.
+    buckets: Mutex<foldhash::HashMap<K, Bucket>>,
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {

@@ -4,10 +4,12 @@
 //! the ring that is its own, so memory stays bounded however long it runs.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{VecDeque, hash_map::Entry},
     sync::{Arc, RwLock},
     time::SystemTime,
 };
+
+use foldhash::HashMap;
 
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
@@ -25,6 +27,8 @@ pub struct MemoryStore {
     max_events: u64,
 }
 
+/// The maps are hashed with foldhash (seeded per process), several lookups
+/// per commit.
 #[derive(Debug, Default)]
 struct Inner {
     agents: HashMap<AgentId, Agent>,
