@@ -127,6 +127,10 @@ impl Store for MemoryStore {
                     continue;
                 }
             };
+            if change.records.is_empty() {
+                outcomes.push(ChangeOutcome::Committed);
+                continue;
+            }
             let history = inner.by_agent.entry(change.agent_id).or_default();
             for record in &mut change.records {
                 inner.head += 1;
@@ -149,6 +153,7 @@ impl Store for MemoryStore {
                         agent.advance(Arc::clone(last));
                         vacant.insert(agent);
                     }
+                    // `creatable` holds only with an identity.
                     (Err(_), None) => {}
                 }
             }
