@@ -401,9 +401,14 @@ impl AgentLifecycleService {
         ]);
         let principal = change.caller.principal_name().to_string();
         let request_id = change.request_id.clone();
-        self.idempotent(&principal, request_id.as_deref(), fingerprint, |tag| {
-            self.apply_retrying(id, op, path, change, tag)
-        })
+        // Boxed: the remembered-request path's future is several times the
+        // size of the common path's, and every change's future would carry
+        // (and copy) it otherwise.
+        Box::pin(
+            self.idempotent(&principal, request_id.as_deref(), fingerprint, |tag| {
+                self.apply_retrying(id, op, path, change, tag)
+            }),
+        )
         .await
     }
 
@@ -609,7 +614,8 @@ impl AgentLifecycleService {
             return Ok(());
         }
         for ctx in plan.pre_contexts() {
-            if let Some(reason) = self.hooks().run(&pre, &ctx).await {
+            // Boxed, as below: only changes with hooks pay for their futures.
+            if let Some(reason) = Box::pin(self.hooks().run(&pre, &ctx)).await {
                 return Err(TransitionError::Vetoed {
                     agent_id: plan.agent_id,
                     from: ctx.from_state,
@@ -645,7 +651,7 @@ impl AgentLifecycleService {
                 version: Some(record.version),
                 timestamp: Some(record.at),
             };
-            self.hooks().run(&post, &ctx).await;
+            Box::pin(self.hooks().run(&post, &ctx)).await;
         }
     }
 
