@@ -26,6 +26,11 @@ use crate::{
 /// Request ids remembered at most (the oldest go first beyond).
 const MAX_REMEMBERED: usize = 1_000_000;
 
+/// The request id a client gave: an empty one counts as none.
+pub(super) fn given(request_id: Option<&str>) -> Option<&str> {
+    request_id.filter(|id| !id.is_empty())
+}
+
 /// Bytes in a `request_id`.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -146,7 +151,7 @@ impl AgentLifecycleService {
         F: FnOnce(Option<Arc<RequestTag>>) -> Fut,
         Fut: std::future::Future<Output = Result<Outcome>>,
     {
-        let Some(request_id) = request_id.filter(|id| !id.is_empty()) else {
+        let Some(request_id) = given(request_id) else {
             return run(None).await;
         };
         let key: Key = (principal.to_string(), request_id.to_string());

@@ -669,11 +669,7 @@ impl AgentLifecycleService {
     }
 }
 
-/// Whether `change` carries a request id (empty counts as none, as in
-/// `idempotent`).
+/// Whether `change` carries a request id (`requests::given`).
 fn has_request_id(change: &ChangeRequest) -> bool {
-    change
-        .request_id
-        .as_deref()
-        .is_some_and(|id| !id.is_empty())
+    super::requests::given(change.request_id.as_deref()).is_some()
 }
