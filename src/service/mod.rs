@@ -181,7 +181,12 @@ impl AgentLifecycleService {
                     "compaction",
                     shared.metrics.clone(),
                 );
-                Some(runtime.spawn(compact_every(tx.clone(), lease, config.compaction_interval)))
+                // The schedule starts now, not when the task first runs.
+                let period = config.compaction_interval.max(Duration::from_millis(1));
+                let mut ticks =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                Some(runtime.spawn(compact_every(tx.clone(), lease, ticks)))
             }
             _ => None,
         };
@@ -466,18 +471,16 @@ fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &Atomi
     }
 }
 
-/// Asks the commit thread for a compaction round every `interval` (tokio
-/// time, so tests can drive it with a paused clock) while this process
-/// holds the compaction lease, waiting for each round to end before the
-/// next interval starts.
+/// Asks the commit thread for a compaction round at every tick of `ticks`
+/// (tokio time, so tests can drive it with a paused clock; the schedule
+/// is made when the service opens, so a task first polled late still
+/// keeps it) while this process holds the compaction lease, waiting for
+/// each round to end before the next interval starts.
 async fn compact_every(
     commits: mpsc::Sender<Message>,
     mut lease: lease::LeaseHolder,
-    interval: Duration,
+    mut ticks: tokio::time::Interval,
 ) {
-    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
     loop {
         ticks.tick().await;
         if !lease.held().await {
