@@ -483,6 +483,95 @@ fn postgres_registration_race_is_a_conflict_for_that_change_alone() {
     assert_eq!(store.head().expect("head"), 1);
 }
 
+/// Reads of one agent's events combine the bulk-filled index and the log's
+/// unindexed tail: the same answers whether everything is indexed at each
+/// commit (lag 1), part of it (lag 2, 3), or nothing yet (the default lag,
+/// larger than this test's log), across a reopen too.
+#[test]
+fn sqlite_agent_reads_agree_however_far_the_index_lags() {
+    for lag in [1, 2, 3, super::sqlite::INDEX_LAG] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lag.db");
+        let store = SqliteStore::open_with_index_lag(&path, lag).expect("open");
+        conforms(&store);
+        drop(store);
+        let reopened = SqliteStore::open_with_index_lag(&path, lag).expect("reopen");
+        let loaded = reopened.load().expect("load");
+        let agent = loaded.agents[0].clone();
+        // Eight more steps on one agent, read back whole and in pages, from
+        // the oldest and from the newest, alone and with the audit filter.
+        let mut current = agent.clone();
+        for i in 0..8 {
+            let to = if i % 2 == 0 {
+                AgentState::Deploying
+            } else {
+                AgentState::Failed
+            };
+            let mut change = [step(&current, to)];
+            assert_eq!(commit(&reopened, &mut change), vec![ChangeOutcome::Committed]);
+            current = after(Some(&current), &change[0]);
+        }
+        let id = agent.id;
+        let versions = |records: Vec<Arc<TransitionRecord>>| {
+            records.iter().map(|r| r.version).collect::<Vec<_>>()
+        };
+        let first = agent.version + 1;
+        let all: Vec<u64> = (first..first + 8).collect();
+        let history = reopened.history(id, range(0, u64::MAX, 100)).expect("history");
+        assert_eq!(versions(history.clone()), all, "lag {lag}");
+        let sequences: Vec<u64> = history.iter().map(|r| r.sequence).collect();
+        assert_eq!(
+            versions(reopened.history(id, range(sequences[2], sequences[6], 3)).expect("page")),
+            all[3..6],
+            "lag {lag}"
+        );
+        assert_eq!(reopened.history_count(id).expect("count"), 8, "lag {lag}");
+        assert_eq!(
+            reopened.nth_newest(id, u64::MAX, 5).expect("nth"),
+            Some(sequences[3]),
+            "lag {lag}"
+        );
+        assert_eq!(
+            reopened.nth_newest(id, sequences[1], 2).expect("nth"),
+            Some(sequences[0]),
+            "lag {lag}"
+        );
+        let audit = |principal: Option<&str>, before: u64, max: usize| {
+            versions(
+                reopened
+                    .audit(&super::AuditQuery {
+                        agent_id: Some(id),
+                        principal: principal.map(str::to_owned),
+                        before,
+                        max,
+                    })
+                    .expect("audit"),
+            )
+        };
+        let newest_first: Vec<u64> = all.iter().rev().copied().collect();
+        assert_eq!(audit(None, u64::MAX, 100), newest_first, "lag {lag}");
+        assert_eq!(audit(None, sequences[7], 4), newest_first[1..5], "lag {lag}");
+        assert_eq!(audit(Some("alice"), u64::MAX, 100), newest_first, "lag {lag}");
+        assert!(audit(Some("bob"), u64::MAX, 100).is_empty(), "lag {lag}");
+        // Compaction takes index entries with their events.
+        let retention = Retention {
+            max_events: Some(3),
+            max_age: None,
+        };
+        let head = reopened.head().expect("head");
+        reopened
+            .compact(&retention, head, 1000, &SystemClock)
+            .expect("compact");
+        assert_eq!(reopened.history_count(id).expect("count"), 3, "lag {lag}");
+        assert_eq!(
+            versions(reopened.history(id, range(0, u64::MAX, 100)).expect("history")),
+            all[5..],
+            "lag {lag}"
+        );
+        assert_eq!(audit(None, u64::MAX, 100), newest_first[..3], "lag {lag}");
+    }
+}
+
 /// A database of schema version 2 (before principals were recorded) opens:
 /// its records read back with an empty principal, and new records keep
 /// theirs.

@@ -36,7 +36,7 @@ use crate::domain::{
 };
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Reader connections kept open for reuse; more may be opened under load and
 /// are closed after use.
@@ -97,6 +97,33 @@ CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
 CREATE INDEX IF NOT EXISTS events_with_request ON events (at) WHERE request <> '';
 ";
 
+/// Version 4: an agent's events are found through `agent_events` instead of
+/// an index on `events`. An index on (agent, sequence) takes a write at a
+/// different place for every agent a commit touches (a page of the WAL
+/// each, and its writeback at the fsync); `agent_events` is instead filled
+/// in bulk, by the commit that brings the unindexed tail of the log to
+/// [`INDEX_LAG`] events, so that one page takes every entry an agent
+/// gathered meanwhile. `meta.indexed` is the sequence up to which
+/// `agent_events` holds every retained event; readers take the events after
+/// it from the log itself (at most `INDEX_LAG` plus a batch, in sequence
+/// order), in the same statement, so they read one snapshot of both.
+const SCHEMA_V4: &str = "
+CREATE TABLE IF NOT EXISTS agent_events (
+    agent_id BLOB NOT NULL,
+    sequence INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, sequence)
+) WITHOUT ROWID;
+INSERT INTO agent_events (agent_id, sequence) SELECT agent_id, sequence FROM events WHERE true
+    ON CONFLICT DO NOTHING;
+DROP INDEX IF EXISTS events_by_agent;
+INSERT INTO meta (key, value) SELECT 'indexed', value FROM meta WHERE key = 'head'
+    ON CONFLICT (key) DO NOTHING;
+";
+
+/// Unindexed events after which a commit indexes the tail of the log (see
+/// [`SCHEMA_V4`]).
+pub(super) const INDEX_LAG: u64 = 1024;
+
 const INSERT_AGENT: &str =
     "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
@@ -118,6 +145,12 @@ const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, crea
 const EVENT_COLUMNS: &str =
     "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
     principal, request";
+/// [`EVENT_COLUMNS`] of `events e` joined to `agent_events a`: the sequence
+/// is the index's, so the rows come in its order without a sort.
+const INDEXED_EVENT_COLUMNS: &str = "a.sequence, e.agent_id, e.version, e.from_state, e.to_state,
+    e.at, e.reason, e.triggered_by, e.metadata, e.principal, e.request";
+/// The sequence up to which `agent_events` is complete.
+const INDEXED: &str = "(SELECT value FROM meta WHERE key = 'indexed')";
 
 /// The SQLite back end.
 pub struct SqliteStore {
@@ -136,6 +169,10 @@ pub struct SqliteStore {
     /// commit need not read it; [`UNKNOWN_HEAD`] until read, and again after
     /// a failed commit.
     head: AtomicU64,
+    /// `meta.indexed`, cached the same way.
+    indexed: AtomicU64,
+    /// Unindexed events after which a commit indexes them.
+    index_lag: u64,
 }
 
 /// `SqliteStore::head` before it is read from the file.
@@ -161,6 +198,12 @@ impl SqliteStore {
     /// The directory cannot be created, the file cannot be opened or written
     /// (read-only, disk full), or it holds a newer schema.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with_index_lag(path, INDEX_LAG)
+    }
+
+    /// [`SqliteStore::open`] with another [`INDEX_LAG`] (`lag >= 1`), for
+    /// tests of the reads that combine the index and the log's tail.
+    pub(super) fn open_with_index_lag(path: impl AsRef<Path>, lag: u64) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -209,6 +252,8 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             oldest: AtomicU64::new(1),
             head: AtomicU64::new(UNKNOWN_HEAD),
+            indexed: AtomicU64::new(UNKNOWN_HEAD),
+            index_lag: lag.max(1),
         };
         Ok(store)
     }
@@ -282,6 +327,12 @@ fn migrate(conn: &Connection) -> Result<()> {
             "BEGIN IMMEDIATE; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
         ))
         .map_err(sql("migrating the schema to version 3"))?;
+    }
+    if found < 4 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;"
+        ))
+        .map_err(sql("migrating the schema to version 4"))?;
     }
     // Later schema versions add their steps here, each in its own
     // transaction that ends by setting user_version.
@@ -511,6 +562,12 @@ impl Store for SqliteStore {
         } else {
             cached
         };
+        let cached = self.indexed.swap(UNKNOWN_HEAD, Ordering::AcqRel);
+        let mut indexed = if cached == UNKNOWN_HEAD {
+            read_meta(&tx, "indexed")?
+        } else {
+            cached
+        };
         let at = to_stored_precision(clock.now());
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
@@ -531,10 +588,24 @@ impl Store for SqliteStore {
         )
         .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
         .map_err(sql("advancing the head"))?;
+        if head.saturating_sub(indexed) >= self.index_lag {
+            tx.prepare_cached(
+                "INSERT INTO agent_events (agent_id, sequence)
+                 SELECT agent_id, sequence FROM events WHERE sequence > ?1",
+            )
+            .and_then(|mut stmt| stmt.execute([indexed as i64]))
+            .and_then(|_| {
+                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
+                    .and_then(|mut stmt| stmt.execute([head as i64]))
+            })
+            .map_err(sql("indexing agents' events"))?;
+            indexed = head;
+        }
         tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
             source: Box::new(e),
         })?;
         self.head.store(head, Ordering::Release);
+        self.indexed.store(indexed, Ordering::Release);
         Ok(outcomes)
     }
 
@@ -599,8 +670,13 @@ impl Store for SqliteStore {
         self.with_reader(|conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE agent_id = ?1 AND sequence > ?2
-                     AND sequence <= ?3 ORDER BY sequence LIMIT ?4"
+                    "SELECT {INDEXED_EVENT_COLUMNS} FROM agent_events a
+                     JOIN events e ON e.sequence = a.sequence
+                     WHERE a.agent_id = ?1 AND a.sequence > ?2 AND a.sequence <= ?3
+                     UNION ALL
+                     SELECT {EVENT_COLUMNS} FROM events
+                     WHERE sequence > max(?2, {INDEXED}) AND sequence <= ?3 AND agent_id = ?1
+                     ORDER BY 1 LIMIT ?4"
                 ))
                 .map_err(sql("reading history"))?;
             stmt.query_map(
@@ -622,10 +698,13 @@ impl Store for SqliteStore {
             return Ok(None);
         }
         self.with_reader(|conn| {
-            conn.prepare_cached(
-                "SELECT sequence FROM events WHERE agent_id = ?1 AND sequence <= ?2
-                 ORDER BY sequence DESC LIMIT 1 OFFSET ?3",
-            )
+            conn.prepare_cached(&format!(
+                "SELECT sequence FROM agent_events WHERE agent_id = ?1 AND sequence <= ?2
+                 UNION ALL
+                 SELECT sequence FROM events
+                 WHERE sequence > {INDEXED} AND sequence <= ?2 AND agent_id = ?1
+                 ORDER BY 1 DESC LIMIT 1 OFFSET ?3"
+            ))
             .and_then(|mut stmt| {
                 stmt.query_row(
                     params![
@@ -685,11 +764,30 @@ impl Store for SqliteStore {
             values.push(principal.clone().into());
         }
         values.push((query.max.min(i64::MAX as usize) as i64).into());
-        let sql_text = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE {} ORDER BY sequence DESC LIMIT ?{}",
-            conditions.join(" AND "),
-            values.len()
-        );
+        let sql_text = if query.agent_id.is_some() {
+            // The agent's indexed events, then the log's unindexed tail.
+            let by_principal = if query.principal.is_some() {
+                " AND e.principal = ?3"
+            } else {
+                ""
+            };
+            format!(
+                "SELECT {INDEXED_EVENT_COLUMNS} FROM agent_events a
+                 JOIN events e ON e.sequence = a.sequence
+                 WHERE a.agent_id = ?2 AND a.sequence < ?1{by_principal}
+                 UNION ALL
+                 SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {}
+                 ORDER BY 1 DESC LIMIT ?{}",
+                conditions.join(" AND "),
+                values.len()
+            )
+        } else {
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE {} ORDER BY sequence DESC LIMIT ?{}",
+                conditions.join(" AND "),
+                values.len()
+            )
+        };
         self.with_reader(|conn| {
             let mut stmt = conn
                 .prepare_cached(&sql_text)
@@ -702,7 +800,10 @@ impl Store for SqliteStore {
 
     fn history_count(&self, agent_id: AgentId) -> Result<u64> {
         self.with_reader(|conn| {
-            conn.prepare_cached("SELECT count(*) FROM events WHERE agent_id = ?1")
+            conn.prepare_cached(&format!(
+                "SELECT (SELECT count(*) FROM agent_events WHERE agent_id = ?1)
+                 + (SELECT count(*) FROM events WHERE sequence > {INDEXED} AND agent_id = ?1)"
+            ))
                 .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
                 .map(|c| c as u64)
                 .map_err(sql("counting history"))
@@ -723,7 +824,7 @@ impl Store for SqliteStore {
         let cutoff = retention
             .max_age
             .map(|age| to_micros(clock.now().checked_sub(age).unwrap_or(UNIX_EPOCH)));
-        let conn = self.lock_writer();
+        let mut conn = self.lock_writer();
         // The oldest rows, in sequence order: delete the longest prefix that
         // retention lets go, so that what remains is one contiguous range.
         let mut last_deletable = None;
@@ -746,8 +847,16 @@ impl Store for SqliteStore {
             }
         }
         if let Some(last) = last_deletable {
-            conn.execute("DELETE FROM events WHERE sequence <= ?1", [last as i64])
-                .map_err(sql("compacting"))?;
+            // The events and their index entries together.
+            let tx = conn.transaction().map_err(sql("compacting"))?;
+            tx.execute(
+                "DELETE FROM agent_events WHERE (agent_id, sequence) IN
+                 (SELECT agent_id, sequence FROM events WHERE sequence <= ?1)",
+                [last as i64],
+            )
+            .and_then(|_| tx.execute("DELETE FROM events WHERE sequence <= ?1", [last as i64]))
+            .map_err(sql("compacting"))?;
+            tx.commit().map_err(sql("compacting"))?;
             self.refresh_oldest(&conn, head)?;
         }
         Ok(count)
