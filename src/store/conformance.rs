@@ -574,7 +574,7 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
 
 /// A database of schema version 2 (before principals were recorded) opens:
 /// its records read back with an empty principal, and new records keep
-/// theirs.
+/// theirs; through version 4, its events are found by agent.
 #[test]
 fn sqlite_migrates_a_version_2_database() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -614,4 +614,6 @@ fn sqlite_migrates_a_version_2_database() {
     let history = store.history(id, range(0, u64::MAX, 10)).expect("history");
     let principals: Vec<&str> = history.iter().map(|r| r.principal.as_str()).collect();
     assert_eq!(principals, ["", "alice"]);
+    // Version 4 copied the old event into the agents' index.
+    assert_eq!(store.history_count(id).expect("count"), 2);
 }
