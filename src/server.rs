@@ -74,7 +74,11 @@ pub fn incoming(
 ) -> impl Stream<Item = io::Result<Unvectored>> + Send + 'static {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .map_ok(Unvectored)
+        .map_ok(|stream| Unvectored {
+            stream,
+            yielded: false,
+            read_since_write: false,
+        })
 }
 
 /// An accepted connection that tells HTTP/2 it has no vectored writes.
@@ -87,14 +91,30 @@ pub fn incoming(
 /// TransitionAgent response (about 250 bytes: headers, message, trailers)
 /// leaves in one `write`, and a watch stream's events queued together leave
 /// together. Copying a few hundred bytes costs far less than a system call.
+///
+/// A write after requests came in also waits one turn of the scheduler:
+/// the connection's task is woken by the first answer that completes, and
+/// the answers of the other calls that complete in the same turn would
+/// each leave in a `write` of their own after it. Yielding once lets them
+/// join the write buffer first, so answers finished together leave
+/// together (at 64 calls in flight over 4 connections, 0.13 `sendto` per
+/// call instead of 0.9).
 #[derive(Debug)]
-pub struct Unvectored(TcpStream);
+pub struct Unvectored {
+    stream: TcpStream,
+    /// Whether this write has already waited its turn.
+    yielded: bool,
+    /// Whether requests came in since the last write: only then may other
+    /// answers be about to complete (a watch stream's connection, which
+    /// only sends, does not wait).
+    read_since_write: bool,
+}
 
 impl Connected for Unvectored {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.0.connect_info()
+        self.stream.connect_info()
     }
 }
 
@@ -104,7 +124,12 @@ impl AsyncRead for Unvectored {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > filled {
+            self.read_since_write = true;
+        }
+        read
     }
 }
 
@@ -114,15 +139,25 @@ impl AsyncWrite for Unvectored {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        if self.read_since_write && !self.yielded {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if written.is_ready() {
+            self.yielded = false;
+            self.read_since_write = false;
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
     fn is_write_vectored(&self) -> bool {
