@@ -508,7 +508,10 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
                 AgentState::Failed
             };
             let mut change = [step(&current, to)];
-            assert_eq!(commit(&reopened, &mut change), vec![ChangeOutcome::Committed]);
+            assert_eq!(
+                commit(&reopened, &mut change),
+                vec![ChangeOutcome::Committed]
+            );
             current = after(Some(&current), &change[0]);
         }
         let id = agent.id;
@@ -517,11 +520,17 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         };
         let first = agent.version + 1;
         let all: Vec<u64> = (first..first + 8).collect();
-        let history = reopened.history(id, range(0, u64::MAX, 100)).expect("history");
+        let history = reopened
+            .history(id, range(0, u64::MAX, 100))
+            .expect("history");
         assert_eq!(versions(history.clone()), all, "lag {lag}");
         let sequences: Vec<u64> = history.iter().map(|r| r.sequence).collect();
         assert_eq!(
-            versions(reopened.history(id, range(sequences[2], sequences[6], 3)).expect("page")),
+            versions(
+                reopened
+                    .history(id, range(sequences[2], sequences[6], 3))
+                    .expect("page")
+            ),
             all[3..6],
             "lag {lag}"
         );
@@ -550,8 +559,16 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         };
         let newest_first: Vec<u64> = all.iter().rev().copied().collect();
         assert_eq!(audit(None, u64::MAX, 100), newest_first, "lag {lag}");
-        assert_eq!(audit(None, sequences[7], 4), newest_first[1..5], "lag {lag}");
-        assert_eq!(audit(Some("alice"), u64::MAX, 100), newest_first, "lag {lag}");
+        assert_eq!(
+            audit(None, sequences[7], 4),
+            newest_first[1..5],
+            "lag {lag}"
+        );
+        assert_eq!(
+            audit(Some("alice"), u64::MAX, 100),
+            newest_first,
+            "lag {lag}"
+        );
         assert!(audit(Some("bob"), u64::MAX, 100).is_empty(), "lag {lag}");
         // Compaction takes index entries with their events.
         let retention = Retention {
@@ -564,7 +581,11 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
             .expect("compact");
         assert_eq!(reopened.history_count(id).expect("count"), 3, "lag {lag}");
         assert_eq!(
-            versions(reopened.history(id, range(0, u64::MAX, 100)).expect("history")),
+            versions(
+                reopened
+                    .history(id, range(0, u64::MAX, 100))
+                    .expect("history")
+            ),
             all[5..],
             "lag {lag}"
         );

@@ -804,9 +804,9 @@ impl Store for SqliteStore {
                 "SELECT (SELECT count(*) FROM agent_events WHERE agent_id = ?1)
                  + (SELECT count(*) FROM events WHERE sequence > {INDEXED} AND agent_id = ?1)"
             ))
-                .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
-                .map(|c| c as u64)
-                .map_err(sql("counting history"))
+            .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
+            .map(|c| c as u64)
+            .map_err(sql("counting history"))
         })
     }
 
