@@ -76,7 +76,6 @@ pub fn incoming(
         .with_nodelay(Some(true))
         .map_ok(|stream| Unvectored {
             stream,
-            yielded: false,
             read_since_write: false,
         })
 }
@@ -102,11 +101,9 @@ pub fn incoming(
 #[derive(Debug)]
 pub struct Unvectored {
     stream: TcpStream,
-    /// Whether this write has already waited its turn.
-    yielded: bool,
-    /// Whether requests came in since the last write: only then may other
-    /// answers be about to complete (a watch stream's connection, which
-    /// only sends, does not wait).
+    /// Whether requests came in since the last write waited its turn: only
+    /// then may other answers be about to complete (a watch stream's
+    /// connection, which only sends, does not wait).
     read_since_write: bool,
 }
 
@@ -139,17 +136,12 @@ impl AsyncWrite for Unvectored {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.read_since_write && !self.yielded {
-            self.yielded = true;
+        if self.read_since_write {
+            self.read_since_write = false;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if written.is_ready() {
-            self.yielded = false;
-            self.read_since_write = false;
-        }
-        written
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
