@@ -590,7 +590,67 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
             "lag {lag}"
         );
         assert_eq!(audit(None, u64::MAX, 100), newest_first[..3], "lag {lag}");
+        // A stale prior version still conflicts, and the agent reads back
+        // at its newest version after a reopen, whether its row was brought
+        // up to date by a commit, by the compaction or at start-up.
+        let mut stale = [step(&agent, AgentState::Deploying)];
+        assert_eq!(
+            commit(&reopened, &mut stale),
+            vec![ChangeOutcome::Conflict {
+                actual: current.version
+            }],
+            "lag {lag}"
+        );
+        let mut one_more = [step(&current, AgentState::Deploying)];
+        assert_eq!(
+            commit(&reopened, &mut one_more),
+            vec![ChangeOutcome::Committed]
+        );
+        current = after(Some(&current), &one_more[0]);
+        drop(reopened);
+        let again = SqliteStore::open_with_index_lag(&path, lag).expect("reopen");
+        let loaded = again.load().expect("load");
+        let found = loaded.agents.iter().find(|a| a.id == id).expect("agent");
+        assert_eq!(found, &current, "lag {lag}");
     }
+}
+
+/// A commit on a store that has not loaded the agents (so knows no
+/// versions yet) finds each agent's version in the file, newer events than
+/// the agent's row included.
+#[test]
+fn sqlite_versions_come_from_the_log_tail_before_a_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("versions.db");
+    let id = AgentId::generate();
+    let mut agent = {
+        let store = SqliteStore::open(&path).expect("open");
+        store.load().expect("load");
+        let mut reg = [register(id)];
+        commit(&store, &mut reg);
+        let mut agent = after(None, &reg[0]);
+        for to in [AgentState::Deploying, AgentState::Deployed] {
+            let mut change = [step(&agent, to)];
+            assert_eq!(commit(&store, &mut change), vec![ChangeOutcome::Committed]);
+            agent = after(Some(&agent), &change[0]);
+        }
+        agent
+    };
+    let store = SqliteStore::open(&path).expect("reopen");
+    let registered = after(None, &register(id));
+    let mut stale = [step(&registered, AgentState::Deploying)];
+    assert_eq!(
+        commit(&store, &mut stale),
+        vec![ChangeOutcome::Conflict {
+            actual: agent.version
+        }]
+    );
+    let mut next = [step(&agent, AgentState::Starting)];
+    assert_eq!(commit(&store, &mut next), vec![ChangeOutcome::Committed]);
+    agent = after(Some(&agent), &next[0]);
+    let loaded = store.load().expect("load");
+    assert_eq!(loaded.agents, vec![agent]);
+    assert_eq!(loaded.head, 4);
 }
 
 /// A database of schema version 2 (before principals were recorded) opens:

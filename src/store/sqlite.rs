@@ -2,8 +2,12 @@
 //! `synchronous = FULL`, so a committed batch is fsync'd before `commit`
 //! returns. The `events` table is the global event log (its primary key is
 //! the sequence) and every agent's history; the `agents` table holds each
-//! agent's latest version, including its last transition, so that start-up
-//! reads one row per agent and compaction never loses an agent's state.
+//! agent's identity and its state as of `meta.synced`, including its last
+//! transition up to there, so that start-up reads one row per agent and
+//! compaction never loses an agent's state. A commit appends its events and
+//! writes no agent row unless it creates one; every [`SYNC_LAG`] events, a
+//! commit brings the rows up to date from the log's tail in one statement
+//! (see [`SCHEMA_V5`]).
 //!
 //! The `meta` table holds the sequence counter (`head`), advanced inside each
 //! commit's transaction, and the id of the last committed batch
@@ -14,6 +18,7 @@
 //! a small pool of reader connections, which WAL lets run beside the writer.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -36,7 +41,7 @@ use crate::domain::{
 };
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Reader connections kept open for reuse; more may be opened under load and
 /// are closed after use.
@@ -124,17 +129,42 @@ INSERT INTO meta (key, value) SELECT 'indexed', value FROM meta WHERE key = 'hea
 /// [`SCHEMA_V4`]).
 pub(super) const INDEX_LAG: u64 = 1024;
 
+/// Version 5: a transition no longer updates its agent's row. Updating it
+/// cost a seek and a rewrite of the row, and a page of the WAL, for every
+/// agent a commit touches; the same facts are in the agent's newest event.
+/// `meta.synced` is the sequence up to which the rows hold every event;
+/// the commit that brings the tail after it to [`SYNC_LAG`] events, every
+/// compaction before it deletes events, and start-up bring the rows up to
+/// date with [`SYNC_AGENTS`]. The writer keeps each agent's version in
+/// memory, so that a commit still refuses a change whose prior version is
+/// not the stored one.
+const SCHEMA_V5: &str = "
+INSERT INTO meta (key, value) SELECT 'synced', value FROM meta WHERE key = 'head'
+    ON CONFLICT (key) DO NOTHING;
+";
+
+/// Events after `meta.synced` after which a commit brings the agents' rows
+/// up to date (see [`SCHEMA_V5`]).
+const SYNC_LAG: u64 = 1024;
+
+/// Brings every agent's row up to its newest event after `?1`: SQLite
+/// takes the bare columns of a `max()` aggregate from the row holding the
+/// maximum, so each group yields the agent's newest event.
+const SYNC_AGENTS: &str = "UPDATE agents SET state = l.to_state, version = l.version,
+    updated_at = l.at, last_sequence = l.sequence, last_from = l.from_state,
+    last_reason = l.reason, last_triggered_by = l.triggered_by, last_metadata = l.metadata,
+    last_principal = l.principal, last_request = l.request
+    FROM (SELECT max(sequence) AS sequence, agent_id, version, from_state, to_state, at,
+        reason, triggered_by, metadata, principal, request
+        FROM events WHERE sequence > ?1 GROUP BY agent_id) AS l
+    WHERE agents.agent_id = l.agent_id AND agents.version < l.version";
+
 const INSERT_AGENT: &str =
     "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
     last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
     last_request)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
     ON CONFLICT (agent_id) DO NOTHING";
-const UPDATE_AGENT: &str =
-    "UPDATE agents SET state = ?2, version = ?3, updated_at = ?4, last_sequence = ?5,
-    last_from = ?6, last_reason = ?7, last_triggered_by = ?8, last_metadata = ?9,
-    last_principal = ?11, last_request = ?12
-    WHERE agent_id = ?1 AND version = ?10";
 const INSERT_EVENT: &str =
     "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
     triggered_by, metadata, principal, request)
@@ -173,6 +203,14 @@ pub struct SqliteStore {
     indexed: AtomicU64,
     /// Unindexed events after which a commit indexes them.
     index_lag: u64,
+    /// `meta.synced`, cached the same way.
+    synced: AtomicU64,
+    /// Events after `meta.synced` after which a commit syncs the agents.
+    sync_lag: u64,
+    /// The stored version of each agent a commit looked at, kept by the one
+    /// writer; emptied by a failed commit, after which versions are read
+    /// from the file again.
+    versions: Mutex<HashMap<AgentId, u64>>,
 }
 
 /// `SqliteStore::head` before it is read from the file.
@@ -198,12 +236,18 @@ impl SqliteStore {
     /// The directory cannot be created, the file cannot be opened or written
     /// (read-only, disk full), or it holds a newer schema.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with_index_lag(path, INDEX_LAG)
+        Self::open_with_lags(path, INDEX_LAG, SYNC_LAG)
     }
 
-    /// [`SqliteStore::open`] with another [`INDEX_LAG`] (`lag >= 1`), for
-    /// tests of the reads that combine the index and the log's tail.
+    /// [`SqliteStore::open`] with another [`INDEX_LAG`] and [`SYNC_LAG`],
+    /// both `lag` (`>= 1`), for tests of the reads that combine the index
+    /// and the log's tail, and of the agents' rows brought up to date.
+    #[cfg(test)]
     pub(super) fn open_with_index_lag(path: impl AsRef<Path>, lag: u64) -> Result<Self> {
+        Self::open_with_lags(path, lag, lag)
+    }
+
+    fn open_with_lags(path: impl AsRef<Path>, index_lag: u64, sync_lag: u64) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -253,7 +297,10 @@ impl SqliteStore {
             oldest: AtomicU64::new(1),
             head: AtomicU64::new(UNKNOWN_HEAD),
             indexed: AtomicU64::new(UNKNOWN_HEAD),
-            index_lag: lag.max(1),
+            index_lag: index_lag.max(1),
+            sync_lag: sync_lag.max(1),
+            synced: AtomicU64::new(UNKNOWN_HEAD),
+            versions: Mutex::new(HashMap::new()),
         };
         Ok(store)
     }
@@ -333,6 +380,12 @@ fn migrate(conn: &Connection) -> Result<()> {
             "BEGIN IMMEDIATE; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;"
         ))
         .map_err(sql("migrating the schema to version 4"))?;
+    }
+    if found < 5 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V5} PRAGMA user_version = 5; COMMIT;"
+        ))
+        .map_err(sql("migrating the schema to version 5"))?;
     }
     // Later schema versions add their steps here, each in its own
     // transaction that ends by setting user_version.
@@ -430,18 +483,24 @@ fn agent_from_row(row: &Row<'_>) -> rusqlite::Result<Agent> {
 }
 
 /// Writes one change whose records carry their final sequences and time.
-/// Returns the conflict instead when the stored version is not the change's
-/// prior version; then nothing of the change was written.
-fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<ChangeOutcome> {
+/// Returns the conflict instead when the stored version (`versions`, or
+/// the file's for an agent not in it) is not the change's prior version;
+/// then nothing of the change was written. A written change's version goes
+/// into `versions`.
+fn write_change(
+    tx: &rusqlite::Transaction<'_>,
+    versions: &mut HashMap<AgentId, u64>,
+    synced: u64,
+    change: &AgentChange,
+) -> Result<ChangeOutcome> {
     let (Some(first), Some(last)) = (change.records.first(), change.records.last()) else {
         return Ok(ChangeOutcome::Committed);
     };
-    let last_from = last.from.map(AgentState::as_str);
-    let last_metadata = encode_map(&last.metadata, last.metadata.is_empty());
-    let written = match (&change.identity, change.prior_version) {
+    match (&change.identity, change.prior_version) {
         (Some(identity), 0) => {
             let labels = encode_map(&*identity.labels, identity.labels.is_empty());
-            tx.prepare_cached(INSERT_AGENT)
+            let inserted = tx
+                .prepare_cached(INSERT_AGENT)
                 .and_then(|mut stmt| {
                     stmt.execute(params![
                         change.agent_id.as_bytes(),
@@ -452,40 +511,31 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
                         to_micros(first.at),
                         to_micros(last.at),
                         last.sequence as i64,
-                        last_from,
+                        last.from.map(AgentState::as_str),
                         last.reason,
                         last.triggered_by,
-                        last_metadata,
+                        encode_map(&last.metadata, last.metadata.is_empty()),
                         last.principal,
                         encode_request(last.request.as_deref()),
                     ])
                 })
-                .map_err(sql("inserting an agent"))?
+                .map_err(sql("inserting an agent"))?;
+            if inserted == 0 {
+                let actual = stored_version(tx, change.agent_id, synced)?.unwrap_or(0);
+                return Ok(ChangeOutcome::Conflict { actual });
+            }
         }
-        _ => tx
-            .prepare_cached(UPDATE_AGENT)
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    change.agent_id.as_bytes(),
-                    last.to.as_str(),
-                    last.version as i64,
-                    to_micros(last.at),
-                    last.sequence as i64,
-                    last_from,
-                    last.reason,
-                    last.triggered_by,
-                    last_metadata,
-                    change.prior_version as i64,
-                    last.principal,
-                    encode_request(last.request.as_deref()),
-                ])
-            })
-            .map_err(sql("updating an agent"))?,
-    };
-    if written == 0 {
-        return Ok(ChangeOutcome::Conflict {
-            actual: stored_version(tx, change.agent_id)?,
-        });
+        _ => {
+            let stored = match versions.get(&change.agent_id) {
+                Some(&version) => Some(version),
+                None => stored_version(tx, change.agent_id, synced)?,
+            };
+            if stored != Some(change.prior_version) {
+                return Ok(ChangeOutcome::Conflict {
+                    actual: stored.unwrap_or(0),
+                });
+            }
+        }
     }
     let mut insert = tx
         .prepare_cached(INSERT_EVENT)
@@ -507,7 +557,22 @@ fn write_change(tx: &rusqlite::Transaction<'_>, change: &AgentChange) -> Result<
             ])
             .map_err(sql("inserting an event"))?;
     }
+    versions.insert(change.agent_id, last.version);
     Ok(ChangeOutcome::Committed)
+}
+
+/// Brings the agents' rows up to date with the events after `synced` and
+/// records that in `meta.synced`, inside `tx`; returns the new `synced`
+/// (the head).
+fn sync_agents(tx: &rusqlite::Transaction<'_>, synced: u64, head: u64) -> Result<u64> {
+    tx.prepare_cached(SYNC_AGENTS)
+        .and_then(|mut stmt| stmt.execute([synced as i64]))
+        .and_then(|_| {
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'synced'")
+                .and_then(|mut stmt| stmt.execute([head as i64]))
+        })
+        .map_err(sql("bringing agents up to date"))?;
+    Ok(head)
 }
 
 /// A value of the `meta` table.
@@ -519,28 +584,42 @@ fn read_meta(conn: &Connection, key: &str) -> Result<u64> {
     Ok(value.map_or(0, |v| v as u64))
 }
 
-fn stored_version(conn: &Connection, id: AgentId) -> Result<u64> {
+/// The stored version of agent `id`, `None` when there is no such agent:
+/// its row's, or that of its newest event after `synced`.
+fn stored_version(conn: &Connection, id: AgentId, synced: u64) -> Result<Option<u64>> {
     let version: Option<i64> = conn
-        .query_row(
-            "SELECT version FROM agents WHERE agent_id = ?1",
-            [id.as_bytes()],
-            |r| r.get(0),
+        .prepare_cached(
+            "SELECT max(version) FROM (
+                 SELECT version FROM agents WHERE agent_id = ?1
+                 UNION ALL
+                 SELECT version FROM events WHERE sequence > ?2 AND agent_id = ?1)",
         )
-        .optional()
+        .and_then(|mut stmt| stmt.query_row(params![id.as_bytes(), synced as i64], |r| r.get(0)))
         .map_err(sql("reading an agent's version"))?;
-    Ok(version.map_or(0, |v| v as u64))
+    Ok(version.map(|v| v as u64))
 }
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Recovered> {
-        let conn = self.lock_writer();
+        let mut conn = self.lock_writer();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("loading agents"))?;
+        let head = read_meta(&tx, "head")?;
+        let synced = read_meta(&tx, "synced")?;
+        if synced < head {
+            sync_agents(&tx, synced, head)?;
+        }
+        tx.commit().map_err(sql("loading agents"))?;
+        self.synced.store(head, Ordering::Release);
         let mut stmt = conn.prepare(SELECT_AGENTS).map_err(sql("loading agents"))?;
         let agents = stmt
             .query_map([], agent_from_row)
             .map_err(sql("loading agents"))?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(sql("loading agents"))?;
-        let head = read_meta(&conn, "head")?;
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) =
+            agents.iter().map(|a| (a.id, a.version)).collect();
         self.refresh_oldest(&conn, head)?;
         Ok(Recovered { agents, head })
     }
@@ -568,6 +647,15 @@ impl Store for SqliteStore {
         } else {
             cached
         };
+        let cached = self.synced.swap(UNKNOWN_HEAD, Ordering::AcqRel);
+        let mut synced = if cached == UNKNOWN_HEAD {
+            read_meta(&tx, "synced")?
+        } else {
+            cached
+        };
+        // Taken out while the commit runs: an error leaves it empty.
+        let mut versions =
+            std::mem::take(&mut *self.versions.lock().unwrap_or_else(|p| p.into_inner()));
         let at = to_stored_precision(clock.now());
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
@@ -576,7 +664,7 @@ impl Store for SqliteStore {
                 record.sequence = head + 1 + offset as u64;
                 record.at = at;
             }
-            let outcome = write_change(&tx, change)?;
+            let outcome = write_change(&tx, &mut versions, synced, change)?;
             if outcome == ChangeOutcome::Committed {
                 head += change.records.len() as u64;
             }
@@ -601,11 +689,16 @@ impl Store for SqliteStore {
             .map_err(sql("indexing agents' events"))?;
             indexed = head;
         }
+        if head.saturating_sub(synced) >= self.sync_lag {
+            synced = sync_agents(&tx, synced, head)?;
+        }
         tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
             source: Box::new(e),
         })?;
         self.head.store(head, Ordering::Release);
         self.indexed.store(indexed, Ordering::Release);
+        self.synced.store(synced, Ordering::Release);
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = versions;
         Ok(outcomes)
     }
 
@@ -847,8 +940,17 @@ impl Store for SqliteStore {
             }
         }
         if let Some(last) = last_deletable {
-            // The events and their index entries together.
-            let tx = conn.transaction().map_err(sql("compacting"))?;
+            // The events and their index entries together, after the agents'
+            // rows took the events about to go.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql("compacting"))?;
+            let synced = read_meta(&tx, "synced")?;
+            if synced < last {
+                let stored_head = read_meta(&tx, "head")?;
+                sync_agents(&tx, synced, stored_head)?;
+                self.synced.store(UNKNOWN_HEAD, Ordering::Release);
+            }
             tx.execute(
                 "DELETE FROM agent_events WHERE (agent_id, sequence) IN
                  (SELECT agent_id, sequence FROM events WHERE sequence <= ?1)",
