@@ -382,7 +382,7 @@ impl Batch {
                 if self.follow_preceding(shared)? {
                     self.apply(shared);
                     self.publish(shared);
-                    self.reply();
+                    self.reply(shared);
                 }
                 Ok(())
             }
@@ -573,15 +573,24 @@ impl Batch {
     /// Step 5: each proposer's outcome; then its writer lock is released
     /// (the table shows the change, so the next change to the agent may be
     /// validated).
-    fn reply(self) {
-        for (waiter, result) in self.waiters.into_iter().zip(self.results) {
-            if let Ok(committed) = &result {
-                for record in &committed.records {
-                    debug!(agent_id = %record.agent_id, from = ?record.from, to = %record.to, sequence = record.sequence, "agent transitioned");
-                }
+    ///
+    /// On the commit thread the answers are sent from one task on the
+    /// runtime: waking each proposer from outside the runtime would queue
+    /// it on the runtime's shared queue and wake a worker for it, and the
+    /// proposers that share a connection would then finish one at a time,
+    /// each answer leaving in a write of its own. Woken from a worker, they
+    /// queue on that worker and finish in one turn, so the answers that
+    /// share a connection leave together (see `server::Unvectored`). An
+    /// inline commit (already on a worker) answers directly.
+    fn reply(self, shared: &Shared) {
+        let Batch {
+            waiters, results, ..
+        } = self;
+        match &shared.runtime {
+            Some(runtime) if tokio::runtime::Handle::try_current().is_err() => {
+                runtime.spawn(async move { answer(waiters, results) });
             }
-            let _ = waiter.reply.send(result);
-            drop(waiter.guard);
+            _ => answer(waiters, results),
         }
     }
 
@@ -598,6 +607,19 @@ impl Batch {
         for waiter in self.waiters {
             let _ = waiter.reply.send(Err(Rejected::Store(Arc::clone(err))));
         }
+    }
+}
+
+/// Sends each proposer its result, then releases its writer lock.
+fn answer(waiters: Vec<Waiter>, results: Vec<Result<Committed, Rejected>>) {
+    for (waiter, result) in waiters.into_iter().zip(results) {
+        if let Ok(committed) = &result {
+            for record in &committed.records {
+                debug!(agent_id = %record.agent_id, from = ?record.from, to = %record.to, sequence = record.sequence, "agent transitioned");
+            }
+        }
+        let _ = waiter.reply.send(result);
+        drop(waiter.guard);
     }
 }
 

@@ -159,6 +159,7 @@ impl AgentLifecycleService {
             clock: Arc::clone(&config.clock),
             follow_requested: std::sync::atomic::AtomicBool::new(false),
             in_flight: requests::InFlight::default(),
+            runtime: runtime.as_ref().ok().cloned(),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Arc::new(Mutex::new(commit::Writer::new(commit::Settings {

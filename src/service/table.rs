@@ -67,6 +67,9 @@ pub(crate) struct Shared {
     pub follow_requested: AtomicBool,
     /// Requests with a request id being served, one at a time per id.
     pub in_flight: super::requests::InFlight,
+    /// The runtime the commit thread hands each batch's answers to (see
+    /// `commit::Batch::reply`); `None` outside one.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Shared {
