@@ -607,6 +607,65 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
             vec![ChangeOutcome::Committed]
         );
         current = after(Some(&current), &one_more[0]);
+        // A principal's events alone, indexed or in the tail, and after a
+        // compaction.
+        let mut by_bob = Vec::new();
+        for to in [AgentState::Failed, AgentState::Deploying] {
+            let mut change = [step(&current, to)];
+            Arc::make_mut(&mut change[0].records[0]).principal = "bob".into();
+            assert_eq!(
+                commit(&reopened, &mut change),
+                vec![ChangeOutcome::Committed]
+            );
+            by_bob.insert(0, change[0].records[0].sequence);
+            current = after(Some(&current), &change[0]);
+        }
+        let by_principal = |principal: Option<&str>, before: u64| -> Vec<u64> {
+            reopened
+                .audit(&super::AuditQuery {
+                    agent_id: None,
+                    principal: principal.map(str::to_owned),
+                    before,
+                    max: 1000,
+                })
+                .expect("audit")
+                .iter()
+                .map(|r| r.sequence)
+                .collect()
+        };
+        let everything = by_principal(None, u64::MAX);
+        assert_eq!(by_principal(Some("bob"), u64::MAX), by_bob, "lag {lag}");
+        assert_eq!(
+            by_principal(Some("alice"), u64::MAX),
+            everything
+                .iter()
+                .copied()
+                .filter(|s| !by_bob.contains(s))
+                .collect::<Vec<_>>(),
+            "lag {lag}"
+        );
+        assert_eq!(
+            by_principal(Some("bob"), by_bob[0]),
+            by_bob[1..],
+            "lag {lag}"
+        );
+        let head = reopened.head().expect("head");
+        let newest = Retention {
+            max_events: Some(1),
+            max_age: None,
+        };
+        reopened
+            .compact(&newest, head, 1000, &SystemClock)
+            .expect("compact");
+        assert_eq!(
+            by_principal(Some("bob"), u64::MAX),
+            by_bob[..1],
+            "lag {lag}"
+        );
+        assert!(
+            by_principal(Some("alice"), u64::MAX).is_empty(),
+            "lag {lag}"
+        );
         drop(reopened);
         let again = SqliteStore::open_with_index_lag(&path, lag).expect("reopen");
         let loaded = again.load().expect("load");

@@ -138,9 +138,24 @@ pub(super) const INDEX_LAG: u64 = 1024;
 /// date with [`SYNC_AGENTS`]. The writer keeps each agent's version in
 /// memory, so that a commit still refuses a change whose prior version is
 /// not the stored one.
+///
+/// A principal's events are found through `principal_events`, filled in
+/// bulk together with `agent_events` and complete up to the same
+/// `meta.indexed`, instead of the index `events_by_principal`, which took
+/// a write for every event.
 const SCHEMA_V5: &str = "
 INSERT INTO meta (key, value) SELECT 'synced', value FROM meta WHERE key = 'head'
     ON CONFLICT (key) DO NOTHING;
+CREATE TABLE IF NOT EXISTS principal_events (
+    principal TEXT NOT NULL,
+    sequence  INTEGER NOT NULL,
+    PRIMARY KEY (principal, sequence)
+) WITHOUT ROWID;
+INSERT INTO principal_events (principal, sequence)
+    SELECT principal, sequence FROM events
+    WHERE sequence <= (SELECT value FROM meta WHERE key = 'indexed')
+    ON CONFLICT DO NOTHING;
+DROP INDEX IF EXISTS events_by_principal;
 ";
 
 /// Events after `meta.synced` after which a commit brings the agents' rows
@@ -175,11 +190,12 @@ const SELECT_AGENTS: &str = "SELECT agent_id, name, labels, state, version, crea
 const EVENT_COLUMNS: &str =
     "sequence, agent_id, version, from_state, to_state, at, reason, triggered_by, metadata,
     principal, request";
-/// [`EVENT_COLUMNS`] of `events e` joined to `agent_events a`: the sequence
-/// is the index's, so the rows come in its order without a sort.
+/// [`EVENT_COLUMNS`] of `events e` joined to `agent_events a` (or
+/// `principal_events a`): the sequence is the index's, so the rows come in
+/// its order without a sort.
 const INDEXED_EVENT_COLUMNS: &str = "a.sequence, e.agent_id, e.version, e.from_state, e.to_state,
     e.at, e.reason, e.triggered_by, e.metadata, e.principal, e.request";
-/// The sequence up to which `agent_events` is complete.
+/// The sequence up to which `agent_events` and `principal_events` are complete.
 const INDEXED: &str = "(SELECT value FROM meta WHERE key = 'indexed')";
 
 /// The SQLite back end.
@@ -683,6 +699,13 @@ impl Store for SqliteStore {
             )
             .and_then(|mut stmt| stmt.execute([indexed as i64]))
             .and_then(|_| {
+                tx.prepare_cached(
+                    "INSERT INTO principal_events (principal, sequence)
+                     SELECT principal, sequence FROM events WHERE sequence > ?1",
+                )
+                .and_then(|mut stmt| stmt.execute([indexed as i64]))
+            })
+            .and_then(|_| {
                 tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
                     .and_then(|mut stmt| stmt.execute([head as i64]))
             })
@@ -874,6 +897,18 @@ impl Store for SqliteStore {
                 conditions.join(" AND "),
                 values.len()
             )
+        } else if query.principal.is_some() {
+            // The principal's indexed events, then the log's unindexed tail.
+            format!(
+                "SELECT {INDEXED_EVENT_COLUMNS} FROM principal_events a
+                 JOIN events e ON e.sequence = a.sequence
+                 WHERE a.principal = ?2 AND a.sequence < ?1
+                 UNION ALL
+                 SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {}
+                 ORDER BY 1 DESC LIMIT ?{}",
+                conditions.join(" AND "),
+                values.len()
+            )
         } else {
             format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE {} ORDER BY sequence DESC LIMIT ?{}",
@@ -956,6 +991,13 @@ impl Store for SqliteStore {
                  (SELECT agent_id, sequence FROM events WHERE sequence <= ?1)",
                 [last as i64],
             )
+            .and_then(|_| {
+                tx.execute(
+                    "DELETE FROM principal_events WHERE (principal, sequence) IN
+                     (SELECT principal, sequence FROM events WHERE sequence <= ?1)",
+                    [last as i64],
+                )
+            })
             .and_then(|_| tx.execute("DELETE FROM events WHERE sequence <= ?1", [last as i64]))
             .map_err(sql("compacting"))?;
             tx.commit().map_err(sql("compacting"))?;
