@@ -578,9 +578,8 @@ fn write_change(
 }
 
 /// Brings the agents' rows up to date with the events after `synced` and
-/// records that in `meta.synced`, inside `tx`; returns the new `synced`
-/// (the head).
-fn sync_agents(tx: &rusqlite::Transaction<'_>, synced: u64, head: u64) -> Result<u64> {
+/// records `head` as `meta.synced`, inside `tx`.
+fn sync_agents(tx: &rusqlite::Transaction<'_>, synced: u64, head: u64) -> Result<()> {
     tx.prepare_cached(SYNC_AGENTS)
         .and_then(|mut stmt| stmt.execute([synced as i64]))
         .and_then(|_| {
@@ -588,7 +587,7 @@ fn sync_agents(tx: &rusqlite::Transaction<'_>, synced: u64, head: u64) -> Result
                 .and_then(|mut stmt| stmt.execute([head as i64]))
         })
         .map_err(sql("bringing agents up to date"))?;
-    Ok(head)
+    Ok(())
 }
 
 /// A value of the `meta` table.
@@ -713,7 +712,8 @@ impl Store for SqliteStore {
             indexed = head;
         }
         if head.saturating_sub(synced) >= self.sync_lag {
-            synced = sync_agents(&tx, synced, head)?;
+            sync_agents(&tx, synced, head)?;
+            synced = head;
         }
         tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
             source: Box::new(e),
