@@ -483,19 +483,28 @@ fn postgres_registration_race_is_a_conflict_for_that_change_alone() {
     assert_eq!(store.head().expect("head"), 1);
 }
 
-/// Reads of one agent's events combine the bulk-filled index and the log's
-/// unindexed tail: the same answers whether everything is indexed at each
-/// commit (lag 1), part of it (lag 2, 3), or nothing yet (the default lag,
-/// larger than this test's log), across a reopen too.
+/// Reads of one agent's events combine the index and the log's unindexed
+/// tail: the same answers whether everything is indexed at each commit
+/// (lag 1), part of it (lag 2, 3), part of the tail too, in groups of 3,
+/// only behind the lag (groups larger than the log), or nothing yet (the
+/// default lag, larger than this test's log), across a reopen too.
 #[test]
 fn sqlite_agent_reads_agree_however_far_the_index_lags() {
-    for lag in [1, 2, 3, super::sqlite::INDEX_LAG] {
+    for (lag, group) in [
+        (1, 1),
+        (2, 1),
+        (3, 2),
+        (5, 3),
+        (4, 1000),
+        (16, 3),
+        (super::sqlite::INDEX_LAG, super::sqlite::INDEX_GROUP),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lag.db");
-        let store = SqliteStore::open_with_index_lag(&path, lag).expect("open");
+        let store = SqliteStore::open_with_index_lag(&path, lag, group).expect("open");
         conforms(&store);
         drop(store);
-        let reopened = SqliteStore::open_with_index_lag(&path, lag).expect("reopen");
+        let reopened = SqliteStore::open_with_index_lag(&path, lag, group).expect("reopen");
         let loaded = reopened.load().expect("load");
         let agent = loaded.agents[0].clone();
         // Eight more steps on one agent, read back whole and in pages, from
@@ -523,7 +532,7 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         let history = reopened
             .history(id, range(0, u64::MAX, 100))
             .expect("history");
-        assert_eq!(versions(history.clone()), all, "lag {lag}");
+        assert_eq!(versions(history.clone()), all, "lag {lag}, group {group}");
         let sequences: Vec<u64> = history.iter().map(|r| r.sequence).collect();
         assert_eq!(
             versions(
@@ -532,18 +541,22 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
                     .expect("page")
             ),
             all[3..6],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
-        assert_eq!(reopened.history_count(id).expect("count"), 8, "lag {lag}");
+        assert_eq!(
+            reopened.history_count(id).expect("count"),
+            8,
+            "lag {lag}, group {group}"
+        );
         assert_eq!(
             reopened.nth_newest(id, u64::MAX, 5).expect("nth"),
             Some(sequences[3]),
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         assert_eq!(
             reopened.nth_newest(id, sequences[1], 2).expect("nth"),
             Some(sequences[0]),
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         let audit = |principal: Option<&str>, before: u64, max: usize| {
             versions(
@@ -558,18 +571,25 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
             )
         };
         let newest_first: Vec<u64> = all.iter().rev().copied().collect();
-        assert_eq!(audit(None, u64::MAX, 100), newest_first, "lag {lag}");
+        assert_eq!(
+            audit(None, u64::MAX, 100),
+            newest_first,
+            "lag {lag}, group {group}"
+        );
         assert_eq!(
             audit(None, sequences[7], 4),
             newest_first[1..5],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         assert_eq!(
             audit(Some("alice"), u64::MAX, 100),
             newest_first,
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
-        assert!(audit(Some("bob"), u64::MAX, 100).is_empty(), "lag {lag}");
+        assert!(
+            audit(Some("bob"), u64::MAX, 100).is_empty(),
+            "lag {lag}, group {group}"
+        );
         // Compaction takes index entries with their events.
         let retention = Retention {
             max_events: Some(3),
@@ -579,7 +599,11 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         reopened
             .compact(&retention, head, 1000, &SystemClock)
             .expect("compact");
-        assert_eq!(reopened.history_count(id).expect("count"), 3, "lag {lag}");
+        assert_eq!(
+            reopened.history_count(id).expect("count"),
+            3,
+            "lag {lag}, group {group}"
+        );
         assert_eq!(
             versions(
                 reopened
@@ -587,9 +611,13 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
                     .expect("history")
             ),
             all[5..],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
-        assert_eq!(audit(None, u64::MAX, 100), newest_first[..3], "lag {lag}");
+        assert_eq!(
+            audit(None, u64::MAX, 100),
+            newest_first[..3],
+            "lag {lag}, group {group}"
+        );
         // A stale prior version still conflicts, and the agent reads back
         // at its newest version after a reopen, whether its row was brought
         // up to date by a commit, by the compaction or at start-up.
@@ -599,7 +627,7 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
             vec![ChangeOutcome::Conflict {
                 actual: current.version
             }],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         let mut one_more = [step(&current, AgentState::Deploying)];
         assert_eq!(
@@ -634,7 +662,11 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
                 .collect()
         };
         let everything = by_principal(None, u64::MAX);
-        assert_eq!(by_principal(Some("bob"), u64::MAX), by_bob, "lag {lag}");
+        assert_eq!(
+            by_principal(Some("bob"), u64::MAX),
+            by_bob,
+            "lag {lag}, group {group}"
+        );
         assert_eq!(
             by_principal(Some("alice"), u64::MAX),
             everything
@@ -642,12 +674,12 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
                 .copied()
                 .filter(|s| !by_bob.contains(s))
                 .collect::<Vec<_>>(),
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         assert_eq!(
             by_principal(Some("bob"), by_bob[0]),
             by_bob[1..],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         let head = reopened.head().expect("head");
         let newest = Retention {
@@ -660,17 +692,17 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         assert_eq!(
             by_principal(Some("bob"), u64::MAX),
             by_bob[..1],
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         assert!(
             by_principal(Some("alice"), u64::MAX).is_empty(),
-            "lag {lag}"
+            "lag {lag}, group {group}"
         );
         drop(reopened);
-        let again = SqliteStore::open_with_index_lag(&path, lag).expect("reopen");
+        let again = SqliteStore::open_with_index_lag(&path, lag, group).expect("reopen");
         let loaded = again.load().expect("load");
         let found = loaded.agents.iter().find(|a| a.id == id).expect("agent");
-        assert_eq!(found, &current, "lag {lag}");
+        assert_eq!(found, &current, "lag {lag}, group {group}");
     }
 }
 

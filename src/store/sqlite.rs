@@ -41,7 +41,7 @@ use crate::domain::{
 };
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Reader connections kept open for reuse; more may be opened under load and
 /// are closed after use.
@@ -125,9 +125,14 @@ INSERT INTO meta (key, value) SELECT 'indexed', value FROM meta WHERE key = 'hea
     ON CONFLICT (key) DO NOTHING;
 ";
 
-/// Unindexed events after which a commit indexes the tail of the log (see
-/// [`SCHEMA_V4`]).
-pub(super) const INDEX_LAG: u64 = 1024;
+/// How far `meta.indexed` stays behind the head: a commit indexes every
+/// event older than this many events that is not indexed yet (see
+/// [`SCHEMA_V6`]).
+pub(super) const INDEX_LAG: u64 = 4096;
+
+/// Unindexed events of one agent (or one principal) that a commit indexes
+/// together, in one place of the index (see [`SCHEMA_V6`]).
+pub(super) const INDEX_GROUP: usize = 64;
 
 /// Version 5: a transition no longer updates its agent's row. Updating it
 /// cost a seek and a rewrite of the row, and a page of the WAL, for every
@@ -157,6 +162,23 @@ INSERT INTO principal_events (principal, sequence)
     ON CONFLICT DO NOTHING;
 DROP INDEX IF EXISTS events_by_principal;
 ";
+
+/// Version 6: the index tables are no longer filled in bulk by the one
+/// commit that brought the unindexed tail to [`INDEX_LAG`] events. That
+/// commit wrote a page of the index (and often its neighbours, to make
+/// room) for every agent in the tail, a few hundred pages in one
+/// transaction, and held every proposal behind it for milliseconds. Now
+/// the writer keeps each agent's and each principal's unindexed events in
+/// memory, and a commit indexes an agent's (or a principal's) as soon as
+/// they make a group of [`INDEX_GROUP`], which takes the same one place of
+/// the index, and every event that falls [`INDEX_LAG`] behind the head.
+/// `meta.indexed` still means that every event up to it is indexed, but
+/// some events after it are too: readers take the log's tail after it
+/// without the events the index already holds. No table changes: a file of
+/// version 5 (nothing indexed after `meta.indexed`) is a valid one of
+/// version 6, but a reader of version 5 would count the grouped events
+/// twice, hence the new version.
+const SCHEMA_V6: &str = "";
 
 /// Events after `meta.synced` after which a commit brings the agents' rows
 /// up to date (see [`SCHEMA_V5`]).
@@ -197,6 +219,13 @@ const INDEXED_EVENT_COLUMNS: &str = "a.sequence, e.agent_id, e.version, e.from_s
     e.at, e.reason, e.triggered_by, e.metadata, e.principal, e.request";
 /// The sequence up to which `agent_events` and `principal_events` are complete.
 const INDEXED: &str = "(SELECT value FROM meta WHERE key = 'indexed')";
+/// Of the log's tail after [`INDEXED`] (`events`), the events that
+/// `agent_events` does not hold yet (see [`SCHEMA_V6`]).
+const NOT_IN_AGENT_EVENTS: &str = "NOT EXISTS (SELECT 1 FROM agent_events x
+    WHERE x.agent_id = events.agent_id AND x.sequence = events.sequence)";
+/// The same for `principal_events`.
+const NOT_IN_PRINCIPAL_EVENTS: &str = "NOT EXISTS (SELECT 1 FROM principal_events x
+    WHERE x.principal = events.principal AND x.sequence = events.sequence)";
 
 /// The SQLite back end.
 pub struct SqliteStore {
@@ -217,8 +246,14 @@ pub struct SqliteStore {
     head: AtomicU64,
     /// `meta.indexed`, cached the same way.
     indexed: AtomicU64,
-    /// Unindexed events after which a commit indexes them.
+    /// How far `meta.indexed` stays behind the head ([`INDEX_LAG`]).
     index_lag: u64,
+    /// Events of one agent or principal indexed together ([`INDEX_GROUP`]).
+    index_group: usize,
+    /// The unindexed events after `meta.indexed`, kept by the one writer;
+    /// emptied (and so not `complete`) by a failed commit, after which the
+    /// next commit indexes the whole tail.
+    unindexed: Mutex<Unindexed>,
     /// `meta.synced`, cached the same way.
     synced: AtomicU64,
     /// Events after `meta.synced` after which a commit syncs the agents.
@@ -227,6 +262,75 @@ pub struct SqliteStore {
     /// writer; emptied by a failed commit, after which versions are read
     /// from the file again.
     versions: Mutex<HashMap<AgentId, u64>>,
+}
+
+/// The events after `meta.indexed` that are not in the index tables yet,
+/// grouped as a commit indexes them (see [`SCHEMA_V6`]).
+#[derive(Debug, Default)]
+struct Unindexed {
+    /// Whether these are all of them. False until the first commit of the
+    /// writer, after a failed commit, and after a compaction that deleted
+    /// events after `meta.indexed`: that commit indexes the whole tail.
+    complete: bool,
+    agents: Groups<AgentId>,
+    principals: Groups<String>,
+}
+
+/// Unindexed sequences per key (an agent, a principal), oldest first.
+#[derive(Debug)]
+struct Groups<K> {
+    open: HashMap<K, Vec<u64>>,
+    /// Every sequence in `open` (and some already indexed), in order, to
+    /// find the keys whose oldest falls behind `meta.indexed`.
+    order: std::collections::VecDeque<(u64, K)>,
+}
+
+impl<K> Default for Groups<K> {
+    fn default() -> Self {
+        Groups {
+            open: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Groups<K> {
+    /// Adds `sequence` to `key`'s group; returns the group once it holds
+    /// `size` sequences, to be indexed.
+    fn add(&mut self, key: &K, sequence: u64, size: usize) -> Option<(K, Vec<u64>)> {
+        self.order.push_back((sequence, key.clone()));
+        let group = match self.open.get_mut(key) {
+            Some(group) => group,
+            None => self.open.entry(key.clone()).or_default(),
+        };
+        group.push(sequence);
+        if group.len() >= size {
+            self.open.remove_entry(key)
+        } else {
+            None
+        }
+    }
+
+    /// Takes the groups holding a sequence up to `upto`, to be indexed.
+    fn due(&mut self, upto: u64) -> Vec<(K, Vec<u64>)> {
+        let mut due = Vec::new();
+        while self
+            .order
+            .front()
+            .is_some_and(|(sequence, _)| *sequence <= upto)
+        {
+            let Some((sequence, key)) = self.order.pop_front() else {
+                break;
+            };
+            let oldest = self.open.get(&key).and_then(|group| group.first());
+            if oldest.is_some_and(|&oldest| oldest <= sequence)
+                && let Some(group) = self.open.remove_entry(&key)
+            {
+                due.push(group);
+            }
+        }
+        due
+    }
 }
 
 /// `SqliteStore::head` before it is read from the file.
@@ -252,18 +356,28 @@ impl SqliteStore {
     /// The directory cannot be created, the file cannot be opened or written
     /// (read-only, disk full), or it holds a newer schema.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with_lags(path, INDEX_LAG, SYNC_LAG)
+        Self::open_with_lags(path, INDEX_LAG, INDEX_GROUP, SYNC_LAG)
     }
 
     /// [`SqliteStore::open`] with another [`INDEX_LAG`] and [`SYNC_LAG`],
-    /// both `lag` (`>= 1`), for tests of the reads that combine the index
-    /// and the log's tail, and of the agents' rows brought up to date.
+    /// both `lag` (`>= 1`), and another [`INDEX_GROUP`], for tests of the
+    /// reads that combine the index and the log's tail, and of the agents'
+    /// rows brought up to date.
     #[cfg(test)]
-    pub(super) fn open_with_index_lag(path: impl AsRef<Path>, lag: u64) -> Result<Self> {
-        Self::open_with_lags(path, lag, lag)
+    pub(super) fn open_with_index_lag(
+        path: impl AsRef<Path>,
+        lag: u64,
+        group: usize,
+    ) -> Result<Self> {
+        Self::open_with_lags(path, lag, group, lag)
     }
 
-    fn open_with_lags(path: impl AsRef<Path>, index_lag: u64, sync_lag: u64) -> Result<Self> {
+    fn open_with_lags(
+        path: impl AsRef<Path>,
+        index_lag: u64,
+        index_group: usize,
+        sync_lag: u64,
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -314,6 +428,8 @@ impl SqliteStore {
             head: AtomicU64::new(UNKNOWN_HEAD),
             indexed: AtomicU64::new(UNKNOWN_HEAD),
             index_lag: index_lag.max(1),
+            index_group: index_group.max(1),
+            unindexed: Mutex::new(Unindexed::default()),
             sync_lag: sync_lag.max(1),
             synced: AtomicU64::new(UNKNOWN_HEAD),
             versions: Mutex::new(HashMap::new()),
@@ -402,6 +518,12 @@ fn migrate(conn: &Connection) -> Result<()> {
             "BEGIN IMMEDIATE; {SCHEMA_V5} PRAGMA user_version = 5; COMMIT;"
         ))
         .map_err(sql("migrating the schema to version 5"))?;
+    }
+    if found < 6 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V6} PRAGMA user_version = 6; COMMIT;"
+        ))
+        .map_err(sql("migrating the schema to version 6"))?;
     }
     // Later schema versions add their steps here, each in its own
     // transaction that ends by setting user_version.
@@ -590,6 +712,64 @@ fn sync_agents(tx: &rusqlite::Transaction<'_>, synced: u64, head: u64) -> Result
     Ok(())
 }
 
+/// Indexes one agent's group of events, inside `tx`.
+fn index_agent(
+    tx: &rusqlite::Transaction<'_>,
+    (id, sequences): &(AgentId, Vec<u64>),
+) -> Result<()> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO agent_events (agent_id, sequence) VALUES (?1, ?2)
+             ON CONFLICT DO NOTHING",
+        )
+        .map_err(sql("indexing agents' events"))?;
+    for &sequence in sequences {
+        stmt.execute(params![id.as_bytes(), sequence as i64])
+            .map_err(sql("indexing agents' events"))?;
+    }
+    Ok(())
+}
+
+/// Indexes one principal's group of events, inside `tx`.
+fn index_principal(
+    tx: &rusqlite::Transaction<'_>,
+    (principal, sequences): &(String, Vec<u64>),
+) -> Result<()> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO principal_events (principal, sequence) VALUES (?1, ?2)
+             ON CONFLICT DO NOTHING",
+        )
+        .map_err(sql("indexing principals' events"))?;
+    for &sequence in sequences {
+        stmt.execute(params![principal, sequence as i64])
+            .map_err(sql("indexing principals' events"))?;
+    }
+    Ok(())
+}
+
+/// Indexes every event after `indexed` that the index does not hold yet,
+/// inside `tx`: what a writer does first, since it does not know which of
+/// them earlier writers grouped.
+fn index_tail(tx: &rusqlite::Transaction<'_>, indexed: u64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO agent_events (agent_id, sequence)
+         SELECT agent_id, sequence FROM events WHERE sequence > ?1
+         ON CONFLICT DO NOTHING",
+    )
+    .and_then(|mut stmt| stmt.execute([indexed as i64]))
+    .and_then(|_| {
+        tx.prepare_cached(
+            "INSERT INTO principal_events (principal, sequence)
+             SELECT principal, sequence FROM events WHERE sequence > ?1
+             ON CONFLICT DO NOTHING",
+        )
+        .and_then(|mut stmt| stmt.execute([indexed as i64]))
+    })
+    .map_err(sql("indexing the log's tail"))?;
+    Ok(())
+}
+
 /// A value of the `meta` table.
 fn read_meta(conn: &Connection, key: &str) -> Result<u64> {
     let value: Option<i64> = conn
@@ -668,9 +848,11 @@ impl Store for SqliteStore {
         } else {
             cached
         };
-        // Taken out while the commit runs: an error leaves it empty.
+        // Taken out while the commit runs: an error leaves them empty.
         let mut versions =
             std::mem::take(&mut *self.versions.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut unindexed =
+            std::mem::take(&mut *self.unindexed.lock().unwrap_or_else(|p| p.into_inner()));
         let at = to_stored_precision(clock.now());
         let mut outcomes = Vec::with_capacity(batch.len());
         for change in batch.iter_mut() {
@@ -691,25 +873,49 @@ impl Store for SqliteStore {
         )
         .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
         .map_err(sql("advancing the head"))?;
-        if head.saturating_sub(indexed) >= self.index_lag {
-            tx.prepare_cached(
-                "INSERT INTO agent_events (agent_id, sequence)
-                 SELECT agent_id, sequence FROM events WHERE sequence > ?1",
-            )
-            .and_then(|mut stmt| stmt.execute([indexed as i64]))
-            .and_then(|_| {
-                tx.prepare_cached(
-                    "INSERT INTO principal_events (principal, sequence)
-                     SELECT principal, sequence FROM events WHERE sequence > ?1",
-                )
-                .and_then(|mut stmt| stmt.execute([indexed as i64]))
-            })
-            .and_then(|_| {
-                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
-                    .and_then(|mut stmt| stmt.execute([head as i64]))
-            })
-            .map_err(sql("indexing agents' events"))?;
-            indexed = head;
+        let advanced = if unindexed.complete {
+            let committed = batch
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| **outcome == ChangeOutcome::Committed)
+                .flat_map(|(change, _)| &change.records);
+            for record in committed {
+                let group = self.index_group;
+                if let Some(full) = unindexed
+                    .agents
+                    .add(&record.agent_id, record.sequence, group)
+                {
+                    index_agent(&tx, &full)?;
+                }
+                if let Some(full) =
+                    unindexed
+                        .principals
+                        .add(&record.principal, record.sequence, group)
+                {
+                    index_principal(&tx, &full)?;
+                }
+            }
+            let upto = head.saturating_sub(self.index_lag).max(indexed);
+            for due in unindexed.agents.due(upto) {
+                index_agent(&tx, &due)?;
+            }
+            for due in unindexed.principals.due(upto) {
+                index_principal(&tx, &due)?;
+            }
+            upto
+        } else {
+            index_tail(&tx, indexed)?;
+            unindexed = Unindexed {
+                complete: true,
+                ..Unindexed::default()
+            };
+            head
+        };
+        if advanced != indexed {
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
+                .and_then(|mut stmt| stmt.execute([advanced as i64]))
+                .map_err(sql("indexing agents' events"))?;
+            indexed = advanced;
         }
         if head.saturating_sub(synced) >= self.sync_lag {
             sync_agents(&tx, synced, head)?;
@@ -722,6 +928,7 @@ impl Store for SqliteStore {
         self.indexed.store(indexed, Ordering::Release);
         self.synced.store(synced, Ordering::Release);
         *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = versions;
+        *self.unindexed.lock().unwrap_or_else(|p| p.into_inner()) = unindexed;
         Ok(outcomes)
     }
 
@@ -792,6 +999,7 @@ impl Store for SqliteStore {
                      UNION ALL
                      SELECT {EVENT_COLUMNS} FROM events
                      WHERE sequence > max(?2, {INDEXED}) AND sequence <= ?3 AND agent_id = ?1
+                         AND {NOT_IN_AGENT_EVENTS}
                      ORDER BY 1 LIMIT ?4"
                 ))
                 .map_err(sql("reading history"))?;
@@ -819,6 +1027,7 @@ impl Store for SqliteStore {
                  UNION ALL
                  SELECT sequence FROM events
                  WHERE sequence > {INDEXED} AND sequence <= ?2 AND agent_id = ?1
+                     AND {NOT_IN_AGENT_EVENTS}
                  ORDER BY 1 DESC LIMIT 1 OFFSET ?3"
             ))
             .and_then(|mut stmt| {
@@ -893,6 +1102,7 @@ impl Store for SqliteStore {
                  WHERE a.agent_id = ?2 AND a.sequence < ?1{by_principal}
                  UNION ALL
                  SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {}
+                     AND {NOT_IN_AGENT_EVENTS}
                  ORDER BY 1 DESC LIMIT ?{}",
                 conditions.join(" AND "),
                 values.len()
@@ -905,6 +1115,7 @@ impl Store for SqliteStore {
                  WHERE a.principal = ?2 AND a.sequence < ?1
                  UNION ALL
                  SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {}
+                     AND {NOT_IN_PRINCIPAL_EVENTS}
                  ORDER BY 1 DESC LIMIT ?{}",
                 conditions.join(" AND "),
                 values.len()
@@ -930,7 +1141,8 @@ impl Store for SqliteStore {
         self.with_reader(|conn| {
             conn.prepare_cached(&format!(
                 "SELECT (SELECT count(*) FROM agent_events WHERE agent_id = ?1)
-                 + (SELECT count(*) FROM events WHERE sequence > {INDEXED} AND agent_id = ?1)"
+                 + (SELECT count(*) FROM events WHERE sequence > {INDEXED} AND agent_id = ?1
+                     AND {NOT_IN_AGENT_EVENTS})"
             ))
             .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
             .map(|c| c as u64)
@@ -1000,7 +1212,13 @@ impl Store for SqliteStore {
             })
             .and_then(|_| tx.execute("DELETE FROM events WHERE sequence <= ?1", [last as i64]))
             .map_err(sql("compacting"))?;
+            // Unindexed events just deleted must not be indexed later: the
+            // next commit indexes what remains of the tail instead.
+            let forget_unindexed = last > read_meta(&tx, "indexed")?;
             tx.commit().map_err(sql("compacting"))?;
+            if forget_unindexed {
+                *self.unindexed.lock().unwrap_or_else(|p| p.into_inner()) = Unindexed::default();
+            }
             self.refresh_oldest(&conn, head)?;
         }
         Ok(count)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What the SQLite commit thread spends per transition under the 64-in-flight
+# load: WAL and checkpoint writes (`pwrite64` calls), fsyncs and CPU time of
+# the server's thread named `commit`, over 3 s in the middle of a 7 s run.
+# Needs `perf` (for the system-call counts). SERVER is the server binary
+# measured (default: this build); the client is always this build's.
+#
+#   cargo build --release
+#   bash scripts/commit-cost.sh [SERVER_BINARY]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN=target/release/agent-lifecycle
+SERVER=${1:-$BIN}
+DATA=$(mktemp -d)
+PID=
+stop() { if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=; fi; }
+trap 'stop; rm -rf "$DATA"' EXIT
+cat > "$DATA/limits.toml" <<'TOML'
+[limits]
+agent_transitions_per_second = 1000000
+agent_transition_burst = 1000000
+TOML
+exec 3< <("$SERVER" serve --config "$DATA/limits.toml" --store "sqlite://$DATA/bench.db" --listen 127.0.0.1:0 --log warn)
+PID=$!
+read -r line <&3
+URL="http://${line#listening on }"
+"$BIN" --server "$URL" bench transition --concurrency 64 --connections 4 --duration 7s --warmup 1s --runs 1 > "$DATA/bench.out" 2>&1 &
+CLIENT=$!
+sleep 3
+TID=$(grep -l '^commit$' /proc/"$PID"/task/*/comm | cut -d/ -f5)
+read -r -a before < <(cut -d' ' -f14,15 "/proc/$PID/task/$TID/stat")
+perf stat -x, -e syscalls:sys_enter_pwrite64,syscalls:sys_enter_fsync -t "$TID" -- sleep 3 2> "$DATA/perf.out"
+read -r -a after < <(cut -d' ' -f14,15 "/proc/$PID/task/$TID/stat")
+wait "$CLIENT"
+stop
+grep -E '^run' "$DATA/bench.out"
+rate=$(grep -o '^run 1/1: [0-9.]*' "$DATA/bench.out" | awk '{print $3}')
+ticks=$(( after[0] + after[1] - before[0] - before[1] ))
+awk -F, -v rate="$rate" -v ticks="$ticks" -v hz="$(getconf CLK_TCK)" '
+    /pwrite64/ { pw = $1 } /fsync/ { fs = $1 }
+    END {
+        n = rate * 3
+        printf "commit thread per transition: pwrite64 %.2f, fsync %.3f, CPU %.1f us\n",
+            pw / n, fs / n, ticks / hz * 1e6 / n
+    }' "$DATA/perf.out"
