@@ -717,17 +717,12 @@ fn index_agent(
     tx: &rusqlite::Transaction<'_>,
     (id, sequences): &(AgentId, Vec<u64>),
 ) -> Result<()> {
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO agent_events (agent_id, sequence) VALUES (?1, ?2)
-             ON CONFLICT DO NOTHING",
-        )
-        .map_err(sql("indexing agents' events"))?;
-    for &sequence in sequences {
-        stmt.execute(params![id.as_bytes(), sequence as i64])
-            .map_err(sql("indexing agents' events"))?;
-    }
-    Ok(())
+    index_group(
+        tx,
+        "agent_events (agent_id",
+        &id.as_bytes().as_slice(),
+        sequences,
+    )
 }
 
 /// Indexes one principal's group of events, inside `tx`.
@@ -735,15 +730,25 @@ fn index_principal(
     tx: &rusqlite::Transaction<'_>,
     (principal, sequences): &(String, Vec<u64>),
 ) -> Result<()> {
+    index_group(tx, "principal_events (principal", principal, sequences)
+}
+
+/// Inserts (`key`, sequence) into `table_and_key` (the table and its key
+/// column) for every sequence of a group.
+fn index_group(
+    tx: &rusqlite::Transaction<'_>,
+    table_and_key: &str,
+    key: &dyn rusqlite::ToSql,
+    sequences: &[u64],
+) -> Result<()> {
     let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO principal_events (principal, sequence) VALUES (?1, ?2)
-             ON CONFLICT DO NOTHING",
-        )
-        .map_err(sql("indexing principals' events"))?;
+        .prepare_cached(&format!(
+            "INSERT INTO {table_and_key}, sequence) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
+        ))
+        .map_err(sql("indexing events"))?;
     for &sequence in sequences {
-        stmt.execute(params![principal, sequence as i64])
-            .map_err(sql("indexing principals' events"))?;
+        stmt.execute(params![key, sequence as i64])
+            .map_err(sql("indexing events"))?;
     }
     Ok(())
 }
