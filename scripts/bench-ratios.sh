@@ -11,23 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=target/release/agent-lifecycle
 SERVER=${1:-$BIN} RUNS=${2:-3} SECS=${3:-5}
-DATA=$(mktemp -d)
-PID=
-stop() { if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=; fi; }
-trap 'stop; rm -rf "$DATA"' EXIT
-# The per-agent transition limit (1000/s by default) would refuse the one
-# client's transitions on its one agent: raised out of the way.
-cat > "$DATA/limits.toml" <<'TOML'
-[limits]
-agent_transitions_per_second = 1000000
-agent_transition_burst = 1000000
-TOML
-serve() { # STORE: starts SERVER on it, sets PID and URL
-    exec 3< <("$SERVER" serve --config "$DATA/limits.toml" --store "$1" --listen 127.0.0.1:0 --log warn)
-    PID=$!
-    read -r line <&3
-    URL="http://${line#listening on }"
-}
+# shellcheck source=scripts/bench-server.sh
+source scripts/bench-server.sh
 load() { # TITLE BENCH ARGS...
     local title=$1; shift
     echo "== $title"

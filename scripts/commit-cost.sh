@@ -11,19 +11,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=target/release/agent-lifecycle
 SERVER=${1:-$BIN}
-DATA=$(mktemp -d)
-PID=
-stop() { if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=; fi; }
-trap 'stop; rm -rf "$DATA"' EXIT
-cat > "$DATA/limits.toml" <<'TOML'
-[limits]
-agent_transitions_per_second = 1000000
-agent_transition_burst = 1000000
-TOML
-exec 3< <("$SERVER" serve --config "$DATA/limits.toml" --store "sqlite://$DATA/bench.db" --listen 127.0.0.1:0 --log warn)
-PID=$!
-read -r line <&3
-URL="http://${line#listening on }"
+# shellcheck source=scripts/bench-server.sh
+source scripts/bench-server.sh
+serve "sqlite://$DATA/bench.db"
 "$BIN" --server "$URL" bench transition --concurrency 64 --connections 4 --duration 7s --warmup 1s --runs 1 > "$DATA/bench.out" 2>&1 &
 CLIENT=$!
 sleep 3

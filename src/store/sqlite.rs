@@ -489,44 +489,24 @@ fn migrate(conn: &Connection) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
-    if found < 1 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
-        ))
-        .map_err(sql("creating the schema"))?;
+    let steps = [
+        (SCHEMA_V1, "creating the schema"),
+        (SCHEMA_V2, "migrating the schema to version 2"),
+        (SCHEMA_V3, "migrating the schema to version 3"),
+        (SCHEMA_V4, "migrating the schema to version 4"),
+        (SCHEMA_V5, "migrating the schema to version 5"),
+        (SCHEMA_V6, "migrating the schema to version 6"),
+    ];
+    for (version, (schema, context)) in (1..).zip(steps) {
+        if found < version {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {schema} PRAGMA user_version = {version}; COMMIT;"
+            ))
+            .map_err(sql(context))?;
+        }
     }
-    if found < 2 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
-        ))
-        .map_err(sql("migrating the schema to version 2"))?;
-    }
-    if found < 3 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
-        ))
-        .map_err(sql("migrating the schema to version 3"))?;
-    }
-    if found < 4 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;"
-        ))
-        .map_err(sql("migrating the schema to version 4"))?;
-    }
-    if found < 5 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V5} PRAGMA user_version = 5; COMMIT;"
-        ))
-        .map_err(sql("migrating the schema to version 5"))?;
-    }
-    if found < 6 {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA_V6} PRAGMA user_version = 6; COMMIT;"
-        ))
-        .map_err(sql("migrating the schema to version 6"))?;
-    }
-    // Later schema versions add their steps here, each in its own
-    // transaction that ends by setting user_version.
+    // Later schema versions add their step to `steps`: each runs in its
+    // own transaction that ends by setting user_version.
     Ok(())
 }
 
