@@ -12,14 +12,13 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    pin::Pin,
     sync::Arc,
     time::Duration,
 };
 
 use tokio::{
     sync::{broadcast, watch},
-    time::{Instant, Sleep},
+    time::Instant,
 };
 use tracing::{debug, warn};
 
@@ -111,13 +110,7 @@ pub struct Watcher {
     /// Read the store before the channel.
     catching_up: bool,
     progress_interval: Duration,
-    /// Fires every progress interval while the stream is open; a stream
-    /// that delivered nothing since it last fired gets a progress item.
-    /// One timer for the stream's life: delivering an item only sets
-    /// `delivered`, it neither reads the clock nor re-arms the timer.
-    idle: Pin<Box<Sleep>>,
-    /// An item went out since `idle` last fired.
-    delivered: bool,
+    idle_deadline: Instant,
     shutdown: watch::Receiver<bool>,
     finished: bool,
 }
@@ -218,8 +211,7 @@ impl Watcher {
             pending,
             catching_up,
             progress_interval,
-            idle: Box::pin(tokio::time::sleep(progress_interval)),
-            delivered: false,
+            idle_deadline: Instant::now() + progress_interval,
             shutdown,
             finished: false,
         })
@@ -265,7 +257,7 @@ impl Watcher {
     }
 
     fn deliver(&mut self, item: WatchItem) -> Option<Result<WatchItem>> {
-        self.delivered = true;
+        self.idle_deadline = Instant::now() + self.progress_interval;
         Some(Ok(item))
     }
 
@@ -326,15 +318,9 @@ impl Watcher {
                         return self.fail(Error::ShuttingDown);
                     }
                 },
-                () = self.idle.as_mut() => {
-                    let next = Instant::now() + self.progress_interval;
-                    self.idle.as_mut().reset(next);
-                    // Idle for a whole interval: at least one interval and
-                    // less than two since the last item.
-                    if !std::mem::take(&mut self.delivered) {
-                        let head_sequence = self.last_seen;
-                        return Some(Ok(WatchItem::Progress { head_sequence }));
-                    }
+                () = tokio::time::sleep_until(self.idle_deadline) => {
+                    let head_sequence = self.last_seen;
+                    return self.deliver(WatchItem::Progress { head_sequence });
                 }
             }
         }
