@@ -144,3 +144,40 @@ fn watch_runs_beside_the_bare_fan_out() {
         "{stdout}"
     );
 }
+
+/// `bench commit` drives the SQLite store in its own process beside plain
+/// INSERTs of the same rows, reports both per transition and their ratio
+/// for every run, and removes its files.
+#[test]
+fn commit_runs_beside_bare_sqlite_inserts() {
+    let parent = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
+        .args(["bench", "commit", "--transitions", "2000", "--runs", "2"])
+        .arg("--dir")
+        .arg(parent.path())
+        .output()
+        .expect("run the benchmark");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let runs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("run ")).collect();
+    assert_eq!(runs.len(), 2, "{stdout}");
+    for run in runs {
+        let figures: Vec<f64> = run
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // store us, bare us, ratio
+        assert_eq!(figures.len(), 3, "{run}");
+        assert!(figures.iter().all(|f| *f > 0.0), "{run}");
+        assert!((figures[0] / figures[1] - figures[2]).abs() < 0.02, "{run}");
+    }
+    assert!(stdout.contains("median of 2 runs: store"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(parent.path())
+        .expect("read the parent")
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}

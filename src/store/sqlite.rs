@@ -184,16 +184,17 @@ const SCHEMA_V6: &str = "";
 /// up to date (see [`SCHEMA_V5`]).
 const SYNC_LAG: u64 = 1024;
 
-/// Brings every agent's row up to its newest event after `?1`: SQLite
-/// takes the bare columns of a `max()` aggregate from the row holding the
-/// maximum, so each group yields the agent's newest event.
+/// Brings every agent's row up to its newest event after `?1`: the newest
+/// sequence of each agent (a sort of sequences and agent ids only), then
+/// that event by its primary key.
 const SYNC_AGENTS: &str = "UPDATE agents SET state = l.to_state, version = l.version,
     updated_at = l.at, last_sequence = l.sequence, last_from = l.from_state,
     last_reason = l.reason, last_triggered_by = l.triggered_by, last_metadata = l.metadata,
     last_principal = l.principal, last_request = l.request
-    FROM (SELECT max(sequence) AS sequence, agent_id, version, from_state, to_state, at,
-        reason, triggered_by, metadata, principal, request
-        FROM events WHERE sequence > ?1 GROUP BY agent_id) AS l
+    FROM (SELECT e.sequence, e.agent_id, e.version, e.from_state, e.to_state, e.at, e.reason,
+        e.triggered_by, e.metadata, e.principal, e.request
+        FROM (SELECT max(sequence) AS last FROM events WHERE sequence > ?1 GROUP BY agent_id) AS m
+        JOIN events e ON e.sequence = m.last) AS l
     WHERE agents.agent_id = l.agent_id AND agents.version < l.version";
 
 const INSERT_AGENT: &str =
@@ -714,22 +715,29 @@ fn index_principal(
 }
 
 /// Inserts (`key`, sequence) into `table_and_key` (the table and its key
-/// column) for every sequence of a group.
+/// column) for every sequence of a group, in one statement: the sequences
+/// travel as one JSON array, read back by `json_each`, instead of one
+/// statement execution (bind, step, reset) per row.
 fn index_group(
     tx: &rusqlite::Transaction<'_>,
     table_and_key: &str,
     key: &dyn rusqlite::ToSql,
     sequences: &[u64],
 ) -> Result<()> {
-    let mut stmt = tx
-        .prepare_cached(&format!(
-            "INSERT INTO {table_and_key}, sequence) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
-        ))
-        .map_err(sql("indexing events"))?;
-    for &sequence in sequences {
-        stmt.execute(params![key, sequence as i64])
-            .map_err(sql("indexing events"))?;
+    use std::fmt::Write as _;
+    let mut array = String::with_capacity(sequences.len() * 8 + 2);
+    array.push('[');
+    for (i, sequence) in sequences.iter().enumerate() {
+        let comma = if i == 0 { "" } else { "," };
+        let _ = write!(array, "{comma}{sequence}");
     }
+    array.push(']');
+    tx.prepare_cached(&format!(
+        "INSERT INTO {table_and_key}, sequence) SELECT ?1, value FROM json_each(?2) WHERE true
+         ON CONFLICT DO NOTHING"
+    ))
+    .and_then(|mut stmt| stmt.execute(params![key, array]))
+    .map_err(sql("indexing events"))?;
     Ok(())
 }
 

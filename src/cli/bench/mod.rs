@@ -22,6 +22,7 @@
 
 mod ceiling;
 mod client;
+mod commit;
 mod cpu;
 mod load;
 mod memory;
@@ -61,6 +62,9 @@ enum BenchCommand {
     Recovery(RecoveryArgs),
     /// Resident memory per registered agent of a server spawned here.
     Memory(MemoryArgs),
+    /// CPU per transition of the SQLite store's commit, in this process (no
+    /// network, no service), beside plain INSERTs of the same rows.
+    Commit(CommitArgs),
     /// The baseline: a bare tonic echo server (spawned here, the same
     /// HTTP/2 settings) under the load of `bench transition`, with a
     /// 100-byte payload; throughput, latency, server CPU per call.
@@ -197,6 +201,29 @@ struct MemoryArgs {
     runs: usize,
 }
 
+/// `bench commit`.
+#[derive(Debug, Args)]
+struct CommitArgs {
+    /// Agents the transitions go round-robin over.
+    #[arg(long, default_value_t = 64)]
+    agents: usize,
+    /// Transitions per commit (a group commit's batch).
+    #[arg(long, default_value_t = 18)]
+    batch: usize,
+    /// Transitions per run (a fifth of it warms up first, unmeasured).
+    #[arg(long, default_value_t = 100_000)]
+    transitions: usize,
+    /// Repetitions, each after its baseline; every run is reported, then
+    /// the median.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Parent of the temporary directory of both files; default: $TMPDIR.
+    /// On a tmpfs (`/dev/shm`) the fsyncs cost nothing and only the CPU of
+    /// the write path is left.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
 /// Runs a benchmark. Ctrl-C ends it; servers it spawned are stopped.
 ///
 /// # Errors
@@ -209,6 +236,11 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
             BenchCommand::Watch(watch) => watch::run(server, watch).await,
             BenchCommand::Recovery(recovery) => recovery::run(recovery).await,
             BenchCommand::Memory(memory) => memory::run(memory).await,
+            BenchCommand::Commit(commit) => {
+                tokio::task::spawn_blocking(move || commit::run(commit))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("bench commit panicked: {e}"))?
+            }
             BenchCommand::Ceiling(load) => ceiling::run(load).await,
             BenchCommand::EchoServer => ceiling::serve().await,
         }

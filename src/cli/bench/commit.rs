@@ -1,0 +1,276 @@
+//! `bench commit`: the SQLite store's write path in this process, without
+//! the network, the service or the commit thread. Batches of transitions go
+//! straight through `Store::commit`; the figure is the CPU time of this
+//! thread per transition, which moves far less between runs than a
+//! throughput over the network does.
+//!
+//! The baseline, in the same run: the same batches as plain INSERTs of the
+//! event rows (the store's columns and values, one prepared statement, one
+//! transaction per batch) into a bare SQLite file with the store's pragmas.
+//! What the store does beyond that (the version check, the per-agent and
+//! per-principal indexes, the agents' rows, the head) is the ratio.
+
+use std::{path::Path, sync::Arc, time::UNIX_EPOCH};
+
+use anyhow::Context;
+use rusqlite::{Connection, params};
+
+use agent_lifecycle::{
+    domain::{AgentId, AgentState, Metadata, SystemClock, TransitionRecord},
+    store::{AgentChange, AgentIdentity, BatchId, ChangeOutcome, SqliteStore, Store},
+};
+
+use super::{CommitArgs, ensure_positive, server::TempDir, stats::median};
+
+/// One agent as the benchmark tracks it.
+struct Tracked {
+    id: AgentId,
+    version: u64,
+    online: bool,
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .context("reading /proc/thread-self/schedstat")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .context("unexpected /proc/thread-self/schedstat")
+}
+
+/// A record as a TransitionAgent call makes it (sequence and time are the
+/// store's to set).
+fn record(agent: &Tracked, to: AgentState, from: Option<AgentState>) -> TransitionRecord {
+    TransitionRecord {
+        agent_id: agent.id,
+        from,
+        to,
+        at: UNIX_EPOCH,
+        reason: "bench".into(),
+        triggered_by: "bench-commit".into(),
+        principal: String::new(),
+        request: None,
+        metadata: Metadata::new(),
+        sequence: 0,
+        version: agent.version + 1,
+    }
+}
+
+/// The next batch: `size` agents, round-robin from `next`, each flipped
+/// ONLINE <-> IDLE.
+fn batch(agents: &[Tracked], next: &mut usize, size: usize) -> Vec<AgentChange> {
+    (0..size)
+        .map(|_| {
+            let agent = &agents[*next % agents.len()];
+            *next += 1;
+            let (from, to) = if agent.online {
+                (AgentState::Online, AgentState::Idle)
+            } else {
+                (AgentState::Idle, AgentState::Online)
+            };
+            AgentChange {
+                agent_id: agent.id,
+                prior_version: agent.version,
+                identity: None,
+                records: vec![Arc::new(record(agent, to, Some(from)))],
+            }
+        })
+        .collect()
+}
+
+/// Commits `transitions` transitions in batches through `store`; CPU ns.
+fn store_run(
+    store: &SqliteStore,
+    agents: &mut [Tracked],
+    next: &mut usize,
+    batch_size: usize,
+    transitions: usize,
+) -> anyhow::Result<u64> {
+    let started = thread_cpu_ns()?;
+    let mut done = 0;
+    while done < transitions {
+        let mut changes = batch(agents, next, batch_size.min(transitions - done));
+        let outcomes = store
+            .commit(BatchId(*next as u64), &mut changes, &SystemClock)
+            .context("a commit failed")?;
+        for (change, outcome) in changes.iter().zip(outcomes) {
+            anyhow::ensure!(
+                outcome == ChangeOutcome::Committed,
+                "a change was refused: {outcome:?}"
+            );
+            let agent = agents
+                .iter_mut()
+                .find(|a| a.id == change.agent_id)
+                .context("a change of an unknown agent")?;
+            agent.version += 1;
+            agent.online = !agent.online;
+        }
+        done += changes.len();
+    }
+    Ok(thread_cpu_ns()? - started)
+}
+
+/// The baseline: the same rows as plain INSERTs, one transaction per batch;
+/// CPU ns.
+fn bare_run(
+    conn: &mut Connection,
+    agents: &[Tracked],
+    next: &mut usize,
+    sequence: &mut i64,
+    batch_size: usize,
+    transitions: usize,
+) -> anyhow::Result<u64> {
+    let started = thread_cpu_ns()?;
+    let mut done = 0;
+    while done < transitions {
+        let changes = batch(agents, next, batch_size.min(transitions - done));
+        let tx = conn.transaction().context("bare: begin")?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at,
+                     reason, triggered_by, metadata, principal, request)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )
+                .context("bare: prepare")?;
+            for record in changes.iter().flat_map(|c| &c.records) {
+                *sequence += 1;
+                insert
+                    .execute(params![
+                        *sequence,
+                        record.agent_id.as_bytes(),
+                        record.version as i64,
+                        record.from.map(AgentState::as_str),
+                        record.to.as_str(),
+                        *sequence,
+                        record.reason,
+                        record.triggered_by,
+                        "",
+                        record.principal,
+                        "",
+                    ])
+                    .context("bare: insert")?;
+            }
+        }
+        tx.commit().context("bare: commit")?;
+        done += changes.len();
+    }
+    Ok(thread_cpu_ns()? - started)
+}
+
+/// The bare file: the store's pragmas and its events table.
+fn bare_open(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).context("bare: open")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA cache_size = -65536;
+         CREATE TABLE events (
+             sequence INTEGER PRIMARY KEY, agent_id BLOB NOT NULL, version INTEGER NOT NULL,
+             from_state TEXT, to_state TEXT NOT NULL, at INTEGER NOT NULL, reason TEXT NOT NULL,
+             triggered_by TEXT NOT NULL, metadata TEXT NOT NULL, principal TEXT NOT NULL,
+             request TEXT NOT NULL);",
+    )
+    .context("bare: schema")?;
+    Ok(conn)
+}
+
+/// Runs `bench commit`.
+///
+/// # Errors
+/// Bad arguments, a directory that cannot be written, or a failed commit.
+pub(super) fn run(args: CommitArgs) -> anyhow::Result<()> {
+    ensure_positive("agents", args.agents)?;
+    ensure_positive("batch", args.batch)?;
+    ensure_positive("transitions", args.transitions)?;
+    ensure_positive("runs", args.runs)?;
+    let parent = args.dir.unwrap_or_else(std::env::temp_dir);
+    let dir = TempDir(parent.join(format!(
+        "agent-lifecycle-bench-commit-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
+    println!(
+        "bench commit: SQLite store in {}, {} agents, batches of {}, {} transitions per run, runs {}",
+        dir.0.display(),
+        args.agents,
+        args.batch,
+        args.transitions,
+        args.runs
+    );
+    println!(
+        "  baseline: the same rows as plain INSERTs into a bare SQLite file, one transaction per batch, before each run"
+    );
+    let store = SqliteStore::open(dir.0.join("store.db")).context("opening the store")?;
+    let mut conn = bare_open(&dir.0.join("bare.db"))?;
+    let mut agents = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let mut tracked = Tracked {
+            id: AgentId::generate(),
+            version: 0,
+            online: false,
+        };
+        let mut registration = record(&tracked, AgentState::Idle, None);
+        registration.reason = format!("bench agent {i}");
+        let mut changes = vec![AgentChange {
+            agent_id: tracked.id,
+            prior_version: 0,
+            identity: Some(AgentIdentity {
+                name: Arc::from(format!("bench-commit-{i}")),
+                labels: Arc::default(),
+            }),
+            records: vec![Arc::new(registration)],
+        }];
+        store
+            .commit(BatchId(i as u64), &mut changes, &SystemClock)
+            .context("registering the agents")?;
+        tracked.version = 1;
+        agents.push(tracked);
+    }
+    let (mut next, mut bare_next, mut sequence) = (0, 0, 0);
+    // Warm-up: both files past their first pages and the store past its
+    // first index groups.
+    let warmup = args.transitions / 5;
+    store_run(&store, &mut agents, &mut next, args.batch, warmup)?;
+    bare_run(
+        &mut conn,
+        &agents,
+        &mut bare_next,
+        &mut sequence,
+        args.batch,
+        warmup,
+    )?;
+    let (mut store_us, mut bare_us, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        let bare = bare_run(
+            &mut conn,
+            &agents,
+            &mut bare_next,
+            &mut sequence,
+            args.batch,
+            args.transitions,
+        )? as f64
+            / 1e3
+            / args.transitions as f64;
+        let ours = store_run(&store, &mut agents, &mut next, args.batch, args.transitions)? as f64
+            / 1e3
+            / args.transitions as f64;
+        println!(
+            "run {run}/{}: store {ours:.2} us CPU per transition; bare inserts just before {bare:.2} us  ->  ratio {:.2}",
+            args.runs,
+            ours / bare
+        );
+        store_us.push(ours);
+        bare_us.push(bare);
+        ratios.push(ours / bare);
+    }
+    println!(
+        "median of {} runs: store {:.2} us CPU per transition, bare inserts {:.2} us, ratio {:.2}",
+        args.runs,
+        median(store_us.into_iter()),
+        median(bare_us.into_iter()),
+        median(ratios.into_iter())
+    );
+    Ok(())
+}
