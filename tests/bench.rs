@@ -7,29 +7,21 @@ use std::process::Command;
 
 #[test]
 fn the_ceiling_benchmark_reports_its_baseline() {
-    let output = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
-        .args([
-            "bench",
-            "ceiling",
-            "--duration",
-            "300ms",
-            "--warmup",
-            "100ms",
-            "--runs",
-            "1",
-            "--concurrency",
-            "4",
-            "--connections",
-            "2",
-        ])
-        .output()
-        .expect("run the benchmark");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [
+        "bench",
+        "ceiling",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "100ms",
+        "--runs",
+        "1",
+        "--concurrency",
+        "4",
+        "--connections",
+        "2",
+    ];
+    let stdout = run_tool(&args.map(std::ffi::OsStr::new));
     let run = stdout
         .lines()
         .find(|l| l.starts_with("run 1/1:"))
@@ -44,6 +36,22 @@ fn the_ceiling_benchmark_reports_its_baseline() {
     assert!(stdout.lines().any(|l| l.starts_with("median:")), "{stdout}");
 }
 
+/// Runs the tool with `args` and returns its standard output, failing with
+/// everything it printed otherwise.
+fn run_tool(args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
+        .args(args)
+        .output()
+        .expect("run the benchmark");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// Runs the tool against a server of its own (memory store) and returns
 /// its standard output, failing with everything it printed otherwise.
 fn bench_against_a_server(args: &[&str]) -> String {
@@ -55,19 +63,10 @@ fn bench_against_a_server(args: &[&str]) -> String {
         std::time::Duration::from_secs(30),
     )
     .expect("server starts");
-    let output = Command::new(bin)
-        .arg("--server")
-        .arg(server.url())
-        .args(args)
-        .output()
-        .expect("run the benchmark");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    let url = server.url();
+    let mut all = vec![std::ffi::OsStr::new("--server"), std::ffi::OsStr::new(&url)];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    run_tool(&all)
 }
 
 /// `bench transition --baseline` measures the echo before each run and
@@ -151,18 +150,18 @@ fn watch_runs_beside_the_bare_fan_out() {
 #[test]
 fn commit_runs_beside_bare_sqlite_inserts() {
     let parent = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_agent-lifecycle"))
-        .args(["bench", "commit", "--transitions", "2000", "--runs", "2"])
-        .arg("--dir")
-        .arg(parent.path())
-        .output()
-        .expect("run the benchmark");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [
+        "bench",
+        "commit",
+        "--transitions",
+        "2000",
+        "--runs",
+        "2",
+        "--dir",
+    ];
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.push(parent.path().as_os_str());
+    let stdout = run_tool(&all);
     let runs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("run ")).collect();
     assert_eq!(runs.len(), 2, "{stdout}");
     for run in runs {

@@ -23,6 +23,7 @@ use agent_lifecycle::{
 use super::{CommitArgs, ensure_positive, server::TempDir, stats::median};
 
 /// One agent as the benchmark tracks it.
+#[derive(Clone)]
 struct Tracked {
     id: AgentId,
     version: u64,
@@ -79,30 +80,25 @@ fn batch(agents: &[Tracked], next: &mut usize, size: usize) -> Vec<AgentChange> 
         .collect()
 }
 
-/// Commits `transitions` transitions in batches through `store`; CPU ns.
-fn store_run(
-    store: &SqliteStore,
+/// Commits `transitions` transitions in batches with `commit`, then moves
+/// each agent of a batch on (a change commits or the run fails); the CPU
+/// time of the batches, in ns (building them and counting included, the
+/// same for the store and the baseline).
+fn timed(
     agents: &mut [Tracked],
     next: &mut usize,
     batch_size: usize,
     transitions: usize,
+    mut commit: impl FnMut(&mut [AgentChange]) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     let started = thread_cpu_ns()?;
     let mut done = 0;
     while done < transitions {
+        let first = *next;
         let mut changes = batch(agents, next, batch_size.min(transitions - done));
-        let outcomes = store
-            .commit(BatchId(*next as u64), &mut changes, &SystemClock)
-            .context("a commit failed")?;
-        for (change, outcome) in changes.iter().zip(outcomes) {
-            anyhow::ensure!(
-                outcome == ChangeOutcome::Committed,
-                "a change was refused: {outcome:?}"
-            );
-            let agent = agents
-                .iter_mut()
-                .find(|a| a.id == change.agent_id)
-                .context("a change of an unknown agent")?;
+        commit(&mut changes)?;
+        for k in 0..changes.len() {
+            let agent = &mut agents[(first + k) % agents.len()];
             agent.version += 1;
             agent.online = !agent.online;
         }
@@ -111,52 +107,52 @@ fn store_run(
     Ok(thread_cpu_ns()? - started)
 }
 
-/// The baseline: the same rows as plain INSERTs, one transaction per batch;
-/// CPU ns.
-fn bare_run(
-    conn: &mut Connection,
-    agents: &[Tracked],
-    next: &mut usize,
-    sequence: &mut i64,
-    batch_size: usize,
-    transitions: usize,
-) -> anyhow::Result<u64> {
-    let started = thread_cpu_ns()?;
-    let mut done = 0;
-    while done < transitions {
-        let changes = batch(agents, next, batch_size.min(transitions - done));
-        let tx = conn.transaction().context("bare: begin")?;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at,
-                     reason, triggered_by, metadata, principal, request)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )
-                .context("bare: prepare")?;
-            for record in changes.iter().flat_map(|c| &c.records) {
-                *sequence += 1;
-                insert
-                    .execute(params![
-                        *sequence,
-                        record.agent_id.as_bytes(),
-                        record.version as i64,
-                        record.from.map(AgentState::as_str),
-                        record.to.as_str(),
-                        *sequence,
-                        record.reason,
-                        record.triggered_by,
-                        "",
-                        record.principal,
-                        "",
-                    ])
-                    .context("bare: insert")?;
-            }
-        }
-        tx.commit().context("bare: commit")?;
-        done += changes.len();
+/// One batch through the store; every change must commit.
+fn store_commit(store: &SqliteStore, id: u64, changes: &mut [AgentChange]) -> anyhow::Result<()> {
+    let outcomes = store
+        .commit(BatchId(id), changes, &SystemClock)
+        .context("a commit failed")?;
+    match outcomes.iter().find(|o| **o != ChangeOutcome::Committed) {
+        Some(refused) => anyhow::bail!("a change was refused: {refused:?}"),
+        None => Ok(()),
     }
-    Ok(thread_cpu_ns()? - started)
+}
+
+/// The baseline's batch: its rows as plain INSERTs in one transaction.
+fn bare_commit(
+    conn: &mut Connection,
+    sequence: &mut i64,
+    changes: &[AgentChange],
+) -> anyhow::Result<()> {
+    let tx = conn.transaction().context("bare: begin")?;
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at,
+                 reason, triggered_by, metadata, principal, request)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .context("bare: prepare")?;
+        for record in changes.iter().flat_map(|c| &c.records) {
+            *sequence += 1;
+            insert
+                .execute(params![
+                    *sequence,
+                    record.agent_id.as_bytes(),
+                    record.version as i64,
+                    record.from.map(AgentState::as_str),
+                    record.to.as_str(),
+                    *sequence,
+                    record.reason,
+                    record.triggered_by,
+                    "",
+                    record.principal,
+                    "",
+                ])
+                .context("bare: insert")?;
+        }
+    }
+    tx.commit().context("bare: commit")
 }
 
 /// The bare file: the store's pragmas and its events table.
@@ -185,6 +181,9 @@ pub(super) fn run(args: CommitArgs) -> anyhow::Result<()> {
     ensure_positive("batch", args.batch)?;
     ensure_positive("transitions", args.transitions)?;
     ensure_positive("runs", args.runs)?;
+    if args.batch > args.agents {
+        anyhow::bail!("--batch must be at most --agents: a batch changes each agent once");
+    }
     let parent = args.dir.unwrap_or_else(std::env::temp_dir);
     let dir = TempDir(parent.join(format!(
         "agent-lifecycle-bench-commit-{}",
@@ -228,34 +227,36 @@ pub(super) fn run(args: CommitArgs) -> anyhow::Result<()> {
         tracked.version = 1;
         agents.push(tracked);
     }
+    // The baseline writes the same rows on its own copy of the agents.
+    let mut bare_agents = agents.clone();
     let (mut next, mut bare_next, mut sequence) = (0, 0, 0);
+    // Batch ids after the registrations'.
+    let mut batch_id = args.agents as u64;
+    let mut store_batches = |agents: &mut [Tracked], next: &mut usize, transitions| {
+        timed(agents, next, args.batch, transitions, |changes| {
+            batch_id += 1;
+            store_commit(&store, batch_id, changes)
+        })
+    };
+    let mut bare_batches = |agents: &mut [Tracked], next: &mut usize, transitions| {
+        timed(agents, next, args.batch, transitions, |changes| {
+            bare_commit(&mut conn, &mut sequence, changes)
+        })
+    };
     // Warm-up: both files past their first pages and the store past its
     // first index groups.
     let warmup = args.transitions / 5;
-    store_run(&store, &mut agents, &mut next, args.batch, warmup)?;
-    bare_run(
-        &mut conn,
-        &agents,
-        &mut bare_next,
-        &mut sequence,
-        args.batch,
-        warmup,
-    )?;
+    store_batches(&mut agents, &mut next, warmup)?;
+    bare_batches(&mut bare_agents, &mut bare_next, warmup)?;
+    let per_transition = |ns: u64| ns as f64 / 1e3 / args.transitions as f64;
     let (mut store_us, mut bare_us, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=args.runs {
-        let bare = bare_run(
-            &mut conn,
-            &agents,
+        let bare = per_transition(bare_batches(
+            &mut bare_agents,
             &mut bare_next,
-            &mut sequence,
-            args.batch,
             args.transitions,
-        )? as f64
-            / 1e3
-            / args.transitions as f64;
-        let ours = store_run(&store, &mut agents, &mut next, args.batch, args.transitions)? as f64
-            / 1e3
-            / args.transitions as f64;
+        )?);
+        let ours = per_transition(store_batches(&mut agents, &mut next, args.transitions)?);
         println!(
             "run {run}/{}: store {ours:.2} us CPU per transition; bare inserts just before {bare:.2} us  ->  ratio {:.2}",
             args.runs,
