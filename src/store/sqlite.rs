@@ -724,14 +724,9 @@ fn index_group(
     key: &dyn rusqlite::ToSql,
     sequences: &[u64],
 ) -> Result<()> {
-    use std::fmt::Write as _;
-    let mut array = String::with_capacity(sequences.len() * 8 + 2);
-    array.push('[');
-    for (i, sequence) in sequences.iter().enumerate() {
-        let comma = if i == 0 { "" } else { "," };
-        let _ = write!(array, "{comma}{sequence}");
-    }
-    array.push(']');
+    // Integers always serialize; were it ever to fail, the empty text is
+    // malformed JSON and the statement fails with it.
+    let array = serde_json::to_string(sequences).unwrap_or_default();
     tx.prepare_cached(&format!(
         "INSERT INTO {table_and_key}, sequence) SELECT ?1, value FROM json_each(?2) WHERE true
          ON CONFLICT DO NOTHING"
