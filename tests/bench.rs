@@ -36,6 +36,46 @@ fn the_ceiling_benchmark_reports_its_baseline() {
     assert!(stdout.lines().any(|l| l.starts_with("median:")), "{stdout}");
 }
 
+/// `bench ceiling --durable-baseline DIR` also loads the durable echo (each
+/// call a row of a bare SQLite file, fsynced before the reply) after every
+/// echo run, reports its ratio to the echo, and leaves DIR as it found it.
+#[test]
+fn the_ceiling_benchmark_reports_the_durable_echo() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let args = [
+        std::ffi::OsStr::new("bench"),
+        "ceiling".as_ref(),
+        "--durable-baseline".as_ref(),
+        dir.path().as_os_str(),
+        "--duration".as_ref(),
+        "300ms".as_ref(),
+        "--warmup".as_ref(),
+        "100ms".as_ref(),
+        "--runs".as_ref(),
+        "1".as_ref(),
+        "--concurrency".as_ref(),
+        "4".as_ref(),
+        "--connections".as_ref(),
+        "2".as_ref(),
+    ];
+    let stdout = run_tool(&args);
+    let durable = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("durable echo just after:"))
+        .unwrap_or_else(|| panic!("a durable echo line in {stdout}"));
+    assert!(durable.contains("errors 0"), "{durable}");
+    let ratio: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("median ratio of the durable echo to the echo: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a median durable ratio in {stdout}"));
+    assert!(ratio > 0.0, "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read the directory")
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
 /// Runs the tool with `args` and returns its standard output, failing with
 /// everything it printed otherwise.
 fn run_tool(args: &[&std::ffi::OsStr]) -> String {
@@ -69,15 +109,20 @@ fn bench_against_a_server(args: &[&str]) -> String {
     run_tool(&all)
 }
 
-/// `bench transition --baseline` measures the echo before each run and
-/// reports the ratio, and reads the server's CPU time from /proc of the
-/// process it finds listening on the --server port.
+/// `bench transition --baseline --durable-baseline` measures the echo and
+/// the durable echo before each run and reports the ratios, reads the
+/// server's CPU time from /proc of the process it finds listening on the
+/// --server port, and removes the durable echo's files.
 #[test]
 fn transition_runs_beside_the_echo_baseline_with_server_cpu() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let durable = dir.path().to_str().expect("a UTF-8 temporary path");
     let stdout = bench_against_a_server(&[
         "bench",
         "transition",
         "--baseline",
+        "--durable-baseline",
+        durable,
         "--concurrency",
         "4",
         "--connections",
@@ -103,6 +148,15 @@ fn transition_runs_beside_the_echo_baseline_with_server_cpu() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("a median ratio in {stdout}"));
     assert!(ratio > 0.0, "{stdout}");
+    assert!(stdout.contains("durable echo just before"), "{stdout}");
+    assert!(
+        stdout.contains("median ratio to the durable echo: "),
+        "{stdout}"
+    );
+    let left = std::fs::read_dir(dir.path())
+        .expect("read the directory")
+        .count();
+    assert_eq!(left, 0, "the durable echo's files are removed");
 }
 
 /// `bench watch --baseline`: one connection per subscriber by default,

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 
 use super::{
     LoadArgs,
-    ceiling::EchoBaseline,
+    ceiling::{EchoBaseline, EchoFigures, EchoKind},
     client::{MAX_CONSECUTIVE_ERRORS, Worker, connect_channels, create_agents, head_sequence},
     cpu::{self, ServerCpu},
     ensure_positive,
@@ -152,11 +152,17 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     );
     let server_cpu = ServerCpu::find(server, &args.server_pid);
     println!("  {}", server_cpu.describe());
-    let echo = if args.baseline {
+    let echo = if args.baseline || args.durable_baseline.is_some() {
         println!(
             "  baseline: a bare tonic echo (100-byte payload) under the same load before each run"
         );
-        Some(EchoBaseline::start(args.connections).await?)
+        if let Some(dir) = &args.durable_baseline {
+            println!(
+                "  and the durable echo: each call a row of a bare SQLite file under {}, one fsync per batch",
+                dir.display()
+            );
+        }
+        Some(EchoBaseline::start(args.connections, args.durable_baseline.as_deref()).await?)
     } else {
         None
     };
@@ -184,13 +190,32 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     let mut cpu_per_op = Vec::new();
     let mut ratios = Vec::new();
     let mut cpu_ratios = Vec::new();
+    let mut durable_ratios = Vec::new();
+    let mut durable_cpu_ratios = Vec::new();
     for run in 1..=args.runs {
         let baseline = match &echo {
             Some(echo) => Some(
-                echo.measure(args.concurrency, args.warmup, args.duration)
-                    .await?,
+                echo.measure(
+                    EchoKind::Plain,
+                    args.concurrency,
+                    args.warmup,
+                    args.duration,
+                )
+                .await?,
             ),
             None => None,
+        };
+        let durable = match &echo {
+            Some(echo) if echo.durable() => Some(
+                echo.measure(
+                    EchoKind::Durable,
+                    args.concurrency,
+                    args.warmup,
+                    args.duration,
+                )
+                .await?,
+            ),
+            _ => None,
         };
         let head_before = head_sequence(&mut clients[0]).await?;
         let warm_end = Instant::now() + args.warmup;
@@ -235,20 +260,26 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
             cpu_per_op.push(us);
         }
         if let Some(echo) = &baseline {
-            let ratio = throughput / echo.per_second.max(f64::MIN_POSITIVE);
+            let (ratio, cpu_ratio) = beside(throughput, us_per_op, echo);
             ratios.push(ratio);
-            let cpu_ratio = us_per_op.map(|us| us / echo.cpu_us.max(f64::MIN_POSITIVE));
-            if let Some(r) = cpu_ratio {
-                cpu_ratios.push(r);
-            }
+            cpu_ratios.extend(cpu_ratio);
             println!(
-                "  baseline echo just before: {:.1}/s  {}  server CPU {:.1} us/call  errors {}  ->  ratio {ratio:.2}{}",
-                echo.per_second,
-                echo.latencies.line(),
-                echo.cpu_us,
-                echo.errors,
+                "  baseline echo just before: {}  ->  ratio {ratio:.2}{}",
+                echo.line(),
                 cpu_ratio
                     .map(|r| format!(", CPU per op {r:.2}x the echo's"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(echo) = &durable {
+            let (ratio, cpu_ratio) = beside(throughput, us_per_op, echo);
+            durable_ratios.push(ratio);
+            durable_cpu_ratios.extend(cpu_ratio);
+            println!(
+                "  durable echo just before: {}  ->  ratio {ratio:.2}{}",
+                echo.line(),
+                cpu_ratio
+                    .map(|r| format!(", CPU per op {r:.2}x the durable echo's"))
                     .unwrap_or_default()
             );
         }
@@ -284,23 +315,37 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         Latencies::median_of(&latencies).line(),
         cpu::show(cpu_median, "op")
     );
-    if !ratios.is_empty() {
+    for (what, ratios, cpu_ratios) in [
+        ("echo baseline", ratios, cpu_ratios),
+        ("durable echo", durable_ratios, durable_cpu_ratios),
+    ] {
+        if ratios.is_empty() {
+            continue;
+        }
         let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "median ratio to the echo baseline: {:.2} (runs: {}){}",
+            "median ratio to the {what}: {:.2} (runs: {}){}",
             median(ratios.iter().copied()),
             each.join(", "),
             if cpu_ratios.is_empty() {
                 String::new()
             } else {
                 format!(
-                    "; server CPU per op {:.2}x the echo's",
-                    median(cpu_ratios.into_iter())
+                    "; server CPU per op {:.2}x the {}'s",
+                    median(cpu_ratios.into_iter()),
+                    what.trim_end_matches(" baseline")
                 )
             }
         );
     }
     Ok(())
+}
+
+/// A run's throughput and CPU per op as ratios to an echo's.
+fn beside(throughput: f64, us_per_op: Option<f64>, echo: &EchoFigures) -> (f64, Option<f64>) {
+    let ratio = throughput / echo.per_second.max(f64::MIN_POSITIVE);
+    let cpu_ratio = us_per_op.map(|us| us / echo.cpu_us.max(f64::MIN_POSITIVE));
+    (ratio, cpu_ratio)
 }
 
 #[cfg(test)]

@@ -71,7 +71,11 @@ enum BenchCommand {
     Ceiling(LoadArgs),
     /// The echo server `ceiling` spawns (prints `listening on ADDR`).
     #[command(hide = true)]
-    EchoServer,
+    EchoServer {
+        /// Also serve the durable echo, on a SQLite file in this directory.
+        #[arg(long, value_name = "DIR")]
+        durable: Option<PathBuf>,
+    },
 }
 
 /// `bench transition` and `bench get`.
@@ -97,6 +101,15 @@ struct LoadArgs {
     /// then the median ratio. Ignored by `bench ceiling` itself.
     #[arg(long)]
     baseline: bool,
+    /// Before each run, also the same load on the durable echo, a bare
+    /// tonic echo that answers each call after inserting its payload as a
+    /// row of a bare SQLite file in a directory under DIR (WAL,
+    /// `synchronous = FULL`), every call waiting in one transaction and one
+    /// fsync: the ceiling of a store that makes each change durable before
+    /// its answer, on DIR's disk. Each run is also reported as a ratio to
+    /// it. Put DIR on the disk of the store under test.
+    #[arg(long, value_name = "DIR")]
+    durable_baseline: Option<PathBuf>,
     /// Server processes whose CPU time is read, comma-separated; default:
     /// the process listening on each --server port on this machine.
     #[arg(long, value_delimiter = ',')]
@@ -139,6 +152,15 @@ struct WatchBenchArgs {
     /// each run is reported as ratios to it.
     #[arg(long)]
     baseline: bool,
+    /// Before each run, also the same load on the durable echo, a bare
+    /// tonic echo that answers each call after inserting its payload as a
+    /// row of a bare SQLite file in a directory under DIR (WAL,
+    /// `synchronous = FULL`), every call waiting in one transaction and one
+    /// fsync: the ceiling of a store that makes each change durable before
+    /// its answer, on DIR's disk. Each run is also reported as a ratio to
+    /// it. Put DIR on the disk of the store under test.
+    #[arg(long, value_name = "DIR")]
+    durable_baseline: Option<PathBuf>,
     /// Server processes whose CPU time is read, comma-separated; default:
     /// the process listening on each --server port on this machine.
     #[arg(long, value_delimiter = ',')]
@@ -242,7 +264,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("bench commit panicked: {e}"))?
             }
             BenchCommand::Ceiling(load) => ceiling::run(load).await,
-            BenchCommand::EchoServer => ceiling::serve().await,
+            BenchCommand::EchoServer { durable } => ceiling::serve(durable).await,
         }
     };
     // Dropping the benchmark future on Ctrl-C drops its server guards.

@@ -585,7 +585,7 @@ async fn bare_setup(
     connections: usize,
     message_bytes: usize,
 ) -> anyhow::Result<(EchoBaseline, Setup)> {
-    let echo = EchoBaseline::start(1).await?;
+    let echo = EchoBaseline::start(1, None).await?;
     let url = echo.url();
     let stream_channels = connect_channels(&url, connections).await?;
     let writer_channel = connect(&url).await?;
