@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every figure of the performance table as a ratio to its baseline measured
 # in the same run (`--baseline`: the bare tonic echo for unary calls, a bare
-# broadcast fan-out for watch). SERVER is the server binary measured (default:
-# this build); the client is always this build's, so two servers compare
-# under the same load.
+# broadcast fan-out for watch; for SQLite also the durable echo, each call a
+# row of a bare SQLite file in the same directory, fsynced before the
+# answer: the ceiling of fsync before ack on this disk). SERVER is the
+# server binary measured (default: this build); the client is always this
+# build's, so two servers compare under the same load.
 #
 #   cargo build --release
 #   bash scripts/bench-ratios.sh [SERVER_BINARY] [RUNS] [SECONDS]
@@ -16,14 +18,14 @@ source scripts/bench-server.sh
 load() { # TITLE BENCH ARGS...
     local title=$1; shift
     echo "== $title"
-    "$BIN" --server "$URL" bench "$@" --runs "$RUNS" --baseline | grep -E '^(run|  baseline echo|  ratios|  bare|median)'
+    "$BIN" --server "$URL" bench "$@" --runs "$RUNS" --baseline | grep -E '^(run|  baseline echo|  durable echo|  ratios|  bare|median)'
 }
 
 serve memory
 load "TransitionAgent, memory store, 64 in flight over 4 connections" transition --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
 stop
 rm -rf "${DATA:?}"/*.db*; serve "sqlite://$DATA/bench.db"
-load "TransitionAgent, SQLite, 64 in flight over 4 connections" transition --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
+load "TransitionAgent, SQLite, 64 in flight over 4 connections" transition --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s --durable-baseline "$DATA"
 load "TransitionAgent, SQLite, one client" transition --concurrency 1 --connections 1 --duration "${SECS}s" --warmup 1s
 load "GetAgent, SQLite, 64 in flight over 4 connections" get --concurrency 64 --connections 4 --duration "${SECS}s" --warmup 1s
 stop
