@@ -70,7 +70,8 @@ pub struct ServeArgs {
     /// backfilled from the event log [default: 4096].
     #[arg(long, env = "AGENT_LIFECYCLE_EVENT_BUFFER")]
     event_buffer: Option<usize>,
-    /// Idle time before a watch stream gets a progress message [default: 10s].
+    /// A watch stream's clock: an interval in which it was sent nothing
+    /// ends with a progress message [default: 10s].
     #[arg(long, env = "AGENT_LIFECYCLE_PROGRESS_INTERVAL", value_parser = parse_duration)]
     progress_interval: Option<Duration>,
     /// Keep at most this many newest events (memory store default: 100000;

@@ -174,11 +174,15 @@ impl LifecycleHandler {
         self.service.sync().await?;
         let watcher = self.service.watch(watch).await?;
         // The permit counts the stream as open until the stream is dropped.
-        let items =
-            futures_util::stream::unfold((watcher, permit), |(mut watcher, permit)| async move {
+        // The watcher is boxed: the state moves in and out of each item's
+        // future, and a pointer is cheaper to move than the watcher.
+        let items = futures_util::stream::unfold(
+            (Box::new(watcher), permit),
+            |(mut watcher, permit)| async move {
                 let item = watcher.next().await?;
                 Some((item.map_err(Status::from), (watcher, permit)))
-            });
+            },
+        );
         Ok(Box::pin(items))
     }
 }

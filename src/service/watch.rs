@@ -110,7 +110,14 @@ pub struct Watcher {
     /// Read the store before the channel.
     catching_up: bool,
     progress_interval: Duration,
+    /// The end of the current progress interval: the stream's clock ticks
+    /// once per interval, and an interval with nothing delivered ends with
+    /// a progress message.
     idle_deadline: Instant,
+    /// Something was delivered in the current interval.
+    delivered: bool,
+    /// `true` once shutdown began. Subscribed at open, when it was still
+    /// `false`, so any change since means shutdown (see `shutting_down`).
     shutdown: watch::Receiver<bool>,
     finished: bool,
 }
@@ -155,6 +162,9 @@ impl Watcher {
                 "cannot be combined with start_sequence; a snapshot is followed by live events",
             )
             .into());
+        }
+        if *shutdown.borrow() {
+            return Err(Error::ShuttingDown);
         }
         let progress_interval = progress_interval.max(Duration::from_millis(10));
         let mut kinds = request.kinds;
@@ -212,6 +222,7 @@ impl Watcher {
             catching_up,
             progress_interval,
             idle_deadline: Instant::now() + progress_interval,
+            delivered: false,
             shutdown,
             finished: false,
         })
@@ -256,9 +267,22 @@ impl Watcher {
         self.catching_up = true;
     }
 
+    /// Hands out `item`. Only marks the interval as busy: reading the
+    /// clock for every event would cost more than the event's delivery
+    /// otherwise does here.
     fn deliver(&mut self, item: WatchItem) -> Option<Result<WatchItem>> {
-        self.idle_deadline = Instant::now() + self.progress_interval;
+        self.delivered = true;
         Some(Ok(item))
+    }
+
+    /// Whether shutdown began since this watcher opened (the channel only
+    /// ever changes to `true`). Reads the channel's version, one atomic
+    /// load; `borrow` would take the channel's lock, which every watcher
+    /// shares, once per event.
+    fn shutting_down(&self) -> bool {
+        self.shutdown
+            .has_changed()
+            .map_or(true, |changed| changed && *self.shutdown.borrow())
     }
 
     /// The next item; `None` after the stream ended. Ends with
@@ -269,7 +293,7 @@ impl Watcher {
             return None;
         }
         loop {
-            if *self.shutdown.borrow() {
+            if self.shutting_down() {
                 return self.fail(Error::ShuttingDown);
             }
             if let Some(item) = self.pending.pop_front() {
@@ -303,7 +327,7 @@ impl Watcher {
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed() => {
-                    if changed.is_err() {
+                    if changed.is_err() || *self.shutdown.borrow() {
                         return self.fail(Error::ShuttingDown);
                     }
                 }
@@ -319,8 +343,11 @@ impl Watcher {
                     }
                 },
                 () = tokio::time::sleep_until(self.idle_deadline) => {
-                    let head_sequence = self.last_seen;
-                    return self.deliver(WatchItem::Progress { head_sequence });
+                    self.idle_deadline = Instant::now() + self.progress_interval;
+                    if !std::mem::take(&mut self.delivered) {
+                        let head_sequence = self.last_seen;
+                        return Some(Ok(WatchItem::Progress { head_sequence }));
+                    }
                 }
             }
         }
