@@ -188,10 +188,8 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     let mut throughputs = Vec::new();
     let mut latencies = Vec::new();
     let mut cpu_per_op = Vec::new();
-    let mut ratios = Vec::new();
-    let mut cpu_ratios = Vec::new();
-    let mut durable_ratios = Vec::new();
-    let mut durable_cpu_ratios = Vec::new();
+    let mut to_echo = Ratios::new("echo baseline", "baseline echo", "echo");
+    let mut to_durable = Ratios::new("durable echo", "durable echo", "durable echo");
     for run in 1..=args.runs {
         let baseline = match &echo {
             Some(echo) => Some(
@@ -260,28 +258,10 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
             cpu_per_op.push(us);
         }
         if let Some(echo) = &baseline {
-            let (ratio, cpu_ratio) = beside(throughput, us_per_op, echo);
-            ratios.push(ratio);
-            cpu_ratios.extend(cpu_ratio);
-            println!(
-                "  baseline echo just before: {}  ->  ratio {ratio:.2}{}",
-                echo.line(),
-                cpu_ratio
-                    .map(|r| format!(", CPU per op {r:.2}x the echo's"))
-                    .unwrap_or_default()
-            );
+            to_echo.run(throughput, us_per_op, echo);
         }
         if let Some(echo) = &durable {
-            let (ratio, cpu_ratio) = beside(throughput, us_per_op, echo);
-            durable_ratios.push(ratio);
-            durable_cpu_ratios.extend(cpu_ratio);
-            println!(
-                "  durable echo just before: {}  ->  ratio {ratio:.2}{}",
-                echo.line(),
-                cpu_ratio
-                    .map(|r| format!(", CPU per op {r:.2}x the durable echo's"))
-                    .unwrap_or_default()
-            );
+            to_durable.run(throughput, us_per_op, echo);
         }
         if op == LoadOp::Transition {
             let check = check_sequences(commits);
@@ -315,37 +295,73 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         Latencies::median_of(&latencies).line(),
         cpu::show(cpu_median, "op")
     );
-    for (what, ratios, cpu_ratios) in [
-        ("echo baseline", ratios, cpu_ratios),
-        ("durable echo", durable_ratios, durable_cpu_ratios),
-    ] {
-        if ratios.is_empty() {
-            continue;
-        }
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        println!(
-            "median ratio to the {what}: {:.2} (runs: {}){}",
-            median(ratios.iter().copied()),
-            each.join(", "),
-            if cpu_ratios.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; server CPU per op {:.2}x the {}'s",
-                    median(cpu_ratios.into_iter()),
-                    what.trim_end_matches(" baseline")
-                )
-            }
-        );
-    }
+    to_echo.print_median();
+    to_durable.print_median();
     Ok(())
 }
 
-/// A run's throughput and CPU per op as ratios to an echo's.
-fn beside(throughput: f64, us_per_op: Option<f64>, echo: &EchoFigures) -> (f64, Option<f64>) {
-    let ratio = throughput / echo.per_second.max(f64::MIN_POSITIVE);
-    let cpu_ratio = us_per_op.map(|us| us / echo.cpu_us.max(f64::MIN_POSITIVE));
-    (ratio, cpu_ratio)
+/// The runs' ratios to one baseline measured just before each: throughput
+/// and server CPU per op.
+struct Ratios {
+    /// In the median line: "median ratio to the {what}".
+    what: &'static str,
+    /// In each run's line: "{label} just before".
+    label: &'static str,
+    /// In the CPU ratio: "the {name}'s".
+    name: &'static str,
+    throughput: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Ratios {
+    fn new(what: &'static str, label: &'static str, name: &'static str) -> Self {
+        Ratios {
+            what,
+            label,
+            name,
+            throughput: Vec::new(),
+            cpu: Vec::new(),
+        }
+    }
+
+    /// Records and prints one run beside `echo`.
+    fn run(&mut self, throughput: f64, us_per_op: Option<f64>, echo: &EchoFigures) {
+        let ratio = throughput / echo.per_second.max(f64::MIN_POSITIVE);
+        let cpu_ratio = us_per_op.map(|us| us / echo.cpu_us.max(f64::MIN_POSITIVE));
+        self.throughput.push(ratio);
+        self.cpu.extend(cpu_ratio);
+        println!(
+            "  {} just before: {}  ->  ratio {ratio:.2}{}",
+            self.label,
+            echo.line(),
+            cpu_ratio
+                .map(|r| format!(", CPU per op {r:.2}x the {}'s", self.name))
+                .unwrap_or_default()
+        );
+    }
+
+    /// The medians, when there were runs.
+    fn print_median(&self) {
+        if self.throughput.is_empty() {
+            return;
+        }
+        let each: Vec<String> = self.throughput.iter().map(|r| format!("{r:.2}")).collect();
+        let cpu = if self.cpu.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; server CPU per op {:.2}x the {}'s",
+                median(self.cpu.iter().copied()),
+                self.name
+            )
+        };
+        println!(
+            "median ratio to the {}: {:.2} (runs: {}){cpu}",
+            self.what,
+            median(self.throughput.iter().copied()),
+            each.join(", "),
+        );
+    }
 }
 
 #[cfg(test)]
