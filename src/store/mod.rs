@@ -25,7 +25,7 @@ use crate::domain::{Agent, AgentId, Clock, Heartbeat, Labels, TransitionRecord};
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{PRAGMAS as SQLITE_PRAGMAS, SqliteStore};
 
 /// A store failure. The batch that saw it was not applied.
 #[derive(Debug, thiserror::Error)]

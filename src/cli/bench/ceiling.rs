@@ -121,11 +121,10 @@ type DurableCall = (Bytes, oneshot::Sender<Result<Bytes, String>>);
 fn durable_open(dir: &Path) -> anyhow::Result<Connection> {
     let path = dir.join("durable-echo.db");
     let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    conn.execute_batch(agent_lifecycle::store::SQLITE_PRAGMAS)
+        .context("configuring the durable echo's file")?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA cache_size = -65536;
-         CREATE TABLE IF NOT EXISTS echoes (sequence INTEGER PRIMARY KEY, payload BLOB NOT NULL);",
+        "CREATE TABLE IF NOT EXISTS echoes (sequence INTEGER PRIMARY KEY, payload BLOB NOT NULL);",
     )
     .context("creating the durable echo's table")?;
     Ok(conn)

@@ -158,11 +158,10 @@ fn bare_commit(
 /// The bare file: the store's pragmas and its events table.
 fn bare_open(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).context("bare: open")?;
+    conn.execute_batch(agent_lifecycle::store::SQLITE_PRAGMAS)
+        .context("bare: pragmas")?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA cache_size = -65536;
-         CREATE TABLE events (
+        "CREATE TABLE events (
              sequence INTEGER PRIMARY KEY, agent_id BLOB NOT NULL, version INTEGER NOT NULL,
              from_state TEXT, to_state TEXT NOT NULL, at INTEGER NOT NULL, reason TEXT NOT NULL,
              triggered_by TEXT NOT NULL, metadata TEXT NOT NULL, principal TEXT NOT NULL,
