@@ -15,7 +15,11 @@
 //! the conversions and the layer's [`caller_of`]; knows nothing of the
 //! transport.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -23,7 +27,7 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{self, agent_id_from_pb},
     layer::caller_of,
-    limits::Limits,
+    limits::{Limits, WatchPermit},
     mutation::{MutatingRequest, MutationResponse},
     pb,
     status::not_routed,
@@ -31,7 +35,9 @@ use super::{
 use crate::{
     domain::{AgentId, AgentState, ExternalSource, FieldViolation},
     health::{Health, HealthSettings, Heartbeat},
-    service::{AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem},
+    service::{
+        AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem, Watcher,
+    },
     sync::{self, StatusReport},
 };
 
@@ -173,17 +179,63 @@ impl LifecycleHandler {
         // handed out starts where it should.
         self.service.sync().await?;
         let watcher = self.service.watch(watch).await?;
-        // The permit counts the stream as open until the stream is dropped.
-        // The watcher is boxed: the state moves in and out of each item's
-        // future, and a pointer is cheaper to move than the watcher.
-        let items = futures_util::stream::unfold(
-            (Box::new(watcher), permit),
-            |(mut watcher, permit)| async move {
-                let item = watcher.next().await?;
-                Some((item.map_err(Status::from), (watcher, permit)))
-            },
-        );
-        Ok(Box::pin(items))
+        Ok(Box::pin(WatchStream {
+            state: WatchState::Ready(Box::new(watcher)),
+            _permit: permit,
+        }))
+    }
+}
+
+/// One WatchEvents stream's items: the watcher's [`Watcher::try_next`]
+/// while items are ready, and a future of [`Watcher::next`] only to wait.
+/// An event already waiting costs no future, so a stream that keeps up
+/// builds one future per wait rather than one per item.
+struct WatchStream {
+    state: WatchState,
+    /// Counts the stream as open until the stream is dropped.
+    _permit: WatchPermit,
+}
+
+/// The future that waits owns the watcher and hands it back with the item.
+type WatchWait =
+    Pin<Box<dyn Future<Output = (Box<Watcher>, Option<crate::error::Result<WatchItem>>)> + Send>>;
+
+enum WatchState {
+    /// Items may be ready (boxed: a pointer moves in and out of the wait).
+    Ready(Box<Watcher>),
+    Waiting(WatchWait),
+    /// Only between the steps of one poll.
+    Taken,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchItem, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let (watcher, item) = match std::mem::replace(&mut self.state, WatchState::Taken) {
+                WatchState::Ready(mut watcher) => match watcher.try_next() {
+                    Some(item) => (watcher, item),
+                    None => {
+                        self.state = WatchState::Waiting(Box::pin(async move {
+                            let item = watcher.next().await;
+                            (watcher, item)
+                        }));
+                        continue;
+                    }
+                },
+                WatchState::Waiting(mut wait) => match wait.as_mut().poll(cx) {
+                    Poll::Ready(done) => done,
+                    Poll::Pending => {
+                        self.state = WatchState::Waiting(wait);
+                        return Poll::Pending;
+                    }
+                },
+                WatchState::Taken => return Poll::Ready(None),
+            };
+            self.state = WatchState::Ready(watcher);
+            return Poll::Ready(item.map(|item| item.map_err(Status::from)));
+        }
     }
 }
 

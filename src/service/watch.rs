@@ -285,44 +285,58 @@ impl Watcher {
             .map_or(true, |changed| changed && *self.shutdown.borrow())
     }
 
+    /// The next item if one is ready without waiting: `Some(item)` (the
+    /// stream's next item, `None` once it ended), or `None` when the stream
+    /// has to wait, for the channel, the clock or a catch-up read from the
+    /// store. A stream polls this first, so an event already waiting costs
+    /// no future; [`Watcher::next`] starts with the same step.
+    pub fn try_next(&mut self) -> Option<Option<Result<WatchItem>>> {
+        if self.finished {
+            return Some(None);
+        }
+        loop {
+            if self.shutting_down() {
+                return Some(self.fail(Error::ShuttingDown));
+            }
+            if let Some(item) = self.pending.pop_front() {
+                return Some(self.deliver(item));
+            }
+            if self.catching_up {
+                return None;
+            }
+            // An event already waiting is taken without the select of
+            // `next`, which would register a timer and a shutdown waiter
+            // (on a channel every watcher shares) only to drop them again.
+            match self.rx.try_recv() {
+                Ok(event) => {
+                    if let Some(item) = self.accept(event) {
+                        return Some(self.deliver(item));
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => self.lagged(missed),
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Some(self.fail(Error::ShuttingDown));
+                }
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+            }
+        }
+    }
+
     /// The next item; `None` after the stream ended. Ends with
     /// [`Error::ShuttingDown`] on shutdown and [`Error::SequenceCompacted`]
     /// when needed events are gone.
     pub async fn next(&mut self) -> Option<Result<WatchItem>> {
-        if self.finished {
-            return None;
-        }
         loop {
-            if self.shutting_down() {
-                return self.fail(Error::ShuttingDown);
-            }
-            if let Some(item) = self.pending.pop_front() {
-                return self.deliver(item);
+            if let Some(item) = self.try_next() {
+                return item;
             }
             if self.catching_up {
-                if let Err(err) = self.catch_up_page().await {
+                // Boxed: the read's future is large, and the future of
+                // `next` would carry it for every wait.
+                if let Err(err) = Box::pin(self.catch_up_page()).await {
                     return self.fail(err);
                 }
                 continue;
-            }
-            // An event already waiting is taken without the select below,
-            // which would register a timer and a shutdown waiter (on a
-            // channel every watcher shares) only to drop them again.
-            match self.rx.try_recv() {
-                Ok(event) => {
-                    if let Some(item) = self.accept(event) {
-                        return self.deliver(item);
-                    }
-                    continue;
-                }
-                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
-                    self.lagged(missed);
-                    continue;
-                }
-                Err(broadcast::error::TryRecvError::Closed) => {
-                    return self.fail(Error::ShuttingDown);
-                }
-                Err(broadcast::error::TryRecvError::Empty) => {}
             }
             tokio::select! {
                 biased;
