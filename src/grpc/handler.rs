@@ -187,7 +187,8 @@ impl LifecycleHandler {
 }
 
 /// One WatchEvents stream's items: the watcher's [`Watcher::try_next`]
-/// while items are ready, and a future of [`Watcher::next`] only to wait.
+/// while items are ready, and a future of [`Watcher::wait`] (then
+/// [`Watcher::next`]) only to wait.
 /// An event already waiting costs no future, so a stream that keeps up
 /// builds one future per wait rather than one per item.
 struct WatchStream {
@@ -218,7 +219,10 @@ impl Stream for WatchStream {
                     Some(item) => (watcher, item),
                     None => {
                         self.state = WatchState::Waiting(Box::pin(async move {
-                            let item = watcher.next().await;
+                            let item = match watcher.wait().await {
+                                Some(item) => item,
+                                None => watcher.next().await,
+                            };
                             (watcher, item)
                         }));
                         continue;

@@ -305,7 +305,7 @@ impl Watcher {
                 return None;
             }
             // An event already waiting is taken without the select of
-            // `next`, which would register a timer and a shutdown waiter
+            // `wait`, which would register a timer and a shutdown waiter
             // (on a channel every watcher shares) only to drop them again.
             match self.rx.try_recv() {
                 Ok(event) => {
@@ -330,39 +330,44 @@ impl Watcher {
             if let Some(item) = self.try_next() {
                 return item;
             }
-            if self.catching_up {
-                // Boxed: the read's future is large, and the future of
-                // `next` would carry it for every wait.
-                if let Err(err) = Box::pin(self.catch_up_page()).await {
-                    return self.fail(err);
-                }
-                continue;
+            if let Some(item) = self.wait().await {
+                return item;
             }
-            tokio::select! {
-                biased;
-                changed = self.shutdown.changed() => {
-                    if changed.is_err() || *self.shutdown.borrow() {
-                        return self.fail(Error::ShuttingDown);
-                    }
+        }
+    }
+
+    /// The waiting half of [`Watcher::next`], for a caller whose
+    /// [`Watcher::try_next`] just came back empty: one catch-up read, or
+    /// the channel, the progress clock or shutdown. `Some(item)` as
+    /// `try_next`; `None` when `try_next` has more to take.
+    pub async fn wait(&mut self) -> Option<Option<Result<WatchItem>>> {
+        if self.catching_up {
+            // Boxed: the read's future is large, and the future of a wait
+            // would carry it every time.
+            return match Box::pin(self.catch_up_page()).await {
+                Ok(()) => None,
+                Err(err) => Some(self.fail(err)),
+            };
+        }
+        tokio::select! {
+            biased;
+            changed = self.shutdown.changed() => {
+                (changed.is_err() || *self.shutdown.borrow())
+                    .then(|| self.fail(Error::ShuttingDown))
+            }
+            received = self.rx.recv() => match received {
+                Ok(event) => self.accept(event).map(|item| self.deliver(item)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    self.lagged(missed);
+                    None
                 }
-                received = self.rx.recv() => match received {
-                    Ok(event) => {
-                        if let Some(item) = self.accept(event) {
-                            return self.deliver(item);
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => self.lagged(missed),
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return self.fail(Error::ShuttingDown);
-                    }
-                },
-                () = tokio::time::sleep_until(self.idle_deadline) => {
-                    self.idle_deadline = Instant::now() + self.progress_interval;
-                    if !std::mem::take(&mut self.delivered) {
-                        let head_sequence = self.last_seen;
-                        return Some(Ok(WatchItem::Progress { head_sequence }));
-                    }
-                }
+                Err(broadcast::error::RecvError::Closed) => Some(self.fail(Error::ShuttingDown)),
+            },
+            () = tokio::time::sleep_until(self.idle_deadline) => {
+                self.idle_deadline = Instant::now() + self.progress_interval;
+                (!std::mem::take(&mut self.delivered)).then(|| {
+                    Some(Ok(WatchItem::Progress { head_sequence: self.last_seen }))
+                })
             }
         }
     }
