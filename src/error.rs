@@ -4,7 +4,7 @@
 //! `Status`.
 
 use crate::{
-    domain::{AgentId, AgentState, FieldViolation, TransitionError},
+    domain::{AgentId, AgentState, FieldViolation, PermissionDenied, TransitionError},
     store::StoreError,
 };
 
@@ -59,15 +59,8 @@ pub enum Error {
         retry_after: Option<std::time::Duration>,
     },
     /// The caller's role does not allow the call (or not for this agent).
-    #[error("permission denied: {principal} ({role}) may not {action}")]
-    PermissionDenied {
-        /// Who asked.
-        principal: String,
-        /// Its role.
-        role: crate::domain::Role,
-        /// What it may not do, e.g. "act for agent X" or "delete agents".
-        action: String,
-    },
+    #[error(transparent)]
+    PermissionDenied(#[from] PermissionDenied),
     /// A `request_id` already used for a request with other content.
     #[error("request_id {request_id:?} was already used for a different request")]
     RequestIdReused {

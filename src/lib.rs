@@ -1,48 +1,40 @@
 //! agent-lifecycle: a control plane that owns the lifecycle of AI agents.
 //!
 //! # Layout
-//! Dependencies point one way: `domain <- store <- service <- sync <- grpc <- server`.
+//! Dependencies point one way, down:
+//! `domain <- store <- service <- automation <- api <- app`, and the binary's
+//! `cli` on top.
 //!
 //! - [`domain`]: states, categories, the transition policy, agents,
 //!   transition records, events. Pure and synchronous.
-//! - [`store`]: the durable record (`Store` trait; in-memory, SQLite and
-//!   PostgreSQL back ends). Knows nothing of gRPC.
+//! - [`store`]: the durable record (the [`store::Store`] trait; in-memory,
+//!   SQLite and PostgreSQL back ends). Knows nothing of callers or gRPC.
 //! - [`service`]: the library API ([`AgentLifecycleService`],
-//!   [`AgentLifecycleManager`]), the commit thread (group commit), the event
-//!   bus, transition hooks, event streams, the metrics registry. Usable
-//!   without any network.
-//! - [`grpc`]: the tonic edge: generated code, conversions, the handlers, the
-//!   layer around every call, and the one place that maps errors to `Status`.
-//! - [`sync`]: external status sync (Hugging Face Spaces, Kubernetes,
-//!   Docker), driving the service through its public API; [`hf`]: the
-//!   poller that feeds it the runtime stage of each labelled Space;
-//!   [`health`]: heartbeats and the health monitor (timeouts, restarts).
-//! - [`server`]: wiring: health, reflection, limits, tracing, shutdown.
-//! - [`config`]: settings for `serve`.
-//! - [`process`]: the server binary as a child process, for the benchmark
-//!   tool and the test suite. Outside the dependency chain above.
-//! - `cli` (binary only): the terminal client and the benchmark tool.
+//!   [`AgentLifecycleManager`]): the write path, the commit thread (group
+//!   commit), the event log and its followers, event streams, transition
+//!   hooks, the metrics registry. Usable without any network.
+//! - [`automation`]: what drives the service through its public API on its
+//!   own timers: the health monitor, external status sync, the Hugging Face
+//!   poller, analytics.
+//! - [`api`]: the edges: the gRPC service ([`pb`] is its generated code),
+//!   the HTTP listener, authentication, TLS material.
+//! - [`app`]: wiring: configuration, `server::run`, telemetry.
+//!
+//! The terminal client, `serve` and the benchmark tool live in the binary
+//! (`src/main.rs`, `src/cli/`), outside the library.
 
 #![forbid(unsafe_code)]
 
-pub mod analytics;
-pub mod auth;
-pub mod config;
+pub mod api;
+pub mod app;
+pub mod automation;
 pub mod domain;
-pub mod error;
-pub mod grpc;
-pub mod health;
-pub mod hf;
-pub mod http;
-pub mod process;
-pub mod server;
+mod error;
 pub mod service;
 pub mod store;
-pub mod sync;
-pub mod telemetry;
-pub mod tls;
 
-pub use error::{Error, Result};
+pub use api::grpc::pb;
+pub use error::{Error, Result, chain};
 pub use service::{AgentLifecycleManager, AgentLifecycleService};
 
 /// Port of the default listen address.

@@ -65,9 +65,9 @@ fn dashboards_and_rules_query_exported_metrics() {
         Err(err) => panic!("service: {err}"),
     };
     let registry = service.metrics().registry();
-    let rpc = agent_lifecycle::grpc::observe::RpcMetrics::register(registry).expect("register");
+    let rpc = agent_lifecycle::api::grpc::observe::RpcMetrics::register(registry).expect("register");
     // Labelled families appear once they have a series.
-    use agent_lifecycle::grpc::{CallObserver, CallRecord};
+    use agent_lifecycle::api::grpc::{CallObserver, CallRecord};
     rpc.observe(&CallRecord {
         method: "/agentlifecycle.v1.AgentLifecycleService/RegisterAgent",
         duration: std::time::Duration::from_millis(1),

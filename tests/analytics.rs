@@ -13,9 +13,9 @@ use std::{
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    analytics::{self, AgentAnalytics},
+    automation::analytics::{self, AgentAnalytics},
     domain::{AgentId, AgentState, Labels},
-    grpc::pb,
+    api::grpc::pb,
     service::{ChangeRequest, Registration, ServiceConfig, TokioClock},
     store::SqliteStore,
 };

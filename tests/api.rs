@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S};
+use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::{Client, TestServer, online, register, transition};
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -11,7 +11,7 @@ mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use agent_lifecycle::{auth, grpc::pb};
+use agent_lifecycle::{api::auth, api::grpc::pb};
 use common::{next_event, pki::Ca, process::ServerProcess};
 use tonic::{
     Code, Request,

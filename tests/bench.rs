@@ -5,6 +5,11 @@
 
 use std::process::Command;
 
+/// The binary's process helper, shared with the benchmark tool.
+#[allow(dead_code)]
+#[path = "../src/cli/process.rs"]
+mod child;
+
 #[test]
 fn the_ceiling_benchmark_reports_its_baseline() {
     let args = [
@@ -96,9 +101,9 @@ fn run_tool(args: &[&std::ffi::OsStr]) -> String {
 /// its standard output, failing with everything it printed otherwise.
 fn bench_against_a_server(args: &[&str]) -> String {
     let bin = env!("CARGO_BIN_EXE_agent-lifecycle");
-    let command = agent_lifecycle::process::ServerCommand::new(bin)
+    let command = child::ServerCommand::new(bin)
         .args(["--store", "memory", "--log", "warn"]);
-    let server = agent_lifecycle::process::ServerProcess::start(
+    let server = child::ServerProcess::start(
         &command,
         std::time::Duration::from_secs(30),
     )

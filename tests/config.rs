@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 use common::process::ServerProcess;
 
 /// A file that selects the memory store and a retention of 3 events: the

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use agent_lifecycle::grpc::pb::{
+use agent_lifecycle::api::grpc::pb::{
     self, AgentState as S, agent_lifecycle_service_client::AgentLifecycleServiceClient,
 };
 use common::process::ServerProcess;

@@ -8,7 +8,7 @@ mod common;
 use std::{path::Path, process::Command, sync::Arc};
 
 use agent_lifecycle::{
-    grpc::pb,
+    api::grpc::pb,
     service::ServiceConfig,
     store::{SqliteStore, Store},
 };

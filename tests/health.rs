@@ -12,7 +12,7 @@ use std::{
 use agent_lifecycle::{
     AgentLifecycleService,
     domain::{AgentId, AgentState},
-    health::{AWAIT_KEY, Health, HealthSettings, TRIGGER, awaits_heartbeat},
+    automation::health::{AWAIT_KEY, Health, HealthSettings, TRIGGER, awaits_heartbeat},
     service::{ChangeRequest, HistoryQuery, Registration, ServiceConfig, TokioClock},
     store::{MemoryStore, Retention},
 };
@@ -328,7 +328,7 @@ async fn agents_stuck_past_max_dwell_move_along_the_timeout_edge() {
 /// 61 s both are.
 #[tokio::test(start_paused = true)]
 async fn rules_give_labelled_agents_their_own_timeouts() {
-    use agent_lifecycle::config::ConfigFile;
+    use agent_lifecycle::app::config::ConfigFile;
     let held = hold_the_clock();
     let service = service();
     let file = ConfigFile::parse(
@@ -405,7 +405,7 @@ async fn deployed(service: &AgentLifecycleService, labels: &[(&str, &str)]) -> A
 /// wins either way.
 #[tokio::test(start_paused = true)]
 async fn the_policy_decides_whether_starts_wait_for_a_heartbeat() {
-    use agent_lifecycle::config::ConfigFile;
+    use agent_lifecycle::app::config::ConfigFile;
     let service = service();
     let file = ConfigFile::parse(
         "[health]\n[[health.rule]]\nselector = { runtime = \"space\" }\n\

@@ -4,7 +4,7 @@
 
 mod common;
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S};
+use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::{TestServer, register};
 use tonic::Code;
 use tonic_types::StatusExt;

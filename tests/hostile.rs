@@ -36,7 +36,7 @@ use std::{
 
 use agent_lifecycle::{
     domain::limits::MAX_METADATA_DEPTH,
-    grpc::pb::{self, AgentState as S},
+    api::grpc::pb::{self, AgentState as S},
 };
 use bytes::Bytes;
 use common::{
@@ -51,7 +51,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 /// The largest request message the server reads (src/config.rs).
-const MAX_REQUEST_BYTES: usize = agent_lifecycle::config::MAX_REQUEST_BYTES;
+const MAX_REQUEST_BYTES: usize = agent_lifecycle::api::grpc::MAX_REQUEST_BYTES;
 
 /// The seed of the random cases unless `HOSTILE_SEED` is set.
 const DEFAULT_SEED: u64 = 0x5eed_a11f_ec7c_1e00;

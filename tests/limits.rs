@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use agent_lifecycle::{auth, grpc::pb};
+use agent_lifecycle::{api::auth, api::grpc::pb};
 use common::process::ServerProcess;
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 use common::process::ServerProcess;
 
 /// With `--log-format json` every stderr line is a JSON object; the

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S};
+use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::process::ServerProcess;
 
 /// One HTTP/1.1 GET; the status line and the body.

@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 use common::process::ServerProcess;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{

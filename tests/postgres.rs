@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_lifecycle::{grpc::pb, store::PostgresStore};
+use agent_lifecycle::{api::grpc::pb, store::PostgresStore};
 use common::{Client, next_event, process::ServerProcess};
 use tonic::{Code, Streaming};
 

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use agent_lifecycle::{
-    grpc::pb::{self, AgentState as S},
+    api::grpc::pb::{self, AgentState as S},
     service::ServiceConfig,
     store::{Retention, SqliteStore, Store},
 };

@@ -7,7 +7,7 @@
 
 mod common;
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S};
+use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::{Client, TestServer, process::ServerProcess};
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 use common::{TestServer, next_event, online, watch};
 use tonic::Code;
 use tonic_health::pb::{

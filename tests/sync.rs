@@ -5,7 +5,7 @@
 
 mod common;
 
-use agent_lifecycle::grpc::pb::{self, AgentState as S, SyncOutcome};
+use agent_lifecycle::api::grpc::pb::{self, AgentState as S, SyncOutcome};
 use common::{Client, TestServer, next_event, register, watch};
 use tonic::Code;
 use tonic_types::StatusExt;

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use agent_lifecycle::{
-    grpc::pb::{self, AgentState as S, watch_events_response::Kind},
+    api::grpc::pb::{self, AgentState as S, watch_events_response::Kind},
     service::ServiceConfig,
     store::Retention,
 };

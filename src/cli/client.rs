@@ -18,7 +18,7 @@ use tonic::Request;
 
 use agent_lifecycle::{
     domain::{AgentCategory, AgentState},
-    grpc::pb::{self, watch_events_response::Kind},
+    api::grpc::pb::{self, watch_events_response::Kind},
 };
 
 use super::{
@@ -114,7 +114,7 @@ pub struct AnalyticsArgs {
     #[arg(long = "agent")]
     pub agent_id: Option<String>,
     /// The window, ending now.
-    #[arg(long, default_value = "24h", value_parser = agent_lifecycle::config::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = agent_lifecycle::app::config::parse_duration)]
     pub window: Duration,
     /// Fleet: only agents with label KEY=VALUE; repeatable.
     #[arg(long = "label", value_parser = parse_pair)]
@@ -221,7 +221,7 @@ pub struct TopArgs {
     #[arg(long, default_value_t = 15)]
     pub events: usize,
     /// Time between screens.
-    #[arg(long, default_value = "1s", value_parser = agent_lifecycle::config::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = agent_lifecycle::app::config::parse_duration)]
     pub interval: Duration,
     /// Print this many screens (without clearing the terminal), then stop;
     /// default: until interrupted.
@@ -254,7 +254,7 @@ fn parse_event_type(text: &str) -> Result<pb::EventType, String> {
 }
 
 fn wire_state(state: AgentState) -> i32 {
-    agent_lifecycle::grpc::convert::state_to_pb(state) as i32
+    agent_lifecycle::api::grpc::convert::state_to_pb(state) as i32
 }
 
 fn metadata(change: &ChangeArgs) -> anyhow::Result<Option<Struct>> {
@@ -270,7 +270,7 @@ fn metadata(change: &ChangeArgs) -> anyhow::Result<Option<Struct>> {
     for (k, v) in &change.meta {
         map.insert(k.clone(), json!(v));
     }
-    Ok(agent_lifecycle::grpc::convert::metadata_to_pb(&map))
+    Ok(agent_lifecycle::api::grpc::convert::metadata_to_pb(&map))
 }
 
 fn wire_category(category: AgentCategory) -> i32 {

@@ -16,7 +16,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use agent_lifecycle::grpc::pb::agent_lifecycle_service_client::AgentLifecycleServiceClient;
+use agent_lifecycle::api::grpc::pb::agent_lifecycle_service_client::AgentLifecycleServiceClient;
 
 /// Connection flags, global to every client command and `bench`.
 #[derive(Clone, Debug, Default, Args)]

@@ -8,6 +8,8 @@ mod bench;
 mod client;
 mod connect;
 mod output;
+#[allow(dead_code)] // the test suite shares this file and uses all of it
+mod process;
 mod serve;
 
 use std::time::Duration;
@@ -39,7 +41,7 @@ pub struct Args {
     #[command(flatten)]
     pub connect: connect::ConnectArgs,
     /// Per-call deadline of client commands (not `watch`).
-    #[arg(long, global = true, default_value = "10s", value_parser = agent_lifecycle::config::parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = agent_lifecycle::app::config::parse_duration)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
@@ -133,7 +135,7 @@ pub struct TokenArgs {
 /// `token create`: the token on the first line, then the principal's
 /// configuration (or one JSON document with `-o json`).
 fn create_token(args: TokenArgs, format: Format) -> anyhow::Result<()> {
-    use agent_lifecycle::{auth, config::AuthSection, config::PrincipalSection};
+    use agent_lifecycle::{api::auth, app::config::AuthSection, app::config::PrincipalSection};
     let token = auth::new_token().map_err(|e| anyhow::anyhow!(e))?;
     let hash = auth::hex(&auth::sha256(&token));
     let section = AuthSection {

@@ -1,7 +1,7 @@
 //! Rendering of wire types for the terminal: text for people, JSON for
 //! machines.
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 use prost_types::{Struct, Timestamp, value::Kind};
 use serde_json::{Value, json};
 

@@ -11,18 +11,18 @@ use tracing_subscriber::EnvFilter;
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    auth::Authenticator,
-    config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
-    grpc::{
+    api::auth::Authenticator,
+    app::config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
+    api::grpc::{
         CallLayer,
         limits::{LimitSettings, Limits},
     },
-    health::Health,
-    server::{self, ServeOptions},
+    automation::health::Health,
+    app::server::{self, ServeOptions},
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
-    telemetry::Telemetry,
-    tls,
+    app::telemetry::Telemetry,
+    api::tls,
 };
 
 /// Log output format.
@@ -120,9 +120,9 @@ struct Settings {
     retention: Retention,
     service: ServiceConfig,
     /// The Hugging Face poller, when `[hf]` is configured.
-    hf: Option<agent_lifecycle::hf::HfSettings>,
+    hf: Option<agent_lifecycle::automation::hf::HfSettings>,
     /// The health monitor's settings.
-    health: agent_lifecycle::health::HealthSettings,
+    health: agent_lifecycle::automation::health::HealthSettings,
     /// Authentication and TLS.
     serving: ServeOptions,
     /// Whether anyone reaching the port is authenticated (principals or a
@@ -285,7 +285,7 @@ fn init_logging(args: &Settings) -> anyhow::Result<Option<Telemetry>> {
     let (telemetry, otel) = match &args.otlp_endpoint {
         Some(endpoint) => {
             let (telemetry, layer) =
-                agent_lifecycle::telemetry::otlp(endpoint).map_err(|e| anyhow::anyhow!(e))?;
+                agent_lifecycle::app::telemetry::otlp(endpoint).map_err(|e| anyhow::anyhow!(e))?;
             let layer = layer.with_filter(EnvFilter::new("agent_lifecycle=info"));
             (Some(telemetry), Some(layer))
         }
@@ -402,7 +402,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             if !bound.ip().is_loopback() {
                 tracing::warn!(%bound, "/metrics has no authentication; it is reachable beyond this host");
             }
-            Some(tokio::spawn(agent_lifecycle::http::serve(
+            Some(tokio::spawn(agent_lifecycle::api::http::serve(
                 listener,
                 service.clone(),
                 std::future::pending(),
@@ -411,7 +411,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(hf) = settings.hf {
-        tokio::spawn(agent_lifecycle::hf::run(service.clone(), hf));
+        tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
     }
     let health = Health::new(service.clone(), settings.health);
     let monitor = tokio::spawn(health.clone().run());

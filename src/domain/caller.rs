@@ -9,7 +9,7 @@
 
 use std::{fmt, str::FromStr, sync::Arc};
 
-use super::AgentId;
+use super::{AgentId, PermissionDenied};
 
 /// What a principal may do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -123,8 +123,8 @@ impl Caller {
     /// Refuses an agent principal a call about another agent.
     ///
     /// # Errors
-    /// [`crate::Error::PermissionDenied`].
-    pub fn check_agent(&self, id: AgentId) -> crate::Result<()> {
+    /// [`PermissionDenied`] naming the agent.
+    pub fn check_agent(&self, id: AgentId) -> Result<(), PermissionDenied> {
         if self.may_act_for(id) {
             return Ok(());
         }
@@ -132,8 +132,8 @@ impl Caller {
     }
 
     /// The error refusing this caller `action`.
-    pub fn denied(&self, action: impl Into<String>) -> crate::Error {
-        crate::Error::PermissionDenied {
+    pub fn denied(&self, action: impl Into<String>) -> PermissionDenied {
+        PermissionDenied {
             principal: self.to_string(),
             role: self.role,
             action: action.into(),

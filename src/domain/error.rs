@@ -1,6 +1,6 @@
-//! Why a transition was refused.
+//! The domain's errors: why a transition or a call was refused.
 
-use super::{agent::AgentId, state::AgentState};
+use super::{agent::AgentId, caller::Role, state::AgentState};
 
 /// A transition the domain refuses. Nothing is recorded for any of these.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +52,18 @@ pub enum TransitionError {
         /// The hook's reason.
         reason: String,
     },
+}
+
+/// A caller whose role does not allow the call (or not for this agent).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("permission denied: {principal} ({role}) may not {action}")]
+pub struct PermissionDenied {
+    /// Who asked.
+    pub principal: String,
+    /// Its role.
+    pub role: Role,
+    /// What it may not do, e.g. "act for agent X" or "delete agents".
+    pub action: String,
 }
 
 pub(crate) fn list(states: &[AgentState]) -> String {

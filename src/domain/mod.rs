@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod caller;
 pub mod clock;
+pub mod digest;
 pub mod error;
 pub mod external;
 pub mod heartbeat;
@@ -20,7 +21,7 @@ pub use agent::{
 };
 pub use caller::{Caller, Role};
 pub use clock::{Clock, SystemClock};
-pub use error::TransitionError;
+pub use error::{PermissionDenied, TransitionError};
 pub use external::ExternalSource;
 pub use heartbeat::Heartbeat;
 pub use hooks::{HookError, HookPhase, TransitionContext};

@@ -24,7 +24,7 @@ pub(crate) fn from_micros(micros: i64) -> SystemTime {
 pub(crate) fn encode_request(request: Option<&crate::domain::RequestTag>) -> String {
     match request {
         None => String::new(),
-        Some(tag) => format!("{}{}", crate::auth::hex(&tag.fingerprint), tag.id),
+        Some(tag) => format!("{}{}", crate::domain::digest::hex(&tag.fingerprint), tag.id),
     }
 }
 
@@ -40,7 +40,7 @@ pub(crate) fn decode_request(
         .ok_or_else(|| format!("request tag {text:?} is too short"))?;
     Ok(Some(std::sync::Arc::new(crate::domain::RequestTag {
         id: id.to_string(),
-        fingerprint: crate::auth::parse_sha256(hash)?,
+        fingerprint: crate::domain::digest::parse_sha256(hash)?,
     })))
 }
 

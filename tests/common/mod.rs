@@ -9,8 +9,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient},
-    server::{self, ServerError},
+    api::grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient},
+    app::server::{self, ServerError},
     service::ServiceConfig,
     store::{MemoryStore, SqliteStore, Store},
 };

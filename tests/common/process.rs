@@ -1,10 +1,16 @@
 //! The real server binary as a child process, for tests: a thin wrapper of
-//! `agent_lifecycle::process` that runs this build's `agent-lifecycle` and
+//! the binary's own process helper (`src/cli/process.rs`) that runs this build's `agent-lifecycle` and
 //! fails the test, showing the server's stderr, when something goes wrong.
 
 use std::{process::ExitStatus, time::Duration};
 
-use agent_lifecycle::process::{self as lib, ServerCommand, Signal};
+/// The binary's process helper, shared with the benchmark tool; not part of
+/// the library's API.
+#[allow(dead_code)]
+#[path = "../../src/cli/process.rs"]
+pub mod lib;
+
+use lib::{ServerCommand, Signal};
 
 /// How long the server may take to print its address.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);

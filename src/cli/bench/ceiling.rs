@@ -43,10 +43,9 @@ use tonic::{
     transport::{Channel, Server},
 };
 
-use agent_lifecycle::{
-    process::{ServerCommand, ServerProcess},
-    service::DEFAULT_MAX_BATCH,
-};
+use agent_lifecycle::service::DEFAULT_MAX_BATCH;
+
+use crate::cli::process::{ServerCommand, ServerProcess};
 
 use super::{
     LoadArgs, ensure_positive,
@@ -335,9 +334,9 @@ pub(super) async fn serve(durable: Option<PathBuf>) -> anyhow::Result<()> {
         .await
         .context("binding the echo server")?;
     println!("listening on {}", listener.local_addr()?);
-    let incoming = agent_lifecycle::server::incoming(listener);
+    let incoming = agent_lifecycle::app::server::incoming(listener);
     Server::builder()
-        .max_concurrent_streams(agent_lifecycle::server::MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(agent_lifecycle::app::server::MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(EchoService {
             fanout: Arc::new(Fanout {

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tonic::{Response, Status, transport::Channel};
 
-use agent_lifecycle::grpc::pb::{self, AgentState};
+use agent_lifecycle::api::grpc::pb::{self, AgentState};
 
 pub(super) use crate::cli::connect::Client;
 

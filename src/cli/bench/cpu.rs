@@ -8,7 +8,7 @@
 
 use std::{path::Path, time::Duration};
 
-use agent_lifecycle::process::cpu_time_of;
+use crate::cli::process::cpu_time_of;
 
 /// The server processes whose CPU time a benchmark reads.
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 
 use super::{
     MemoryArgs, StoreKind,

@@ -36,7 +36,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 
-use agent_lifecycle::config::parse_duration;
+use agent_lifecycle::app::config::parse_duration;
 
 use self::load::LoadOp;
 

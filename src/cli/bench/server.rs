@@ -1,5 +1,5 @@
 //! Servers the benchmark tool spawns (`recovery`, `memory`), run with
-//! [`agent_lifecycle::process`]: started on an ephemeral port with their
+//! [`crate::cli::process`]: started on an ephemeral port with their
 //! stderr on this terminal, and stopped on every exit path (SIGTERM, SIGKILL
 //! after [`STOP_GRACE`]); and the temporary directories they use.
 
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use agent_lifecycle::process::{ServerCommand, ServerProcess, Signal, Stderr};
+use crate::cli::process::{ServerCommand, ServerProcess, Signal, Stderr};
 
 /// Time a spawned server gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(30);

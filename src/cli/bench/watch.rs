@@ -27,7 +27,7 @@ use tokio::{
 };
 use tonic::{Status, Streaming, codegen::http::uri::PathAndQuery, transport::Channel};
 
-use agent_lifecycle::grpc::pb;
+use agent_lifecycle::api::grpc::pb;
 
 use super::{
     WatchBenchArgs,

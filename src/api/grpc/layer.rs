@@ -40,7 +40,7 @@ use super::{
     access::{self, Access},
     limits::Limits,
 };
-use crate::{auth::Authenticator, domain::Caller};
+use crate::{api::auth::Authenticator, domain::Caller};
 
 /// The caller the [`CallLayer`] established for `request`; anonymous when
 /// the request did not pass through one (a handler called directly).
@@ -346,7 +346,7 @@ mod tests {
     use tonic_prost::ProstCodec;
 
     use super::*;
-    use crate::grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient};
+    use crate::api::grpc::pb::{self, agent_lifecycle_service_client::AgentLifecycleServiceClient};
 
     /// Keeps every record: method and code.
     #[derive(Default)]
@@ -463,10 +463,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(crate::server::run_with(
+        let server = tokio::spawn(crate::app::server::run_with(
             listener,
             service.clone(),
-            crate::health::Health::new(service, crate::health::HealthSettings::default()),
+            crate::automation::health::Health::new(service, crate::automation::health::HealthSettings::default()),
             CallLayer::new(recorder.clone()),
             async {
                 let _ = stopped.await;

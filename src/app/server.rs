@@ -29,9 +29,9 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::{
-    config::MAX_REQUEST_BYTES,
-    grpc::{CallLayer, LifecycleServer, pb},
-    health::{Health, HealthSettings},
+    api::grpc::MAX_REQUEST_BYTES,
+    api::grpc::{CallLayer, LifecycleServer, pb},
+    automation::health::{Health, HealthSettings},
     service::AgentLifecycleService,
 };
 
@@ -55,7 +55,7 @@ pub struct ServeOptions {
     /// without it.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Rate limits and watch caps (none by default).
-    pub limits: std::sync::Arc<crate::grpc::limits::Limits>,
+    pub limits: std::sync::Arc<crate::api::grpc::limits::Limits>,
 }
 
 impl From<CallLayer> for ServeOptions {
@@ -210,7 +210,7 @@ pub async fn run_with(
     let mut calls = calls.with_limits(std::sync::Arc::clone(&limits));
     // Per-call metrics in the service's registry, once per registry (a
     // service served twice keeps the first server's).
-    if let Ok(rpc) = crate::grpc::observe::RpcMetrics::register(service.metrics().registry()) {
+    if let Ok(rpc) = crate::api::grpc::observe::RpcMetrics::register(service.metrics().registry()) {
         calls = calls.also_observe(std::sync::Arc::new(rpc));
     }
     let (health, health_service) = tonic_health::server::health_reporter();

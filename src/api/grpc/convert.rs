@@ -293,10 +293,10 @@ pub fn watch_request_from_pb(
 
 /// The response of SyncExternalStatus.
 pub fn sync_result_to_pb(
-    result: &crate::sync::SyncResult,
+    result: &crate::automation::sync::SyncResult,
     policy: &TransitionPolicy,
 ) -> pb::SyncExternalStatusResponse {
-    use crate::sync::SyncOutcome;
+    use crate::automation::sync::SyncOutcome;
     let outcome = match result.outcome {
         SyncOutcome::Applied => pb::SyncOutcome::Applied,
         SyncOutcome::AlreadyInState => pb::SyncOutcome::AlreadyInState,
@@ -462,7 +462,7 @@ pub fn parse_audit_token(token: &str) -> Result<Option<u64>, FieldViolation> {
 }
 
 /// Analytics on the wire.
-pub fn analytics_to_pb(a: &crate::analytics::AgentAnalytics) -> pb::Analytics {
+pub fn analytics_to_pb(a: &crate::automation::analytics::AgentAnalytics) -> pb::Analytics {
     pb::Analytics {
         agent_id: a.agent_id.map(|id| id.to_string()).unwrap_or_default(),
         seconds_in_state: a

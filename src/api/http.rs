@@ -33,7 +33,7 @@ use crate::{
 };
 
 /// The dashboard page.
-const DASHBOARD: &str = include_str!("../static/dashboard.html");
+const DASHBOARD: &str = include_str!("../../static/dashboard.html");
 
 /// A response body: a whole text, or a stream of events.
 type Body = BoxBody<Bytes, Infallible>;
@@ -165,7 +165,7 @@ async fn events(service: &AgentLifecycleService) -> Response<Body> {
 
 /// `/api/distribution`: agents per state at 30 points of the last hour.
 async fn distribution(service: &AgentLifecycleService) -> Response<Body> {
-    let fleet = crate::analytics::for_fleet(
+    let fleet = crate::automation::analytics::for_fleet(
         service,
         std::time::Duration::from_secs(3600),
         &crate::domain::Labels::new(),

@@ -5,7 +5,7 @@
 //! intermediate stage: BUILDING, APP_STARTING, RUNNING_BUILDING,
 //! RUNNING_APP_STARTING) the poller asks `GET {base}/api/spaces/{owner}/{name}/runtime`
 //! (with `Authorization: Bearer TOKEN` when a token is configured) and hands
-//! the stage to [`crate::sync::sync_external_status`] as source `hf_space`:
+//! the stage to [`crate::automation::sync::sync_external_status`] as source `hf_space`:
 //! the agent walks the policy's path to the mapped state, each step recorded
 //! with `triggered_by = hf_sync`. The response's `errorMessage` is recorded
 //! in the transitions' metadata (`error_message`). A 404 means the Space is
@@ -42,7 +42,7 @@ use crate::{
     AgentLifecycleService,
     domain::{AgentId, Caller, ExternalSource, Metadata},
     service::lease_holder,
-    sync::{StatusReport, SyncOutcome, sync_external_status},
+    automation::sync::{StatusReport, SyncOutcome, sync_external_status},
 };
 
 /// The label that names an agent's Space (`owner/name`).
@@ -119,8 +119,29 @@ enum Polled {
 /// configured extra ones, or plain HTTP.
 type HubClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-fn hub_client(settings: &HfSettings) -> Result<HubClient, crate::tls::TlsError> {
-    let tls = crate::tls::client_config(&settings.extra_roots)?;
+/// The client configuration of outgoing HTTPS: the Mozilla root set
+/// compiled in (`webpki-roots`, so a machine without a system certificate
+/// store works too) and `extra_roots`.
+///
+/// # Errors
+/// An extra root is not a valid CA certificate.
+pub fn client_config(
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots.add(cert.clone())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn hub_client(settings: &HfSettings) -> Result<HubClient, rustls::Error> {
+    let tls = client_config(&settings.extra_roots)?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -66,7 +66,7 @@ impl LifecycleServer {
     /// health monitor watches).
     pub fn with_health(
         service: AgentLifecycleService,
-        health: crate::health::Health,
+        health: crate::automation::health::Health,
         max_request_bytes: usize,
     ) -> Self {
         Self::with_handler(
@@ -84,7 +84,7 @@ impl LifecycleServer {
         LifecycleServer {
             generated: AgentLifecycleServiceServer::new(handler.clone())
                 .max_decoding_message_size(max_request_bytes)
-                .max_encoding_message_size(crate::config::MAX_RESPONSE_BYTES),
+                .max_encoding_message_size(super::MAX_RESPONSE_BYTES),
             handler,
             max_request_bytes,
         }
@@ -118,7 +118,7 @@ where
         Box::pin(async move {
             let mut grpc = Grpc::new(codec).apply_max_message_size_config(
                 Some(limit),
-                Some(crate::config::MAX_RESPONSE_BYTES),
+                Some(super::MAX_RESPONSE_BYTES),
             );
             Ok(grpc.server_streaming(route, request).await)
         })

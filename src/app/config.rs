@@ -14,13 +14,6 @@ use crate::{
 /// The default store: a SQLite file under `./data`.
 pub const DEFAULT_STORE: &str = "sqlite://./data/agent-lifecycle.db";
 
-/// Largest request message the server decodes.
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-/// Largest response message the server sends (a ListAgents page of 1000
-/// agents with large metadata stays well below it).
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-
 /// Which back end holds the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreUrl {
@@ -183,17 +176,17 @@ pub struct ConfigFile {
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub agent_transitions_per_second: Option<f64>,
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub agent_transition_burst: Option<f64>,
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub principal_requests_per_second: Option<f64>,
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub principal_request_burst: Option<f64>,
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub max_watches_per_principal: Option<usize>,
-    /// See [`crate::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::limits::LimitSettings`].
     pub max_watches: Option<usize>,
 }
 
@@ -202,8 +195,8 @@ impl LimitsSection {
     ///
     /// # Errors
     /// A negative or non-finite rate or burst.
-    pub fn settings(&self) -> Result<crate::grpc::limits::LimitSettings, String> {
-        let d = crate::grpc::limits::LimitSettings::default();
+    pub fn settings(&self) -> Result<crate::api::grpc::limits::LimitSettings, String> {
+        let d = crate::api::grpc::limits::LimitSettings::default();
         for (key, value) in [
             (
                 "agent_transitions_per_second",
@@ -222,7 +215,7 @@ impl LimitsSection {
                 return Err(format!("limits.{key}: {v} must be a number >= 0"));
             }
         }
-        Ok(crate::grpc::limits::LimitSettings {
+        Ok(crate::api::grpc::limits::LimitSettings {
             agent_transitions_per_second: self
                 .agent_transitions_per_second
                 .unwrap_or(d.agent_transitions_per_second),
@@ -293,7 +286,7 @@ impl AuthSection {
     /// # Errors
     /// A bad role, hash or agent id, a principal with no way to
     /// authenticate, agents on a role other than `agent`, or duplicates.
-    pub fn principals(&self) -> Result<Vec<crate::auth::Principal>, String> {
+    pub fn principals(&self) -> Result<Vec<crate::api::auth::Principal>, String> {
         let principals = self
             .principal
             .iter()
@@ -306,7 +299,7 @@ impl AuthSection {
                 let token_sha256 = p
                     .token_sha256
                     .as_deref()
-                    .map(crate::auth::parse_sha256)
+                    .map(crate::api::auth::parse_sha256)
                     .transpose()
                     .map_err(|e| at(format!("token_sha256: {e}")))?;
                 if token_sha256.is_none() && p.cert_subject.is_none() {
@@ -325,7 +318,7 @@ impl AuthSection {
                 if role != crate::domain::Role::Agent && !agents.is_empty() {
                     return Err(at("only the agent role has agents".into()));
                 }
-                Ok(crate::auth::Principal {
+                Ok(crate::api::auth::Principal {
                     name: p.name.clone(),
                     role,
                     agents,
@@ -334,7 +327,7 @@ impl AuthSection {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        crate::auth::Authenticator::new(&principals)?;
+        crate::api::auth::Authenticator::new(&principals)?;
         Ok(principals)
     }
 }
@@ -395,8 +388,8 @@ impl HfSection {
     /// # Errors
     /// `token_env` names a variable that is not set, or `ca_file` cannot be
     /// read.
-    pub fn settings(&self) -> Result<crate::hf::HfSettings, String> {
-        let defaults = crate::hf::HfSettings::default();
+    pub fn settings(&self) -> Result<crate::automation::hf::HfSettings, String> {
+        let defaults = crate::automation::hf::HfSettings::default();
         let token = match &self.token_env {
             Some(name) => Some(
                 std::env::var(name)
@@ -405,12 +398,12 @@ impl HfSection {
             None => None,
         };
         let extra_roots = match &self.ca_file {
-            Some(path) => crate::tls::certificates(std::path::Path::new(path))
+            Some(path) => crate::api::tls::certificates(std::path::Path::new(path))
                 .map_err(|e| format!("hf.ca_file: {e}"))?,
             None => Vec::new(),
         };
-        crate::tls::client_config(&extra_roots).map_err(|e| format!("hf.ca_file: {e}"))?;
-        Ok(crate::hf::HfSettings {
+        crate::automation::hf::client_config(&extra_roots).map_err(|e| format!("hf.ca_file: {e}"))?;
+        Ok(crate::automation::hf::HfSettings {
             base_url: self.base_url.clone(),
             token,
             extra_roots,
@@ -443,30 +436,30 @@ impl HfSection {
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
-    /// See [`crate::health::HealthSettings::start_waits_for_heartbeat`].
+    /// See [`crate::automation::health::HealthSettings::start_waits_for_heartbeat`].
     pub start_waits_for_heartbeat: Option<bool>,
-    /// See [`crate::health::HealthSettings::startup_timeout`].
+    /// See [`crate::automation::health::HealthSettings::startup_timeout`].
     pub startup_timeout: Option<String>,
-    /// See [`crate::health::HealthSettings::heartbeat_interval`].
+    /// See [`crate::automation::health::HealthSettings::heartbeat_interval`].
     pub heartbeat_interval: Option<String>,
-    /// See [`crate::health::HealthSettings::heartbeat_timeout`].
+    /// See [`crate::automation::health::HealthSettings::heartbeat_timeout`].
     pub heartbeat_timeout: Option<String>,
-    /// See [`crate::health::HealthSettings::grace`].
+    /// See [`crate::automation::health::HealthSettings::grace`].
     pub grace: Option<String>,
-    /// See [`crate::health::HealthSettings::max_restarts`].
+    /// See [`crate::automation::health::HealthSettings::max_restarts`].
     pub max_restarts: Option<u32>,
-    /// See [`crate::health::HealthSettings::initial_delay`].
+    /// See [`crate::automation::health::HealthSettings::initial_delay`].
     pub restart_delay: Option<String>,
-    /// See [`crate::health::HealthSettings::multiplier`].
+    /// See [`crate::automation::health::HealthSettings::multiplier`].
     pub restart_multiplier: Option<f64>,
-    /// See [`crate::health::HealthSettings::max_delay`].
+    /// See [`crate::automation::health::HealthSettings::max_delay`].
     pub restart_max_delay: Option<String>,
-    /// See [`crate::health::HealthSettings::jitter`].
+    /// See [`crate::automation::health::HealthSettings::jitter`].
     pub restart_jitter: Option<f64>,
-    /// See [`crate::health::HealthSettings::reset_after`].
+    /// See [`crate::automation::health::HealthSettings::reset_after`].
     pub restart_reset_after: Option<String>,
     /// `[health.max_dwell]`: state name -> longest stay (see
-    /// [`crate::health::HealthSettings::max_dwell`]).
+    /// [`crate::automation::health::HealthSettings::max_dwell`]).
     #[serde(default)]
     pub max_dwell: std::collections::BTreeMap<String, String>,
     /// In a `[[health.rule]]`: the labels an agent must carry for the
@@ -492,12 +485,12 @@ impl HealthSection {
 
     /// The monitor's settings: the defaults with this section's values,
     /// and one rule per `[[health.rule]]`.
-    pub fn settings(&self) -> crate::health::HealthSettings {
-        let mut base = self.overlay(&crate::health::HealthSettings::default());
+    pub fn settings(&self) -> crate::automation::health::HealthSettings {
+        let mut base = self.overlay(&crate::automation::health::HealthSettings::default());
         base.rules = self
             .rule
             .iter()
-            .map(|rule| crate::health::HealthRule {
+            .map(|rule| crate::automation::health::HealthRule {
                 selector: rule.selector.clone().unwrap_or_default(),
                 settings: rule.overlay(&base),
             })
@@ -506,10 +499,10 @@ impl HealthSection {
     }
 
     /// `base` with the values this section sets.
-    fn overlay(&self, base: &crate::health::HealthSettings) -> crate::health::HealthSettings {
+    fn overlay(&self, base: &crate::automation::health::HealthSettings) -> crate::automation::health::HealthSettings {
         let d = base.clone();
         let or = |value: &Option<String>, default| ConfigFile::duration(value).unwrap_or(default);
-        crate::health::HealthSettings {
+        crate::automation::health::HealthSettings {
             start_waits_for_heartbeat: self
                 .start_waits_for_heartbeat
                 .unwrap_or(d.start_waits_for_heartbeat),
@@ -660,7 +653,7 @@ impl ConfigFile {
                     .parse()
                     .map_err(|_| format!("health.max_dwell: unknown state {state:?}"))?;
                 parse_duration(limit).map_err(|e| format!("health.max_dwell.{state}: {e}"))?;
-                if crate::health::timeout_edge(&file_policy(&file), parsed).is_none() {
+                if crate::automation::health::timeout_edge(&file_policy(&file), parsed).is_none() {
                     return Err(format!(
                         "health.max_dwell.{state}: the policy has no timeout edge (timeout, error or failed) from {state}"
                     ));
@@ -809,7 +802,7 @@ mod tests {
 
     #[test]
     fn the_policy_section_changes_edges_and_names_bad_lines() {
-        let example = include_str!("../examples/agent-lifecycle.toml");
+        let example = include_str!("../../examples/agent-lifecycle.toml");
         let file = ConfigFile::parse(example).expect("the shipped example is valid");
         for from in [AgentState::Online, AgentState::Idle, AgentState::Busy] {
             assert!(file.transition_policy.allows(from, AgentState::Scaling));

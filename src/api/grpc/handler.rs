@@ -34,11 +34,11 @@ use super::{
 };
 use crate::{
     domain::{AgentId, AgentState, ExternalSource, FieldViolation},
-    health::{Health, HealthSettings, Heartbeat},
+    automation::health::{Health, HealthSettings, Heartbeat},
     service::{
         AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem, Watcher,
     },
-    sync::{self, StatusReport},
+    automation::sync::{self, StatusReport},
 };
 
 /// Default ListAgents page size.
@@ -473,7 +473,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         let window = convert::analytics_window(window)?;
         self.service.sync().await?;
         let (analytics, start, end) =
-            crate::analytics::for_agent(&self.service, id, window).await?;
+            crate::automation::analytics::for_agent(&self.service, id, window).await?;
         Ok(Response::new(pb::GetAgentAnalyticsResponse {
             analytics: Some(convert::analytics_to_pb(&analytics)),
             window_start: Some(convert::timestamp(start)),
@@ -503,7 +503,7 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         };
         self.service.sync().await?;
         let fleet =
-            crate::analytics::for_fleet(&self.service, window, &labels, buckets, top).await?;
+            crate::automation::analytics::for_fleet(&self.service, window, &labels, buckets, top).await?;
         Ok(Response::new(pb::GetFleetAnalyticsResponse {
             agents: fleet.agents,
             total: Some(convert::analytics_to_pb(&fleet.total)),

@@ -59,6 +59,13 @@ impl From<FieldViolation> for Status {
     }
 }
 
+/// A refused caller: PERMISSION_DENIED, as [`Error::PermissionDenied`].
+impl From<crate::domain::PermissionDenied> for Status {
+    fn from(denied: crate::domain::PermissionDenied) -> Self {
+        Status::from(Error::PermissionDenied(denied))
+    }
+}
+
 /// UNIMPLEMENTED for `method` (a full gRPC path): the generated server was
 /// asked for a method the served service answers before the generated
 /// server sees it.
@@ -233,11 +240,11 @@ impl From<Error> for Status {
             Error::RequestCompacted { .. } => {
                 (Code::FailedPrecondition, info("REQUEST_COMPACTED", &[]))
             }
-            Error::PermissionDenied {
+            Error::PermissionDenied(crate::domain::PermissionDenied {
                 principal,
                 role,
                 action,
-            } => {
+            }) => {
                 warn!(%principal, %role, %action, "refused: permission denied");
                 (
                     Code::PermissionDenied,

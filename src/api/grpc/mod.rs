@@ -12,6 +12,13 @@
 //!   per-call record.
 //! - [`status`]: `crate::Error` -> `Status`, with google.rpc details.
 
+/// Largest request message the server decodes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Largest response message the server sends (a ListAgents page of 1000
+/// agents with large metadata stays well below it).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 pub mod access;
 pub mod convert;
 pub mod fanout;

@@ -1,8 +1,5 @@
-//! TLS material: certificates and keys read from PEM files, and the client
-//! configuration for outgoing HTTPS (the Hugging Face Hub), which trusts the
-//! Mozilla root set compiled in (`webpki-roots`, so a machine without a
-//! system certificate store works too) plus any extra CA certificates the
-//! configuration names.
+//! TLS material: certificates and keys read from PEM files, for the
+//! server's own TLS and for the extra roots of outgoing HTTPS.
 
 use std::path::Path;
 
@@ -52,24 +49,4 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
 /// The file cannot be read or holds no private key.
 pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
-}
-
-/// A client configuration trusting the compiled-in Mozilla roots and
-/// `extra_roots`.
-///
-/// # Errors
-/// An extra root is not a valid CA certificate.
-pub fn client_config(
-    extra_roots: &[CertificateDer<'static>],
-) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra_roots {
-        roots.add(cert.clone())?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }

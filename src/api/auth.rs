@@ -7,10 +7,11 @@
 //! lines that hold its hash. Requests carry it as
 //! `authorization: Bearer alt_...`.
 
-use std::{collections::HashMap, fmt::Write as _, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use rustls::pki_types::CertificateDer;
 
+pub use crate::domain::digest::{hex, parse_sha256};
 use crate::domain::{AgentId, Caller, Role};
 
 /// The prefix of every token (it makes leaked tokens easy to scan for).
@@ -136,30 +137,6 @@ pub fn sha256(token: &str) -> [u8; 32] {
     let mut hash = [0u8; 32];
     hash.copy_from_slice(digest.as_ref());
     hash
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-/// The 32 bytes that 64 hex digits spell.
-///
-/// # Errors
-/// Not exactly 64 hex digits.
-pub fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
-    let bad = || format!("{text:?} is not a SHA-256 hash (64 hex digits)");
-    if text.len() != 64 || !text.is_ascii() {
-        return Err(bad());
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(hash)
 }
 
 /// A fresh random token.

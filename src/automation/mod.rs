@@ -1,0 +1,18 @@
+//! Automation: the parts that drive the service through its public API, each
+//! with its own timers (and, on a shared store, its own lease). Nothing here
+//! bypasses the write path: every change they make is an ordinary
+//! transition with `triggered_by` naming the automation.
+//!
+//! - [`health`]: heartbeats and the health monitor (timeouts, restarts).
+//! - [`sync`]: external status sync, the one mapping from a platform's
+//!   status to a path of transitions (SyncExternalStatus).
+//! - [`hf`]: the Hugging Face Hub poller, which feeds [`sync`] the runtime
+//!   stage of each labelled Space.
+//! - [`analytics`]: per-agent and fleet analytics computed from the history.
+//!
+//! Depends on `domain`, `store` and `service`; knows nothing of gRPC.
+
+pub mod analytics;
+pub mod health;
+pub mod hf;
+pub mod sync;
