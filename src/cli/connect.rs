@@ -34,7 +34,7 @@ pub struct ConnectArgs {
     /// roots compiled in.
     #[arg(long, global = true, env = "AGENT_LIFECYCLE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS; needs --tls-key.
+    /// Client certificate (PEM) for mutual TLS; needs --tls-client-key.
     #[arg(long, global = true, env = "AGENT_LIFECYCLE_TLS_CLIENT_CERT")]
     pub tls_client_cert: Option<PathBuf>,
     /// The private key of --tls-client-cert (PEM).
