@@ -402,7 +402,8 @@ impl HfSection {
                 .map_err(|e| format!("hf.ca_file: {e}"))?,
             None => Vec::new(),
         };
-        crate::automation::hf::client_config(&extra_roots).map_err(|e| format!("hf.ca_file: {e}"))?;
+        crate::automation::hf::client_config(&extra_roots)
+            .map_err(|e| format!("hf.ca_file: {e}"))?;
         Ok(crate::automation::hf::HfSettings {
             base_url: self.base_url.clone(),
             token,
@@ -499,7 +500,10 @@ impl HealthSection {
     }
 
     /// `base` with the values this section sets.
-    fn overlay(&self, base: &crate::automation::health::HealthSettings) -> crate::automation::health::HealthSettings {
+    fn overlay(
+        &self,
+        base: &crate::automation::health::HealthSettings,
+    ) -> crate::automation::health::HealthSettings {
         let d = base.clone();
         let or = |value: &Option<String>, default| ConfigFile::duration(value).unwrap_or(default);
         crate::automation::health::HealthSettings {

@@ -40,9 +40,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     AgentLifecycleService,
+    automation::sync::{StatusReport, SyncOutcome, sync_external_status},
     domain::{AgentId, Caller, ExternalSource, Metadata},
     service::lease_holder,
-    automation::sync::{StatusReport, SyncOutcome, sync_external_status},
 };
 
 /// The label that names an agent's Space (`owner/name`).

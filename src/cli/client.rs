@@ -17,8 +17,8 @@ use serde_json::json;
 use tonic::Request;
 
 use agent_lifecycle::{
-    domain::{AgentCategory, AgentState},
     api::grpc::pb::{self, watch_events_response::Kind},
+    domain::{AgentCategory, AgentState},
 };
 
 use super::{

@@ -12,17 +12,17 @@ use tracing_subscriber::EnvFilter;
 use agent_lifecycle::{
     AgentLifecycleService,
     api::auth::Authenticator,
-    app::config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
     api::grpc::{
         CallLayer,
         limits::{LimitSettings, Limits},
     },
-    automation::health::Health,
+    api::tls,
+    app::config::{ConfigFile, DEFAULT_STORE, StoreUrl, parse_duration},
     app::server::{self, ServeOptions},
+    app::telemetry::Telemetry,
+    automation::health::Health,
     service::{DEFAULT_EVENT_BUFFER, DEFAULT_MAX_BATCH, DEFAULT_PROGRESS_INTERVAL, ServiceConfig},
     store::Retention,
-    app::telemetry::Telemetry,
-    api::tls,
 };
 
 /// Log output format.

@@ -116,10 +116,8 @@ where
         let codec = WatchCodec(self.handler.service().clone());
         let limit = self.max_request_bytes;
         Box::pin(async move {
-            let mut grpc = Grpc::new(codec).apply_max_message_size_config(
-                Some(limit),
-                Some(super::MAX_RESPONSE_BYTES),
-            );
+            let mut grpc = Grpc::new(codec)
+                .apply_max_message_size_config(Some(limit), Some(super::MAX_RESPONSE_BYTES));
             Ok(grpc.server_streaming(route, request).await)
         })
     }

@@ -33,12 +33,12 @@ use super::{
     status::not_routed,
 };
 use crate::{
-    domain::{AgentId, AgentState, ExternalSource, FieldViolation},
     automation::health::{Health, HealthSettings, Heartbeat},
+    automation::sync::{self, StatusReport},
+    domain::{AgentId, AgentState, ExternalSource, FieldViolation},
     service::{
         AgentFilter, AgentLifecycleService, HistoryQuery, Outcome, Registration, WatchItem, Watcher,
     },
-    automation::sync::{self, StatusReport},
 };
 
 /// Default ListAgents page size.
@@ -503,7 +503,8 @@ impl pb::agent_lifecycle_service_server::AgentLifecycleService for LifecycleHand
         };
         self.service.sync().await?;
         let fleet =
-            crate::automation::analytics::for_fleet(&self.service, window, &labels, buckets, top).await?;
+            crate::automation::analytics::for_fleet(&self.service, window, &labels, buckets, top)
+                .await?;
         Ok(Response::new(pb::GetFleetAnalyticsResponse {
             agents: fleet.agents,
             total: Some(convert::analytics_to_pb(&fleet.total)),

@@ -2,7 +2,7 @@
 //! and a bad file stops the server at start-up with a message naming the
 //! problem and its line.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

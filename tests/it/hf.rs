@@ -12,8 +12,8 @@ use std::{
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    domain::{AgentId, AgentState, Labels},
     automation::hf::{self, HfSettings},
+    domain::{AgentId, AgentState, Labels},
     service::{Registration, WatchItem, WatchRequest},
 };
 use tokio::{
@@ -22,7 +22,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-mod common;
+use crate::common;
 
 /// What the fake answers for one request.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 //! transition per step with the source as `triggered_by`; unknown statuses
 //! and unreachable states change nothing and say so.
 
-mod common;
+use crate::common;
 
 use agent_lifecycle::api::grpc::pb::{self, AgentState as S, SyncOutcome};
 use common::{Client, TestServer, next_event, register, watch};

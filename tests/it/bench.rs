@@ -5,10 +5,7 @@
 
 use std::process::Command;
 
-/// The binary's process helper, shared with the benchmark tool.
-#[allow(dead_code)]
-#[path = "../src/cli/process.rs"]
-mod child;
+use crate::common::process::lib as child;
 
 #[test]
 fn the_ceiling_benchmark_reports_its_baseline() {
@@ -101,13 +98,9 @@ fn run_tool(args: &[&std::ffi::OsStr]) -> String {
 /// its standard output, failing with everything it printed otherwise.
 fn bench_against_a_server(args: &[&str]) -> String {
     let bin = env!("CARGO_BIN_EXE_agent-lifecycle");
-    let command = child::ServerCommand::new(bin)
-        .args(["--store", "memory", "--log", "warn"]);
-    let server = child::ServerProcess::start(
-        &command,
-        std::time::Duration::from_secs(30),
-    )
-    .expect("server starts");
+    let command = child::ServerCommand::new(bin).args(["--store", "memory", "--log", "warn"]);
+    let server = child::ServerProcess::start(&command, std::time::Duration::from_secs(30))
+        .expect("server starts");
     let url = server.url();
     let mut all = vec![std::ffi::OsStr::new("--server"), std::ffi::OsStr::new(&url)];
     all.extend(args.iter().map(std::ffi::OsStr::new));

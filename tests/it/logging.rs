@@ -1,7 +1,7 @@
 //! Logs of the real binary: JSON lines with the request span, and a clean
 //! exit on SIGTERM.
 
-mod common;
+use crate::common;
 
 use agent_lifecycle::api::grpc::pb;
 use common::process::ServerProcess;

@@ -2,7 +2,7 @@
 //! acknowledged transition survives SIGKILL and SIGTERM, history and state
 //! agree, and sequences continue without reuse.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

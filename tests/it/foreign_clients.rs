@@ -8,7 +8,7 @@
 //! else `python3`; `grpcurl` must be on `PATH`. A missing interpreter, package
 //! or grpcurl fails these tests: they never skip.
 
-mod common;
+use crate::common;
 
 use std::{
     path::Path,

@@ -8,7 +8,7 @@
 //! installs; locally without it the promtool check is skipped with a note,
 //! under CI it fails.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{Read, Write},

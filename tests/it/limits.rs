@@ -4,7 +4,7 @@
 //! principal and in total, and a closed stream frees its place; metadata
 //! nested too deep is INVALID_ARGUMENT.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The terminal client against a real server: results on stdout, errors on
 //! stderr with a non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::{process::Output, time::Duration};
 

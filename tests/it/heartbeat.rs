@@ -2,7 +2,7 @@
 //! streaming RPC, the last heartbeat in GetAgent, the counts in
 //! GetLifecycleMetrics, and refusals that name the field.
 
-mod common;
+use crate::common;
 
 use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::{TestServer, register};

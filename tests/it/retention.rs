@@ -2,7 +2,7 @@
 //! watchers asking for them get OUT_OF_RANGE naming the oldest available
 //! sequence, history shrinks but agents keep their state, across restarts.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Graceful shutdown: health turns NOT_SERVING, open watch streams end with
 //! UNAVAILABLE after their last event, the server task joins.
 
-mod common;
+use crate::common;
 
 use agent_lifecycle::api::grpc::pb;
 use common::{TestServer, next_event, online, watch};

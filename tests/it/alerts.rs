@@ -65,7 +65,8 @@ fn dashboards_and_rules_query_exported_metrics() {
         Err(err) => panic!("service: {err}"),
     };
     let registry = service.metrics().registry();
-    let rpc = agent_lifecycle::api::grpc::observe::RpcMetrics::register(registry).expect("register");
+    let rpc =
+        agent_lifecycle::api::grpc::observe::RpcMetrics::register(registry).expect("register");
     // Labelled families appear once they have a series.
     use agent_lifecycle::api::grpc::{CallObserver, CallRecord};
     rpc.observe(&CallRecord {

@@ -1,7 +1,7 @@
 //! WatchEvents over a real server: ordering, replay, snapshot, filters,
 //! progress, lag backfill and compaction.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

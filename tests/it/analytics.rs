@@ -4,7 +4,7 @@
 //! state an agent was in before the window began; the same figures after a
 //! restart (SQLite, the durable log); and the RPCs over gRPC.
 
-mod common;
+use crate::common;
 
 use std::{
     sync::Arc,
@@ -13,9 +13,9 @@ use std::{
 
 use agent_lifecycle::{
     AgentLifecycleService,
+    api::grpc::pb,
     automation::analytics::{self, AgentAnalytics},
     domain::{AgentId, AgentState, Labels},
-    api::grpc::pb,
     service::{ChangeRequest, Registration, ServiceConfig, TokioClock},
     store::SqliteStore,
 };

@@ -7,7 +7,7 @@
 //! certificate from another CA, the CLI's --tls-ca and --token, and a
 //! non-loopback listener without authentication refused at start-up.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Command, time::Duration};
 

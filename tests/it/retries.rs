@@ -5,7 +5,7 @@
 //! process (PostgreSQL); the same id with other content is ALREADY_EXISTS
 //! with reason REQUEST_ID_REUSED and changes nothing.
 
-mod common;
+use crate::common;
 
 use agent_lifecycle::api::grpc::pb::{self, AgentState as S};
 use common::{Client, TestServer, process::ServerProcess};

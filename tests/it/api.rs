@@ -1,7 +1,7 @@
 //! Every RPC of the contract over a real server: results, codes and the
 //! google.rpc error details.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

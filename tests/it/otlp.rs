@@ -4,7 +4,7 @@
 //! `traceparent`, and a span per commit batch; the last spans are flushed
 //! when the server stops.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

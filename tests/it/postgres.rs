@@ -8,7 +8,7 @@
 //! locally, without it, these tests return early with a note, and under CI
 //! they fail.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -3,7 +3,7 @@
 //! These tests mount small tmpfs file systems, so they need root (CI runs
 //! as root); they fail, rather than skip, without it.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Command, sync::Arc};
 
