@@ -63,7 +63,7 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(serve::ServeArgs),
+    Serve(agent_lifecycle::app::config::Config),
     /// Register an agent (idempotent while it is REGISTERED).
     Register(client::RegisterArgs),
     /// Show one agent.

@@ -328,10 +328,10 @@ async fn agents_stuck_past_max_dwell_move_along_the_timeout_edge() {
 /// 61 s both are.
 #[tokio::test(start_paused = true)]
 async fn rules_give_labelled_agents_their_own_timeouts() {
-    use agent_lifecycle::app::config::ConfigFile;
+    use agent_lifecycle::app::config::Config;
     let held = hold_the_clock();
     let service = service();
-    let file = ConfigFile::parse(
+    let file = Config::parse(
         "[health]\ngrace = \"0s\"\nheartbeat_timeout = \"30s\"\n\
          [[health.rule]]\nselector = { team = \"ml\" }\nheartbeat_timeout = \"60s\"\n",
     )
@@ -405,9 +405,9 @@ async fn deployed(service: &AgentLifecycleService, labels: &[(&str, &str)]) -> A
 /// wins either way.
 #[tokio::test(start_paused = true)]
 async fn the_policy_decides_whether_starts_wait_for_a_heartbeat() {
-    use agent_lifecycle::app::config::ConfigFile;
+    use agent_lifecycle::app::config::Config;
     let service = service();
-    let file = ConfigFile::parse(
+    let file = Config::parse(
         "[health]\n[[health.rule]]\nselector = { runtime = \"space\" }\n\
          start_waits_for_heartbeat = true\n",
     )

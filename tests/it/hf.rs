@@ -312,7 +312,7 @@ async fn https_to_the_hub_verifies_the_certificate() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_file = ca.write(dir.path(), "hub-ca");
-    let file = agent_lifecycle::app::config::ConfigFile::parse(&format!(
+    let file = agent_lifecycle::app::config::Config::parse(&format!(
         "[hf]\nbase_url = {base:?}\nca_file = {:?}\n",
         ca_file.to_str().expect("utf-8 path")
     ))
