@@ -26,6 +26,7 @@ use tonic::transport::{
     server::{Connected, TcpConnectInfo, TcpIncoming},
 };
 use tonic_health::ServingStatus;
+use tonic_reflection::server as reflection;
 use tracing::{info, warn};
 
 use crate::{
@@ -193,6 +194,31 @@ pub async fn run(
     served
 }
 
+/// The reflection services, both versions, describing the lifecycle
+/// service, the health service and google.rpc's status and error details
+/// (so that reflection clients such as grpcurl can show an error's
+/// ErrorInfo, BadRequest and PreconditionFailure).
+fn reflection() -> Result<
+    (
+        reflection::v1::ServerReflectionServer<impl reflection::v1::ServerReflection>,
+        reflection::v1alpha::ServerReflectionServer<impl reflection::v1alpha::ServerReflection>,
+    ),
+    ServerError,
+> {
+    let sets = [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let builder = || {
+        sets.iter()
+            .fold(reflection::Builder::configure(), |builder, set| {
+                builder.register_encoded_file_descriptor_set(set)
+            })
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
 /// [`run`], with `heartbeats` recording the heartbeats received (the
 /// health monitor, if any, is the caller's to run), and `options`' layer
 /// around every call served and its TLS.
@@ -217,19 +243,7 @@ pub async fn run_with(
     health.set_serving::<LifecycleServer>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
-    // google.rpc's status and error details too, so that reflection
-    // clients (grpcurl) can show an error's ErrorInfo, BadRequest and
-    // PreconditionFailure.
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES)
         .with_limits(limits);

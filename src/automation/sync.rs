@@ -99,78 +99,29 @@ pub async fn sync_external_status(
     let mut metadata = report.metadata;
     metadata.insert("source".into(), source.as_str().into());
     metadata.insert("status".into(), report.status.clone().into());
+    let change = ChangeRequest {
+        reason: format!("{source} status {}", report.status),
+        triggered_by: source.trigger().to_string(),
+        metadata,
+        expected_version: None,
+        caller: report.caller.clone(),
+        request_id: None,
+    };
+    let sync = StatusSync {
+        service,
+        id,
+        source,
+        target,
+        status: &report.status,
+        change,
+    };
     let mut transitions = Vec::new();
     let mut based_on = 0;
     for _ in 0..ATTEMPTS {
         let agent = service.get_agent(id)?;
         based_on = agent.version;
-        if agent.state == target || satisfied_by(source, target, agent.state) {
-            let outcome = if transitions.is_empty() {
-                SyncOutcome::AlreadyInState
-            } else {
-                SyncOutcome::Applied
-            };
-            let message = format!(
-                "{source} status {} means {target}; agent is {}",
-                report.status, agent.state
-            );
-            return Ok(SyncResult {
-                outcome,
-                target: Some(target),
-                agent,
-                transitions,
-                message,
-            });
-        }
-        let Some(path) = service.policy().path_to(agent.state, target) else {
-            return Ok(SyncResult {
-                outcome: SyncOutcome::Unreachable,
-                target: Some(target),
-                message: format!(
-                    "{source} status {} means {target}, which the policy does not reach from {}; nothing changed",
-                    report.status, agent.state
-                ),
-                agent,
-                transitions,
-            });
-        };
-        let mut version = agent.version;
-        let mut lost_a_race = false;
-        for step in path {
-            let change = ChangeRequest {
-                reason: format!("{source} status {}", report.status),
-                triggered_by: source.trigger().to_string(),
-                metadata: metadata.clone(),
-                expected_version: Some(version),
-                caller: report.caller.clone(),
-                request_id: None,
-            };
-            match service.transition(id, step, change).await {
-                Ok(outcome) => {
-                    version = outcome.agent.version;
-                    transitions.extend(outcome.transitions);
-                }
-                Err(Error::Transition(TransitionError::VersionMismatch { .. })) => {
-                    lost_a_race = true;
-                    break;
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        if !lost_a_race {
-            service.metrics().sync_transitions(transitions.len());
-            let agent = service.get_agent(id)?;
-            return Ok(SyncResult {
-                outcome: SyncOutcome::Applied,
-                target: Some(target),
-                message: format!(
-                    "{source} status {} means {target}: {} transition(s) recorded",
-                    report.status,
-                    transitions.len()
-                ),
-                agent,
-                transitions,
-            });
+        if let Some(result) = sync.attempt(agent, &mut transitions).await? {
+            return Ok(result);
         }
     }
     // The agent kept changing under the sync: the caller may report again.
@@ -179,4 +130,122 @@ pub async fn sync_external_status(
         expected: based_on,
         actual: service.get_agent(id)?.version,
     }))
+}
+
+/// One status report being applied: what every attempt shares.
+struct StatusSync<'a> {
+    service: &'a AgentLifecycleService,
+    id: AgentId,
+    source: ExternalSource,
+    target: AgentState,
+    status: &'a str,
+    /// The change each transition records (its expected version set per
+    /// step).
+    change: ChangeRequest,
+}
+
+impl StatusSync<'_> {
+    /// One try from `agent` as read: settled when the agent is (or has
+    /// become) where the status says or cannot get there; `None` when
+    /// another writer moved the agent meanwhile.
+    async fn attempt(
+        &self,
+        agent: Arc<Agent>,
+        transitions: &mut Vec<Arc<TransitionRecord>>,
+    ) -> Result<Option<SyncResult>> {
+        let (source, target, status) = (self.source, self.target, self.status);
+        if agent.state == target || satisfied_by(source, target, agent.state) {
+            let outcome = if transitions.is_empty() {
+                SyncOutcome::AlreadyInState
+            } else {
+                SyncOutcome::Applied
+            };
+            let message = format!(
+                "{source} status {status} means {target}; agent is {}",
+                agent.state
+            );
+            return Ok(Some(self.result(outcome, agent, transitions, message)));
+        }
+        let Some(path) = self.service.policy().path_to(agent.state, target) else {
+            let message = format!(
+                "{source} status {status} means {target}, which the policy does not reach from {}; nothing changed",
+                agent.state
+            );
+            return Ok(Some(self.result(
+                SyncOutcome::Unreachable,
+                agent,
+                transitions,
+                message,
+            )));
+        };
+        if !walk(
+            self.service,
+            self.id,
+            &path,
+            agent.version,
+            &self.change,
+            transitions,
+        )
+        .await?
+        {
+            return Ok(None);
+        }
+        self.service.metrics().sync_transitions(transitions.len());
+        let agent = self.service.get_agent(self.id)?;
+        let message = format!(
+            "{source} status {status} means {target}: {} transition(s) recorded",
+            transitions.len()
+        );
+        Ok(Some(self.result(
+            SyncOutcome::Applied,
+            agent,
+            transitions,
+            message,
+        )))
+    }
+
+    fn result(
+        &self,
+        outcome: SyncOutcome,
+        agent: Arc<Agent>,
+        transitions: &mut Vec<Arc<TransitionRecord>>,
+        message: String,
+    ) -> SyncResult {
+        SyncResult {
+            outcome,
+            target: Some(self.target),
+            agent,
+            transitions: std::mem::take(transitions),
+            message,
+        }
+    }
+}
+
+/// Moves agent `id` along `path`, each step expecting the version the one
+/// before left, adding the records to `transitions`. `Ok(false)` when
+/// another writer changed the agent in between (the caller reads it again
+/// and plans anew).
+async fn walk(
+    service: &AgentLifecycleService,
+    id: AgentId,
+    path: &[AgentState],
+    mut version: u64,
+    change: &ChangeRequest,
+    transitions: &mut Vec<Arc<TransitionRecord>>,
+) -> Result<bool> {
+    for &step in path {
+        let change = ChangeRequest {
+            expected_version: Some(version),
+            ..change.clone()
+        };
+        match service.transition(id, step, change).await {
+            Ok(outcome) => {
+                version = outcome.agent.version;
+                transitions.extend(outcome.transitions);
+            }
+            Err(Error::Transition(TransitionError::VersionMismatch { .. })) => return Ok(false),
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(true)
 }

@@ -21,6 +21,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::domain::TransitionPolicy;
 
+use self::values::de;
 pub use self::{
     resolve::{Settings, defaults},
     sections::{
@@ -29,7 +30,6 @@ pub use self::{
     },
     values::{DEFAULT_STORE, LogFormat, StoreUrl, parse_duration, redact},
 };
-use self::values::de;
 
 /// One layer of the settings: the flags of `serve` (each also an
 /// `AGENT_LIFECYCLE_<NAME>` variable), or the `--config` file, which has the
@@ -158,4 +158,3 @@ pub struct Config {
     #[serde(skip)]
     pub transition_policy: TransitionPolicy,
 }
-

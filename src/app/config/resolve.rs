@@ -144,7 +144,11 @@ impl Config {
             retention,
             service,
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
-            health: file.health.as_ref().map(|h| h.settings()).unwrap_or_default(),
+            health: file
+                .health
+                .as_ref()
+                .map(|h| h.settings())
+                .unwrap_or_default(),
             serving,
             authenticated,
             insecure: insecure.unwrap_or(false),
@@ -242,9 +246,18 @@ mod tests {
             ("log_format", "human".to_string()),
             ("event_buffer", settings.service.event_buffer.to_string()),
             ("max_batch", settings.service.max_batch.to_string()),
-            ("progress_interval", format!("{}s", settings.service.progress_interval.as_secs())),
-            ("compaction_interval", format!("{}s", settings.service.compaction_interval.as_secs())),
-            ("request_id_window", format!("{}h", settings.service.request_window.as_secs() / 3600)),
+            (
+                "progress_interval",
+                format!("{}s", settings.service.progress_interval.as_secs()),
+            ),
+            (
+                "compaction_interval",
+                format!("{}s", settings.service.compaction_interval.as_secs()),
+            ),
+            (
+                "request_id_window",
+                format!("{}h", settings.service.request_window.as_secs() / 3600),
+            ),
         ];
         for (flag, value) in quoted {
             let text = help(flag);
@@ -262,8 +275,11 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_the_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("serve.toml");
-        std::fs::write(&path, "max_batch = 7\nevent_buffer = 9\nstore = \"memory\"\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "max_batch = 7\nevent_buffer = 9\nstore = \"memory\"\n",
+        )
+        .expect("write");
         let flags = Config {
             config: Some(path),
             max_batch: Some(3),
@@ -271,8 +287,14 @@ mod tests {
         };
         let settings = flags.resolve().expect("resolve");
         assert_eq!(settings.service.max_batch, 3, "the flag wins");
-        assert_eq!(settings.service.event_buffer, 9, "the file over the default");
+        assert_eq!(
+            settings.service.event_buffer, 9,
+            "the file over the default"
+        );
         assert_eq!(settings.store, StoreUrl::Memory);
-        assert_eq!(settings.service.compaction_interval, defaults::COMPACTION_INTERVAL);
+        assert_eq!(
+            settings.service.compaction_interval,
+            defaults::COMPACTION_INTERVAL
+        );
     }
 }

@@ -90,7 +90,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-
 /// Parses durations like `500ms`, `30s`, `15m`, `12h`, `7d` (a bare number
 /// is seconds).
 ///
@@ -162,9 +161,7 @@ pub(super) mod de {
     }
 
     /// A path.
-    pub fn path<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<PathBuf>, D::Error> {
+    pub fn path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
         String::deserialize(deserializer).map(|text| Some(PathBuf::from(text)))
     }
 }
