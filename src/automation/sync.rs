@@ -104,7 +104,7 @@ pub async fn sync_external_status(
         triggered_by: source.trigger().to_string(),
         metadata,
         expected_version: None,
-        caller: report.caller.clone(),
+        caller: report.caller,
         request_id: None,
     };
     let sync = StatusSync {
