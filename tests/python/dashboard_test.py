@@ -32,6 +32,7 @@ def main(argv):
 
     from selenium import webdriver
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -60,7 +61,9 @@ def main(argv):
         # An agent that exists before the page opens is listed from the start.
         before = cli("register", "-q", "--name", "before", "--label", "team=ops")
         driver.get(f"http://{http_addr}/")
-        wait = WebDriverWait(driver, WAIT)
+        # The page re-renders its rows as events arrive: an element found
+        # just before a render is stale when read, and is looked up again.
+        wait = WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
         def row_state(agent_id):
             rows = driver.find_elements(By.CSS_SELECTOR, f'tr[data-agent-id="{agent_id}"]')
