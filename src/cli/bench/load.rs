@@ -150,7 +150,7 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         secs(args.warmup),
         args.runs
     );
-    let server_cpu = ServerCpu::find(server, &args.server_pid);
+    let server_cpu = ServerCpu::find(server, &args.cpu.server_pid);
     println!("  {}", server_cpu.describe());
     let echo = if args.baseline || args.durable_baseline.is_some() {
         println!(

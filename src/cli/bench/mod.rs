@@ -110,6 +110,14 @@ struct LoadArgs {
     /// it. Put DIR on the disk of the store under test.
     #[arg(long, value_name = "DIR")]
     durable_baseline: Option<PathBuf>,
+    #[command(flatten)]
+    cpu: ServerCpuArgs,
+}
+
+/// Whose CPU time a benchmark of a running server reads: the flag
+/// `transition`, `get`, `ceiling` and `watch` share.
+#[derive(Debug, Args)]
+struct ServerCpuArgs {
     /// Server processes whose CPU time is read, comma-separated; default:
     /// the process listening on each --server port on this machine.
     #[arg(long, value_delimiter = ',')]
@@ -152,19 +160,8 @@ struct WatchBenchArgs {
     /// each run is reported as ratios to it.
     #[arg(long)]
     baseline: bool,
-    /// Before each run, also the same load on the durable echo, a bare
-    /// tonic echo that answers each call after inserting its payload as a
-    /// row of a bare SQLite file in a directory under DIR (WAL,
-    /// `synchronous = FULL`), every call waiting in one transaction and one
-    /// fsync: the ceiling of a store that makes each change durable before
-    /// its answer, on DIR's disk. Each run is also reported as a ratio to
-    /// it. Put DIR on the disk of the store under test.
-    #[arg(long, value_name = "DIR")]
-    durable_baseline: Option<PathBuf>,
-    /// Server processes whose CPU time is read, comma-separated; default:
-    /// the process listening on each --server port on this machine.
-    #[arg(long, value_delimiter = ',')]
-    server_pid: Vec<u32>,
+    #[command(flatten)]
+    cpu: ServerCpuArgs,
 }
 
 /// `bench recovery`.

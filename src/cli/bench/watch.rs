@@ -496,7 +496,7 @@ pub(super) async fn run(server: &str, args: WatchBenchArgs) -> anyhow::Result<()
             "  warning: {per_connection} streams per connection; the server allows 1024 concurrent streams per connection"
         );
     }
-    let cpu = ServerCpu::find(server, &args.server_pid);
+    let cpu = ServerCpu::find(server, &args.cpu.server_pid);
     println!("  {}", cpu.describe());
     let stream_channels = connect_channels(server, connections).await?;
     let writer_channel = connect_channels(server, 1)
