@@ -23,7 +23,6 @@ use agent_lifecycle::{
     domain::{AgentCategory, AgentState},
 };
 
-use self::mutate::mutate;
 pub use self::{
     mutate::{ErrorArgs, OpArgs, RegisterArgs, StartArgs, TaskArgs, TransitionArgs},
     query::{AnalyticsArgs, AuditArgs, HistoryArgs, IdArgs, ListArgs},
@@ -103,63 +102,15 @@ pub async fn run(
         Command::Rules => query::rules(s).await,
         Command::Top(a) => watch::top(s, a).await,
         Command::Watch(a) => watch::watch(s, a).await,
-        Command::Transition(a) => {
-            let target = wire_state(a.target);
-            mutate(
-                s,
-                a.agent_id,
-                a.change,
-                |r: &mut pb::TransitionAgentRequest| {
-                    r.target_state = target;
-                },
-            )
-            .await
-        }
-        Command::Deploy(a) => {
-            mutate::<pb::DeployAgentRequest>(s, a.agent_id, a.change, |_| {}).await
-        }
-        Command::Start(a) => {
-            mutate(
-                s,
-                a.op.agent_id,
-                a.op.change,
-                |r: &mut pb::StartAgentRequest| {
-                    r.wait_for_heartbeat = a.wait_for_heartbeat;
-                },
-            )
-            .await
-        }
-        Command::Stop(a) => mutate::<pb::StopAgentRequest>(s, a.agent_id, a.change, |_| {}).await,
-        Command::Assign(a) => {
-            mutate(s, a.agent_id, a.change, |r: &mut pb::AssignTaskRequest| {
-                r.task_id = a.task_id;
-            })
-            .await
-        }
-        Command::Complete(a) => {
-            mutate(
-                s,
-                a.agent_id,
-                a.change,
-                |r: &mut pb::CompleteTaskRequest| {
-                    r.task_id = a.task_id;
-                },
-            )
-            .await
-        }
-        // The message is HandleError's reason; `--reason` is unused.
-        Command::Error(a) => {
-            mutate(s, a.agent_id, a.change, |r: &mut pb::HandleErrorRequest| {
-                r.error_message = a.message;
-            })
-            .await
-        }
-        Command::Maintenance(a) => {
-            mutate::<pb::PutInMaintenanceRequest>(s, a.agent_id, a.change, |_| {}).await
-        }
-        Command::Resume(a) => {
-            mutate::<pb::ResumeFromMaintenanceRequest>(s, a.agent_id, a.change, |_| {}).await
-        }
+        change @ (Command::Transition(_)
+        | Command::Deploy(_)
+        | Command::Start(_)
+        | Command::Stop(_)
+        | Command::Assign(_)
+        | Command::Complete(_)
+        | Command::Error(_)
+        | Command::Maintenance(_)
+        | Command::Resume(_)) => mutate::change(s, change).await,
         Command::Serve(_) | Command::Bench(_) | Command::Token(_) => bail!("not a client command"),
     }
 }

@@ -8,7 +8,7 @@
 //! implemented once per request type by the table at `mutations!`; the
 //! nine commands differ only in the fields of their own, which [`mutate`]
 //! lets each set. A new change command is a line of that table, its flags
-//! and an arm of the dispatch.
+//! and an arm of [`change`].
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -19,7 +19,7 @@ use tonic::{Request, Status};
 use agent_lifecycle::api::grpc::pb;
 use agent_lifecycle::domain::AgentState;
 
-use super::{Client, Format, Session, parse_pair, parse_state, status_error};
+use super::{Client, Command, Format, Session, parse_pair, parse_state, status_error, wire_state};
 
 /// What every change may carry.
 #[derive(Debug, Args)]
@@ -248,6 +248,54 @@ pub(super) async fn mutate<R: Mutation>(
         .map_err(status_error)?;
     s.print_change(changed.agent, changed.transitions);
     Ok(())
+}
+
+/// One of the nine change commands: the request of each, with its own
+/// fields.
+///
+/// # Errors
+/// As [`mutate`]; a command that is no change is refused.
+pub(super) async fn change(s: &mut Session, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Transition(a) => {
+            mutate::<pb::TransitionAgentRequest>(s, a.agent_id, a.change, |r| {
+                r.target_state = wire_state(a.target);
+            })
+            .await
+        }
+        Command::Deploy(a) => {
+            mutate::<pb::DeployAgentRequest>(s, a.agent_id, a.change, |_| {}).await
+        }
+        Command::Start(a) => {
+            mutate::<pb::StartAgentRequest>(s, a.op.agent_id, a.op.change, |r| {
+                r.wait_for_heartbeat = a.wait_for_heartbeat;
+            })
+            .await
+        }
+        Command::Stop(a) => mutate::<pb::StopAgentRequest>(s, a.agent_id, a.change, |_| {}).await,
+        Command::Assign(a) => {
+            mutate::<pb::AssignTaskRequest>(s, a.agent_id, a.change, |r| r.task_id = a.task_id)
+                .await
+        }
+        Command::Complete(a) => {
+            mutate::<pb::CompleteTaskRequest>(s, a.agent_id, a.change, |r| r.task_id = a.task_id)
+                .await
+        }
+        // The message is HandleError's reason; `--reason` is unused.
+        Command::Error(a) => {
+            mutate::<pb::HandleErrorRequest>(s, a.agent_id, a.change, |r| {
+                r.error_message = a.message;
+            })
+            .await
+        }
+        Command::Maintenance(a) => {
+            mutate::<pb::PutInMaintenanceRequest>(s, a.agent_id, a.change, |_| {}).await
+        }
+        Command::Resume(a) => {
+            mutate::<pb::ResumeFromMaintenanceRequest>(s, a.agent_id, a.change, |_| {}).await
+        }
+        _ => bail!("not a change command"),
+    }
 }
 
 /// `register`: RegisterAgent; the new agent's id first (or alone with
