@@ -171,6 +171,38 @@ fn bare_open(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// `count` agents registered in the store, one batch each, at version 1.
+///
+/// # Errors
+/// A failed commit.
+fn register_agents(store: &SqliteStore, count: usize) -> anyhow::Result<Vec<Tracked>> {
+    let mut agents = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut tracked = Tracked {
+            id: AgentId::generate(),
+            version: 0,
+            online: false,
+        };
+        let mut registration = record(&tracked, AgentState::Idle, None);
+        registration.reason = format!("bench agent {i}");
+        let mut changes = vec![AgentChange {
+            agent_id: tracked.id,
+            prior_version: 0,
+            identity: Some(AgentIdentity {
+                name: Arc::from(format!("bench-commit-{i}")),
+                labels: Arc::default(),
+            }),
+            records: vec![Arc::new(registration)],
+        }];
+        store
+            .commit(BatchId(i as u64), &mut changes, &SystemClock)
+            .context("registering the agents")?;
+        tracked.version = 1;
+        agents.push(tracked);
+    }
+    Ok(agents)
+}
+
 /// Runs `bench commit`.
 ///
 /// # Errors
@@ -202,30 +234,7 @@ pub(super) fn run(args: CommitArgs) -> anyhow::Result<()> {
     );
     let store = SqliteStore::open(dir.0.join("store.db")).context("opening the store")?;
     let mut conn = bare_open(&dir.0.join("bare.db"))?;
-    let mut agents = Vec::with_capacity(args.agents);
-    for i in 0..args.agents {
-        let mut tracked = Tracked {
-            id: AgentId::generate(),
-            version: 0,
-            online: false,
-        };
-        let mut registration = record(&tracked, AgentState::Idle, None);
-        registration.reason = format!("bench agent {i}");
-        let mut changes = vec![AgentChange {
-            agent_id: tracked.id,
-            prior_version: 0,
-            identity: Some(AgentIdentity {
-                name: Arc::from(format!("bench-commit-{i}")),
-                labels: Arc::default(),
-            }),
-            records: vec![Arc::new(registration)],
-        }];
-        store
-            .commit(BatchId(i as u64), &mut changes, &SystemClock)
-            .context("registering the agents")?;
-        tracked.version = 1;
-        agents.push(tracked);
-    }
+    let mut agents = register_agents(&store, args.agents)?;
     // The baseline writes the same rows on its own copy of the agents.
     let mut bare_agents = agents.clone();
     let (mut next, mut bare_next, mut sequence) = (0, 0, 0);
