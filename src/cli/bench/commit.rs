@@ -10,9 +10,14 @@
 //! What the store does beyond that (the version check, the per-agent and
 //! per-principal indexes, the agents' rows, the head) is the ratio.
 
-use std::{path::Path, sync::Arc, time::UNIX_EPOCH};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::UNIX_EPOCH,
+};
 
 use anyhow::Context;
+use clap::Args;
 use rusqlite::{Connection, params};
 
 use agent_lifecycle::{
@@ -20,7 +25,30 @@ use agent_lifecycle::{
     store::{AgentChange, AgentIdentity, BatchId, ChangeOutcome, SqliteStore, Store},
 };
 
-use super::{CommitArgs, ensure_positive, server::TempDir, stats::median};
+use super::{ensure_positive, server::TempDir, stats::median};
+
+/// `bench commit`.
+#[derive(Debug, Args)]
+pub(super) struct CommitArgs {
+    /// Agents the transitions go round-robin over.
+    #[arg(long, default_value_t = 64)]
+    agents: usize,
+    /// Transitions per commit (a group commit's batch).
+    #[arg(long, default_value_t = 18)]
+    batch: usize,
+    /// Transitions per run (a fifth of it warms up first, unmeasured).
+    #[arg(long, default_value_t = 100_000)]
+    transitions: usize,
+    /// Repetitions, each after its baseline; every run is reported, then
+    /// the median.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Parent of the temporary directory of both files; default: $TMPDIR.
+    /// On a tmpfs (`/dev/shm`) the fsyncs cost nothing and only the CPU of
+    /// the write path is left.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
 
 /// One agent as the benchmark tracks it.
 #[derive(Clone)]

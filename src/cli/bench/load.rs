@@ -3,20 +3,61 @@
 //! connections, until a deadline; transitions also check that the committed
 //! sequences are contiguous and count group commits.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
+use clap::Args;
+
+use agent_lifecycle::app::config::parse_duration;
 
 use super::{
-    LoadArgs,
     ceiling::{EchoBaseline, EchoFigures, EchoKind},
     client::{
         Client, MAX_CONSECUTIVE_ERRORS, Worker, connect_channels, create_agents, head_sequence,
     },
-    cpu::{self, ServerCpu},
+    cpu::{self, ServerCpu, ServerCpuArgs},
     ensure_positive,
     stats::{Latencies, median, nanos, rate, secs},
 };
+
+/// `bench transition` and `bench get`.
+#[derive(Debug, Args)]
+pub(super) struct LoadArgs {
+    /// Workers, one request in flight each, one agent each.
+    #[arg(long, default_value_t = 64)]
+    pub(super) concurrency: usize,
+    /// gRPC connections (HTTP/2) the workers are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub(super) connections: usize,
+    /// Measured time per run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) duration: Duration,
+    /// Unmeasured load before each run's measurement.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub(super) warmup: Duration,
+    /// Repetitions; every run is reported, then the median.
+    #[arg(long, default_value_t = 3)]
+    pub(super) runs: usize,
+    /// Before each run, the same load on a bare tonic echo server (spawned
+    /// here, as `bench ceiling`); each run is reported as a ratio to it,
+    /// then the median ratio. Ignored by `bench ceiling` itself.
+    #[arg(long)]
+    pub(super) baseline: bool,
+    /// Before each run, also the same load on the durable echo, a bare
+    /// tonic echo that answers each call after inserting its payload as a
+    /// row of a bare SQLite file in a directory under DIR (WAL,
+    /// `synchronous = FULL`), every call waiting in one transaction and one
+    /// fsync: the ceiling of a store that makes each change durable before
+    /// its answer, on DIR's disk. Each run is also reported as a ratio to
+    /// it. Put DIR on the disk of the store under test.
+    #[arg(long, value_name = "DIR")]
+    pub(super) durable_baseline: Option<PathBuf>,
+    #[command(flatten)]
+    pub(super) cpu: ServerCpuArgs,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum LoadOp {

@@ -3,7 +3,7 @@
 //! takes until it listens and until it answers with the whole log loaded.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitStatus,
     sync::{
         Arc,
@@ -13,11 +13,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-
+use clap::Args;
 use tonic::transport::Channel;
 
+use agent_lifecycle::app::config::parse_duration;
+
 use super::{
-    RecoveryArgs,
     client::{
         Client, LOAD_WORKERS, Worker, connect, connect_channels, create_agents, head_sequence,
     },
@@ -25,6 +26,29 @@ use super::{
     server::{SpawnedServer, file_size, server_binary},
     stats::{Latencies, median, mib, nanos, rate, secs},
 };
+
+/// `bench recovery`.
+#[derive(Debug, Args)]
+pub(super) struct RecoveryArgs {
+    /// Events the SQLite file holds (populated unless it already has them).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Agents that populate the log.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Server binary; default: this executable.
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Directory of bench.db; default: $TMPDIR/agent-lifecycle-bench.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Longest a start may take before the run fails.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    start_timeout: Duration,
+    /// Restarts; every one is reported, then the median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
 
 /// `workers` workers flip ONLINE agents ONLINE <-> IDLE until the head
 /// reaches `target`; returns the latencies and the number of transitions.

@@ -12,16 +12,25 @@
 //! fails the target, and says so.
 //!
 //! With `--baseline` every run is followed by the same load on a bare
-//! tonic fan-out (`ceiling.rs`): a broadcast channel streamed to each
-//! subscriber, with messages of the size of the events just received.
+//! tonic fan-out (`ceiling/echo_server.rs`): a broadcast channel streamed
+//! to each subscriber, with messages of the size of the events just
+//! received.
+//!
+//! This module holds the flags, the set-up of each target and the medians;
+//! `stream` the subscribers, `writer` the writers, `run` one run.
 
 mod run;
 mod stream;
 mod writer;
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use clap::Args;
 use tonic::transport::Channel;
+
+use agent_lifecycle::app::config::parse_duration;
 
 use self::{
     run::watch_run,
@@ -29,13 +38,52 @@ use self::{
     writer::{Writer, bare_call, sequence_of},
 };
 use super::{
-    WatchBenchArgs,
     ceiling::{EchoBaseline, HEAD_PATH},
     client::{Client, Worker, connect, connect_channels, create_agents, head_sequence},
-    cpu::{self, ServerCpu},
+    cpu::{self, ServerCpu, ServerCpuArgs},
     ensure_positive,
     stats::{Latencies, median, secs},
 };
+
+/// `bench watch`.
+#[derive(Debug, Args)]
+pub(super) struct WatchBenchArgs {
+    /// Open WatchEvents streams (live, no filter).
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Aggregate commits per second of the writers: write k is scheduled
+    /// at k / rate seconds after the start, whenever the one before it
+    /// returned.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// How long the writers write per run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// gRPC connections the streams are spread over (writers use their
+    /// own); default: one per subscriber, as separate monitors connect.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Writers, each taking every W-th scheduled write with one request in
+    /// flight; the achievable rate is at most writers / TransitionAgent
+    /// latency.
+    #[arg(long, default_value_t = 32)]
+    writers: usize,
+    /// How long subscribers may take to receive the last event after the
+    /// writers stop (and to receive the marker before they start).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Repetitions; every run is reported, then the median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// After each run, the same subscribers, connections, writers and rate
+    /// on a bare tonic fan-out (a broadcast channel streamed to each
+    /// subscriber, messages the size of an encoded event; spawned here);
+    /// each run is reported as ratios to it.
+    #[arg(long)]
+    baseline: bool,
+    #[command(flatten)]
+    cpu: ServerCpuArgs,
+}
 
 /// Share of the target commit rate a run must reach.
 const TARGET_SHARE: f64 = 0.99;
