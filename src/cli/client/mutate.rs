@@ -16,8 +16,7 @@ use prost_types::Struct;
 use serde_json::json;
 use tonic::{Request, Status};
 
-use agent_lifecycle::api::grpc::pb;
-use agent_lifecycle::domain::AgentState;
+use agent_lifecycle::{api::grpc::pb, domain::AgentState};
 
 use super::{Client, Command, Format, Session, parse_pair, parse_state, status_error, wire_state};
 
@@ -324,4 +323,74 @@ pub(super) async fn register(s: &mut Session, a: RegisterArgs) -> anyhow::Result
     }
     s.print_change(changed.agent, changed.transitions);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change() -> Change {
+        Change::parse(
+            "a1".to_string(),
+            ChangeArgs {
+                reason: "why".to_string(),
+                triggered_by: "who".to_string(),
+                meta: vec![("k".to_string(), "v".to_string())],
+                metadata_json: Some(r#"{"n": 1}"#.to_string()),
+                expected_version: Some(7),
+                request_id: "r1".to_string(),
+            },
+        )
+        .expect("valid metadata")
+    }
+
+    #[test]
+    fn a_change_fills_the_fields_every_request_carries() {
+        let deploy = pb::DeployAgentRequest::from_change(change());
+        assert_eq!(deploy.agent_id, "a1");
+        assert_eq!(deploy.reason, "why");
+        assert_eq!(deploy.triggered_by, "who");
+        assert_eq!(deploy.expected_version, Some(7));
+        assert_eq!(deploy.request_id, "r1");
+        let fields = &deploy.metadata.expect("metadata").fields;
+        assert!(
+            fields.contains_key("k") && fields.contains_key("n"),
+            "{fields:?}"
+        );
+
+        let assign = pb::AssignTaskRequest::from_change(change());
+        assert_eq!(
+            (assign.reason.as_str(), assign.task_id.as_str()),
+            ("why", "")
+        );
+        let error = pb::HandleErrorRequest::from_change(change());
+        assert_eq!(
+            (error.triggered_by.as_str(), error.expected_version),
+            ("who", Some(7))
+        );
+        let register = pb::RegisterAgentRequest::from_change(change());
+        assert_eq!(
+            (register.agent_id.as_str(), register.reason.as_str()),
+            ("a1", "why")
+        );
+    }
+
+    #[test]
+    fn metadata_that_is_no_json_object_is_refused() {
+        for (text, message) in [
+            ("[1]", "--metadata must be a JSON object"),
+            ("nope", "--metadata is not JSON"),
+        ] {
+            let args = ChangeArgs {
+                reason: String::new(),
+                triggered_by: String::new(),
+                meta: Vec::new(),
+                metadata_json: Some(text.to_string()),
+                expected_version: None,
+                request_id: String::new(),
+            };
+            let err = Change::parse(String::new(), args).err().expect("refused");
+            assert!(format!("{err:#}").starts_with(message), "{err:#}");
+        }
+    }
 }
