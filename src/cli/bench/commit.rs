@@ -10,9 +10,14 @@
 //! What the store does beyond that (the version check, the per-agent and
 //! per-principal indexes, the agents' rows, the head) is the ratio.
 
-use std::{path::Path, sync::Arc, time::UNIX_EPOCH};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::UNIX_EPOCH,
+};
 
 use anyhow::Context;
+use clap::Args;
 use rusqlite::{Connection, params};
 
 use agent_lifecycle::{
@@ -20,7 +25,30 @@ use agent_lifecycle::{
     store::{AgentChange, AgentIdentity, BatchId, ChangeOutcome, SqliteStore, Store},
 };
 
-use super::{CommitArgs, ensure_positive, server::TempDir, stats::median};
+use super::{ensure_positive, server::TempDir, stats::median};
+
+/// `bench commit`.
+#[derive(Debug, Args)]
+pub(super) struct CommitArgs {
+    /// Agents the transitions go round-robin over.
+    #[arg(long, default_value_t = 64)]
+    agents: usize,
+    /// Transitions per commit (a group commit's batch).
+    #[arg(long, default_value_t = 18)]
+    batch: usize,
+    /// Transitions per run (a fifth of it warms up first, unmeasured).
+    #[arg(long, default_value_t = 100_000)]
+    transitions: usize,
+    /// Repetitions, each after its baseline; every run is reported, then
+    /// the median.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Parent of the temporary directory of both files; default: $TMPDIR.
+    /// On a tmpfs (`/dev/shm`) the fsyncs cost nothing and only the CPU of
+    /// the write path is left.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
 
 /// One agent as the benchmark tracks it.
 #[derive(Clone)]
@@ -171,6 +199,38 @@ fn bare_open(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// `count` agents registered in the store, one batch each, at version 1.
+///
+/// # Errors
+/// A failed commit.
+fn register_agents(store: &SqliteStore, count: usize) -> anyhow::Result<Vec<Tracked>> {
+    let mut agents = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut tracked = Tracked {
+            id: AgentId::generate(),
+            version: 0,
+            online: false,
+        };
+        let mut registration = record(&tracked, AgentState::Idle, None);
+        registration.reason = format!("bench agent {i}");
+        let mut changes = vec![AgentChange {
+            agent_id: tracked.id,
+            prior_version: 0,
+            identity: Some(AgentIdentity {
+                name: Arc::from(format!("bench-commit-{i}")),
+                labels: Arc::default(),
+            }),
+            records: vec![Arc::new(registration)],
+        }];
+        store
+            .commit(BatchId(i as u64), &mut changes, &SystemClock)
+            .context("registering the agents")?;
+        tracked.version = 1;
+        agents.push(tracked);
+    }
+    Ok(agents)
+}
+
 /// Runs `bench commit`.
 ///
 /// # Errors
@@ -202,30 +262,7 @@ pub(super) fn run(args: CommitArgs) -> anyhow::Result<()> {
     );
     let store = SqliteStore::open(dir.0.join("store.db")).context("opening the store")?;
     let mut conn = bare_open(&dir.0.join("bare.db"))?;
-    let mut agents = Vec::with_capacity(args.agents);
-    for i in 0..args.agents {
-        let mut tracked = Tracked {
-            id: AgentId::generate(),
-            version: 0,
-            online: false,
-        };
-        let mut registration = record(&tracked, AgentState::Idle, None);
-        registration.reason = format!("bench agent {i}");
-        let mut changes = vec![AgentChange {
-            agent_id: tracked.id,
-            prior_version: 0,
-            identity: Some(AgentIdentity {
-                name: Arc::from(format!("bench-commit-{i}")),
-                labels: Arc::default(),
-            }),
-            records: vec![Arc::new(registration)],
-        }];
-        store
-            .commit(BatchId(i as u64), &mut changes, &SystemClock)
-            .context("registering the agents")?;
-        tracked.version = 1;
-        agents.push(tracked);
-    }
+    let mut agents = register_agents(&store, args.agents)?;
     // The baseline writes the same rows on its own copy of the agents.
     let mut bare_agents = agents.clone();
     let (mut next, mut bare_next, mut sequence) = (0, 0, 0);

@@ -8,7 +8,19 @@
 
 use std::{path::Path, time::Duration};
 
+use clap::Args;
+
 use crate::cli::process::cpu_time_of;
+
+/// Whose CPU time a benchmark of a running server reads: the flag
+/// `transition`, `get`, `ceiling` and `watch` share.
+#[derive(Debug, Args)]
+pub(super) struct ServerCpuArgs {
+    /// Server processes whose CPU time is read, comma-separated; default:
+    /// the process listening on each --server port on this machine.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) server_pid: Vec<u32>,
+}
 
 /// The server processes whose CPU time a benchmark reads.
 #[derive(Debug, Default)]

@@ -3,18 +3,61 @@
 //! connections, until a deadline; transitions also check that the committed
 //! sequences are contiguous and count group commits.
 
-use std::time::Instant;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
+use clap::Args;
+
+use agent_lifecycle::app::config::parse_duration;
 
 use super::{
-    LoadArgs,
     ceiling::{EchoBaseline, EchoFigures, EchoKind},
-    client::{MAX_CONSECUTIVE_ERRORS, Worker, connect_channels, create_agents, head_sequence},
-    cpu::{self, ServerCpu},
+    client::{
+        Client, MAX_CONSECUTIVE_ERRORS, Worker, connect_channels, create_agents, head_sequence,
+    },
+    cpu::{self, ServerCpu, ServerCpuArgs},
     ensure_positive,
     stats::{Latencies, median, nanos, rate, secs},
 };
+
+/// `bench transition` and `bench get`.
+#[derive(Debug, Args)]
+pub(super) struct LoadArgs {
+    /// Workers, one request in flight each, one agent each.
+    #[arg(long, default_value_t = 64)]
+    pub(super) concurrency: usize,
+    /// gRPC connections (HTTP/2) the workers are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub(super) connections: usize,
+    /// Measured time per run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) duration: Duration,
+    /// Unmeasured load before each run's measurement.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub(super) warmup: Duration,
+    /// Repetitions; every run is reported, then the median.
+    #[arg(long, default_value_t = 3)]
+    pub(super) runs: usize,
+    /// Before each run, the same load on a bare tonic echo server (spawned
+    /// here, as `bench ceiling`); each run is reported as a ratio to it,
+    /// then the median ratio. Ignored by `bench ceiling` itself.
+    #[arg(long)]
+    pub(super) baseline: bool,
+    /// Before each run, also the same load on the durable echo, a bare
+    /// tonic echo that answers each call after inserting its payload as a
+    /// row of a bare SQLite file in a directory under DIR (WAL,
+    /// `synchronous = FULL`), every call waiting in one transaction and one
+    /// fsync: the ceiling of a store that makes each change durable before
+    /// its answer, on DIR's disk. Each run is also reported as a ratio to
+    /// it. Put DIR on the disk of the store under test.
+    #[arg(long, value_name = "DIR")]
+    pub(super) durable_baseline: Option<PathBuf>,
+    #[command(flatten)]
+    pub(super) cpu: ServerCpuArgs,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum LoadOp {
@@ -150,40 +193,10 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
         secs(args.warmup),
         args.runs
     );
-    let server_cpu = ServerCpu::find(server, &args.server_pid);
+    let server_cpu = ServerCpu::find(server, &args.cpu.server_pid);
     println!("  {}", server_cpu.describe());
-    let echo = if args.baseline || args.durable_baseline.is_some() {
-        println!(
-            "  baseline: a bare tonic echo (100-byte payload) under the same load before each run"
-        );
-        if let Some(dir) = &args.durable_baseline {
-            println!(
-                "  and the durable echo: each call a row of a bare SQLite file under {}, one fsync per batch",
-                dir.display()
-            );
-        }
-        Some(EchoBaseline::start(args.connections, args.durable_baseline.as_deref()).await?)
-    } else {
-        None
-    };
-    let channels = connect_channels(server, args.connections).await?;
-    let mut clients: Vec<_> = channels
-        .iter()
-        .cloned()
-        .map(crate::cli::connect::client)
-        .collect();
-    let setup = Instant::now();
-    let ids = create_agents(&clients, args.concurrency, true, &format!("bench-{name}")).await?;
-    println!(
-        "setup: {} agents registered, deployed, started in {}",
-        ids.len(),
-        secs(setup.elapsed())
-    );
-    let mut workers: Vec<Worker> = ids
-        .into_iter()
-        .enumerate()
-        .map(|(i, agent_id)| Worker::new(channels[i % channels.len()].clone(), agent_id))
-        .collect();
+    let echo = start_baseline(&args).await?;
+    let (mut client, mut workers) = start_workers(server, &args, name).await?;
 
     let mut throughputs = Vec::new();
     let mut latencies = Vec::new();
@@ -191,100 +204,37 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     let mut to_echo = Ratios::new("echo baseline", "baseline echo", "echo");
     let mut to_durable = Ratios::new("durable echo", "durable echo", "durable echo");
     for run in 1..=args.runs {
-        let baseline = match &echo {
-            Some(echo) => Some(
-                echo.measure(
-                    EchoKind::Plain,
-                    args.concurrency,
-                    args.warmup,
-                    args.duration,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let durable = match &echo {
-            Some(echo) if echo.durable() => Some(
-                echo.measure(
-                    EchoKind::Durable,
-                    args.concurrency,
-                    args.warmup,
-                    args.duration,
-                )
-                .await?,
-            ),
-            _ => None,
-        };
-        let head_before = head_sequence(&mut clients[0]).await?;
-        let warm_end = Instant::now() + args.warmup;
-        let end = warm_end + args.duration;
-        let handles: Vec<_> = workers
-            .drain(..)
-            .map(|w| tokio::spawn(load_worker(op, w, warm_end, end)))
-            .collect();
-        tokio::time::sleep_until(warm_end.into()).await;
-        let cpu_before = server_cpu.sample();
-        let mut outcomes = Vec::with_capacity(handles.len());
-        for handle in handles {
-            let (worker, outcome) = handle.await.context("a worker panicked")?;
-            workers.push(worker);
-            outcomes.push(outcome);
-        }
-        let elapsed = Instant::now().saturating_duration_since(warm_end);
-        let cpu_after = server_cpu.sample();
-        let head_after = head_sequence(&mut clients[0]).await?;
-
-        let errors: u64 = outcomes.iter().map(|o| o.errors).sum();
-        let first_error = outcomes.iter().find_map(|o| o.first_error.clone());
-        let mut samples = Vec::with_capacity(outcomes.iter().map(|o| o.latencies.len()).sum());
-        let mut commits = Vec::new();
-        for outcome in outcomes {
-            samples.extend(outcome.latencies);
-            commits.extend(outcome.commits);
-        }
-        let count = samples.len() as u64;
-        let throughput = rate(count, elapsed);
-        let lat = Latencies::from_samples(samples);
-        let us_per_op = cpu::per_op(cpu_before, cpu_after, count);
+        let (baseline, durable) = measure_baselines(echo.as_ref(), &args).await?;
+        let measured = measure(op, &mut workers, &mut client, &server_cpu, &args).await?;
+        let figures = RunFigures::of(measured);
         println!(
-            "run {run}/{}: {throughput:.1} {} ({count} in {})  {}  {}  errors {errors}",
+            "run {run}/{}: {:.1} {} ({} in {})  {}  {}  errors {}",
             args.runs,
+            figures.throughput,
             op.unit(),
-            secs(elapsed),
-            lat.line(),
-            cpu::show(us_per_op, "op")
+            figures.count,
+            secs(figures.elapsed),
+            figures.latency.line(),
+            cpu::show(figures.us_per_op, "op"),
+            figures.errors
         );
-        if let Some(us) = us_per_op {
+        if let Some(us) = figures.us_per_op {
             cpu_per_op.push(us);
         }
         if let Some(echo) = &baseline {
-            to_echo.run(throughput, us_per_op, echo);
+            to_echo.run(figures.throughput, figures.us_per_op, echo);
         }
         if let Some(echo) = &durable {
-            to_durable.run(throughput, us_per_op, echo);
+            to_durable.run(figures.throughput, figures.us_per_op, echo);
         }
         if op == LoadOp::Transition {
-            let check = check_sequences(commits);
-            let batch = if check.batches == 0 {
-                0.0
-            } else {
-                check.committed as f64 / check.batches as f64
-            };
-            println!(
-                "  sequences: {} committed (warm-up included), head +{}, gaps {}, duplicates {}; \
-                 {} group commits, {batch:.1} transitions per commit",
-                check.committed,
-                head_after.saturating_sub(head_before),
-                check.gaps,
-                check.duplicates,
-                check.batches
-            );
+            print_sequences(check_sequences(figures.commits), figures.head_advance);
         }
-        if let Some(err) = first_error {
+        if let Some(err) = figures.first_error {
             println!("  first error: {err}");
         }
-        throughputs.push(throughput);
-        latencies.push(lat);
+        throughputs.push(figures.throughput);
+        latencies.push(figures.latency);
     }
     let cpu_median = (!cpu_per_op.is_empty()).then(|| median(cpu_per_op.into_iter()));
     println!(
@@ -298,6 +248,204 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     to_echo.print_median();
     to_durable.print_median();
     Ok(())
+}
+
+/// The echo server of `--baseline` and `--durable-baseline`, when either
+/// is asked for.
+///
+/// # Errors
+/// The echo server does not start.
+async fn start_baseline(args: &LoadArgs) -> anyhow::Result<Option<EchoBaseline>> {
+    if !args.baseline && args.durable_baseline.is_none() {
+        return Ok(None);
+    }
+    println!(
+        "  baseline: a bare tonic echo (100-byte payload) under the same load before each run"
+    );
+    if let Some(dir) = &args.durable_baseline {
+        println!(
+            "  and the durable echo: each call a row of a bare SQLite file under {}, one fsync per batch",
+            dir.display()
+        );
+    }
+    Ok(Some(
+        EchoBaseline::start(args.connections, args.durable_baseline.as_deref()).await?,
+    ))
+}
+
+/// The connections, and a worker per `--concurrency` with an agent of
+/// its own, registered, deployed and started; a client for the head
+/// sequence.
+///
+/// # Errors
+/// The server cannot be reached, or an agent cannot be set up.
+async fn start_workers(
+    server: &str,
+    args: &LoadArgs,
+    name: &str,
+) -> anyhow::Result<(Client, Vec<Worker>)> {
+    let channels = connect_channels(server, args.connections).await?;
+    let clients: Vec<_> = channels
+        .iter()
+        .cloned()
+        .map(crate::cli::connect::client)
+        .collect();
+    let setup = Instant::now();
+    let ids = create_agents(&clients, args.concurrency, true, &format!("bench-{name}")).await?;
+    println!(
+        "setup: {} agents registered, deployed, started in {}",
+        ids.len(),
+        secs(setup.elapsed())
+    );
+    let workers: Vec<Worker> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, agent_id)| Worker::new(channels[i % channels.len()].clone(), agent_id))
+        .collect();
+    let client = clients.into_iter().next().context("no connection")?;
+    Ok((client, workers))
+}
+
+/// The echo, then the durable echo, under the run's load, when the
+/// server serves them.
+///
+/// # Errors
+/// As [`EchoBaseline::measure`].
+async fn measure_baselines(
+    echo: Option<&EchoBaseline>,
+    args: &LoadArgs,
+) -> anyhow::Result<(Option<EchoFigures>, Option<EchoFigures>)> {
+    let Some(echo) = echo else {
+        return Ok((None, None));
+    };
+    let plain = echo
+        .measure(
+            EchoKind::Plain,
+            args.concurrency,
+            args.warmup,
+            args.duration,
+        )
+        .await?;
+    let durable = if echo.durable() {
+        Some(
+            echo.measure(
+                EchoKind::Durable,
+                args.concurrency,
+                args.warmup,
+                args.duration,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    Ok((Some(plain), durable))
+}
+
+/// What one run measured, before it is summed.
+struct Measured {
+    /// From the end of the warm-up until the last worker finished.
+    elapsed: Duration,
+    cpu_before: Option<Duration>,
+    cpu_after: Option<Duration>,
+    /// How far the head sequence moved over the run.
+    head_advance: u64,
+    outcomes: Vec<WorkerOutcome>,
+}
+
+/// One run: the workers' load for the warm-up, then measured for the
+/// duration, with the server's CPU read over the measured part; the
+/// workers go back into `workers`.
+///
+/// # Errors
+/// The head sequence cannot be read, or a worker panicked.
+async fn measure(
+    op: LoadOp,
+    workers: &mut Vec<Worker>,
+    client: &mut Client,
+    server_cpu: &ServerCpu,
+    args: &LoadArgs,
+) -> anyhow::Result<Measured> {
+    let head_before = head_sequence(client).await?;
+    let warm_end = Instant::now() + args.warmup;
+    let end = warm_end + args.duration;
+    let handles: Vec<_> = workers
+        .drain(..)
+        .map(|w| tokio::spawn(load_worker(op, w, warm_end, end)))
+        .collect();
+    tokio::time::sleep_until(warm_end.into()).await;
+    let cpu_before = server_cpu.sample();
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for handle in handles {
+        let (worker, outcome) = handle.await.context("a worker panicked")?;
+        workers.push(worker);
+        outcomes.push(outcome);
+    }
+    let elapsed = Instant::now().saturating_duration_since(warm_end);
+    let cpu_after = server_cpu.sample();
+    let head_after = head_sequence(client).await?;
+    Ok(Measured {
+        elapsed,
+        cpu_before,
+        cpu_after,
+        head_advance: head_after.saturating_sub(head_before),
+        outcomes,
+    })
+}
+
+/// One run's figures, summed over its workers.
+struct RunFigures {
+    elapsed: Duration,
+    /// Measured successful requests.
+    count: u64,
+    throughput: f64,
+    latency: Latencies,
+    us_per_op: Option<f64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// Every commit of the run, warm-up included.
+    commits: Vec<(u64, i128)>,
+    head_advance: u64,
+}
+
+impl RunFigures {
+    fn of(measured: Measured) -> RunFigures {
+        let outcomes = measured.outcomes;
+        let errors: u64 = outcomes.iter().map(|o| o.errors).sum();
+        let first_error = outcomes.iter().find_map(|o| o.first_error.clone());
+        let mut samples = Vec::with_capacity(outcomes.iter().map(|o| o.latencies.len()).sum());
+        let mut commits = Vec::new();
+        for outcome in outcomes {
+            samples.extend(outcome.latencies);
+            commits.extend(outcome.commits);
+        }
+        let count = samples.len() as u64;
+        RunFigures {
+            elapsed: measured.elapsed,
+            count,
+            throughput: rate(count, measured.elapsed),
+            latency: Latencies::from_samples(samples),
+            us_per_op: cpu::per_op(measured.cpu_before, measured.cpu_after, count),
+            errors,
+            first_error,
+            commits,
+            head_advance: measured.head_advance,
+        }
+    }
+}
+
+/// The sequences' line of a `bench transition` run.
+fn print_sequences(check: SequenceCheck, head_advance: u64) {
+    let batch = if check.batches == 0 {
+        0.0
+    } else {
+        check.committed as f64 / check.batches as f64
+    };
+    println!(
+        "  sequences: {} committed (warm-up included), head +{head_advance}, gaps {}, duplicates {}; \
+         {} group commits, {batch:.1} transitions per commit",
+        check.committed, check.gaps, check.duplicates, check.batches
+    );
 }
 
 /// The runs' ratios to one baseline measured just before each: throughput

@@ -1,19 +1,55 @@
 //! `bench memory`: spawns a server and measures its resident memory per
 //! registered agent, with the registration throughput on the side.
 
-use std::time::Instant;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
+use clap::{Args, ValueEnum};
 
-use agent_lifecycle::api::grpc::pb;
+use agent_lifecycle::{api::grpc::pb, app::config::parse_duration};
 
 use super::{
-    MemoryArgs, StoreKind,
     client::{Client, LOAD_WORKERS, TRIGGERED_BY, call, connect_clients, head_sequence},
     ensure_positive,
     server::{SpawnedServer, TempDir, server_binary},
     stats::{Latencies, median, mib, nanos, rate, secs},
 };
+
+/// Where `bench memory` keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum StoreKind {
+    /// The in-memory store.
+    Memory,
+    /// SQLite in a fresh directory (removed afterwards).
+    Sqlite,
+}
+
+/// `bench memory`.
+#[derive(Debug, Args)]
+pub(super) struct MemoryArgs {
+    /// Agents to register.
+    #[arg(long, default_value_t = 100_000)]
+    agents: usize,
+    /// Store of the spawned server.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    store: StoreKind,
+    /// Server binary; default: this executable.
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Parent of the temporary SQLite directory; default: $TMPDIR.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Longest a start may take before the run fails.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    start_timeout: Duration,
+    /// Repetitions, each on a fresh server; every run is reported, then the
+    /// median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
 
 /// Registers `count` agents with [`LOAD_WORKERS`] workers; latencies.
 async fn register_many(clients: &[Client], count: usize) -> anyhow::Result<Vec<u64>> {

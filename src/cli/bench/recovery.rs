@@ -3,6 +3,8 @@
 //! takes until it listens and until it answers with the whole log loaded.
 
 use std::{
+    path::{Path, PathBuf},
+    process::ExitStatus,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -11,11 +13,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-
+use clap::Args;
 use tonic::transport::Channel;
 
+use agent_lifecycle::app::config::parse_duration;
+
 use super::{
-    RecoveryArgs,
     client::{
         Client, LOAD_WORKERS, Worker, connect, connect_channels, create_agents, head_sequence,
     },
@@ -23,6 +26,29 @@ use super::{
     server::{SpawnedServer, file_size, server_binary},
     stats::{Latencies, median, mib, nanos, rate, secs},
 };
+
+/// `bench recovery`.
+#[derive(Debug, Args)]
+pub(super) struct RecoveryArgs {
+    /// Events the SQLite file holds (populated unless it already has them).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Agents that populate the log.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Server binary; default: this executable.
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Directory of bench.db; default: $TMPDIR/agent-lifecycle-bench.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Longest a start may take before the run fails.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    start_timeout: Duration,
+    /// Restarts; every one is reported, then the median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
 
 /// `workers` workers flip ONLINE agents ONLINE <-> IDLE until the head
 /// reaches `target`; returns the latencies and the number of transitions.
@@ -96,47 +122,7 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
 
     // Populate unless the file already holds enough.
     let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
-    let channels = connect_channels(&server.url, 4).await?;
-    let clients: Vec<Client> = channels
-        .iter()
-        .cloned()
-        .map(crate::cli::connect::client)
-        .collect();
-    let mut client = clients[0].clone();
-    let head = head_sequence(&mut client).await?;
-    if head >= args.events {
-        println!("populate: skipped, the file already holds {head} events");
-    } else {
-        let started = Instant::now();
-        let ids = create_agents(&clients, args.agents, true, "bench-recovery").await?;
-        let created = started.elapsed();
-        let after_setup = head_sequence(&mut client).await?;
-        let (transitions, samples) = flip_until(&channels, ids, after_setup, args.events).await?;
-        let elapsed = started.elapsed();
-        let head_now = head_sequence(&mut client).await?;
-        if head_now < args.events {
-            bail!(
-                "populating stopped at head {head_now}, below {}",
-                args.events
-            );
-        }
-        let flip_time = elapsed.saturating_sub(created);
-        println!(
-            "populate: {} events ({} before) in {} ({:.1} events/s): {} agents in {}, then {transitions} transitions in {} \
-             ({:.1}/s, {LOAD_WORKERS} workers, TransitionAgent {})",
-            head_now - head,
-            head,
-            secs(elapsed),
-            rate(head_now - head, elapsed),
-            args.agents,
-            secs(created),
-            secs(flip_time),
-            rate(transitions, flip_time),
-            Latencies::from_samples(samples).line()
-        );
-    }
-    drop(client);
-    drop(clients);
+    populate(&server.url, args.agents, args.events).await?;
     let (stop_time, status) = server.stop().await?;
     println!(
         "  first server stopped in {} ({status}); bench.db {}, bench.db-wal {}",
@@ -148,36 +134,18 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     let mut listening_times = Vec::new();
     let mut ready_times = Vec::new();
     for run in 1..=args.runs {
-        let spawned = Instant::now();
-        let server = SpawnedServer::spawn(&binary, &store, args.start_timeout).await?;
-        let listening = spawned.elapsed();
-        let deadline = spawned + args.start_timeout;
-        let mut client = crate::cli::connect::client(connect(&server.url).await?);
-        let head = loop {
-            let head = head_sequence(&mut client).await?;
-            if head >= args.events {
-                break head;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the restarted server reports head {head}, below {}",
-                    args.events
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let ready = spawned.elapsed();
-        drop(client);
-        let (stop_time, status) = server.stop().await?;
+        let r = restart(&binary, &store, args.events, args.start_timeout).await?;
         println!(
-            "run {run}/{}: listening after {}, GetLifecycleMetrics head {head} after {}; stopped in {} ({status})",
+            "run {run}/{}: listening after {}, GetLifecycleMetrics head {} after {}; stopped in {} ({})",
             args.runs,
-            secs(listening),
-            secs(ready),
-            secs(stop_time)
+            secs(r.listening),
+            r.head,
+            secs(r.ready),
+            secs(r.stop_time),
+            r.status
         );
-        listening_times.push(listening.as_secs_f64());
-        ready_times.push(ready.as_secs_f64());
+        listening_times.push(r.listening.as_secs_f64());
+        ready_times.push(r.ready.as_secs_f64());
     }
     println!(
         "median of {} restarts: listening after {:.3}s, ready after {:.3}s",
@@ -186,4 +154,100 @@ pub(super) async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
         median(ready_times.into_iter())
     );
     Ok(())
+}
+
+/// Fills the log of the server at `url` to `events` events, with `agents`
+/// new agents flipped ONLINE <-> IDLE, unless it already holds them; the
+/// connections are closed when it returns.
+///
+/// # Errors
+/// A failed request, or the head stopping short of `events`.
+async fn populate(url: &str, agents: usize, events: u64) -> anyhow::Result<()> {
+    let channels = connect_channels(url, 4).await?;
+    let clients: Vec<Client> = channels
+        .iter()
+        .cloned()
+        .map(crate::cli::connect::client)
+        .collect();
+    let mut client = clients[0].clone();
+    let head = head_sequence(&mut client).await?;
+    if head >= events {
+        println!("populate: skipped, the file already holds {head} events");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let ids = create_agents(&clients, agents, true, "bench-recovery").await?;
+    let created = started.elapsed();
+    let after_setup = head_sequence(&mut client).await?;
+    let (transitions, samples) = flip_until(&channels, ids, after_setup, events).await?;
+    let elapsed = started.elapsed();
+    let head_now = head_sequence(&mut client).await?;
+    if head_now < events {
+        bail!("populating stopped at head {head_now}, below {events}");
+    }
+    let flip_time = elapsed.saturating_sub(created);
+    println!(
+        "populate: {} events ({} before) in {} ({:.1} events/s): {} agents in {}, then {transitions} transitions in {} \
+         ({:.1}/s, {LOAD_WORKERS} workers, TransitionAgent {})",
+        head_now - head,
+        head,
+        secs(elapsed),
+        rate(head_now - head, elapsed),
+        agents,
+        secs(created),
+        secs(flip_time),
+        rate(transitions, flip_time),
+        Latencies::from_samples(samples).line()
+    );
+    Ok(())
+}
+
+/// One restart's figures.
+struct Restart {
+    /// From the spawn until the server listened.
+    listening: Duration,
+    /// From the spawn until it reported the whole log.
+    ready: Duration,
+    head: u64,
+    stop_time: Duration,
+    status: ExitStatus,
+}
+
+/// Spawns the server on `store`, asks for the head until it reaches
+/// `events`, and stops it.
+///
+/// # Errors
+/// The server does not start, does not reach `events` within
+/// `start_timeout`, or does not stop.
+async fn restart(
+    binary: &Path,
+    store: &str,
+    events: u64,
+    start_timeout: Duration,
+) -> anyhow::Result<Restart> {
+    let spawned = Instant::now();
+    let server = SpawnedServer::spawn(binary, store, start_timeout).await?;
+    let listening = spawned.elapsed();
+    let deadline = spawned + start_timeout;
+    let mut client = crate::cli::connect::client(connect(&server.url).await?);
+    let head = loop {
+        let head = head_sequence(&mut client).await?;
+        if head >= events {
+            break head;
+        }
+        if Instant::now() >= deadline {
+            bail!("the restarted server reports head {head}, below {events}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let ready = spawned.elapsed();
+    drop(client);
+    let (stop_time, status) = server.stop().await?;
+    Ok(Restart {
+        listening,
+        ready,
+        head,
+        stop_time,
+        status,
+    })
 }
