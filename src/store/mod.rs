@@ -1,8 +1,12 @@
 //! Durable record of agents and the global event log.
 //!
-//! One trait, several back ends: [`MemoryStore`] (tests and throwaway use)
-//! and [`SqliteStore`] (the embedded default). The store knows nothing of
-//! gRPC or of the service's locking.
+//! One trait, several back ends: [`MemoryStore`] (tests and throwaway use),
+//! [`SqliteStore`] (the embedded default, in `sqlite/`) and
+//! [`PostgresStore`] (shared by several processes, in `postgres/`), all
+//! held to one conformance suite. What compaction may delete is decided
+//! here, once for all of them ([`Retention`]). The store depends on the
+//! domain only: it knows nothing of gRPC, of the service's locking, or of
+//! callers beyond plain strings.
 //!
 //! The store orders the log: [`Store::commit`] assigns the global sequence
 //! numbers and the commit time inside its transaction, so sequence order is
