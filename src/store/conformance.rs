@@ -497,7 +497,10 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
         (5, 3),
         (4, 1000),
         (16, 3),
-        (super::sqlite::INDEX_LAG, super::sqlite::INDEX_GROUP),
+        (
+            super::sqlite::index::INDEX_LAG,
+            super::sqlite::index::INDEX_GROUP,
+        ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lag.db");
@@ -754,12 +757,9 @@ fn sqlite_migrates_a_version_2_database() {
     let id = AgentId::generate();
     {
         let conn = rusqlite::Connection::open(&path).expect("raw open");
-        conn.execute_batch(&format!(
-            "{}{}PRAGMA user_version = 2;",
-            super::sqlite::SCHEMA_V1,
-            super::sqlite::SCHEMA_V2
-        ))
-        .expect("version 2 schema");
+        let [v1, v2, ..] = &super::sqlite::schema::STEPS;
+        conn.execute_batch(&format!("{}{}PRAGMA user_version = 2;", v1.sql, v2.sql))
+            .expect("version 2 schema");
         conn.execute(
             "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
                 last_sequence, last_from, last_reason, last_triggered_by, last_metadata)

@@ -6,7 +6,6 @@
 use std::{
     collections::{VecDeque, hash_map::Entry},
     sync::{Arc, RwLock},
-    time::SystemTime,
 };
 
 use foldhash::HashMap;
@@ -281,23 +280,16 @@ impl Store for MemoryStore {
         max_rows: usize,
         clock: &dyn Clock,
     ) -> Result<usize> {
-        if retention.keeps_everything() {
+        let Some(bounds) = retention.bounds(head, clock) else {
             return Ok(0);
-        }
-        let keep_from = retention.max_events.map_or(0, |n| head.saturating_sub(n));
-        let cutoff = retention.max_age.map(|age| {
-            clock
-                .now()
-                .checked_sub(age)
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        });
+        };
         let mut inner = self.write();
         let mut deleted = 0;
         while deleted < max_rows
             && inner
                 .log
                 .front()
-                .is_some_and(|r| r.sequence <= keep_from || cutoff.is_some_and(|c| r.at < c))
+                .is_some_and(|r| bounds.lets_go(r.sequence, r.at))
         {
             inner.evict_oldest();
             deleted += 1;

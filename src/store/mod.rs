@@ -1,8 +1,12 @@
 //! Durable record of agents and the global event log.
 //!
-//! One trait, several back ends: [`MemoryStore`] (tests and throwaway use)
-//! and [`SqliteStore`] (the embedded default). The store knows nothing of
-//! gRPC or of the service's locking.
+//! One trait, several back ends: [`MemoryStore`] (tests and throwaway use),
+//! [`SqliteStore`] (the embedded default, in `sqlite/`) and
+//! [`PostgresStore`] (shared by several processes, in `postgres/`), all
+//! held to one conformance suite. What compaction may delete is decided
+//! here, once for all of them ([`Retention`]). The store depends on the
+//! domain only: it knows nothing of gRPC, of the service's locking, or of
+//! callers beyond plain strings.
 //!
 //! The store orders the log: [`Store::commit`] assigns the global sequence
 //! numbers and the commit time inside its transaction, so sequence order is
@@ -19,7 +23,10 @@ mod memory;
 mod postgres;
 mod sqlite;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use crate::domain::{Agent, AgentId, Clock, Heartbeat, Labels, TransitionRecord};
 
@@ -159,6 +166,44 @@ impl Retention {
     /// Whether compaction has nothing to do.
     pub fn keeps_everything(&self) -> bool {
         self.max_events.is_none() && self.max_age.is_none()
+    }
+
+    /// What this retention lets compaction delete when the head is `head`
+    /// and the time is `clock`'s (read only when there is a `max_age`);
+    /// `None` when it keeps everything. Every back end's compaction starts
+    /// here.
+    fn bounds(&self, head: u64, clock: &dyn Clock) -> Option<RetentionBounds> {
+        if self.keeps_everything() {
+            return None;
+        }
+        Some(RetentionBounds {
+            through: self.max_events.map_or(0, |n| head.saturating_sub(n)),
+            before: self.max_age.map(|age| {
+                clock
+                    .now()
+                    .checked_sub(age)
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+            }),
+        })
+    }
+}
+
+/// The events [`Retention`] lets go at one moment: those at or below
+/// `through`, and those committed before `before`. Compaction deletes only
+/// the oldest of them that form a prefix of the log, so that what remains
+/// is one contiguous range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RetentionBounds {
+    /// The newest sequence that `max_events` lets go (0: none).
+    through: u64,
+    /// Events committed before this time go (`None`: no `max_age`).
+    before: Option<SystemTime>,
+}
+
+impl RetentionBounds {
+    /// Whether an event with `sequence` committed `at` may go.
+    fn lets_go(&self, sequence: u64, at: SystemTime) -> bool {
+        sequence <= self.through || self.before.is_some_and(|before| at < before)
     }
 }
 

@@ -1,0 +1,186 @@
+//! What processes that share one PostgreSQL database use to work together:
+//! the commit feed (LISTEN), leases (advisory locks) and the heartbeats
+//! every process sees. Depends on nothing above the store.
+//!
+//! Every commit sends `NOTIFY` on [`super::CHANNEL`] (delivered at commit);
+//! a [`Listener`] wakes followers without polling, and they also read the
+//! log periodically in case a notification is lost. A lease is a
+//! session-level advisory lock held on a connection of its own: when the
+//! holding process dies, PostgreSQL ends its session and releases the
+//! lock, and another process takes it on its next attempt.
+
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
+
+use postgres::{Client, fallible_iterator::FallibleIterator};
+
+use super::{
+    CHANNEL,
+    arrays::{Arrays, Param, Placeholders, assignments, list, row_arrays},
+    pg,
+    rows::decode_id,
+};
+use crate::{
+    domain::{AgentId, Heartbeat},
+    store::{
+        CommitFeed, Lease, Result, StoreError,
+        codec::{from_micros, to_micros},
+    },
+};
+
+row_arrays! {
+    /// An agent's newest heartbeat: its `heartbeats` row.
+    struct HeartbeatRow<'a>, arrays Heartbeats {
+        agent_id: &'a [u8] = "bytea",
+        at: i64 = "int8",
+        load: Option<f64> = "float8",
+        current_task: Option<&'a str> = "text",
+    }
+}
+
+/// Keeps the newer of the stored and the given heartbeat of each agent.
+static SAVE_HEARTBEATS: LazyLock<String> = LazyLock::new(|| {
+    let rows = Heartbeats::default();
+    format!(
+        "
+INSERT INTO heartbeats ({columns})
+SELECT * FROM {unnest}
+ON CONFLICT (agent_id) DO UPDATE
+    SET {set}
+    WHERE heartbeats.at < excluded.at",
+        columns = list("", Heartbeats::COLUMNS),
+        unnest = rows.unnest(&mut Placeholders::after(0)),
+        set = assignments("excluded", Heartbeats::COLUMNS, "agent_id"),
+    )
+});
+
+/// A connection that LISTENs on [`CHANNEL`].
+pub(super) fn listen(mut client: Client) -> Result<Box<dyn CommitFeed>> {
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .map_err(pg("listening for commits"))?;
+    Ok(Box::new(Listener { client }))
+}
+
+/// Takes the lease `name` on `client`, a connection of its own; `None`
+/// when another session holds it.
+pub(super) fn try_lease(mut client: Client, name: &str) -> Result<Option<Box<dyn Lease>>> {
+    let granted: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&lease_key(name)])
+        .map_err(pg("taking a lease"))?
+        .get(0);
+    Ok(granted.then(|| Box::new(AdvisoryLease { client }) as Box<dyn Lease>))
+}
+
+/// Upserts the newest of `beats` of each agent.
+pub(super) fn save_heartbeats(client: &mut Client, beats: &[(AgentId, Heartbeat)]) -> Result<()> {
+    // One row per agent: the newest of the given ones (an upsert may not
+    // touch a row twice).
+    let mut newest: HashMap<AgentId, &Heartbeat> = HashMap::new();
+    for (id, beat) in beats {
+        let slot = newest.entry(*id).or_insert(beat);
+        if beat.at > slot.at {
+            *slot = beat;
+        }
+    }
+    let mut rows = Heartbeats::default();
+    for (id, beat) in &newest {
+        rows.push(HeartbeatRow {
+            agent_id: id.as_bytes().as_slice(),
+            at: to_micros(beat.at),
+            load: beat.load,
+            current_task: beat.current_task.as_deref(),
+        });
+    }
+    let mut params: Vec<Param<'_>> = Vec::new();
+    rows.params(&mut params);
+    client
+        .execute(SAVE_HEARTBEATS.as_str(), &params)
+        .map_err(pg("saving heartbeats"))?;
+    Ok(())
+}
+
+/// The stored heartbeats of the agents `ids` (the keys of the table), or
+/// of all agents.
+pub(super) fn heartbeats(
+    client: &mut Client,
+    ids: Option<&[&[u8]]>,
+) -> Result<Vec<(AgentId, Heartbeat)>> {
+    let rows = match ids {
+        Some(ids) => client.query(
+            "SELECT agent_id, at, load, current_task FROM heartbeats
+             WHERE agent_id = ANY($1::bytea[])",
+            &[&ids],
+        ),
+        None => client.query(
+            "SELECT agent_id, at, load, current_task FROM heartbeats",
+            &[],
+        ),
+    }
+    .map_err(pg("reading heartbeats"))?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                decode_id(row.get(0))?,
+                Heartbeat {
+                    at: from_micros(row.get(1)),
+                    load: row.get(2),
+                    current_task: row.get(3),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The advisory lock key of a lease name (stable across processes).
+fn lease_key(name: &str) -> i64 {
+    // FNV-1a: stable, unlike std's randomly seeded hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"agent-lifecycle/".iter().chain(name.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// A LISTEN connection.
+struct Listener {
+    client: Client,
+}
+
+impl CommitFeed for Listener {
+    fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        let first = self
+            .client
+            .notifications()
+            .timeout_iter(timeout)
+            .next()
+            .map_err(pg("waiting for commits"))?;
+        if first.is_none() && self.client.is_closed() {
+            return Err(StoreError::backend(
+                "waiting for commits",
+                std::io::Error::other("the notification connection closed"),
+            ));
+        }
+        // Whatever else is already buffered is covered by the same read of
+        // the log.
+        let mut notifications = self.client.notifications();
+        let mut buffered = notifications.iter();
+        while buffered
+            .next()
+            .map_err(pg("waiting for commits"))?
+            .is_some()
+        {}
+        Ok(first.is_some())
+    }
+}
+
+/// A session-level advisory lock on a connection of its own.
+struct AdvisoryLease {
+    client: Client,
+}
+
+impl Lease for AdvisoryLease {
+    fn is_held(&mut self) -> bool {
+        !self.client.is_closed() && self.client.simple_query("SELECT 1").is_ok()
+    }
+}

@@ -1,0 +1,302 @@
+//! The SQLite commit path: one immediate transaction per batch, in the
+//! steps of [`commit`]. Depends on the domain's records and the store's
+//! codec; nothing above the store.
+//!
+//! A commit appends the batch's events and writes an agent's row only when
+//! it creates the agent. `meta.synced` is the sequence up to which the
+//! agents' rows hold every event; a commit that brings the log's tail after
+//! it to [`SYNC_LAG`] events, a compaction about to delete events after it,
+//! and start-up bring the rows up to date ([`sync_agents`]). Meanwhile the
+//! writer keeps each agent's version in memory ([`WriterCache::versions`]),
+//! so that a commit still refuses a change whose prior version is not the
+//! stored one.
+
+use std::{collections::HashMap, sync::Arc};
+
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+
+use super::{Tuning, Writer, index::Unindexed, read_meta, sql};
+use crate::{
+    domain::{AgentId, AgentState, Clock, TransitionRecord, clock::to_stored_precision},
+    store::{
+        AgentChange, BatchId, ChangeOutcome, Result, StoreError,
+        codec::{encode_map, encode_request, to_micros},
+    },
+};
+
+/// Events after `meta.synced` after which a commit brings the agents' rows
+/// up to date.
+pub(super) const SYNC_LAG: u64 = 1024;
+
+/// What the one writer knows of the file between commits, so that a commit
+/// need not read it. Each commit takes it out and puts it back once
+/// committed: after a failed commit it is empty, and the next commit reads
+/// the file again.
+#[derive(Debug, Default)]
+pub(super) struct WriterCache {
+    /// `meta.head`.
+    pub head: Option<u64>,
+    /// `meta.indexed`.
+    pub indexed: Option<u64>,
+    /// `meta.synced`.
+    pub synced: Option<u64>,
+    /// The stored version of each agent a commit (or start-up) looked at;
+    /// an agent not in it is looked up in the file.
+    pub versions: HashMap<AgentId, u64>,
+    /// The unindexed events after `meta.indexed`.
+    pub unindexed: Unindexed,
+}
+
+/// The `meta` counters during one commit.
+struct Counters {
+    head: u64,
+    indexed: u64,
+    synced: u64,
+}
+
+impl Counters {
+    /// The cached counters, or the file's for those not cached.
+    fn of(cache: &WriterCache, conn: &Connection) -> Result<Self> {
+        let cached_or_read =
+            |cached: Option<u64>, key| cached.map_or_else(|| read_meta(conn, key), Ok);
+        Ok(Counters {
+            head: cached_or_read(cache.head, "head")?,
+            indexed: cached_or_read(cache.indexed, "indexed")?,
+            synced: cached_or_read(cache.synced, "synced")?,
+        })
+    }
+}
+
+/// Commits `batch` (see [`crate::store::Store::commit`]):
+/// 1. [`write_changes`]: each change's records get their sequences and
+///    time and are written, or the change is refused as a conflict;
+/// 2. [`record_batch`]: `meta.head` and `meta.last_batch`;
+/// 3. [`Unindexed::index`]: the index entries that fall due, then
+///    `meta.indexed`;
+/// 4. [`sync_agents`], once the tail after `meta.synced` is long enough;
+/// 5. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`].
+///
+/// # Errors
+/// The back end failed; nothing was written unless the error is
+/// [`StoreError::CommitOutcomeUnknown`].
+pub(super) fn commit(
+    writer: &mut Writer,
+    tuning: &Tuning,
+    id: BatchId,
+    batch: &mut [AgentChange],
+    clock: &dyn Clock,
+) -> Result<Vec<ChangeOutcome>> {
+    let Writer { conn, cache } = writer;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("beginning a commit"))?;
+    // The writer holds the file's lock, so nobody else moves the counters.
+    let mut taken = std::mem::take(cache);
+    let mut counters = Counters::of(&taken, &tx)?;
+    let at = to_stored_precision(clock.now());
+    let outcomes = write_changes(&tx, &mut taken.versions, &mut counters, batch, at)?;
+    record_batch(&tx, counters.head, id)?;
+    let committed = batch
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| **outcome == ChangeOutcome::Committed)
+        .flat_map(|(change, _)| change.records.iter().map(|record| &**record));
+    let indexed = taken
+        .unindexed
+        .index(&tx, committed, counters.indexed, counters.head, tuning)?;
+    if indexed != counters.indexed {
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
+            .and_then(|mut stmt| stmt.execute([indexed as i64]))
+            .map_err(sql("indexing agents' events"))?;
+        counters.indexed = indexed;
+    }
+    if counters.head.saturating_sub(counters.synced) >= tuning.sync_lag {
+        sync_agents(&tx, counters.synced, counters.head)?;
+        counters.synced = counters.head;
+    }
+    tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
+        source: Box::new(e),
+    })?;
+    *cache = WriterCache {
+        head: Some(counters.head),
+        indexed: Some(counters.indexed),
+        synced: Some(counters.synced),
+        ..taken
+    };
+    Ok(outcomes)
+}
+
+/// Gives each change's records the next sequences after `counters.head`
+/// and the time `at`, and writes the change ([`write_change`]); the head
+/// advances past the committed ones. Returns one outcome per change.
+fn write_changes(
+    tx: &Transaction<'_>,
+    versions: &mut HashMap<AgentId, u64>,
+    counters: &mut Counters,
+    batch: &mut [AgentChange],
+    at: std::time::SystemTime,
+) -> Result<Vec<ChangeOutcome>> {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for change in batch.iter_mut() {
+        for (offset, record) in change.records.iter_mut().enumerate() {
+            let record = Arc::make_mut(record);
+            record.sequence = counters.head + 1 + offset as u64;
+            record.at = at;
+        }
+        let outcome = write_change(tx, versions, counters.synced, change)?;
+        if outcome == ChangeOutcome::Committed {
+            counters.head += change.records.len() as u64;
+        }
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// Records the new head and the batch's id in `meta`.
+fn record_batch(tx: &Transaction<'_>, head: u64, id: BatchId) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE meta SET value = CASE key WHEN 'head' THEN ?1 ELSE ?2 END
+         WHERE key IN ('head', 'last_batch')",
+    )
+    .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
+    .map_err(sql("advancing the head"))?;
+    Ok(())
+}
+
+const INSERT_AGENT: &str =
+    "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+    last_sequence, last_from, last_reason, last_triggered_by, last_metadata, last_principal,
+    last_request)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+    ON CONFLICT (agent_id) DO NOTHING";
+
+const INSERT_EVENT: &str =
+    "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+    triggered_by, metadata, principal, request)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+/// Writes one change whose records carry their final sequences and time.
+/// Returns the conflict instead when the stored version (`versions`, or
+/// the file's for an agent not in it) is not the change's prior version;
+/// then nothing of the change was written. A written change's version goes
+/// into `versions`.
+fn write_change(
+    tx: &Transaction<'_>,
+    versions: &mut HashMap<AgentId, u64>,
+    synced: u64,
+    change: &AgentChange,
+) -> Result<ChangeOutcome> {
+    let (Some(first), Some(last)) = (change.records.first(), change.records.last()) else {
+        return Ok(ChangeOutcome::Committed);
+    };
+    match (&change.identity, change.prior_version) {
+        (Some(identity), 0) => {
+            let labels = encode_map(&*identity.labels, identity.labels.is_empty());
+            let inserted = tx
+                .prepare_cached(INSERT_AGENT)
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        change.agent_id.as_bytes(),
+                        &*identity.name,
+                        labels,
+                        last.to.as_str(),
+                        last.version as i64,
+                        to_micros(first.at),
+                        to_micros(last.at),
+                        last.sequence as i64,
+                        last.from.map(AgentState::as_str),
+                        last.reason,
+                        last.triggered_by,
+                        encode_map(&last.metadata, last.metadata.is_empty()),
+                        last.principal,
+                        encode_request(last.request.as_deref()),
+                    ])
+                })
+                .map_err(sql("inserting an agent"))?;
+            if inserted == 0 {
+                let actual = stored_version(tx, change.agent_id, synced)?.unwrap_or(0);
+                return Ok(ChangeOutcome::Conflict { actual });
+            }
+        }
+        _ => {
+            let stored = match versions.get(&change.agent_id) {
+                Some(&version) => Some(version),
+                None => stored_version(tx, change.agent_id, synced)?,
+            };
+            if stored != Some(change.prior_version) {
+                return Ok(ChangeOutcome::Conflict {
+                    actual: stored.unwrap_or(0),
+                });
+            }
+        }
+    }
+    insert_events(tx, &change.records)?;
+    versions.insert(change.agent_id, last.version);
+    Ok(ChangeOutcome::Committed)
+}
+
+/// Appends `records` to the log.
+fn insert_events(tx: &Transaction<'_>, records: &[Arc<TransitionRecord>]) -> Result<()> {
+    let mut insert = tx
+        .prepare_cached(INSERT_EVENT)
+        .map_err(sql("inserting an event"))?;
+    for record in records {
+        insert
+            .execute(params![
+                record.sequence as i64,
+                record.agent_id.as_bytes(),
+                record.version as i64,
+                record.from.map(AgentState::as_str),
+                record.to.as_str(),
+                to_micros(record.at),
+                record.reason,
+                record.triggered_by,
+                encode_map(&record.metadata, record.metadata.is_empty()),
+                record.principal,
+                encode_request(record.request.as_deref()),
+            ])
+            .map_err(sql("inserting an event"))?;
+    }
+    Ok(())
+}
+
+/// The stored version of agent `id`, `None` when there is no such agent:
+/// its row's, or that of its newest event after `synced`.
+fn stored_version(conn: &Connection, id: AgentId, synced: u64) -> Result<Option<u64>> {
+    let version: Option<i64> = conn
+        .prepare_cached(
+            "SELECT max(version) FROM (
+                 SELECT version FROM agents WHERE agent_id = ?1
+                 UNION ALL
+                 SELECT version FROM events WHERE sequence > ?2 AND agent_id = ?1)",
+        )
+        .and_then(|mut stmt| stmt.query_row(params![id.as_bytes(), synced as i64], |r| r.get(0)))
+        .map_err(sql("reading an agent's version"))?;
+    Ok(version.map(|v| v as u64))
+}
+
+/// Brings every agent's row up to its newest event after `?1`: the newest
+/// sequence of each agent (a sort of sequences and agent ids only), then
+/// that event by its primary key.
+const SYNC_AGENTS: &str = "UPDATE agents SET state = l.to_state, version = l.version,
+    updated_at = l.at, last_sequence = l.sequence, last_from = l.from_state,
+    last_reason = l.reason, last_triggered_by = l.triggered_by, last_metadata = l.metadata,
+    last_principal = l.principal, last_request = l.request
+    FROM (SELECT e.sequence, e.agent_id, e.version, e.from_state, e.to_state, e.at, e.reason,
+        e.triggered_by, e.metadata, e.principal, e.request
+        FROM (SELECT max(sequence) AS last FROM events WHERE sequence > ?1 GROUP BY agent_id) AS m
+        JOIN events e ON e.sequence = m.last) AS l
+    WHERE agents.agent_id = l.agent_id AND agents.version < l.version";
+
+/// Brings the agents' rows up to date with the events after `synced` and
+/// records `head` as `meta.synced`, inside `tx`.
+pub(super) fn sync_agents(tx: &Transaction<'_>, synced: u64, head: u64) -> Result<()> {
+    tx.prepare_cached(SYNC_AGENTS)
+        .and_then(|mut stmt| stmt.execute([synced as i64]))
+        .and_then(|_| {
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'synced'")
+                .and_then(|mut stmt| stmt.execute([head as i64]))
+        })
+        .map_err(sql("bringing agents up to date"))?;
+    Ok(())
+}
