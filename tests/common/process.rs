@@ -7,7 +7,7 @@ use std::{process::ExitStatus, time::Duration};
 /// The binary's process helper, shared with the benchmark tool; not part of
 /// the library's API.
 #[allow(dead_code)]
-#[path = "../../src/cli/process.rs"]
+#[path = "../../src/cli/process/mod.rs"]
 pub mod lib;
 
 use lib::{ServerCommand, Signal};

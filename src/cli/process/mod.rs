@@ -13,13 +13,25 @@
 //! blocking the calling task. Signals are sent with the `kill` command, since
 //! the crate forbids `unsafe` (no libc). Unix only: signals, and memory from
 //! `/proc`. Depends on nothing else in the crate.
+//!
+//! - `error`: [`ProcessError`].
+//! - `system`: the child's pipes and exit, its CPU time and memory.
+
+mod error;
+mod system;
+
+use self::system::{parse_listening, proc_status_kib, read_first_line};
+pub use self::{
+    error::ProcessError,
+    system::{CollectedPipe, MemoryUsage, collect, cpu_time_of, wait_child},
+};
 
 use std::{
     ffi::OsString,
-    io::{self, BufRead, BufReader, Read},
+    io,
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
     time::{Duration, Instant},
@@ -27,7 +39,7 @@ use std::{
 
 /// How often a wait for an exit looks at the child: short, because the
 /// benchmark tool reports how long a stop took.
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How long reaping may take after SIGKILL, which cannot be ignored.
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -35,138 +47,6 @@ const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How long the stderr of a server that exited before listening may take to
 /// reach its end, so that the error carries all of it.
 const STDERR_DRAIN: Duration = Duration::from_secs(5);
-
-/// Why starting, signalling, waiting for or measuring a server failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The binary could not be executed.
-    #[error("cannot start {}", binary.display())]
-    Spawn {
-        /// The binary.
-        binary: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A thread reading one of the server's pipes could not be started.
-    #[error("cannot start a reader of the server's {pipe}")]
-    Reader {
-        /// `stdout` or `stderr`.
-        pipe: &'static str,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Reading the server's stdout failed before the address was printed.
-    #[error("the server (pid {pid}): reading its stdout")]
-    Stdout {
-        /// The server's process id.
-        pid: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
-        /// What it wrote to stderr until then (empty when inherited).
-        stderr: String,
-    },
-    /// The server exited (or closed stdout) before printing its address.
-    #[error("the server (pid {pid}) exited before listening: {status}")]
-    ExitedEarly {
-        /// The server's process id.
-        pid: u32,
-        /// Its exit status, as text.
-        status: String,
-        /// What it wrote to stderr (empty when inherited).
-        stderr: String,
-    },
-    /// The server printed no address in time; it has been killed.
-    #[error("the server (pid {pid}) did not listen within {timeout:?}")]
-    NotListening {
-        /// The server's process id.
-        pid: u32,
-        /// How long it had.
-        timeout: Duration,
-        /// What it wrote to stderr until then (empty when inherited).
-        stderr: String,
-    },
-    /// The first line on stdout was not `listening on ADDR`.
-    #[error("the server (pid {pid}) printed {line:?} where `listening on ADDR` was expected")]
-    UnexpectedOutput {
-        /// The server's process id.
-        pid: u32,
-        /// The line it printed.
-        line: String,
-        /// What it wrote to stderr until then (empty when inherited).
-        stderr: String,
-    },
-    /// The `kill` command could not be run.
-    #[error("running kill")]
-    KillCommand(#[source] io::Error),
-    /// SIGKILL could not be sent.
-    #[error("sending SIGKILL to the server (pid {pid})")]
-    Sigkill {
-        /// The server's process id.
-        pid: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The `kill` command failed.
-    #[error("kill -{signal} {pid} failed: {status}")]
-    KillFailed {
-        /// The signal's name without `SIG`.
-        signal: &'static str,
-        /// The server's process id.
-        pid: u32,
-        /// The exit status of `kill`.
-        status: ExitStatus,
-    },
-    /// Looking at or reaping the child failed.
-    #[error("waiting for the server (pid {pid})")]
-    Wait {
-        /// The server's process id.
-        pid: u32,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The server did not exit in time; it has been killed and reaped.
-    #[error("the server (pid {pid}) did not exit within {limit:?}; killed")]
-    ExitTimeout {
-        /// The server's process id.
-        pid: u32,
-        /// How long it had.
-        limit: Duration,
-    },
-    /// `/proc/PID/status` could not be read.
-    #[error("reading {path}")]
-    ProcStatus {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// `/proc/PID/status` lacks a field.
-    #[error("no {field}")]
-    MissingField {
-        /// The field, such as `VmRSS`.
-        field: &'static str,
-    },
-}
-
-impl ProcessError {
-    /// What the server wrote to stderr before a failed start: empty for
-    /// other errors, and when its stderr was inherited.
-    pub fn server_stderr(&self) -> &str {
-        match self {
-            ProcessError::Stdout { stderr, .. }
-            | ProcessError::ExitedEarly { stderr, .. }
-            | ProcessError::NotListening { stderr, .. }
-            | ProcessError::UnexpectedOutput { stderr, .. } => stderr,
-            _ => "",
-        }
-    }
-}
 
 /// Where the server's stderr goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,17 +153,8 @@ impl ServerCommand {
     }
 }
 
-/// Resident memory of a process, from `/proc/PID/status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryUsage {
-    /// `VmRSS`, in bytes.
-    pub resident: u64,
-    /// `VmHWM`, the peak of `VmRSS`, in bytes.
-    pub peak_resident: u64,
-}
-
 /// The first line of the server's stdout: `None` at end of file.
-type FirstLine = Option<io::Result<String>>;
+pub(crate) type FirstLine = Option<io::Result<String>>;
 
 /// A running server, listening. Dropping it stops the server if it still
 /// runs (SIGKILL, or as [`ServerCommand::stop_on_drop`] says) and reaps it;
@@ -586,31 +457,6 @@ impl ServerProcess {
     }
 }
 
-/// CPU time the threads of process `pid` have used so far (from
-/// `/proc/PID/task/*/schedstat`, nanosecond resolution).
-///
-/// # Errors
-/// `/proc` cannot be read (no such process).
-pub fn cpu_time_of(pid: u32) -> Result<Duration, ProcessError> {
-    let dir = format!("/proc/{pid}/task");
-    let tasks = std::fs::read_dir(&dir).map_err(|source| ProcessError::ProcStatus {
-        path: dir.clone(),
-        source,
-    })?;
-    let mut total = 0u64;
-    for task in tasks.flatten() {
-        // A thread that ended meanwhile has no file any more.
-        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
-            total += text
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    Ok(Duration::from_nanos(total))
-}
-
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         if !matches!(self.child.try_wait(), Ok(None)) {
@@ -625,154 +471,5 @@ impl Drop for ServerProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Waits up to `limit` for `child` to exit; `Ok(None)`, after killing and
-/// reaping it, when `limit` passes first.
-///
-/// # Errors
-/// The child cannot be looked at.
-pub fn wait_child(child: &mut Child, limit: Duration) -> io::Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-}
-
-/// A child's pipe, read to its end on a thread.
-#[derive(Debug)]
-pub struct CollectedPipe {
-    /// Everything read so far; the reader holds the lock only to append.
-    buf: Arc<Mutex<Vec<u8>>>,
-    /// Receives (or disconnects) once the pipe reached its end.
-    done: mpsc::Receiver<()>,
-}
-
-impl CollectedPipe {
-    /// Everything read so far, as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-
-    /// Waits up to `timeout` for the pipe to reach its end, so that
-    /// [`CollectedPipe::text`] is complete.
-    pub fn finish(&self, timeout: Duration) {
-        let _ = self.done.recv_timeout(timeout);
-    }
-}
-
-/// Reads `pipe` to its end on a thread.
-///
-/// # Errors
-/// The thread cannot be started.
-pub fn collect(mut pipe: impl Read + Send + 'static) -> io::Result<CollectedPipe> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&buf);
-    let (tx, done) = mpsc::channel();
-    thread::Builder::new()
-        .name("collect-pipe".to_string())
-        .spawn(move || {
-            let mut chunk = [0u8; 8192];
-            loop {
-                match pipe.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&chunk[..n]),
-                }
-            }
-            let _ = tx.send(());
-        })?;
-    Ok(CollectedPipe { buf, done })
-}
-
-/// Sends the first line of `stdout` (or its end) on the returned channel,
-/// then keeps reading to the end on the same thread.
-fn read_first_line(
-    stdout: ChildStdout,
-    rest: Arc<Mutex<Vec<String>>>,
-) -> io::Result<mpsc::Receiver<FirstLine>> {
-    let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
-        .name("server-stdout".to_string())
-        .spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            drop(tx);
-            for line in lines.map_while(Result::ok) {
-                let mut rest = rest.lock().unwrap_or_else(|p| p.into_inner());
-                // A bounded record: the few lines a server prints at start-up.
-                if rest.len() < 64 {
-                    rest.push(line);
-                }
-            }
-        })?;
-    Ok(rx)
-}
-
-/// The address of a `listening on ADDR` line.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    line.trim()
-        .strip_prefix("listening on ")?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The number of a `Key:   123 kB` line of `/proc/PID/status`.
-fn proc_status_kib(text: &str, field: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(field)?
-            .strip_prefix(':')?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listening_line_and_proc_status() {
-        assert_eq!(
-            parse_listening("listening on 127.0.0.1:4321\n"),
-            Some(SocketAddr::from(([127, 0, 0, 1], 4321)))
-        );
-        assert_eq!(parse_listening("something else"), None);
-        assert_eq!(parse_listening("listening on nowhere"), None);
-        let status = "Name:\tagent-lifecycle\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
-        assert_eq!(proc_status_kib(status, "VmRSS"), Some(10240));
-        assert_eq!(proc_status_kib(status, "VmHWM"), Some(20480));
-        assert_eq!(proc_status_kib(status, "VmSwap"), None);
-    }
-
-    /// `sh serve --listen ...` fails to open a script named `serve`: it
-    /// exits at once, printing only to stderr.
-    #[test]
-    fn a_binary_that_exits_at_once_is_reported_with_its_stderr() {
-        let err = ServerProcess::start(&ServerCommand::new("sh"), Duration::from_secs(30))
-            .expect_err("sh prints no address");
-        assert!(matches!(err, ProcessError::ExitedEarly { .. }), "{err:?}");
-        assert!(err.server_stderr().contains("serve"), "{err:?}");
-        let err = ServerProcess::start(
-            &ServerCommand::new("/nonexistent/agent-lifecycle"),
-            Duration::from_secs(30),
-        )
-        .expect_err("no such binary");
-        assert!(matches!(err, ProcessError::Spawn { .. }), "{err:?}");
     }
 }
