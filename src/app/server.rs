@@ -55,7 +55,7 @@ pub struct ServeOptions {
     /// without it.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Rate limits and watch caps (none by default).
-    pub limits: std::sync::Arc<crate::api::grpc::limits::Limits>,
+    pub limits: std::sync::Arc<crate::api::grpc::rate_limit::Limits>,
 }
 
 impl From<CallLayer> for ServeOptions {

@@ -38,7 +38,7 @@ use tracing::{Instrument, info_span, warn};
 
 use super::{
     access::{self, Access},
-    limits::Limits,
+    rate_limit::Limits,
 };
 use crate::{api::auth::Authenticator, domain::Caller};
 

@@ -24,9 +24,12 @@ pub mod convert;
 pub mod fanout;
 mod handler;
 pub mod layer;
-pub mod limits;
 pub mod mutation;
 pub mod observe;
+pub mod rate_limit;
+
+/// [`rate_limit`] under the name of its configuration section, `[limits]`.
+pub use rate_limit as limits;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.
