@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::{
     api::grpc::MAX_REQUEST_BYTES,
     api::grpc::{CallLayer, LifecycleServer, pb},
-    automation::health::{Health, HealthSettings},
+    automation::health::{HealthSettings, HeartbeatMonitor},
     service::AgentLifecycleService,
 };
 
@@ -183,7 +183,7 @@ pub async fn run(
     service: AgentLifecycleService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let health = Health::new(service.clone(), HealthSettings::default());
+    let health = HeartbeatMonitor::new(service.clone(), HealthSettings::default());
     let monitor = tokio::spawn(health.clone().run());
     let served = run_with(listener, service, health, ServeOptions::default(), shutdown).await;
     // The monitor holds the service: end it, so that the store is released
@@ -202,7 +202,7 @@ pub async fn run(
 pub async fn run_with(
     listener: TcpListener,
     service: AgentLifecycleService,
-    heartbeats: Health,
+    heartbeats: HeartbeatMonitor,
     options: impl Into<ServeOptions>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {

@@ -466,7 +466,10 @@ mod tests {
         let server = tokio::spawn(crate::app::server::run_with(
             listener,
             service.clone(),
-            crate::automation::health::Health::new(service, crate::automation::health::HealthSettings::default()),
+            crate::automation::health::HeartbeatMonitor::new(
+                service,
+                crate::automation::health::HealthSettings::default(),
+            ),
             CallLayer::new(recorder.clone()),
             async {
                 let _ = stopped.await;
