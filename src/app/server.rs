@@ -231,7 +231,7 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES)
+    let lifecycle = LifecycleServer::with_heartbeat_monitor(service.clone(), heartbeats, MAX_REQUEST_BYTES)
         .with_limits(limits);
 
     let local = listener.local_addr().ok();

@@ -2,9 +2,9 @@
 //!
 //! `server.rs` applies it with `Server::builder().layer(..)`, so it wraps
 //! tonic's router: the lifecycle service (WatchEvents included, although
-//! `fanout.rs` routes that path itself), health, reflection, and paths no
-//! service knows. A tonic interceptor on the generated server would miss
-//! WatchEvents and the other services. For each call it:
+//! `handler/watch.rs` routes that path itself), health, reflection, and
+//! paths no service knows. A tonic interceptor on the generated server
+//! would miss WatchEvents and the other services. For each call it:
 //!
 //! 1. establishes the [`Caller`] and inserts it into the request's http
 //!    extensions, which tonic hands on as `tonic::Request::extensions()`;
