@@ -2,6 +2,9 @@
 //! (etcd's `toGRPCErrorMap`). Every status carries google.rpc details: an
 //! `ErrorInfo` with a stable reason in the `agentlifecycle.v1` domain, plus
 //! `BadRequest` or `PreconditionFailure` where they apply.
+//!
+//! Depends on the crate's error types and tonic only: handlers reach it
+//! through `?` and the `From` impls here, never by building a `Status`.
 
 use std::collections::HashMap;
 
