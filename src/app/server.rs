@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::{
     api::grpc::MAX_REQUEST_BYTES,
     api::grpc::{CallLayer, LifecycleServer, pb},
-    automation::health::{Health, HealthSettings},
+    automation::health::{HealthSettings, HeartbeatMonitor},
     service::AgentLifecycleService,
 };
 
@@ -56,7 +56,7 @@ pub struct ServeOptions {
     /// without it.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Rate limits and watch caps (none by default).
-    pub limits: std::sync::Arc<crate::api::grpc::limits::Limits>,
+    pub limits: std::sync::Arc<crate::api::grpc::rate_limit::Limits>,
 }
 
 impl From<CallLayer> for ServeOptions {
@@ -184,7 +184,7 @@ pub async fn run(
     service: AgentLifecycleService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let health = Health::new(service.clone(), HealthSettings::default());
+    let health = HeartbeatMonitor::new(service.clone(), HealthSettings::default());
     let monitor = tokio::spawn(health.clone().run());
     let served = run_with(listener, service, health, ServeOptions::default(), shutdown).await;
     // The monitor holds the service: end it, so that the store is released
@@ -228,7 +228,7 @@ fn reflection() -> Result<
 pub async fn run_with(
     listener: TcpListener,
     service: AgentLifecycleService,
-    heartbeats: Health,
+    heartbeats: HeartbeatMonitor,
     options: impl Into<ServeOptions>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -245,7 +245,7 @@ pub async fn run_with(
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
-    let lifecycle = LifecycleServer::with_health(service.clone(), heartbeats, MAX_REQUEST_BYTES)
+    let lifecycle = LifecycleServer::with_heartbeat_monitor(service.clone(), heartbeats, MAX_REQUEST_BYTES)
         .with_limits(limits);
 
     let local = listener.local_addr().ok();

@@ -14,7 +14,7 @@ use agent_lifecycle::{
         server,
         telemetry::Telemetry,
     },
-    automation::health::Health,
+    automation::health::HeartbeatMonitor,
 };
 
 /// Installs the logger, and the OTLP trace exporter when an endpoint is
@@ -158,7 +158,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(hf) = settings.hf {
         tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
     }
-    let health = Health::new(service.clone(), settings.health);
+    let health = HeartbeatMonitor::new(service.clone(), settings.health);
     let monitor = tokio::spawn(health.clone().run());
     let served = server::run_with(listener, service, health, settings.serving, shutdown).await;
     monitor.abort();

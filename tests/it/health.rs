@@ -11,8 +11,8 @@ use std::{
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    automation::health::{AWAIT_KEY, Health, HealthSettings, TRIGGER, awaits_heartbeat},
     domain::{AgentId, AgentState},
+    automation::health::{AWAIT_KEY, HealthSettings, HeartbeatMonitor, TRIGGER, awaits_heartbeat},
     service::{ChangeRequest, HistoryQuery, Registration, ServiceConfig, TokioClock},
     store::{MemoryStore, Retention},
 };
@@ -73,7 +73,7 @@ async fn advance(d: Duration) {
 }
 
 /// An agent in STARTING whose start waits for a heartbeat.
-async fn starting(service: &AgentLifecycleService, health: &Health) -> AgentId {
+async fn starting(service: &AgentLifecycleService, health: &HeartbeatMonitor) -> AgentId {
     let id = service
         .register_agent(Registration::default())
         .await
@@ -111,7 +111,7 @@ async fn last_reason(service: &AgentLifecycleService, id: AgentId) -> (String, S
 async fn heartbeats_complete_starts_and_silence_is_an_error() {
     let held = hold_the_clock();
     let service = service();
-    let health = Health::new(service.clone(), settings());
+    let health = HeartbeatMonitor::new(service.clone(), settings());
     let monitor = tokio::spawn(health.clone().run());
     let id = starting(&service, &health).await;
 
@@ -178,7 +178,7 @@ async fn heartbeats_complete_starts_and_silence_is_an_error() {
 async fn silent_starts_time_out_restart_with_backoff_and_fail() {
     let held = hold_the_clock();
     let service = service();
-    let health = Health::new(service.clone(), settings());
+    let health = HeartbeatMonitor::new(service.clone(), settings());
     let monitor = tokio::spawn(health.clone().run());
     let id = starting(&service, &health).await;
 
@@ -258,7 +258,7 @@ async fn silent_starts_time_out_restart_with_backoff_and_fail() {
 async fn no_timeout_fires_during_the_grace_period() {
     let held = hold_the_clock();
     let service = service();
-    let health = Health::new(
+    let health = HeartbeatMonitor::new(
         service.clone(),
         HealthSettings {
             grace: Duration::from_secs(120),
@@ -287,7 +287,7 @@ async fn no_timeout_fires_during_the_grace_period() {
 async fn agents_stuck_past_max_dwell_move_along_the_timeout_edge() {
     let held = hold_the_clock();
     let service = service();
-    let health = Health::new(
+    let health = HeartbeatMonitor::new(
         service.clone(),
         HealthSettings {
             max_dwell: vec![(AgentState::Deploying, Duration::from_secs(120))],
@@ -338,7 +338,7 @@ async fn rules_give_labelled_agents_their_own_timeouts() {
     .expect("config");
     let settings = file.health.expect("[health]").settings();
     assert_eq!(settings.rules.len(), 1);
-    let health = Health::new(service.clone(), settings);
+    let health = HeartbeatMonitor::new(service.clone(), settings);
     let monitor = tokio::spawn(health.clone().run());
     let mut ids = Vec::new();
     for team in ["ml", "web"] {
@@ -412,7 +412,7 @@ async fn the_policy_decides_whether_starts_wait_for_a_heartbeat() {
          start_waits_for_heartbeat = true\n",
     )
     .expect("config");
-    let health = Health::new(service.clone(), file.health.expect("[health]").settings());
+    let health = HeartbeatMonitor::new(service.clone(), file.health.expect("[health]").settings());
     let state = |id| service.get_agent(id).expect("agent").state;
 
     let plain = deployed(&service, &[]).await;
@@ -455,7 +455,7 @@ async fn the_policy_decides_whether_starts_wait_for_a_heartbeat() {
 async fn a_monitor_taking_over_carries_on_counting_restarts() {
     let held = hold_the_clock();
     let service = service();
-    let first = Health::new(service.clone(), settings());
+    let first = HeartbeatMonitor::new(service.clone(), settings());
     let monitor = tokio::spawn(first.clone().run());
     let id = starting(&service, &first).await;
     advance(Duration::from_secs(61)).await;
@@ -471,7 +471,7 @@ async fn a_monitor_taking_over_carries_on_counting_restarts() {
     monitor.abort();
     let _ = monitor.await;
 
-    let second = Health::new(service.clone(), settings());
+    let second = HeartbeatMonitor::new(service.clone(), settings());
     let monitor = tokio::spawn(second.clone().run());
     advance(Duration::from_secs(61)).await;
     until_state(&service, id, AgentState::Timeout).await;

@@ -2,9 +2,9 @@
 //!
 //! `server.rs` applies it with `Server::builder().layer(..)`, so it wraps
 //! tonic's router: the lifecycle service (WatchEvents included, although
-//! `fanout.rs` routes that path itself), health, reflection, and paths no
-//! service knows. A tonic interceptor on the generated server would miss
-//! WatchEvents and the other services. For each call it:
+//! `handler/watch.rs` routes that path itself), health, reflection, and
+//! paths no service knows. A tonic interceptor on the generated server
+//! would miss WatchEvents and the other services. For each call it:
 //!
 //! 1. establishes the [`Caller`] and inserts it into the request's http
 //!    extensions, which tonic hands on as `tonic::Request::extensions()`;
@@ -38,7 +38,7 @@ use tracing::{Instrument, info_span, warn};
 
 use super::{
     access::{self, Access},
-    limits::Limits,
+    rate_limit::Limits,
 };
 use crate::{api::auth::Authenticator, domain::Caller};
 
@@ -466,7 +466,7 @@ mod tests {
         let server = tokio::spawn(crate::app::server::run_with(
             listener,
             service.clone(),
-            crate::automation::health::Health::new(
+            crate::automation::health::HeartbeatMonitor::new(
                 service,
                 crate::automation::health::HealthSettings::default(),
             ),

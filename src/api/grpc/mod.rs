@@ -5,9 +5,10 @@
 //!
 //! - [`convert`]: wire <-> domain values, page tokens.
 //! - [`mutation`]: what every mutating request and response shares.
-//! - `handler`: one method per RPC (caller, parse, service, convert).
-//! - [`fanout`]: [`LifecycleServer`], the lifecycle service as served, with
-//!   WatchEvents encoded once per event.
+//! - `handler`: the RPCs, a file per kind (mutate, query, watch,
+//!   heartbeat), and [`LifecycleServer`], the lifecycle service as served,
+//!   with WatchEvents encoded once per event.
+//! - [`rate_limit`]: rate limits and WatchEvents stream caps.
 //! - [`layer`]: [`CallLayer`], around everything served: caller, span,
 //!   per-call record.
 //! - [`status`]: `crate::Error` -> `Status`, with google.rpc details.
@@ -21,12 +22,11 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 pub mod access;
 pub mod convert;
-pub mod fanout;
 mod handler;
 pub mod layer;
-pub mod limits;
 pub mod mutation;
 pub mod observe;
+pub mod rate_limit;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.
@@ -39,5 +39,5 @@ pub mod pb {
         tonic::include_file_descriptor_set!("agentlifecycle_descriptor");
 }
 
-pub use fanout::LifecycleServer;
+pub use handler::LifecycleServer;
 pub use layer::{CallLayer, CallObserver, CallRecord, IgnoreCalls};

@@ -3,8 +3,10 @@
 //! next to its own fields ([`MutatingRequest`]); a response is the agent
 //! after the change plus the transitions applied ([`MutationResponse`]).
 //!
-//! Each impl destructures its message completely, so a field added to the
-//! proto fails to compile here until someone decides where it goes.
+//! The impls are written once, by `mutating_request!` and
+//! `mutation_response!`, one line per message. Each destructures or builds
+//! its message completely, so a field added to the proto fails to compile
+//! here until someone decides where it goes.
 //! RegisterAgent is not a [`MutatingRequest`]: its `agent_id` is optional and
 //! it has no `expected_version`. Depends on the generated `pb` types, the
 //! conversions and the service's request types only.
@@ -67,231 +69,72 @@ pub trait MutatingRequest {
     fn into_parts(self) -> (ChangeFields, Self::Rest);
 }
 
-impl MutatingRequest for pb::TransitionAgentRequest {
+/// Implements [`MutatingRequest`] for one request message: `{ own fields }`
+/// names the fields only it has, `-> Rest = value` what `into_parts` returns
+/// for them; `without reason` marks a request with no `reason` field.
+///
+/// The message is destructured completely (no `..`), so a field added to the
+/// proto fails to compile here until someone decides where it goes.
+macro_rules! mutating_request {
+    ($(#[$doc:meta])* $request:path { $($own:ident),* } -> $rest:ty = $value:expr) => {
+        mutating_request!(@impl $(#[$doc])* $request { $($own,)* reason, } reason, $rest, $value);
+    };
+    ($(#[$doc:meta])* $request:path { $($own:ident),* } without reason -> $rest:ty = $value:expr) => {
+        mutating_request!(@impl $(#[$doc])* $request { $($own,)* } String::new(), $rest, $value);
+    };
+    (@impl $(#[$doc:meta])* $request:path { $($field:ident,)* } $reason:expr, $rest:ty, $value:expr) => {
+        impl MutatingRequest for $request {
+            $(#[$doc])*
+            type Rest = $rest;
+
+            fn into_parts(self) -> (ChangeFields, $rest) {
+                let $request {
+                    agent_id,
+                    triggered_by,
+                    metadata,
+                    expected_version,
+                    request_id,
+                    $($field,)*
+                } = self;
+                let fields = ChangeFields {
+                    agent_id,
+                    reason: $reason,
+                    triggered_by,
+                    metadata,
+                    expected_version,
+                    request_id,
+                };
+                (fields, $value)
+            }
+        }
+    };
+}
+
+mutating_request!(
     /// `target_state`, as its wire number.
-    type Rest = i32;
-
-    fn into_parts(self) -> (ChangeFields, i32) {
-        let pb::TransitionAgentRequest {
-            agent_id,
-            target_state,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, target_state)
-    }
-}
-
-impl MutatingRequest for pb::DeployAgentRequest {
-    type Rest = ();
-
-    fn into_parts(self) -> (ChangeFields, ()) {
-        let pb::DeployAgentRequest {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, ())
-    }
-}
-
-impl MutatingRequest for pb::StartAgentRequest {
+    pb::TransitionAgentRequest { target_state } -> i32 = target_state
+);
+mutating_request!(pb::DeployAgentRequest {} -> () = ());
+mutating_request!(
     /// `wait_for_heartbeat`.
-    type Rest = Option<bool>;
-
-    fn into_parts(self) -> (ChangeFields, Option<bool>) {
-        let pb::StartAgentRequest {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            wait_for_heartbeat,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, wait_for_heartbeat)
-    }
-}
-
-impl MutatingRequest for pb::StopAgentRequest {
-    type Rest = ();
-
-    fn into_parts(self) -> (ChangeFields, ()) {
-        let pb::StopAgentRequest {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, ())
-    }
-}
-
-impl MutatingRequest for pb::AssignTaskRequest {
+    pb::StartAgentRequest { wait_for_heartbeat } -> Option<bool> = wait_for_heartbeat
+);
+mutating_request!(pb::StopAgentRequest {} -> () = ());
+mutating_request!(
     /// `task_id`; `None` when empty.
-    type Rest = Option<String>;
-
-    fn into_parts(self) -> (ChangeFields, Option<String>) {
-        let pb::AssignTaskRequest {
-            agent_id,
-            task_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, Some(task_id).filter(|t| !t.is_empty()))
-    }
-}
-
-impl MutatingRequest for pb::CompleteTaskRequest {
+    pb::AssignTaskRequest { task_id } -> Option<String> = Some(task_id).filter(|t| !t.is_empty())
+);
+mutating_request!(
     /// `task_id`; `None` when empty.
-    type Rest = Option<String>;
-
-    fn into_parts(self) -> (ChangeFields, Option<String>) {
-        let pb::CompleteTaskRequest {
-            agent_id,
-            task_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, Some(task_id).filter(|t| !t.is_empty()))
-    }
-}
-
-impl MutatingRequest for pb::HandleErrorRequest {
+    pb::CompleteTaskRequest { task_id } -> Option<String> = Some(task_id).filter(|t| !t.is_empty())
+);
+mutating_request!(
     /// `error_message`. The request has no `reason`: the service builds it
     /// from the message.
-    type Rest = String;
-
-    fn into_parts(self) -> (ChangeFields, String) {
-        let pb::HandleErrorRequest {
-            agent_id,
-            error_message,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason: String::new(),
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, error_message)
-    }
-}
-
-impl MutatingRequest for pb::PutInMaintenanceRequest {
-    type Rest = ();
-
-    fn into_parts(self) -> (ChangeFields, ()) {
-        let pb::PutInMaintenanceRequest {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, ())
-    }
-}
-
-impl MutatingRequest for pb::ResumeFromMaintenanceRequest {
-    type Rest = ();
-
-    fn into_parts(self) -> (ChangeFields, ()) {
-        let pb::ResumeFromMaintenanceRequest {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        } = self;
-        let fields = ChangeFields {
-            agent_id,
-            reason,
-            triggered_by,
-            metadata,
-            expected_version,
-            request_id,
-        };
-        (fields, ())
-    }
-}
+    pb::HandleErrorRequest { error_message } without reason -> String = error_message
+);
+mutating_request!(pb::PutInMaintenanceRequest {} -> () = ());
+mutating_request!(pb::ResumeFromMaintenanceRequest {} -> () = ());
 
 /// The response of a mutating RPC: `agent` and `transitions`.
 pub trait MutationResponse: Sized {
@@ -312,95 +155,34 @@ pub trait MutationResponse: Sized {
     }
 }
 
-impl MutationResponse for pb::RegisterAgentResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::RegisterAgentResponse {
-            agent: Some(agent),
-            transitions,
+/// Implements [`MutationResponse`] for response messages that are exactly
+/// `agent` and `transitions` (the struct literal has no `..`, so a field
+/// added to one of them fails to compile here).
+macro_rules! mutation_response {
+    ($($response:path),* $(,)?) => {$(
+        impl MutationResponse for $response {
+            fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
+                $response {
+                    agent: Some(agent),
+                    transitions,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl MutationResponse for pb::TransitionAgentResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::TransitionAgentResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::DeployAgentResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::DeployAgentResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::StartAgentResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::StartAgentResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::StopAgentResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::StopAgentResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::AssignTaskResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::AssignTaskResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::CompleteTaskResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::CompleteTaskResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::HandleErrorResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::HandleErrorResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::PutInMaintenanceResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::PutInMaintenanceResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
-
-impl MutationResponse for pb::ResumeFromMaintenanceResponse {
-    fn from_parts(agent: pb::Agent, transitions: Vec<pb::StateTransition>) -> Self {
-        pb::ResumeFromMaintenanceResponse {
-            agent: Some(agent),
-            transitions,
-        }
-    }
-}
+mutation_response!(
+    pb::RegisterAgentResponse,
+    pb::TransitionAgentResponse,
+    pb::DeployAgentResponse,
+    pb::StartAgentResponse,
+    pb::StopAgentResponse,
+    pb::AssignTaskResponse,
+    pb::CompleteTaskResponse,
+    pb::HandleErrorResponse,
+    pb::PutInMaintenanceResponse,
+    pb::ResumeFromMaintenanceResponse,
+);
 
 #[cfg(test)]
 mod tests {

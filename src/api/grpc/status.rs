@@ -2,6 +2,9 @@
 //! (etcd's `toGRPCErrorMap`). Every status carries google.rpc details: an
 //! `ErrorInfo` with a stable reason in the `agentlifecycle.v1` domain, plus
 //! `BadRequest` or `PreconditionFailure` where they apply.
+//!
+//! Depends on the crate's error types and tonic only: handlers reach it
+//! through `?` and the `From` impls here, never by building a `Status`.
 
 use std::collections::HashMap;
 
@@ -77,18 +80,14 @@ pub(crate) fn not_routed(method: &str) -> Status {
     )
 }
 
+/// Every error's code and details, in one exhaustive match: a new variant
+/// fails to compile here until it has its code. Server faults (the store,
+/// internal failures) answer with a fixed message and log the cause.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let message = bounded(err.to_string());
         let (code, details) = match &err {
-            Error::InvalidArgument(v) => {
-                let mut details = info("INVALID_ARGUMENT", &[("field", v.field.clone())]);
-                details.add_bad_request_violation(
-                    bounded(v.field.clone()),
-                    bounded(v.description.clone()),
-                );
-                (Code::InvalidArgument, details)
-            }
+            Error::InvalidArgument(violation) => invalid_argument(violation),
             Error::AgentNotFound(id) => (
                 Code::NotFound,
                 info("AGENT_NOT_FOUND", &[("agent_id", id.to_string())]),
@@ -103,100 +102,7 @@ impl From<Error> for Status {
                     ],
                 ),
             ),
-            Error::Transition(TransitionError::NotAllowed {
-                agent_id,
-                from,
-                to,
-                allowed,
-            }) => {
-                let mut details = info(
-                    "TRANSITION_NOT_ALLOWED",
-                    &[
-                        ("agent_id", agent_id.to_string()),
-                        ("current_state", from.to_string()),
-                        ("target_state", to.to_string()),
-                        ("allowed_targets", names(allowed)),
-                    ],
-                );
-                details.add_precondition_failure_violation(
-                    "STATE",
-                    format!("agents/{agent_id}"),
-                    format!(
-                        "current state is {from}; allowed targets: {}",
-                        if allowed.is_empty() {
-                            "none".into()
-                        } else {
-                            names(allowed)
-                        }
-                    ),
-                );
-                (Code::FailedPrecondition, details)
-            }
-            Error::Transition(TransitionError::RequiresState {
-                agent_id,
-                operation,
-                state,
-                required,
-            }) => {
-                let mut details = info(
-                    "TRANSITION_NOT_ALLOWED",
-                    &[
-                        ("agent_id", agent_id.to_string()),
-                        ("current_state", state.to_string()),
-                        ("operation", operation.to_string()),
-                        ("required_states", names(required)),
-                    ],
-                );
-                details.add_precondition_failure_violation(
-                    "STATE",
-                    format!("agents/{agent_id}"),
-                    format!(
-                        "current state is {state}; {operation} needs {}",
-                        names(required)
-                    ),
-                );
-                (Code::FailedPrecondition, details)
-            }
-            Error::Transition(TransitionError::VersionMismatch {
-                agent_id,
-                expected,
-                actual,
-            }) => (
-                Code::Aborted,
-                info(
-                    "VERSION_MISMATCH",
-                    &[
-                        ("agent_id", agent_id.to_string()),
-                        ("expected_version", expected.to_string()),
-                        ("actual_version", actual.to_string()),
-                    ],
-                ),
-            ),
-            Error::Transition(TransitionError::Vetoed {
-                agent_id,
-                from,
-                to,
-                reason,
-            }) => {
-                let mut details = info(
-                    "TRANSITION_VETOED",
-                    &[
-                        ("agent_id", agent_id.to_string()),
-                        (
-                            "current_state",
-                            from.map_or("unspecified", |s| s.as_str()).to_string(),
-                        ),
-                        ("target_state", to.to_string()),
-                        ("veto_reason", reason.clone()),
-                    ],
-                );
-                details.add_precondition_failure_violation(
-                    "HANDLER_VETO",
-                    format!("agents/{agent_id}"),
-                    reason.clone(),
-                );
-                (Code::FailedPrecondition, details)
-            }
+            Error::Transition(err) => transition(err),
             Error::SequenceCompacted { requested, oldest } => (
                 Code::OutOfRange,
                 info(
@@ -240,42 +146,8 @@ impl From<Error> for Status {
             Error::RequestCompacted { .. } => {
                 (Code::FailedPrecondition, info("REQUEST_COMPACTED", &[]))
             }
-            Error::PermissionDenied(crate::domain::PermissionDenied {
-                principal,
-                role,
-                action,
-            }) => {
-                warn!(%principal, %role, %action, "refused: permission denied");
-                (
-                    Code::PermissionDenied,
-                    info(
-                        "PERMISSION_DENIED",
-                        &[("principal", principal.clone()), ("role", role.to_string())],
-                    ),
-                )
-            }
-            Error::Store(source)
-                if matches!(
-                    **source,
-                    crate::store::StoreError::CommitOutcomeUnknown { .. }
-                ) =>
-            {
-                warn!(error = %crate::error::chain(&**source), "commit with an unknown outcome answered with UNAVAILABLE");
-                return Status::with_error_details(
-                    Code::Unavailable,
-                    "the store failed while committing: the change may or may not have been applied; read the agent to learn which",
-                    info("COMMIT_OUTCOME_UNKNOWN", &[]),
-                );
-            }
-            Error::Store(source) => {
-                warn!(error = %crate::error::chain(&**source), "store failure answered with UNAVAILABLE");
-                let details = info("STORE_UNAVAILABLE", &[]);
-                return Status::with_error_details(
-                    Code::Unavailable,
-                    "the store could not complete the operation; nothing was applied",
-                    details,
-                );
-            }
+            Error::PermissionDenied(denied) => permission_denied(denied),
+            Error::Store(source) => return store_failure(source),
             Error::Spawn(_) | Error::TaskFailed(_) | Error::NoRuntime(_) => {
                 error!(error = %crate::error::chain(&err), "internal failure answered with INTERNAL");
                 return Status::with_error_details(
@@ -287,4 +159,173 @@ impl From<Error> for Status {
         };
         Status::with_error_details(code, message, details)
     }
+}
+
+/// Malformed input: INVALID_ARGUMENT with a `BadRequest` naming the field.
+fn invalid_argument(violation: &FieldViolation) -> (Code, ErrorDetails) {
+    let mut details = info("INVALID_ARGUMENT", &[("field", violation.field.clone())]);
+    details.add_bad_request_violation(
+        bounded(violation.field.clone()),
+        bounded(violation.description.clone()),
+    );
+    (Code::InvalidArgument, details)
+}
+
+/// A refused transition's code and details: FAILED_PRECONDITION (not
+/// allowed, vetoed) or ABORTED (version mismatch).
+fn transition(err: &TransitionError) -> (Code, ErrorDetails) {
+    match err {
+        TransitionError::NotAllowed {
+            agent_id,
+            from,
+            to,
+            allowed,
+        } => not_allowed(agent_id.to_string(), *from, *to, allowed),
+        TransitionError::RequiresState {
+            agent_id,
+            operation,
+            state,
+            required,
+        } => {
+            let mut details = info(
+                "TRANSITION_NOT_ALLOWED",
+                &[
+                    ("agent_id", agent_id.to_string()),
+                    ("current_state", state.to_string()),
+                    ("operation", operation.to_string()),
+                    ("required_states", names(required)),
+                ],
+            );
+            details.add_precondition_failure_violation(
+                "STATE",
+                format!("agents/{agent_id}"),
+                format!(
+                    "current state is {state}; {operation} needs {}",
+                    names(required)
+                ),
+            );
+            (Code::FailedPrecondition, details)
+        }
+        TransitionError::VersionMismatch {
+            agent_id,
+            expected,
+            actual,
+        } => (
+            Code::Aborted,
+            info(
+                "VERSION_MISMATCH",
+                &[
+                    ("agent_id", agent_id.to_string()),
+                    ("expected_version", expected.to_string()),
+                    ("actual_version", actual.to_string()),
+                ],
+            ),
+        ),
+        TransitionError::Vetoed {
+            agent_id,
+            from,
+            to,
+            reason,
+        } => vetoed(agent_id.to_string(), *from, *to, reason),
+    }
+}
+
+/// A transition the policy does not allow from the agent's state:
+/// FAILED_PRECONDITION listing the allowed targets.
+fn not_allowed(
+    agent_id: String,
+    from: AgentState,
+    to: AgentState,
+    allowed: &[AgentState],
+) -> (Code, ErrorDetails) {
+    let mut details = info(
+        "TRANSITION_NOT_ALLOWED",
+        &[
+            ("agent_id", agent_id.clone()),
+            ("current_state", from.to_string()),
+            ("target_state", to.to_string()),
+            ("allowed_targets", names(allowed)),
+        ],
+    );
+    details.add_precondition_failure_violation(
+        "STATE",
+        format!("agents/{agent_id}"),
+        format!(
+            "current state is {from}; allowed targets: {}",
+            if allowed.is_empty() {
+                "none".into()
+            } else {
+                names(allowed)
+            }
+        ),
+    );
+    (Code::FailedPrecondition, details)
+}
+
+/// A transition a pre-hook vetoed: FAILED_PRECONDITION with the veto's
+/// reason.
+fn vetoed(
+    agent_id: String,
+    from: Option<AgentState>,
+    to: AgentState,
+    reason: &str,
+) -> (Code, ErrorDetails) {
+    let mut details = info(
+        "TRANSITION_VETOED",
+        &[
+            ("agent_id", agent_id.clone()),
+            (
+                "current_state",
+                from.map_or("unspecified", |s| s.as_str()).to_string(),
+            ),
+            ("target_state", to.to_string()),
+            ("veto_reason", reason.to_string()),
+        ],
+    );
+    details.add_precondition_failure_violation(
+        "HANDLER_VETO",
+        format!("agents/{agent_id}"),
+        reason.to_string(),
+    );
+    (Code::FailedPrecondition, details)
+}
+
+/// A refused caller: PERMISSION_DENIED, logged once here.
+fn permission_denied(denied: &crate::domain::PermissionDenied) -> (Code, ErrorDetails) {
+    let crate::domain::PermissionDenied {
+        principal,
+        role,
+        action,
+    } = denied;
+    warn!(%principal, %role, %action, "refused: permission denied");
+    (
+        Code::PermissionDenied,
+        info(
+            "PERMISSION_DENIED",
+            &[("principal", principal.clone()), ("role", role.to_string())],
+        ),
+    )
+}
+
+/// The store failed: UNAVAILABLE, with a message that says whether the
+/// change may have been applied; the cause is logged, not sent.
+fn store_failure(source: &crate::store::StoreError) -> Status {
+    if matches!(
+        source,
+        crate::store::StoreError::CommitOutcomeUnknown { .. }
+    ) {
+        warn!(error = %crate::error::chain(source), "commit with an unknown outcome answered with UNAVAILABLE");
+        return Status::with_error_details(
+            Code::Unavailable,
+            "the store failed while committing: the change may or may not have been applied; read the agent to learn which",
+            info("COMMIT_OUTCOME_UNKNOWN", &[]),
+        );
+    }
+    warn!(error = %crate::error::chain(source), "store failure answered with UNAVAILABLE");
+    let details = info("STORE_UNAVAILABLE", &[]);
+    Status::with_error_details(
+        Code::Unavailable,
+        "the store could not complete the operation; nothing was applied",
+        details,
+    )
 }

@@ -12,7 +12,7 @@ use crate::{
         auth::Authenticator,
         grpc::{
             CallLayer,
-            limits::{LimitSettings, Limits},
+            rate_limit::{LimitSettings, Limits},
         },
         tls,
     },

@@ -35,17 +35,17 @@ impl<'de> Deserialize<'de> for DwellLimit {
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub agent_transitions_per_second: Option<f64>,
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub agent_transition_burst: Option<f64>,
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub principal_requests_per_second: Option<f64>,
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub principal_request_burst: Option<f64>,
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub max_watches_per_principal: Option<usize>,
-    /// See [`crate::api::grpc::limits::LimitSettings`].
+    /// See [`crate::api::grpc::rate_limit::LimitSettings`].
     pub max_watches: Option<usize>,
 }
 
@@ -54,8 +54,8 @@ impl LimitsSection {
     ///
     /// # Errors
     /// A negative or non-finite rate or burst.
-    pub fn settings(&self) -> Result<crate::api::grpc::limits::LimitSettings, String> {
-        let d = crate::api::grpc::limits::LimitSettings::default();
+    pub fn settings(&self) -> Result<crate::api::grpc::rate_limit::LimitSettings, String> {
+        let d = crate::api::grpc::rate_limit::LimitSettings::default();
         for (key, value) in [
             (
                 "agent_transitions_per_second",
@@ -74,7 +74,7 @@ impl LimitsSection {
                 return Err(format!("limits.{key}: {v} must be a number >= 0"));
             }
         }
-        Ok(crate::api::grpc::limits::LimitSettings {
+        Ok(crate::api::grpc::rate_limit::LimitSettings {
             agent_transitions_per_second: self
                 .agent_transitions_per_second
                 .unwrap_or(d.agent_transitions_per_second),

@@ -4,7 +4,11 @@
 //! RESOURCE_EXHAUSTED with a `RetryInfo` saying when to try again.
 //!
 //! The server's own automation (health monitor, pollers) calls the service
-//! directly and is not limited.
+//! directly and is not limited. The sizes of single fields are the
+//! domain's (`domain::limits`), not this module's.
+//!
+//! Depends on the domain's [`Caller`] and the crate's [`Error`] only: the
+//! layer and the handlers turn a refusal into a `Status` (`status.rs`).
 
 use std::{
     collections::HashMap,
