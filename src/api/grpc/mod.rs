@@ -20,14 +20,14 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// agents with large metadata stays well below it).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
-pub mod access;
+mod access;
 pub mod convert;
 mod handler;
-pub mod layer;
-pub mod mutation;
+mod layer;
+mod mutation;
 pub mod observe;
 pub mod rate_limit;
-pub mod status;
+mod status;
 
 /// Generated protobuf and gRPC code for `agentlifecycle.v1`.
 pub mod pb {
