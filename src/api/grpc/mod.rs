@@ -4,14 +4,14 @@
 //! Nothing below this module names tonic, prost or `pb`.
 //!
 //! - [`convert`]: wire <-> domain values, page tokens.
-//! - [`mutation`]: what every mutating request and response shares.
+//! - `mutation`: what every mutating request and response shares.
 //! - `handler`: the RPCs, a file per kind (mutate, query, watch,
 //!   heartbeat), and [`LifecycleServer`], the lifecycle service as served,
 //!   with WatchEvents encoded once per event.
 //! - [`rate_limit`]: rate limits and WatchEvents stream caps.
-//! - [`layer`]: [`CallLayer`], around everything served: caller, span,
+//! - `layer`: [`CallLayer`], around everything served: caller, span,
 //!   per-call record.
-//! - [`status`]: `crate::Error` -> `Status`, with google.rpc details.
+//! - `status`: `crate::Error` -> `Status`, with google.rpc details.
 
 /// Largest request message the server decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
