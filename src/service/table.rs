@@ -46,7 +46,7 @@ pub(crate) struct Table {
     /// one write lock), which snapshots rely on.
     pub head: u64,
     /// Recent client request ids and what they committed.
-    pub requests: super::requests::RequestIndex,
+    pub requests: super::write::idempotency::RequestIndex,
 }
 
 /// What the commit thread shares with the service.
@@ -66,9 +66,9 @@ pub(crate) struct Shared {
     /// at most one at a time.
     pub follow_requested: AtomicBool,
     /// Requests with a request id being served, one at a time per id.
-    pub in_flight: super::requests::InFlight,
+    pub in_flight: super::write::idempotency::InFlight,
     /// The runtime the commit thread hands each batch's answers to (see
-    /// `commit::Batch::reply`); `None` outside one.
+    /// `log::Batch::reply`); `None` outside one.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 

@@ -10,6 +10,9 @@
 //! start-up, for the `window` the configuration keeps ids. Requests with
 //! the same id are serialised within a process, so a retry that overtakes
 //! its original waits for it.
+//!
+//! Knows the agent table and the store's log; must not depend on how a
+//! change is planned or committed (the caller passes that in as `run`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -17,17 +20,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{AgentLifecycleService, Outcome};
 use crate::{
-    domain::{AgentId, RequestTag, TransitionRecord},
+    domain::{AgentId, AgentState, RequestTag, TransitionRecord},
     error::{Error, Result},
+    service::{AgentLifecycleService, ChangeRequest, Outcome, Registration},
 };
 
 /// Request ids remembered at most (the oldest go first beyond).
 const MAX_REMEMBERED: usize = 1_000_000;
 
 /// The request id a client gave: an empty one counts as none.
-pub(super) fn given(request_id: Option<&str>) -> Option<&str> {
+pub(crate) fn given(request_id: Option<&str>) -> Option<&str> {
     request_id.filter(|id| !id.is_empty())
 }
 
@@ -131,6 +134,53 @@ pub(crate) fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
+/// The fingerprint of a registration: everything the caller sent but the
+/// request id and the caller.
+pub(super) fn registration_fingerprint(registration: &Registration) -> [u8; 32] {
+    let change = &registration.change;
+    let labels = serde_json::to_vec(&registration.labels).unwrap_or_default();
+    let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+    let id = registration
+        .agent_id
+        .map(|id| *id.as_bytes())
+        .unwrap_or_default();
+    fingerprint(&[
+        b"register_agent",
+        &id,
+        registration.name.as_bytes(),
+        &labels,
+        change.reason.as_bytes(),
+        change.triggered_by.as_bytes(),
+        &metadata,
+    ])
+}
+
+/// The fingerprint of the operation `operation` on agent `id` along `path`:
+/// everything the caller sent but the request id and the caller.
+pub(super) fn transition_fingerprint(
+    operation: &str,
+    id: AgentId,
+    path: &[(AgentState, &'static str)],
+    change: &ChangeRequest,
+) -> [u8; 32] {
+    let targets: Vec<u8> = path.iter().map(|(to, _)| *to as u8).collect();
+    let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+    let expected = change
+        .expected_version
+        .map(u64::to_be_bytes)
+        .unwrap_or_default();
+    fingerprint(&[
+        operation.as_bytes(),
+        id.as_bytes(),
+        &targets,
+        change.reason.as_bytes(),
+        change.triggered_by.as_bytes(),
+        &metadata,
+        &[u8::from(change.expected_version.is_some())],
+        &expected,
+    ])
+}
+
 /// Requests with a request id, in flight in this process.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight(Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>);
@@ -168,7 +218,7 @@ impl AgentLifecycleService {
             let _turn = slot.lock().await;
             // Another process may have committed it: the index learns of
             // its records by following the log.
-            self.sync().await?;
+            self.catch_up_with_store().await?;
             let found = self.shared().read_table().requests.find(&key);
             match found {
                 Some(entry) if entry.fingerprint == fingerprint => self.replay(&entry).await,
