@@ -147,3 +147,24 @@ impl Table {
         Some(agent)
     }
 }
+
+#[cfg(test)]
+impl Shared {
+    /// An empty table over `store`, with the default policy, a bus of
+    /// `bus_capacity` events and no runtime (answers go straight to the
+    /// proposers).
+    pub(crate) fn for_tests(store: Arc<dyn Store>, bus_capacity: usize) -> Arc<Shared> {
+        let (bus, _) = broadcast::channel(bus_capacity);
+        Arc::new(Shared {
+            policy: TransitionPolicy::default(),
+            table: RwLock::new(Table::default()),
+            bus,
+            store,
+            metrics: Metrics::new(),
+            clock: Arc::new(crate::domain::SystemClock),
+            follow_requested: AtomicBool::new(false),
+            in_flight: super::write::idempotency::InFlight::default(),
+            runtime: None,
+        })
+    }
+}

@@ -274,3 +274,115 @@ impl AgentLifecycleService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AgentState;
+
+    async fn service_with_agent() -> (AgentLifecycleService, AgentId) {
+        let service = AgentLifecycleService::in_memory().expect("service");
+        let outcome = service
+            .register_agent(Registration {
+                name: "a".into(),
+                ..Registration::default()
+            })
+            .await
+            .expect("registered");
+        (service, outcome.agent.id)
+    }
+
+    fn with_request_id(reason: &str, request_id: &str) -> ChangeRequest {
+        ChangeRequest {
+            reason: reason.into(),
+            request_id: Some(request_id.into()),
+            ..ChangeRequest::default()
+        }
+    }
+
+    /// A retry with the same request id and content gets the original
+    /// outcome (the same records, the agent as they left it) and records
+    /// nothing new, even after the agent moved on.
+    #[tokio::test]
+    async fn a_retry_gets_the_original_outcome_without_a_second_change() {
+        let (service, id) = service_with_agent().await;
+        let first = service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("deployed");
+        assert_eq!(first.transitions.len(), 2);
+        service
+            .start_agent(id, ChangeRequest::because("start"))
+            .await
+            .expect("started");
+        let head = service.head_sequence();
+
+        let retry = service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("the retry is answered");
+
+        assert_eq!(retry.transitions, first.transitions);
+        assert_eq!(retry.agent.state, AgentState::Deployed);
+        assert_eq!(retry.agent.version, first.agent.version);
+        assert_eq!(service.head_sequence(), head, "nothing new recorded");
+    }
+
+    /// The same request id with other content (another reason, another
+    /// operation) is refused and records nothing; another caller's id of
+    /// the same text is its own.
+    #[tokio::test]
+    async fn the_same_request_id_with_other_content_is_refused() {
+        let (service, id) = service_with_agent().await;
+        service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("deployed");
+        let head = service.head_sequence();
+
+        let other_reason = service
+            .deploy_agent(id, with_request_id("another", "r-1"))
+            .await;
+        assert!(
+            matches!(other_reason, Err(Error::RequestIdReused { ref request_id }) if request_id == "r-1"),
+            "{other_reason:?}"
+        );
+        let other_operation = service
+            .start_agent(id, with_request_id("rollout", "r-1"))
+            .await;
+        assert!(
+            matches!(other_operation, Err(Error::RequestIdReused { .. })),
+            "{other_operation:?}"
+        );
+        assert_eq!(service.head_sequence(), head, "nothing recorded");
+    }
+
+    /// Fingerprints cover every field the caller sent: the same content
+    /// hashes alike, any difference does not.
+    #[test]
+    fn fingerprints_follow_the_content() {
+        let id = AgentId::generate();
+        let path = &[(AgentState::Deploying, ""), (AgentState::Deployed, "")];
+        let change = ChangeRequest::because("rollout");
+        let base = transition_fingerprint("deploy_agent", id, path, &change);
+        assert_eq!(
+            base,
+            transition_fingerprint("deploy_agent", id, path, &change)
+        );
+        let versioned = ChangeRequest {
+            expected_version: Some(1),
+            ..change.clone()
+        };
+        for other in [
+            transition_fingerprint("start_agent", id, path, &change),
+            transition_fingerprint("deploy_agent", AgentId::generate(), path, &change),
+            transition_fingerprint("deploy_agent", id, &path[..1], &change),
+            transition_fingerprint("deploy_agent", id, path, &ChangeRequest::because("x")),
+            transition_fingerprint("deploy_agent", id, path, &versioned),
+        ] {
+            assert_ne!(other, base);
+        }
+        // Length prefixes keep the parts apart.
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
+    }
+}

@@ -283,3 +283,190 @@ fn defaulted(value: String, default: &str) -> String {
         value
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::{domain::TransitionRecord, error::Error};
+
+    fn registered_agent() -> Arc<Agent> {
+        let id = AgentId::generate();
+        let record = Arc::new(TransitionRecord {
+            agent_id: id,
+            from: None,
+            to: AgentState::Registered,
+            at: UNIX_EPOCH,
+            reason: "agent registered".into(),
+            triggered_by: "system".into(),
+            principal: String::new(),
+            request: None,
+            metadata: Default::default(),
+            sequence: 1,
+            version: 1,
+        });
+        Arc::new(Agent::registered(
+            id,
+            Arc::from("a"),
+            Arc::default(),
+            record,
+        ))
+    }
+
+    fn writer_lock() -> (Arc<tokio::sync::Mutex<()>>, OwnedMutexGuard<()>) {
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let guard = Arc::clone(&lock).try_lock_owned().expect("unlocked");
+        (lock, guard)
+    }
+
+    /// Refusals of each kind (a target the policy does not allow, a required
+    /// state, a stale expected version) plan nothing and release the
+    /// agent's writer lock.
+    #[test]
+    fn a_refused_transition_plans_nothing_and_releases_the_lock() {
+        let policy = TransitionPolicy::default();
+        let agent = registered_agent();
+        let stale = ChangeRequest {
+            expected_version: Some(7),
+            ..ChangeRequest::default()
+        };
+        type Case<'a> = (
+            Operation,
+            &'a [(AgentState, &'static str)],
+            &'a ChangeRequest,
+        );
+        let cases: [Case<'_>; 3] = [
+            (
+                TRANSITION,
+                &[(AgentState::Online, "")],
+                &ChangeRequest::default(),
+            ),
+            (ASSIGN, ASSIGN.path, &ChangeRequest::default()),
+            (DEPLOY, DEPLOY.path, &stale),
+        ];
+        for (op, path, change) in cases {
+            let (lock, guard) = writer_lock();
+            let refused =
+                Plan::transition(&policy, Arc::clone(&agent), op, path, change, &None, guard);
+            match (op.name, refused) {
+                (
+                    "transition",
+                    Err(Error::Transition(TransitionError::NotAllowed { from, to, .. })),
+                ) => {
+                    assert_eq!((from, to), (AgentState::Registered, AgentState::Online));
+                }
+                (
+                    "assign_task",
+                    Err(Error::Transition(TransitionError::RequiresState { state, .. })),
+                ) => {
+                    assert_eq!(state, AgentState::Registered);
+                }
+                (
+                    "deploy_agent",
+                    Err(Error::Transition(TransitionError::VersionMismatch {
+                        expected,
+                        actual,
+                        ..
+                    })),
+                ) => {
+                    assert_eq!((expected, actual), (7, 1));
+                }
+                (name, other) => panic!("{name}: unexpected {other:?}"),
+            }
+            assert!(lock.try_lock().is_ok(), "{}: lock released", op.name);
+        }
+    }
+
+    /// A valid path plans one step per target, with the step's default
+    /// reason and `system` when the caller said nothing, keeps the writer
+    /// lock, and gives each pre-hook the state the step leaves.
+    #[test]
+    fn a_valid_path_plans_every_step_with_its_defaults() {
+        let agent = registered_agent();
+        let (lock, guard) = writer_lock();
+        let plan = Plan::transition(
+            &TransitionPolicy::default(),
+            Arc::clone(&agent),
+            DEPLOY,
+            DEPLOY.path,
+            &ChangeRequest::default(),
+            &None,
+            guard,
+        )
+        .expect("REGISTERED -> DEPLOYING -> DEPLOYED is allowed");
+
+        let steps: Vec<(AgentState, &str, &str)> = plan
+            .steps
+            .iter()
+            .map(|s| (s.to, s.reason.as_str(), s.triggered_by.as_str()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (AgentState::Deploying, "deployment started", "system"),
+                (AgentState::Deployed, "deployment completed", "system"),
+            ]
+        );
+        let edges: Vec<_> = plan
+            .pre_contexts()
+            .map(|ctx| (ctx.from_state, ctx.to_state))
+            .collect();
+        assert_eq!(
+            edges,
+            vec![
+                (Some(AgentState::Registered), AgentState::Deploying),
+                (Some(AgentState::Deploying), AgentState::Deployed),
+            ]
+        );
+        assert!(lock.try_lock().is_err(), "the plan keeps the writer lock");
+        let proposal = plan.into_proposal();
+        assert_eq!(proposal.prior.map(|a| a.version), Some(1));
+        drop(proposal.guard);
+        assert!(lock.try_lock().is_ok());
+    }
+
+    /// The caller's reason and `triggered_by` replace the defaults, and a
+    /// registration has no prior agent and one step into REGISTERED.
+    #[test]
+    fn the_callers_words_replace_the_defaults() {
+        let change = ChangeRequest {
+            reason: "rollout 42".into(),
+            triggered_by: "deployer".into(),
+            ..ChangeRequest::default()
+        };
+        let (_lock, guard) = writer_lock();
+        let plan = Plan::transition(
+            &TransitionPolicy::default(),
+            registered_agent(),
+            DEPLOY,
+            DEPLOY.path,
+            &change,
+            &None,
+            guard,
+        )
+        .expect("allowed");
+        assert!(
+            plan.steps
+                .iter()
+                .all(|s| s.reason == "rollout 42" && s.triggered_by == "deployer")
+        );
+
+        let identity = AgentIdentity {
+            name: Arc::from("b"),
+            labels: Arc::default(),
+        };
+        let id = AgentId::generate();
+        let plan = Plan::registration(id, identity, ChangeRequest::default(), None);
+        assert!(plan.prior.is_none() && plan.guard.is_none());
+        let steps: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|s| (s.to, s.reason.as_str(), s.triggered_by.as_str()))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![(AgentState::Registered, "agent registered", "system")]
+        );
+    }
+}
