@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// Requests with a request id being served, one at a time per id.
     pub in_flight: super::write::idempotency::InFlight,
     /// The runtime the commit thread hands each batch's answers to (see
-    /// `log::Batch::reply`); `None` outside one.
+    /// `log::batch::Batch::reply`); `None` outside one.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 

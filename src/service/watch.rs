@@ -97,6 +97,83 @@ impl Filter {
     }
 }
 
+impl Filter {
+    fn new(request: WatchRequest) -> Self {
+        let mut kinds = request.kinds;
+        kinds.sort_by_key(|k| *k == EventKind::Transitioned);
+        kinds.dedup();
+        Filter {
+            agent_ids: request.agent_ids.into_iter().collect(),
+            states: request.states.into_iter().collect(),
+            kinds,
+            labels: request.labels,
+        }
+    }
+}
+
+/// The request's own limits and combinations.
+fn check(request: &WatchRequest) -> Result<()> {
+    if request.agent_ids.len() > limits::MAX_FILTER_IDS {
+        return Err(FieldViolation::new(
+            "agent_ids",
+            format!(
+                "{} ids, at most {} allowed",
+                request.agent_ids.len(),
+                limits::MAX_FILTER_IDS
+            ),
+        )
+        .into());
+    }
+    limits::check_labels("labels", &request.labels)?;
+    if request.include_snapshot && request.start_sequence > 0 {
+        return Err(FieldViolation::new(
+            "include_snapshot",
+            "cannot be combined with start_sequence; a snapshot is followed by live events",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Queues the matching agents and the snapshot's end into `pending`, under
+/// one read of the table; returns the head the snapshot shows.
+fn snapshot(shared: &Shared, filter: &Filter, pending: &mut VecDeque<WatchItem>) -> u64 {
+    let table = shared.read_table();
+    for slot in table.agents.values() {
+        if filter.matches_agent(&slot.agent) {
+            pending.push_back(WatchItem::SnapshotAgent(Arc::clone(&slot.agent)));
+        }
+    }
+    pending.push_back(WatchItem::SnapshotComplete {
+        head_sequence: table.head,
+        agent_count: pending.len() as u64,
+    });
+    table.head
+}
+
+/// Whether a stream may start at `start` (> 0): written, and not compacted.
+///
+/// # Errors
+/// [`Error::SequenceNotYetWritten`], [`Error::SequenceCompacted`], or a
+/// store failure.
+async fn check_start(shared: &Shared, start: u64) -> Result<()> {
+    let head = shared.head();
+    if start > head + 1 {
+        return Err(Error::SequenceNotYetWritten {
+            requested: start,
+            head,
+        });
+    }
+    let oldest = shared.read_store(|store| store.oldest_sequence()).await?;
+    if start < oldest {
+        return Err(Error::SequenceCompacted {
+            requested: start,
+            oldest,
+        });
+    }
+    Ok(())
+}
+
 /// An open event stream. Pull items with [`Watcher::next`].
 pub struct Watcher {
     shared: Arc<Shared>,
@@ -138,79 +215,37 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
+    /// Opens a stream for `request`: subscribes to the bus first, then
+    /// takes the snapshot or checks the start sequence against the log.
+    ///
+    /// # Errors
+    /// A bad combination of options, [`Error::ShuttingDown`],
+    /// [`Error::SequenceNotYetWritten`], [`Error::SequenceCompacted`], or a
+    /// store failure.
     pub(crate) async fn open(
         shared: Arc<Shared>,
         request: WatchRequest,
         progress_interval: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
-        if request.agent_ids.len() > limits::MAX_FILTER_IDS {
-            return Err(FieldViolation::new(
-                "agent_ids",
-                format!(
-                    "{} ids, at most {} allowed",
-                    request.agent_ids.len(),
-                    limits::MAX_FILTER_IDS
-                ),
-            )
-            .into());
-        }
-        limits::check_labels("labels", &request.labels)?;
-        if request.include_snapshot && request.start_sequence > 0 {
-            return Err(FieldViolation::new(
-                "include_snapshot",
-                "cannot be combined with start_sequence; a snapshot is followed by live events",
-            )
-            .into());
-        }
+        check(&request)?;
         if *shutdown.borrow() {
             return Err(Error::ShuttingDown);
         }
         let progress_interval = progress_interval.max(Duration::from_millis(10));
-        let mut kinds = request.kinds;
-        kinds.sort_by_key(|k| *k == EventKind::Transitioned);
-        kinds.dedup();
-        let filter = Filter {
-            agent_ids: request.agent_ids.into_iter().collect(),
-            states: request.states.into_iter().collect(),
-            kinds,
-            labels: request.labels,
-        };
+        let (start_sequence, include_snapshot) = (request.start_sequence, request.include_snapshot);
+        let filter = Filter::new(request);
         let rx = shared.bus.subscribe();
         let mut pending = VecDeque::new();
         let mut catching_up = false;
-        let last_seen = if request.include_snapshot {
-            let table = shared.read_table();
-            for slot in table.agents.values() {
-                if filter.matches_agent(&slot.agent) {
-                    pending.push_back(WatchItem::SnapshotAgent(Arc::clone(&slot.agent)));
-                }
-            }
-            pending.push_back(WatchItem::SnapshotComplete {
-                head_sequence: table.head,
-                agent_count: pending.len() as u64,
-            });
-            table.head
-        } else if request.start_sequence == 0 {
+        let last_seen = if include_snapshot {
+            snapshot(&shared, &filter, &mut pending)
+        } else if start_sequence == 0 {
             shared.head()
         } else {
-            let start = request.start_sequence;
-            let head = shared.head();
-            if start > head + 1 {
-                return Err(Error::SequenceNotYetWritten {
-                    requested: start,
-                    head,
-                });
-            }
-            let oldest = shared.read_store(|store| store.oldest_sequence()).await?;
-            if start < oldest {
-                return Err(Error::SequenceCompacted {
-                    requested: start,
-                    oldest,
-                });
-            }
+            check_start(&shared, start_sequence).await?;
             catching_up = true;
-            start - 1
+            start_sequence - 1
         };
         shared.metrics.watch_opened();
         Ok(Watcher {
