@@ -19,6 +19,9 @@
 //! - `watch`: event streams. `hooks`: transition hooks. `metrics`: the
 //!   registry. `clock`: a wall clock that follows tokio's time.
 //! - `manager`: the per-agent handle (the seed's `AgentLifecycleManager`).
+//!
+//! The service depends on `domain` and `store` only: nothing here names
+//! tonic, prost or `pb`, or knows the automation and the edges above it.
 
 mod clock;
 mod hooks;

@@ -1,10 +1,14 @@
 //! The agent table: every agent's latest version, in memory, and what the
 //! commit thread shares with the rest of the service.
 //!
-//! Only the commit thread writes the table, once per batch, under one write
-//! lock that also moves the head sequence and the per-state gauges, so a
-//! reader holding the read lock sees all three consistent. Readers hold it
+//! Only the log writes the table (the commit thread, or a proposer holding
+//! the writer's lock), through [`Table::apply`], once per batch, under one
+//! write lock that also moves the head sequence and the per-state gauges, so
+//! a reader holding the read lock sees all three consistent. Readers hold it
 //! briefly and never across I/O.
+//!
+//! Plain data and locks: must not depend on the write path, the log or the
+//! watchers.
 
 use std::{
     collections::BTreeMap,

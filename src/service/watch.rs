@@ -9,6 +9,10 @@
 //! unsynced -> synced). Events that retention deleted end the stream with
 //! [`Error::SequenceCompacted`]. A watcher holds no task of its own:
 //! dropping it cancels it.
+//!
+//! A watcher reads the table, the bus and the store's log; it must not
+//! depend on the write path or the commit thread (it only sees what they
+//! publish).
 
 use std::{
     collections::{HashSet, VecDeque},

@@ -174,31 +174,7 @@ impl Batch {
                 self.fail(&Arc::new(StoreError::CommitOutcomeUnknown {
                     source: Box::new(ArcError(err)),
                 }));
-                // Whatever of the batch reached the store is in its log:
-                // reading the log brings the table back in line with the
-                // store (the proposers were told the outcome is unknown).
-                // Only when the log cannot be read are writes refused.
-                match follow::apply_until(shared, u64::MAX) {
-                    Ok(head) => {
-                        warn!(
-                            head,
-                            "after a failed commit the table was brought in line with the store's log"
-                        );
-                        Ok(())
-                    }
-                    // A shared store is followed anyway (the follower
-                    // applies what landed once the store answers again),
-                    // and every change is a compare-and-set against the
-                    // stored version: nothing to refuse.
-                    Err(follow_err) if shared.store.is_shared() => {
-                        warn!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit; the follower will catch up");
-                        Ok(())
-                    }
-                    Err(follow_err) => {
-                        error!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit");
-                        Err(Arc::new(StoreError::Uncertain))
-                    }
-                }
+                recover_from_log(shared)
             }
         }
     }
@@ -381,6 +357,36 @@ impl Batch {
     fn fail(self, err: &Arc<StoreError>) {
         for waiter in self.waiters {
             let _ = waiter.reply.send(Err(Rejected::Store(Arc::clone(err))));
+        }
+    }
+}
+
+/// After a commit whose outcome is unknown: whatever of the batch reached
+/// the store is in its log, so reading the log brings the table back in
+/// line with the store (the proposers were told the outcome is unknown).
+///
+/// # Errors
+/// The log cannot be read on a store only this process writes: writes must
+/// be refused until a restart.
+fn recover_from_log(shared: &Shared) -> Result<(), Arc<StoreError>> {
+    match follow::apply_until(shared, u64::MAX) {
+        Ok(head) => {
+            warn!(
+                head,
+                "after a failed commit the table was brought in line with the store's log"
+            );
+            Ok(())
+        }
+        // A shared store is followed anyway (the follower applies what
+        // landed once the store answers again), and every change is a
+        // compare-and-set against the stored version: nothing to refuse.
+        Err(follow_err) if shared.store.is_shared() => {
+            warn!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit; the follower will catch up");
+            Ok(())
+        }
+        Err(follow_err) => {
+            error!(error = %crate::error::chain(&follow_err), "the store's log cannot be read after a failed commit");
+            Err(Arc::new(StoreError::Uncertain))
         }
     }
 }
