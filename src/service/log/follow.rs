@@ -210,3 +210,142 @@ fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &Atomi
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use tokio::sync::broadcast::{self, error::TryRecvError};
+
+    use super::*;
+    use crate::{
+        domain::{AgentState, LifecycleEvent, SystemClock},
+        service::log::commit::{Proposal, Settings, Step, Writer},
+        store::{AgentChange, BatchId, MemoryStore, Retention, Store},
+    };
+
+    /// Registers an agent the way another process would: straight into the
+    /// store, behind the table's back.
+    fn commit_elsewhere(store: &dyn Store, batch: u64) -> AgentId {
+        let agent_id = AgentId::generate();
+        let record = TransitionRecord {
+            agent_id,
+            from: None,
+            to: AgentState::Registered,
+            at: UNIX_EPOCH,
+            reason: "elsewhere".into(),
+            triggered_by: "other".into(),
+            principal: String::new(),
+            request: None,
+            metadata: Default::default(),
+            sequence: 0,
+            version: 1,
+        };
+        let mut changes = [AgentChange {
+            agent_id,
+            prior_version: 0,
+            identity: Some(AgentIdentity {
+                name: Arc::from("elsewhere"),
+                labels: Arc::default(),
+            }),
+            records: vec![Arc::new(record)],
+        }];
+        store
+            .commit(BatchId(batch), &mut changes, &SystemClock)
+            .expect("committed elsewhere");
+        agent_id
+    }
+
+    fn published(rx: &mut broadcast::Receiver<Arc<LifecycleEvent>>) -> Vec<u64> {
+        let mut sequences = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(event) => sequences.push(event.sequence()),
+                Err(TryRecvError::Empty) => return sequences,
+                Err(err) => panic!("the bus failed: {err}"),
+            }
+        }
+    }
+
+    /// Events other processes committed are applied to the table and
+    /// published once each, in order; following again publishes nothing.
+    #[test]
+    fn followed_events_are_applied_and_published_once() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&Retention::default()));
+        let shared = Shared::for_tests(Arc::clone(&store), 64);
+        let mut bus = shared.bus.subscribe();
+        let ids = [
+            commit_elsewhere(store.as_ref(), 1),
+            commit_elsewhere(store.as_ref(), 2),
+        ];
+
+        assert_eq!(apply_until(&shared, u64::MAX).expect("followed"), 2);
+        assert_eq!(published(&mut bus), vec![1, 2]);
+        let name = shared.agent(ids[1]).map(|agent| Arc::clone(&agent.name));
+        assert_eq!(name.as_deref(), Some("elsewhere"));
+
+        assert_eq!(apply_until(&shared, u64::MAX).expect("followed"), 2);
+        assert!(published(&mut bus).is_empty(), "nothing published twice");
+    }
+
+    /// A batch of this process that other processes' commits precede
+    /// publishes theirs first: one order, by sequence, across both.
+    #[test]
+    fn own_commits_publish_after_the_followed_events_they_follow() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&Retention::default()));
+        let shared = Shared::for_tests(Arc::clone(&store), 64);
+        let mut bus = shared.bus.subscribe();
+        commit_elsewhere(store.as_ref(), 1);
+        commit_elsewhere(store.as_ref(), 2);
+
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let proposal = Proposal {
+            agent_id: AgentId::generate(),
+            prior: None,
+            identity: Some(AgentIdentity {
+                name: Arc::from("here"),
+                labels: Arc::default(),
+            }),
+            steps: vec![Step {
+                to: AgentState::Registered,
+                reason: "here".into(),
+                triggered_by: "test".into(),
+                principal: String::new(),
+                request: None,
+                metadata: Default::default(),
+            }],
+            guard: None,
+        };
+        let mut writer = Writer::new(Settings {
+            max_batch: 4,
+            retention: Retention::default(),
+        });
+        writer.commit(&shared, std::iter::once((proposal, reply)));
+
+        let committed = answer.try_recv().expect("answered").expect("committed");
+        assert_eq!(committed.records[0].sequence, 3);
+        assert_eq!(published(&mut bus), vec![1, 2, 3]);
+        assert_eq!(shared.head(), 3);
+    }
+
+    /// A log that skips sequences (events compacted before this process
+    /// applied them) is an error, not silence; nothing is published.
+    #[test]
+    fn a_gap_in_the_log_is_an_error() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&Retention {
+            max_events: Some(1),
+            max_age: None,
+        }));
+        let shared = Shared::for_tests(Arc::clone(&store), 64);
+        let mut bus = shared.bus.subscribe();
+        commit_elsewhere(store.as_ref(), 1);
+        commit_elsewhere(store.as_ref(), 2);
+
+        assert!(matches!(
+            apply_until(&shared, u64::MAX),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(published(&mut bus).is_empty());
+        assert_eq!(shared.head(), 0);
+    }
+}
