@@ -11,15 +11,15 @@
 //!    committed, or a conflict (its prior version is no longer stored).
 //! 3. [`Batch::apply`]: the committed records go into the agent table, under
 //!    one write lock, in sequence order, each building its event (through
-//!    [`Publication::apply`], as followed events do).
+//!    [`Publication::apply`](super::Publication::apply), as followed events do).
 //! 4. [`Batch::publish`]: their events go onto the broadcast channel, in
-//!    sequence order ([`Publication::publish`]).
+//!    sequence order ([`Publication::publish`](super::Publication::publish)).
 //! 5. [`Batch::reply`]: each proposer gets its outcome, and the agents'
 //!    writer locks are released.
 //!
-//! On a shared store, [`Batch::follow_preceding`] runs between 2 and 3:
-//! events other processes committed before the batch are applied and
-//! published first (see `follow`).
+//! Between 2 and 3, [`Batch::follow_preceding`]: events other processes
+//! committed before the batch (on a shared store; elsewhere there are none)
+//! are applied and published first (see `follow`).
 //!
 //! Because this thread is the only writer, sequence order is commit order
 //! is publication order, and the table never shows a change the store has
@@ -35,8 +35,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc};
 use tokio::sync::{OwnedMutexGuard, oneshot};
 use tracing::{error, info};
 
-#[cfg(doc)]
-use super::Publication;
 use super::{
     batch::{Batch, BatchIds},
     compaction::Compaction,
