@@ -7,8 +7,9 @@
 //! a reader holding the read lock sees all three consistent. Readers hold it
 //! briefly and never across I/O.
 //!
-//! Plain data and locks: must not depend on the write path, the log or the
-//! watchers.
+//! Plain data and locks: must not depend on the log or the watchers; of the
+//! write path it holds only the request index (`write::idempotency`), which
+//! every applied record feeds.
 
 use std::{
     collections::BTreeMap,
