@@ -111,33 +111,59 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
-impl Metrics {
-    /// A fresh registry with every metric at zero.
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let opts = |name: &str, help: &str| Opts::new(name, help);
-        let agents_vec = register(
-            &registry,
-            IntGaugeVec::new(
-                opts("agent_lifecycle_agents", "Agents per lifecycle state."),
-                &["state"],
-            )
-            .expect("valid gauge definition"),
+/// Defines metrics in one registry: each is registered as it is made.
+struct Definitions<'a>(&'a Registry);
+
+impl Definitions<'_> {
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        let metric =
+            IntCounter::with_opts(Opts::new(name, help)).expect("valid counter definition");
+        register(self.0, metric)
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let metric =
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition");
+        register(self.0, metric)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        let metric = IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge definition");
+        register(self.0, metric)
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let metric =
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition");
+        register(self.0, metric)
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("valid histogram definition");
+        register(self.0, metric)
+    }
+
+    /// `agent_lifecycle_agents{state}`, resolved for every state.
+    fn agents(&self) -> Vec<IntGauge> {
+        let agents = self.gauge_vec(
+            "agent_lifecycle_agents",
+            "Agents per lifecycle state.",
+            &["state"],
         );
-        let agents = AgentState::ALL
+        AgentState::ALL
             .iter()
-            .map(|s| agents_vec.with_label_values(&[s.as_str()]))
-            .collect();
-        let transitions_vec = register(
-            &registry,
-            IntCounterVec::new(
-                opts(
-                    "agent_lifecycle_transitions_total",
-                    "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync).",
-                ),
-                &["from", "to", "source"],
-            )
-            .expect("valid counter definition"),
+            .map(|s| agents.with_label_values(&[s.as_str()]))
+            .collect()
+    }
+
+    /// `agent_lifecycle_transitions_total{from,to,source}`, and its client
+    /// counters resolved for every edge (from every state and from none).
+    fn transitions(&self) -> (IntCounterVec, Vec<IntCounter>) {
+        let transitions_vec = self.counter_vec(
+            "agent_lifecycle_transitions_total",
+            "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync).",
+            &["from", "to", "source"],
         );
         let mut transitions = Vec::with_capacity((STATES + 1) * STATES);
         for from in AgentState::ALL.iter().map(|s| s.as_str()).chain([NO_STATE]) {
@@ -149,125 +175,89 @@ impl Metrics {
                 ]));
             }
         }
-        let hooks_vec = register(
-            &registry,
-            IntCounterVec::new(
-                opts(
-                    "agent_lifecycle_hook_failures_total",
-                    "Transition hooks that failed or panicked (never blocks a transition).",
-                ),
-                &["phase"],
-            )
-            .expect("valid counter definition"),
+        (transitions_vec, transitions)
+    }
+
+    /// `agent_lifecycle_hook_failures_total{phase}`, for both phases.
+    fn hook_failures(&self) -> [IntCounter; 2] {
+        let hooks = self.counter_vec(
+            "agent_lifecycle_hook_failures_total",
+            "Transition hooks that failed or panicked (never blocks a transition).",
+            &["phase"],
         );
-        let hook_failures = [
-            hooks_vec.with_label_values(&[HookPhase::PreTransition.as_str()]),
-            hooks_vec.with_label_values(&[HookPhase::PostTransition.as_str()]),
-        ];
-        let counter = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntCounter::with_opts(opts(name, help)).expect("valid counter definition"),
-            )
-        };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            register(
-                &registry,
-                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-                    .expect("valid histogram definition"),
-            )
-        };
+        [
+            hooks.with_label_values(&[HookPhase::PreTransition.as_str()]),
+            hooks.with_label_values(&[HookPhase::PostTransition.as_str()]),
+        ]
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let define = Definitions(&registry);
+        let (transitions_vec, transitions) = define.transitions();
         Metrics {
-            agents,
+            agents: define.agents(),
             transitions,
             transitions_vec,
-            hook_failures,
-            watch_backfills: counter(
+            hook_failures: define.hook_failures(),
+            watch_backfills: define.counter(
                 "agent_lifecycle_watch_backfills_total",
                 "Times a watch stream fell behind the broadcast buffer and was refilled from the event log.",
             ),
-            watch_ended: register(
-                &registry,
-                IntCounterVec::new(
-                    opts(
-                        "agent_lifecycle_watch_streams_ended_total",
-                        "WatchEvents streams the server ended, by reason: compacted (fell behind past retention), shutdown, failed.",
-                    ),
-                    &["reason"],
-                )
-                .expect("valid counter definition"),
+            watch_ended: define.counter_vec(
+                "agent_lifecycle_watch_streams_ended_total",
+                "WatchEvents streams the server ended, by reason: compacted (fell behind past retention), shutdown, failed.",
+                &["reason"],
             ),
-            watch_streams: register(
-                &registry,
-                IntGauge::with_opts(opts(
-                    "agent_lifecycle_watch_streams",
-                    "Open WatchEvents streams.",
-                ))
-                .expect("valid gauge definition"),
+            watch_streams: define.gauge("agent_lifecycle_watch_streams", "Open WatchEvents streams."),
+            oldest_sequence: define.gauge(
+                "agent_lifecycle_oldest_sequence",
+                "The oldest event sequence the store retains (head + 1 when it retains none).",
             ),
-            oldest_sequence: register(
-                &registry,
-                IntGauge::with_opts(opts(
-                    "agent_lifecycle_oldest_sequence",
-                    "The oldest event sequence the store retains (head + 1 when it retains none).",
-                ))
-                .expect("valid gauge definition"),
+            store_size: define.gauge(
+                "agent_lifecycle_store_size_bytes",
+                "The store's size (SQLite: database and WAL files; PostgreSQL: the database; memory: 0).",
             ),
-            store_size: register(
-                &registry,
-                IntGauge::with_opts(opts(
-                    "agent_lifecycle_store_size_bytes",
-                    "The store's size (SQLite: database and WAL files; PostgreSQL: the database; memory: 0).",
-                ))
-                .expect("valid gauge definition"),
-            ),
-            commit_batch_size: histogram(
+            commit_batch_size: define.histogram(
                 "agent_lifecycle_commit_batch_size",
                 "Transitions committed per store transaction.",
                 BATCH_BUCKETS,
             ),
-            commit_duration: histogram(
+            commit_duration: define.histogram(
                 "agent_lifecycle_commit_duration_seconds",
                 "Time of one store commit (the fsync included).",
                 COMMIT_BUCKETS,
             ),
-            commit_failures: counter(
+            commit_failures: define.counter(
                 "agent_lifecycle_commit_failures_total",
                 "Commit batches the store failed.",
             ),
-            head_sequence: register(
-                &registry,
-                IntGauge::with_opts(opts(
-                    "agent_lifecycle_head_sequence",
-                    "The newest applied event sequence.",
-                ))
-                .expect("valid gauge definition"),
+            head_sequence: define.gauge(
+                "agent_lifecycle_head_sequence",
+                "The newest applied event sequence.",
             ),
-            leases: register(
-                &registry,
-                IntGaugeVec::new(
-                    opts(
-                        "agent_lifecycle_lease_held",
-                        "1 while this process holds the lease of a background task.",
-                    ),
-                    &["lease"],
-                )
-                .expect("valid gauge definition"),
+            leases: define.gauge_vec(
+                "agent_lifecycle_lease_held",
+                "1 while this process holds the lease of a background task.",
+                &["lease"],
             ),
-            heartbeats: counter("agent_lifecycle_heartbeats_total", "Heartbeats received."),
-            heartbeats_missed: counter(
+            heartbeats: define.counter("agent_lifecycle_heartbeats_total", "Heartbeats received."),
+            heartbeats_missed: define.counter(
                 "agent_lifecycle_heartbeats_missed_total",
                 "Agents moved to ERROR because their heartbeats stopped.",
             ),
-            restarts: counter(
+            restarts: define.counter(
                 "agent_lifecycle_restarts_total",
                 "Agents restarted by the health monitor.",
             ),
-            stuck_agents: counter(
+            stuck_agents: define.counter(
                 "agent_lifecycle_stuck_agents_total",
                 "Agents moved on for staying too long in a transitional state.",
             ),
-            sync_transitions: counter(
+            sync_transitions: define.counter(
                 "agent_lifecycle_sync_transitions_total",
                 "Transitions caused by external status sync.",
             ),

@@ -1,10 +1,15 @@
 //! The agent table: every agent's latest version, in memory, and what the
 //! commit thread shares with the rest of the service.
 //!
-//! Only the commit thread writes the table, once per batch, under one write
-//! lock that also moves the head sequence and the per-state gauges, so a
-//! reader holding the read lock sees all three consistent. Readers hold it
+//! Only the log writes the table (the commit thread, or a proposer holding
+//! the writer's lock), through [`Table::apply`], once per batch, under one
+//! write lock that also moves the head sequence and the per-state gauges, so
+//! a reader holding the read lock sees all three consistent. Readers hold it
 //! briefly and never across I/O.
+//!
+//! Plain data and locks: must not depend on the log or the watchers; of the
+//! write path it holds only the request index (`write::idempotency`), which
+//! every applied record feeds.
 
 use std::{
     collections::BTreeMap,
@@ -46,7 +51,7 @@ pub(crate) struct Table {
     /// one write lock), which snapshots rely on.
     pub head: u64,
     /// Recent client request ids and what they committed.
-    pub requests: super::requests::RequestIndex,
+    pub requests: super::write::idempotency::RequestIndex,
 }
 
 /// What the commit thread shares with the service.
@@ -66,9 +71,9 @@ pub(crate) struct Shared {
     /// at most one at a time.
     pub follow_requested: AtomicBool,
     /// Requests with a request id being served, one at a time per id.
-    pub in_flight: super::requests::InFlight,
+    pub in_flight: super::write::idempotency::InFlight,
     /// The runtime the commit thread hands each batch's answers to (see
-    /// `commit::Batch::reply`); `None` outside one.
+    /// `log::batch::Batch::reply`); `None` outside one.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 
@@ -145,5 +150,26 @@ impl Table {
             super::metrics::trigger_source(&record.triggered_by),
         );
         Some(agent)
+    }
+}
+
+#[cfg(test)]
+impl Shared {
+    /// An empty table over `store`, with the default policy, a bus of
+    /// `bus_capacity` events and no runtime (answers go straight to the
+    /// proposers).
+    pub(crate) fn for_tests(store: Arc<dyn Store>, bus_capacity: usize) -> Arc<Shared> {
+        let (bus, _) = broadcast::channel(bus_capacity);
+        Arc::new(Shared {
+            policy: TransitionPolicy::default(),
+            table: RwLock::new(Table::default()),
+            bus,
+            store,
+            metrics: Metrics::new(),
+            clock: Arc::new(crate::domain::SystemClock),
+            follow_requested: AtomicBool::new(false),
+            in_flight: super::write::idempotency::InFlight::default(),
+            runtime: None,
+        })
     }
 }

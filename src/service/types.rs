@@ -23,7 +23,7 @@ pub const DEFAULT_MAX_BATCH: usize = 1024;
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Agents one ListAgents call examines at most (see
-/// [`AgentLifecycleService::list_agents`]).
+/// [`AgentLifecycleService::list_agents`](super::AgentLifecycleService::list_agents)).
 pub const MAX_LIST_SCAN: usize = 100_000;
 
 /// Default page size of history reads.

@@ -9,6 +9,10 @@
 //! unsynced -> synced). Events that retention deleted end the stream with
 //! [`Error::SequenceCompacted`]. A watcher holds no task of its own:
 //! dropping it cancels it.
+//!
+//! A watcher reads the table, the bus and the store's log; it must not
+//! depend on the write path or the commit thread (it only sees what they
+//! publish).
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -97,6 +101,83 @@ impl Filter {
     }
 }
 
+impl Filter {
+    fn new(request: WatchRequest) -> Self {
+        let mut kinds = request.kinds;
+        kinds.sort_by_key(|k| *k == EventKind::Transitioned);
+        kinds.dedup();
+        Filter {
+            agent_ids: request.agent_ids.into_iter().collect(),
+            states: request.states.into_iter().collect(),
+            kinds,
+            labels: request.labels,
+        }
+    }
+}
+
+/// The request's own limits and combinations.
+fn check(request: &WatchRequest) -> Result<()> {
+    if request.agent_ids.len() > limits::MAX_FILTER_IDS {
+        return Err(FieldViolation::new(
+            "agent_ids",
+            format!(
+                "{} ids, at most {} allowed",
+                request.agent_ids.len(),
+                limits::MAX_FILTER_IDS
+            ),
+        )
+        .into());
+    }
+    limits::check_labels("labels", &request.labels)?;
+    if request.include_snapshot && request.start_sequence > 0 {
+        return Err(FieldViolation::new(
+            "include_snapshot",
+            "cannot be combined with start_sequence; a snapshot is followed by live events",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Queues the matching agents and the snapshot's end into `pending`, under
+/// one read of the table; returns the head the snapshot shows.
+fn snapshot(shared: &Shared, filter: &Filter, pending: &mut VecDeque<WatchItem>) -> u64 {
+    let table = shared.read_table();
+    for slot in table.agents.values() {
+        if filter.matches_agent(&slot.agent) {
+            pending.push_back(WatchItem::SnapshotAgent(Arc::clone(&slot.agent)));
+        }
+    }
+    pending.push_back(WatchItem::SnapshotComplete {
+        head_sequence: table.head,
+        agent_count: pending.len() as u64,
+    });
+    table.head
+}
+
+/// Whether a stream may start at `start` (> 0): written, and not compacted.
+///
+/// # Errors
+/// [`Error::SequenceNotYetWritten`], [`Error::SequenceCompacted`], or a
+/// store failure.
+async fn check_start(shared: &Shared, start: u64) -> Result<()> {
+    let head = shared.head();
+    if start > head + 1 {
+        return Err(Error::SequenceNotYetWritten {
+            requested: start,
+            head,
+        });
+    }
+    let oldest = shared.read_store(|store| store.oldest_sequence()).await?;
+    if start < oldest {
+        return Err(Error::SequenceCompacted {
+            requested: start,
+            oldest,
+        });
+    }
+    Ok(())
+}
+
 /// An open event stream. Pull items with [`Watcher::next`].
 pub struct Watcher {
     shared: Arc<Shared>,
@@ -138,79 +219,37 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
+    /// Opens a stream for `request`: subscribes to the bus first, then
+    /// takes the snapshot or checks the start sequence against the log.
+    ///
+    /// # Errors
+    /// A bad combination of options, [`Error::ShuttingDown`],
+    /// [`Error::SequenceNotYetWritten`], [`Error::SequenceCompacted`], or a
+    /// store failure.
     pub(crate) async fn open(
         shared: Arc<Shared>,
         request: WatchRequest,
         progress_interval: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
-        if request.agent_ids.len() > limits::MAX_FILTER_IDS {
-            return Err(FieldViolation::new(
-                "agent_ids",
-                format!(
-                    "{} ids, at most {} allowed",
-                    request.agent_ids.len(),
-                    limits::MAX_FILTER_IDS
-                ),
-            )
-            .into());
-        }
-        limits::check_labels("labels", &request.labels)?;
-        if request.include_snapshot && request.start_sequence > 0 {
-            return Err(FieldViolation::new(
-                "include_snapshot",
-                "cannot be combined with start_sequence; a snapshot is followed by live events",
-            )
-            .into());
-        }
+        check(&request)?;
         if *shutdown.borrow() {
             return Err(Error::ShuttingDown);
         }
         let progress_interval = progress_interval.max(Duration::from_millis(10));
-        let mut kinds = request.kinds;
-        kinds.sort_by_key(|k| *k == EventKind::Transitioned);
-        kinds.dedup();
-        let filter = Filter {
-            agent_ids: request.agent_ids.into_iter().collect(),
-            states: request.states.into_iter().collect(),
-            kinds,
-            labels: request.labels,
-        };
+        let (start_sequence, include_snapshot) = (request.start_sequence, request.include_snapshot);
+        let filter = Filter::new(request);
         let rx = shared.bus.subscribe();
         let mut pending = VecDeque::new();
         let mut catching_up = false;
-        let last_seen = if request.include_snapshot {
-            let table = shared.read_table();
-            for slot in table.agents.values() {
-                if filter.matches_agent(&slot.agent) {
-                    pending.push_back(WatchItem::SnapshotAgent(Arc::clone(&slot.agent)));
-                }
-            }
-            pending.push_back(WatchItem::SnapshotComplete {
-                head_sequence: table.head,
-                agent_count: pending.len() as u64,
-            });
-            table.head
-        } else if request.start_sequence == 0 {
+        let last_seen = if include_snapshot {
+            snapshot(&shared, &filter, &mut pending)
+        } else if start_sequence == 0 {
             shared.head()
         } else {
-            let start = request.start_sequence;
-            let head = shared.head();
-            if start > head + 1 {
-                return Err(Error::SequenceNotYetWritten {
-                    requested: start,
-                    head,
-                });
-            }
-            let oldest = shared.read_store(|store| store.oldest_sequence()).await?;
-            if start < oldest {
-                return Err(Error::SequenceCompacted {
-                    requested: start,
-                    oldest,
-                });
-            }
+            check_start(&shared, start_sequence).await?;
             catching_up = true;
-            start - 1
+            start_sequence - 1
         };
         shared.metrics.watch_opened();
         Ok(Watcher {
@@ -422,5 +461,167 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        service::{AgentLifecycleService, Registration, ServiceConfig},
+        store::{MemoryStore, Retention},
+    };
+
+    /// Long enough for any step of these tests; the clock is paused, so a
+    /// stream that waits for nothing reaches it at once and fails the test.
+    const LIMIT: Duration = Duration::from_secs(600);
+
+    /// Progress messages of these tests' streams.
+    const PROGRESS: Duration = Duration::from_secs(5);
+
+    fn service(config: ServiceConfig) -> AgentLifecycleService {
+        let store = Arc::new(MemoryStore::new(&config.retention));
+        AgentLifecycleService::open(store, config).expect("service")
+    }
+
+    fn config() -> ServiceConfig {
+        ServiceConfig {
+            progress_interval: PROGRESS,
+            ..ServiceConfig::default()
+        }
+    }
+
+    /// Registers `n` agents: events `head + 1 ..= head + n`.
+    async fn register(service: &AgentLifecycleService, n: usize) {
+        for _ in 0..n {
+            service
+                .register_agent(Registration {
+                    name: "a".into(),
+                    ..Registration::default()
+                })
+                .await
+                .expect("registered");
+        }
+    }
+
+    async fn next(watcher: &mut Watcher) -> Result<WatchItem> {
+        tokio::time::timeout(LIMIT, watcher.next())
+            .await
+            .expect("an item in time")
+            .expect("the stream is open")
+    }
+
+    /// The sequences of the next `n` items, each of which must be an event.
+    async fn events(watcher: &mut Watcher, n: usize) -> Vec<u64> {
+        let mut sequences = Vec::with_capacity(n);
+        for _ in 0..n {
+            match next(watcher).await.expect("no error") {
+                WatchItem::Event(event) => sequences.push(event.sequence()),
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+        sequences
+    }
+
+    /// The next item is a progress message at `head`: nothing else (no
+    /// duplicate) is waiting.
+    async fn quiet_at(watcher: &mut Watcher, head: u64) {
+        match next(watcher).await.expect("no error") {
+            WatchItem::Progress { head_sequence } => assert_eq!(head_sequence, head),
+            other => panic!("expected progress, got {other:?}"),
+        }
+    }
+
+    /// A watcher from sequence 1 reads the log, then the bus: the events
+    /// committed after it opened (on the bus and in the log) come once each,
+    /// in order, with no gap at the seam.
+    #[tokio::test(start_paused = true)]
+    async fn catch_up_then_live_without_duplicates_at_the_seam() {
+        let service = service(config());
+        register(&service, 5).await;
+        let mut watcher = service
+            .watch(WatchRequest {
+                start_sequence: 1,
+                ..WatchRequest::default()
+            })
+            .await
+            .expect("watching");
+        register(&service, 3).await;
+
+        assert_eq!(events(&mut watcher, 8).await, (1..=8).collect::<Vec<_>>());
+        register(&service, 2).await;
+        assert_eq!(events(&mut watcher, 2).await, vec![9, 10]);
+        quiet_at(&mut watcher, 10).await;
+        assert_eq!(watcher.last_seen(), 10);
+    }
+
+    /// A live watcher that falls further behind than the bus buffers is
+    /// backfilled from the log: every event once, in order, and the backfill
+    /// counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_lagging_watcher_rereads_the_log() {
+        let service = service(ServiceConfig {
+            event_buffer: 4,
+            ..config()
+        });
+        register(&service, 2).await;
+        let mut watcher = service
+            .watch(WatchRequest::default())
+            .await
+            .expect("watching");
+        register(&service, 20).await;
+
+        assert_eq!(events(&mut watcher, 20).await, (3..=22).collect::<Vec<_>>());
+        quiet_at(&mut watcher, 22).await;
+        assert_eq!(service.watch_backfills(), 1);
+    }
+
+    /// Events retention deleted cannot be watched: opening before the oldest
+    /// is refused, and a stream that still needs them ends with the
+    /// compacted error.
+    #[tokio::test(start_paused = true)]
+    async fn compacted_events_end_the_stream_with_the_compacted_error() {
+        let service = service(ServiceConfig {
+            retention: Retention {
+                max_events: Some(4),
+                max_age: None,
+            },
+            ..config()
+        });
+        register(&service, 2).await;
+        let mut watcher = service
+            .watch(WatchRequest {
+                start_sequence: 1,
+                ..WatchRequest::default()
+            })
+            .await
+            .expect("watching");
+        register(&service, 8).await;
+        service.compact_now().await.expect("compacted");
+        let oldest = service.oldest_sequence().await.expect("oldest");
+        assert!(oldest > 1, "events were compacted (oldest {oldest})");
+
+        match next(&mut watcher).await {
+            Err(Error::SequenceCompacted { requested, .. }) => assert_eq!(requested, 1),
+            other => panic!("expected the compacted error, got {other:?}"),
+        }
+        assert!(
+            tokio::time::timeout(LIMIT, watcher.next())
+                .await
+                .expect("in time")
+                .is_none(),
+            "the stream ended"
+        );
+
+        let refused = service
+            .watch(WatchRequest {
+                start_sequence: 1,
+                ..WatchRequest::default()
+            })
+            .await;
+        assert!(
+            matches!(refused, Err(Error::SequenceCompacted { requested: 1, oldest: o }) if o == oldest),
+            "{refused:?}"
+        );
     }
 }

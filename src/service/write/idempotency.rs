@@ -10,6 +10,9 @@
 //! start-up, for the `window` the configuration keeps ids. Requests with
 //! the same id are serialised within a process, so a retry that overtakes
 //! its original waits for it.
+//!
+//! Knows the agent table and the store's log; must not depend on how a
+//! change is planned or committed (the caller passes that in as `run`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -17,17 +20,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{AgentLifecycleService, Outcome};
 use crate::{
-    domain::{AgentId, RequestTag, TransitionRecord},
+    domain::{AgentId, AgentState, RequestTag, TransitionRecord},
     error::{Error, Result},
+    service::{AgentLifecycleService, ChangeRequest, Outcome, Registration},
 };
 
 /// Request ids remembered at most (the oldest go first beyond).
 const MAX_REMEMBERED: usize = 1_000_000;
 
 /// The request id a client gave: an empty one counts as none.
-pub(super) fn given(request_id: Option<&str>) -> Option<&str> {
+pub(crate) fn given(request_id: Option<&str>) -> Option<&str> {
     request_id.filter(|id| !id.is_empty())
 }
 
@@ -131,6 +134,53 @@ pub(crate) fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
+/// The fingerprint of a registration: everything the caller sent but the
+/// request id and the caller.
+pub(super) fn registration_fingerprint(registration: &Registration) -> [u8; 32] {
+    let change = &registration.change;
+    let labels = serde_json::to_vec(&registration.labels).unwrap_or_default();
+    let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+    let id = registration
+        .agent_id
+        .map(|id| *id.as_bytes())
+        .unwrap_or_default();
+    fingerprint(&[
+        b"register_agent",
+        &id,
+        registration.name.as_bytes(),
+        &labels,
+        change.reason.as_bytes(),
+        change.triggered_by.as_bytes(),
+        &metadata,
+    ])
+}
+
+/// The fingerprint of the operation `operation` on agent `id` along `path`:
+/// everything the caller sent but the request id and the caller.
+pub(super) fn transition_fingerprint(
+    operation: &str,
+    id: AgentId,
+    path: &[(AgentState, &'static str)],
+    change: &ChangeRequest,
+) -> [u8; 32] {
+    let targets: Vec<u8> = path.iter().map(|(to, _)| *to as u8).collect();
+    let metadata = serde_json::to_vec(&change.metadata).unwrap_or_default();
+    let expected = change
+        .expected_version
+        .map(u64::to_be_bytes)
+        .unwrap_or_default();
+    fingerprint(&[
+        operation.as_bytes(),
+        id.as_bytes(),
+        &targets,
+        change.reason.as_bytes(),
+        change.triggered_by.as_bytes(),
+        &metadata,
+        &[u8::from(change.expected_version.is_some())],
+        &expected,
+    ])
+}
+
 /// Requests with a request id, in flight in this process.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight(Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>);
@@ -168,7 +218,7 @@ impl AgentLifecycleService {
             let _turn = slot.lock().await;
             // Another process may have committed it: the index learns of
             // its records by following the log.
-            self.sync().await?;
+            self.catch_up_with_store().await?;
             let found = self.shared().read_table().requests.find(&key);
             match found {
                 Some(entry) if entry.fingerprint == fingerprint => self.replay(&entry).await,
@@ -222,5 +272,117 @@ impl AgentLifecycleService {
             agent: Arc::new(agent.after(Arc::clone(last))),
             transitions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AgentState;
+
+    async fn service_with_agent() -> (AgentLifecycleService, AgentId) {
+        let service = AgentLifecycleService::in_memory().expect("service");
+        let outcome = service
+            .register_agent(Registration {
+                name: "a".into(),
+                ..Registration::default()
+            })
+            .await
+            .expect("registered");
+        (service, outcome.agent.id)
+    }
+
+    fn with_request_id(reason: &str, request_id: &str) -> ChangeRequest {
+        ChangeRequest {
+            reason: reason.into(),
+            request_id: Some(request_id.into()),
+            ..ChangeRequest::default()
+        }
+    }
+
+    /// A retry with the same request id and content gets the original
+    /// outcome (the same records, the agent as they left it) and records
+    /// nothing new, even after the agent moved on.
+    #[tokio::test]
+    async fn a_retry_gets_the_original_outcome_without_a_second_change() {
+        let (service, id) = service_with_agent().await;
+        let first = service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("deployed");
+        assert_eq!(first.transitions.len(), 2);
+        service
+            .start_agent(id, ChangeRequest::because("start"))
+            .await
+            .expect("started");
+        let head = service.head_sequence();
+
+        let retry = service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("the retry is answered");
+
+        assert_eq!(retry.transitions, first.transitions);
+        assert_eq!(retry.agent.state, AgentState::Deployed);
+        assert_eq!(retry.agent.version, first.agent.version);
+        assert_eq!(service.head_sequence(), head, "nothing new recorded");
+    }
+
+    /// The same request id with other content (another reason, another
+    /// operation) is refused and records nothing; another caller's id of
+    /// the same text is its own.
+    #[tokio::test]
+    async fn the_same_request_id_with_other_content_is_refused() {
+        let (service, id) = service_with_agent().await;
+        service
+            .deploy_agent(id, with_request_id("rollout", "r-1"))
+            .await
+            .expect("deployed");
+        let head = service.head_sequence();
+
+        let other_reason = service
+            .deploy_agent(id, with_request_id("another", "r-1"))
+            .await;
+        assert!(
+            matches!(other_reason, Err(Error::RequestIdReused { ref request_id }) if request_id == "r-1"),
+            "{other_reason:?}"
+        );
+        let other_operation = service
+            .start_agent(id, with_request_id("rollout", "r-1"))
+            .await;
+        assert!(
+            matches!(other_operation, Err(Error::RequestIdReused { .. })),
+            "{other_operation:?}"
+        );
+        assert_eq!(service.head_sequence(), head, "nothing recorded");
+    }
+
+    /// Fingerprints cover every field the caller sent: the same content
+    /// hashes alike, any difference does not.
+    #[test]
+    fn fingerprints_follow_the_content() {
+        let id = AgentId::generate();
+        let path = &[(AgentState::Deploying, ""), (AgentState::Deployed, "")];
+        let change = ChangeRequest::because("rollout");
+        let base = transition_fingerprint("deploy_agent", id, path, &change);
+        assert_eq!(
+            base,
+            transition_fingerprint("deploy_agent", id, path, &change)
+        );
+        let versioned = ChangeRequest {
+            expected_version: Some(1),
+            ..change.clone()
+        };
+        for other in [
+            transition_fingerprint("start_agent", id, path, &change),
+            transition_fingerprint("deploy_agent", AgentId::generate(), path, &change),
+            transition_fingerprint("deploy_agent", id, &path[..1], &change),
+            transition_fingerprint("deploy_agent", id, path, &ChangeRequest::because("x")),
+            transition_fingerprint("deploy_agent", id, path, &versioned),
+        ] {
+            assert_ne!(other, base);
+        }
+        // Length prefixes keep the parts apart.
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
     }
 }

@@ -1,0 +1,593 @@
+//! The commit thread: the one writer of the store and of the agent table.
+//!
+//! Proposals queue on a channel, each already validated by the service
+//! against the agent's current version while it holds the agent's writer
+//! lock (see `write::plan`). The thread takes every proposal waiting (up to
+//! `max_batch`) and runs one [`Batch`] through named steps:
+//!
+//! 1. [`Batch::prepare`]: proposals become store changes.
+//! 2. [`Batch::persist`]: one store transaction (one fsync). The store
+//!    assigns the sequences and the commit time, and answers each change:
+//!    committed, or a conflict (its prior version is no longer stored).
+//! 3. [`Batch::apply`]: the committed records go into the agent table, under
+//!    one write lock, in sequence order, each building its event (through
+//!    [`Publication::apply`](super::Publication::apply), as followed events do).
+//! 4. [`Batch::publish`]: their events go onto the broadcast channel, in
+//!    sequence order ([`Publication::publish`](super::Publication::publish)).
+//! 5. [`Batch::reply`]: each proposer gets its outcome, and the agents'
+//!    writer locks are released.
+//!
+//! Between 2 and 3, [`Batch::follow_preceding`]: events other processes
+//! committed before the batch (on a shared store; elsewhere there are none)
+//! are applied and published first (see `follow`).
+//!
+//! Because this thread is the only writer, sequence order is commit order
+//! is publication order, and the table never shows a change the store has
+//! not made durable.
+//!
+//! Between batches the thread answers requests to follow other processes'
+//! commits (`follow`), and runs compaction in bounded chunks when asked (by
+//! the compactor's timer or by `compact_now`; see `compaction`), so it
+//! never holds the writer for long.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc};
+
+use tokio::sync::{OwnedMutexGuard, oneshot};
+use tracing::{error, info};
+
+use super::{
+    batch::{Batch, BatchIds},
+    compaction::Compaction,
+    follow,
+};
+use crate::{
+    domain::{Agent, AgentId, AgentState, Metadata, RequestTag, TransitionRecord},
+    service::Shared,
+    store::{AgentIdentity, Retention, StoreError},
+};
+
+/// One step of a proposal: the target and what the caller said.
+#[derive(Clone, Debug)]
+pub(crate) struct Step {
+    pub to: AgentState,
+    pub reason: String,
+    pub triggered_by: String,
+    pub principal: String,
+    pub request: Option<Arc<RequestTag>>,
+    pub metadata: Metadata,
+}
+
+/// A change the service validated, ready to commit. Every step of it
+/// commits, or none.
+#[derive(Debug)]
+pub(crate) struct Proposal {
+    pub agent_id: AgentId,
+    /// The agent as validated; `None` for a registration.
+    pub prior: Option<Arc<Agent>>,
+    /// Name and labels, for a registration.
+    pub identity: Option<AgentIdentity>,
+    pub steps: Vec<Step>,
+    /// The agent's writer lock (transitions only), held until the change is
+    /// applied or refused, so that no other change to the agent is validated
+    /// against a version this one is about to replace.
+    pub guard: Option<OwnedMutexGuard<()>>,
+}
+
+/// What a committed proposal produced.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub agent: Arc<Agent>,
+    pub records: Vec<Arc<TransitionRecord>>,
+}
+
+/// Why a proposal was not committed.
+#[derive(Debug)]
+pub(crate) enum Rejected {
+    /// The store holds version `actual` of the agent (0: none), not the one
+    /// the proposal was based on: for a registration, the id exists.
+    Conflict { actual: u64 },
+    /// The store failed; nothing of the batch applied.
+    Store(Arc<StoreError>),
+    /// The commit thread has stopped (the service was closed).
+    Closed,
+}
+
+/// Where a proposer waits for its outcome.
+pub(crate) type Reply = oneshot::Sender<Result<Committed, Rejected>>;
+
+/// What the commit thread is asked to do.
+pub(crate) enum Message {
+    Propose(Proposal, Reply),
+    /// Commit what is queued before it, close the store, stop.
+    Close(oneshot::Sender<Result<(), Arc<StoreError>>>),
+    /// Run compaction to completion now (chunk by chunk, committing queued
+    /// proposals between chunks); reply with the rows deleted in the round.
+    Compact(oneshot::Sender<Result<u64, Arc<StoreError>>>),
+    /// Apply what other processes committed (a shared store): read the log
+    /// after the table's head until it ends; reply with the new head.
+    Follow(Option<follow::Done>),
+}
+
+/// Settings of the thread.
+pub(crate) struct Settings {
+    pub max_batch: usize,
+    pub retention: Retention,
+}
+
+/// The writer's state: batch ids, the compaction round under way, and
+/// whether writes are refused. One [`Writer`] exists per service, behind a
+/// mutex: the commit thread holds it while it works on what it received,
+/// and on a store that commits in memory ([`crate::store::Store::commits_in_memory`])
+/// a proposer holds it to commit its own change, so that either way one
+/// batch is written at a time, in sequence order.
+pub(crate) struct Writer {
+    settings: Settings,
+    batch_ids: BatchIds,
+    compaction: Compaction,
+    /// Set when a failed commit may still have reached the disk: from then
+    /// on the table may disagree with the store, so every write is refused
+    /// until a restart reloads the store.
+    poisoned: Option<Arc<StoreError>>,
+    /// The store was closed: every proposal is refused.
+    closed: bool,
+}
+
+impl Writer {
+    pub(crate) fn new(settings: Settings) -> Self {
+        Writer {
+            settings,
+            batch_ids: BatchIds::new(),
+            compaction: Compaction::default(),
+            poisoned: None,
+            closed: false,
+        }
+    }
+
+    /// Commits `proposals` as one batch, or refuses them all (store closed
+    /// or writes refused); every proposer is answered before this returns.
+    pub(crate) fn commit(
+        &mut self,
+        shared: &Shared,
+        proposals: impl ExactSizeIterator<Item = (Proposal, Reply)>,
+    ) {
+        if proposals.len() == 0 {
+            return;
+        }
+        if self.closed {
+            for (_, reply) in proposals {
+                let _ = reply.send(Err(Rejected::Closed));
+            }
+            return;
+        }
+        if let Some(err) = &self.poisoned {
+            for (_, reply) in proposals {
+                let _ = reply.send(Err(Rejected::Store(Arc::clone(err))));
+            }
+            return;
+        }
+        let batch = Batch::prepare(self.batch_ids.next(), proposals);
+        if let Err(err) = batch.run(shared) {
+            self.poisoned = Some(err);
+        }
+    }
+
+    /// Closes the store; later proposals are refused.
+    fn close(&mut self, shared: &Shared) -> Result<(), StoreError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        shared.store.close()
+    }
+}
+
+/// Locks the writer. A panic while it was held cannot leave a batch half
+/// applied to the table (the table is updated under its own lock), so a
+/// poisoned lock is taken over.
+pub(crate) fn lock(writer: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
+    writer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What one turn of the thread took off the channel besides proposals.
+#[derive(Default)]
+struct Requests {
+    close: Option<oneshot::Sender<Result<(), Arc<StoreError>>>>,
+    follow: Vec<Option<follow::Done>>,
+    compact: Vec<oneshot::Sender<Result<u64, Arc<StoreError>>>>,
+}
+
+/// Runs until a `Close` message or until every sender is gone.
+pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<Mutex<Writer>>) {
+    let max_batch = lock(&writer).settings.max_batch;
+    let mut queue: Vec<(Proposal, Reply)> = Vec::with_capacity(max_batch);
+    let mut compacting = false;
+    loop {
+        // While a compaction round is under way, only take what is queued.
+        let first = if compacting {
+            match rx.try_recv() {
+                Ok(message) => Some(message),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(message) => Some(message),
+                Err(_) => break,
+            }
+        };
+        let mut requests = take_queued(&rx, first, &mut queue, max_batch);
+        let mut writer = lock(&writer);
+        writer.compaction.waiters.append(&mut requests.compact);
+        writer.commit(&shared, queue.drain(..));
+        if !requests.follow.is_empty() {
+            shared.follow_requested.store(false, Ordering::Release);
+            follow::answer(&shared, requests.follow);
+        }
+        if let Some(done) = requests.close {
+            let result = writer.close(&shared).map_err(Arc::new);
+            info!("store closed");
+            let _ = done.send(result);
+            return;
+        }
+        if writer.compaction.active() {
+            let retention = writer.settings.retention;
+            writer.compaction.step(&shared, &retention);
+        }
+        compacting = writer.compaction.active();
+    }
+    if let Err(err) = lock(&writer).close(&shared) {
+        error!(error = %crate::error::chain(&err), "closing the store failed");
+    }
+}
+
+/// Takes `first` and what is queued behind it: proposals into `queue` (up
+/// to `max_batch`), the other requests into the answer. Stops at a `Close`.
+fn take_queued(
+    rx: &mpsc::Receiver<Message>,
+    first: Option<Message>,
+    queue: &mut Vec<(Proposal, Reply)>,
+    max_batch: usize,
+) -> Requests {
+    let mut requests = Requests::default();
+    let mut next = first;
+    while let Some(message) = next.take() {
+        match message {
+            Message::Propose(proposal, reply) => queue.push((proposal, reply)),
+            Message::Close(done) => requests.close = Some(done),
+            Message::Compact(done) => requests.compact.push(done),
+            Message::Follow(done) => requests.follow.push(done),
+        }
+        if requests.close.is_none() && queue.len() < max_batch {
+            next = rx.try_recv().ok();
+        }
+    }
+    requests
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::AtomicBool,
+        time::{Duration, SystemTime},
+    };
+
+    use tokio::sync::broadcast::{self, error::TryRecvError};
+
+    use super::*;
+    use crate::{
+        domain::{Clock, LifecycleEvent},
+        store::{
+            AgentChange, AuditQuery, BatchId, ChangeOutcome, HistoryRange, MemoryStore, Recovered,
+            Store,
+        },
+    };
+
+    /// A memory store whose commits fail (rolled back) while `failing` is set.
+    struct FailingStore {
+        inner: MemoryStore,
+        failing: AtomicBool,
+    }
+
+    impl Store for FailingStore {
+        fn load(&self) -> crate::store::Result<Recovered> {
+            self.inner.load()
+        }
+        fn commit(
+            &self,
+            id: BatchId,
+            batch: &mut [AgentChange],
+            clock: &dyn Clock,
+        ) -> crate::store::Result<Vec<ChangeOutcome>> {
+            if self.failing.load(Ordering::Acquire) {
+                return Err(StoreError::backend(
+                    "committing",
+                    std::io::Error::other("disk full"),
+                ));
+            }
+            self.inner.commit(id, batch, clock)
+        }
+        fn batch_committed(&self, id: BatchId) -> crate::store::Result<bool> {
+            self.inner.batch_committed(id)
+        }
+        fn head(&self) -> crate::store::Result<u64> {
+            self.inner.head()
+        }
+        fn identities(
+            &self,
+            ids: &[AgentId],
+        ) -> crate::store::Result<Vec<(AgentId, AgentIdentity)>> {
+            self.inner.identities(ids)
+        }
+        fn events_after(
+            &self,
+            after: u64,
+            max: usize,
+        ) -> crate::store::Result<Vec<Arc<TransitionRecord>>> {
+            self.inner.events_after(after, max)
+        }
+        fn oldest_sequence(&self) -> crate::store::Result<u64> {
+            self.inner.oldest_sequence()
+        }
+        fn history(
+            &self,
+            agent_id: AgentId,
+            range: HistoryRange,
+        ) -> crate::store::Result<Vec<Arc<TransitionRecord>>> {
+            self.inner.history(agent_id, range)
+        }
+        fn nth_newest(
+            &self,
+            agent_id: AgentId,
+            upto: u64,
+            n: u64,
+        ) -> crate::store::Result<Option<u64>> {
+            self.inner.nth_newest(agent_id, upto, n)
+        }
+        fn requests_since(
+            &self,
+            since: SystemTime,
+        ) -> crate::store::Result<Vec<Arc<TransitionRecord>>> {
+            self.inner.requests_since(since)
+        }
+        fn audit(&self, query: &AuditQuery) -> crate::store::Result<Vec<Arc<TransitionRecord>>> {
+            self.inner.audit(query)
+        }
+        fn history_count(&self, agent_id: AgentId) -> crate::store::Result<u64> {
+            self.inner.history_count(agent_id)
+        }
+        fn compact(
+            &self,
+            retention: &Retention,
+            head: u64,
+            max_rows: usize,
+            clock: &dyn Clock,
+        ) -> crate::store::Result<usize> {
+            self.inner.compact(retention, head, max_rows, clock)
+        }
+        fn close(&self) -> crate::store::Result<()> {
+            self.inner.close()
+        }
+    }
+
+    fn memory_store() -> Arc<dyn Store> {
+        Arc::new(MemoryStore::new(&Retention::default()))
+    }
+
+    fn writer() -> Writer {
+        Writer::new(Settings {
+            max_batch: 16,
+            retention: Retention::default(),
+        })
+    }
+
+    fn step(to: AgentState) -> Step {
+        Step {
+            to,
+            reason: format!("to {to}"),
+            triggered_by: "test".into(),
+            principal: String::new(),
+            request: None,
+            metadata: Metadata::default(),
+        }
+    }
+
+    fn registration(name: &str) -> Proposal {
+        Proposal {
+            agent_id: AgentId::generate(),
+            prior: None,
+            identity: Some(AgentIdentity {
+                name: Arc::from(name),
+                labels: Arc::default(),
+            }),
+            steps: vec![step(AgentState::Registered)],
+            guard: None,
+        }
+    }
+
+    type Answer = oneshot::Receiver<Result<Committed, Rejected>>;
+
+    /// Each proposal with the reply its proposer waits on.
+    fn with_replies(proposals: Vec<Proposal>) -> (Vec<(Proposal, Reply)>, Vec<Answer>) {
+        proposals
+            .into_iter()
+            .map(|proposal| {
+                let (tx, rx) = oneshot::channel();
+                ((proposal, tx), rx)
+            })
+            .unzip()
+    }
+
+    fn answer(mut rx: Answer) -> Result<Committed, Rejected> {
+        rx.try_recv().expect("every proposer is answered")
+    }
+
+    fn published(rx: &mut broadcast::Receiver<Arc<LifecycleEvent>>) -> Vec<Arc<LifecycleEvent>> {
+        let mut events = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(TryRecvError::Empty) => return events,
+                Err(err) => panic!("the bus failed: {err}"),
+            }
+        }
+    }
+
+    /// Three registrations in one batch: each proposer gets its own agent
+    /// with sequences in batch order, the table holds them, and their events
+    /// are published in the same order.
+    #[test]
+    fn a_batch_is_committed_answered_and_published_in_sequence_order() {
+        let shared = Shared::for_tests(memory_store(), 64);
+        let mut bus = shared.bus.subscribe();
+        let proposals = vec![registration("a"), registration("b"), registration("c")];
+        let ids: Vec<AgentId> = proposals.iter().map(|p| p.agent_id).collect();
+        let (batch, replies) = with_replies(proposals);
+
+        writer().commit(&shared, batch.into_iter());
+
+        for (n, (rx, id)) in replies.into_iter().zip(&ids).enumerate() {
+            let committed = answer(rx).expect("committed");
+            assert_eq!(committed.agent.id, *id);
+            assert_eq!(committed.agent.state, AgentState::Registered);
+            let sequences: Vec<u64> = committed.records.iter().map(|r| r.sequence).collect();
+            assert_eq!(sequences, vec![n as u64 + 1]);
+        }
+        let events = published(&mut bus);
+        let seen: Vec<(u64, AgentId)> = events
+            .iter()
+            .map(|e| (e.sequence(), e.record.agent_id))
+            .collect();
+        assert_eq!(seen, vec![(1, ids[0]), (2, ids[1]), (3, ids[2])]);
+        assert_eq!(shared.head(), 3);
+        assert!(ids.iter().all(|id| shared.agent(*id).is_some()));
+    }
+
+    /// A two-step transition and a proposal based on a replaced version
+    /// share a batch: the first commits both steps (published in order, its
+    /// writer lock released), the second is answered with a conflict and
+    /// publishes nothing.
+    #[test]
+    fn a_stale_proposal_conflicts_while_its_batch_commits() {
+        let shared = Shared::for_tests(memory_store(), 64);
+        let mut writer = writer();
+        let first = registration("a");
+        let id = first.agent_id;
+        let (batch, replies) = with_replies(vec![first]);
+        writer.commit(&shared, batch.into_iter());
+        let registered = answer(replies.into_iter().next().expect("one reply"))
+            .expect("registered")
+            .agent;
+        let mut bus = shared.bus.subscribe();
+
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let deploy = Proposal {
+            agent_id: id,
+            prior: Some(Arc::clone(&registered)),
+            identity: None,
+            steps: vec![step(AgentState::Deploying), step(AgentState::Deployed)],
+            guard: Some(Arc::clone(&lock).try_lock_owned().expect("unlocked")),
+        };
+        let stale = Proposal {
+            agent_id: id,
+            prior: Some(registered),
+            identity: None,
+            steps: vec![step(AgentState::Maintenance)],
+            guard: None,
+        };
+        let (batch, replies) = with_replies(vec![deploy, stale]);
+        writer.commit(&shared, batch.into_iter());
+
+        let mut replies = replies.into_iter();
+        let deployed = answer(replies.next().expect("first")).expect("committed");
+        assert_eq!(deployed.agent.state, AgentState::Deployed);
+        assert_eq!(deployed.agent.version, 3);
+        assert!(matches!(
+            answer(replies.next().expect("second")),
+            Err(Rejected::Conflict { actual: 3 })
+        ));
+        let sequences: Vec<u64> = published(&mut bus).iter().map(|e| e.sequence()).collect();
+        assert_eq!(sequences, vec![2, 3]);
+        assert!(lock.try_lock().is_ok(), "the writer lock is released");
+    }
+
+    /// A commit the store rolls back fails every proposal of the batch with
+    /// the store's error, publishes nothing and leaves the table as it was;
+    /// the next batch commits.
+    #[test]
+    fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
+        let store = Arc::new(FailingStore {
+            inner: MemoryStore::new(&Retention::default()),
+            failing: AtomicBool::new(true),
+        });
+        let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
+        let mut bus = shared.bus.subscribe();
+        let mut writer = writer();
+        let proposals = vec![registration("a"), registration("b")];
+        let ids: Vec<AgentId> = proposals.iter().map(|p| p.agent_id).collect();
+        let (batch, replies) = with_replies(proposals);
+
+        writer.commit(&shared, batch.into_iter());
+
+        for rx in replies {
+            assert!(matches!(answer(rx), Err(Rejected::Store(_))));
+        }
+        assert!(published(&mut bus).is_empty());
+        assert_eq!(shared.head(), 0);
+        assert!(ids.iter().all(|id| shared.agent(*id).is_none()));
+
+        store.failing.store(false, Ordering::Release);
+        let (batch, replies) = with_replies(vec![registration("c")]);
+        writer.commit(&shared, batch.into_iter());
+        assert!(replies.into_iter().all(|rx| answer(rx).is_ok()));
+        let sequences: Vec<u64> = published(&mut bus).iter().map(|e| e.sequence()).collect();
+        assert_eq!(sequences, vec![1]);
+    }
+
+    /// Through the thread: proposals queued before a `Close` are committed
+    /// in queue order and answered before the store closes; then the thread
+    /// ends and takes no more.
+    #[tokio::test]
+    async fn the_thread_commits_what_is_queued_before_it_closes() {
+        let shared = Shared::for_tests(memory_store(), 64);
+        let (tx, rx) = mpsc::channel();
+        let writer = Arc::new(Mutex::new(writer()));
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || run(shared, rx, writer))
+        };
+        let (proposals, replies) = with_replies(vec![
+            registration("a"),
+            registration("b"),
+            registration("c"),
+        ]);
+        for (proposal, reply) in proposals {
+            tx.send(Message::Propose(proposal, reply))
+                .expect("the thread runs");
+        }
+        let (closed, closing) = oneshot::channel();
+        tx.send(Message::Close(closed)).expect("the thread runs");
+
+        let limit = Duration::from_secs(10);
+        let mut sequences = Vec::new();
+        for rx in replies {
+            let committed = tokio::time::timeout(limit, rx)
+                .await
+                .expect("answered in time")
+                .expect("answered")
+                .expect("committed");
+            sequences.extend(committed.records.iter().map(|r| r.sequence));
+        }
+        assert_eq!(sequences, vec![1, 2, 3]);
+        tokio::time::timeout(limit, closing)
+            .await
+            .expect("closed in time")
+            .expect("answered")
+            .expect("the store closed");
+        thread.join().expect("the thread ends cleanly");
+        let (late, _) = oneshot::channel();
+        assert!(
+            tx.send(Message::Propose(registration("d"), late)).is_err(),
+            "the thread has stopped"
+        );
+    }
+}
