@@ -83,7 +83,7 @@ pub async fn sync_external_status(
 ) -> Result<SyncResult> {
     limits::check_text("status", &report.status, limits::MAX_SHORT_TEXT_BYTES)?;
     limits::check_metadata("metadata", &report.metadata)?;
-    service.sync().await?;
+    service.catch_up_with_store().await?;
     let Some(target) = source.target(&report.status) else {
         return Ok(SyncResult {
             outcome: SyncOutcome::UnknownStatus,

@@ -215,14 +215,6 @@ impl AgentLifecycleService {
         self.log().follow_now().await
     }
 
-    /// [`Self::catch_up_with_store`], under its shorter name.
-    ///
-    /// # Errors
-    /// As [`Self::catch_up_with_store`].
-    pub async fn sync(&self) -> Result<()> {
-        self.catch_up_with_store().await
-    }
-
     /// Registers a service-wide hook.
     pub fn on_event(&self, phase: HookPhase, hook: Hook) {
         self.hooks().add(None, phase, hook);

@@ -63,7 +63,7 @@ impl LifecycleHandler {
         // On a shared store, what other processes committed first: the
         // heartbeat's effect (completing a start, ending an ERROR) depends
         // on the agent's latest state.
-        self.service.sync().await?;
+        self.service.catch_up_with_store().await?;
         let task = Some(current_task).filter(|t| !t.is_empty());
         let beat = self.monitor.heartbeat(id, load, task).await?;
         Ok((id, beat))

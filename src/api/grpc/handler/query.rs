@@ -33,7 +33,7 @@ pub(super) async fn get_agent(
     let pb::GetAgentRequest { agent_id } = request.into_inner();
     let id = agent_id_from_pb("agent_id", &agent_id)?;
     caller.check_agent(id)?;
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let agent = handler.service.get_agent(id)?;
     Ok(Response::new(pb::GetAgentResponse {
         agent: handler.agents_with_heartbeats(&[agent]).await.pop(),
@@ -57,7 +57,7 @@ pub(super) async fn list_agents(
         0 => DEFAULT_LIST_PAGE,
         n => n.min(MAX_LIST_PAGE),
     };
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let (agents, next) = handler.service.list_agents(&filter, after, limit)?;
     Ok(Response::new(pb::ListAgentsResponse {
         agents: handler.agents_with_heartbeats(&agents).await,
@@ -78,7 +78,7 @@ pub(super) async fn get_agent_history(
         page_size: r.page_size as usize,
         cursor: convert::parse_history_token(&r.page_token)?,
     };
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let page = handler.service.history(id, query).await?;
     Ok(Response::new(pb::GetAgentHistoryResponse {
         transitions: page
@@ -100,7 +100,7 @@ pub(super) async fn get_agent_analytics(
     let id = agent_id_from_pb("agent_id", &agent_id)?;
     caller.check_agent(id)?;
     let window = convert::analytics_window(window)?;
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let (analytics, start, end) =
         crate::automation::analytics::for_agent(&handler.service, id, window).await?;
     Ok(Response::new(pb::GetAgentAnalyticsResponse {
@@ -130,7 +130,7 @@ pub(super) async fn get_fleet_analytics(
         0 => 10,
         n => (n as usize).min(1000),
     };
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let fleet =
         crate::automation::analytics::for_fleet(&handler.service, window, &labels, buckets, top)
             .await?;
@@ -222,7 +222,7 @@ pub(super) async fn get_lifecycle_metrics(
     handler: &LifecycleHandler,
     _request: Request<pb::GetLifecycleMetricsRequest>,
 ) -> Result<Response<pb::GetLifecycleMetricsResponse>, Status> {
-    handler.service.sync().await?;
+    handler.service.catch_up_with_store().await?;
     let metrics = handler.service.get_lifecycle_metrics();
     let mut response = convert::metrics_to_pb(&metrics);
     let [heartbeats, missed, restarts, stuck, sync] = handler.service.metrics().automation();

@@ -96,7 +96,7 @@ impl LifecycleHandler {
         // On a shared store, events other processes committed are applied
         // first, so a stream resumed here from a sequence another process
         // handed out starts where it should.
-        self.service.sync().await?;
+        self.service.catch_up_with_store().await?;
         let watcher = self.service.watch(watch).await?;
         Ok(Box::pin(WatchStream {
             state: WatchState::Ready(Box::new(watcher)),
