@@ -205,32 +205,18 @@ impl Agent {
 }
 
 /// A committed change as the event stream carries it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LifecycleEvent {
     /// The transition (its `sequence` is the event's).
     pub record: Arc<TransitionRecord>,
     /// The agent right after the event.
     pub agent: Arc<Agent>,
-    /// The event's wire encoding, filled once by the first stream that sends
-    /// it and shared by every other: fan-out to N watchers encodes once, not
-    /// N times. Opaque here; the edge owns the format.
-    pub encoded: std::sync::OnceLock<Vec<u8>>,
-}
-
-impl PartialEq for LifecycleEvent {
-    fn eq(&self, other: &Self) -> bool {
-        self.record == other.record && self.agent == other.agent
-    }
 }
 
 impl LifecycleEvent {
-    /// An event with an empty encoding cache.
+    /// The event of `record`, with the agent right after it.
     pub fn new(record: Arc<TransitionRecord>, agent: Arc<Agent>) -> Self {
-        LifecycleEvent {
-            record,
-            agent,
-            encoded: std::sync::OnceLock::new(),
-        }
+        LifecycleEvent { record, agent }
     }
 
     /// The global sequence number.

@@ -24,6 +24,7 @@
 //! tonic, prost or `pb`, or knows the automation and the edges above it.
 
 mod clock;
+mod event;
 mod hooks;
 mod lease;
 mod log;
@@ -42,6 +43,7 @@ use tracing::info;
 
 pub use self::{
     clock::TokioClock,
+    event::PublishedEvent,
     hooks::Hook,
     manager::AgentLifecycleManager,
     metrics::Metrics,

@@ -19,8 +19,9 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
+use crate::service::PublishedEvent;
 use crate::{
-    domain::{Agent, AgentId, Clock, LifecycleEvent, TransitionPolicy, TransitionRecord},
+    domain::{Agent, AgentId, Clock, TransitionPolicy, TransitionRecord},
     store::{AgentIdentity, Store},
 };
 
@@ -61,7 +62,7 @@ pub(crate) struct Shared {
     /// I/O inside) by readers.
     pub table: RwLock<Table>,
     /// Committed events, in sequence order.
-    pub bus: broadcast::Sender<Arc<LifecycleEvent>>,
+    pub bus: broadcast::Sender<Arc<PublishedEvent>>,
     pub store: Arc<dyn Store>,
     /// The service's one metrics registry.
     pub metrics: Metrics,

@@ -27,6 +27,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::Shared;
+use crate::service::PublishedEvent;
 use crate::{
     domain::{
         Agent, AgentId, AgentState, EventKind, FieldViolation, Labels, LifecycleEvent, StateSet,
@@ -59,7 +60,7 @@ pub struct WatchRequest {
 #[derive(Clone, Debug, PartialEq)]
 pub enum WatchItem {
     /// A committed event.
-    Event(Arc<LifecycleEvent>),
+    Event(Arc<PublishedEvent>),
     /// The stream is idle; every matching event up to `head_sequence` has
     /// been delivered.
     Progress {
@@ -183,7 +184,7 @@ pub struct Watcher {
     shared: Arc<Shared>,
     filter: Filter,
     /// Subscribed before anything was read; bounded by the bus capacity.
-    rx: broadcast::Receiver<Arc<LifecycleEvent>>,
+    rx: broadcast::Receiver<Arc<PublishedEvent>>,
     /// Every event with a sequence up to this one has been considered.
     last_seen: u64,
     /// Items ready to hand out (snapshot agents, one catch-up page).
@@ -285,7 +286,7 @@ impl Watcher {
 
     /// A live event: the item to deliver, or `None` for one already sent
     /// or filtered out.
-    fn accept(&mut self, event: Arc<LifecycleEvent>) -> Option<WatchItem> {
+    fn accept(&mut self, event: Arc<PublishedEvent>) -> Option<WatchItem> {
         if event.sequence() <= self.last_seen {
             return None;
         }
@@ -457,7 +458,8 @@ impl Watcher {
             let agent = Arc::new(slot.agent.after(Arc::clone(&record)));
             let event = LifecycleEvent::new(record, agent);
             if self.filter.matches_event(&event) {
-                self.pending.push_back(WatchItem::Event(Arc::new(event)));
+                self.pending
+                    .push_back(WatchItem::Event(Arc::new(PublishedEvent::new(event))));
             }
         }
         Ok(())

@@ -275,7 +275,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        domain::{Clock, LifecycleEvent},
+        domain::Clock,
+        service::PublishedEvent,
         store::{
             AgentChange, AuditQuery, BatchId, ChangeOutcome, HistoryRange, MemoryStore, Recovered,
             Store,
@@ -421,7 +422,7 @@ mod tests {
         rx.try_recv().expect("every proposer is answered")
     }
 
-    fn published(rx: &mut broadcast::Receiver<Arc<LifecycleEvent>>) -> Vec<Arc<LifecycleEvent>> {
+    fn published(rx: &mut broadcast::Receiver<Arc<PublishedEvent>>) -> Vec<Arc<PublishedEvent>> {
         let mut events = Vec::new();
         loop {
             match rx.try_recv() {

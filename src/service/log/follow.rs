@@ -219,7 +219,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        domain::{AgentState, LifecycleEvent, SystemClock},
+        domain::{AgentState, SystemClock},
+        service::PublishedEvent,
         service::log::commit::{Proposal, Settings, Step, Writer},
         store::{AgentChange, BatchId, MemoryStore, Retention, Store},
     };
@@ -256,7 +257,7 @@ mod tests {
         agent_id
     }
 
-    fn published(rx: &mut broadcast::Receiver<Arc<LifecycleEvent>>) -> Vec<u64> {
+    fn published(rx: &mut broadcast::Receiver<Arc<PublishedEvent>>) -> Vec<u64> {
         let mut sequences = Vec::new();
         loop {
             match rx.try_recv() {

@@ -48,6 +48,7 @@ use tokio::sync::{broadcast, oneshot};
 pub(crate) use self::commit::{Committed, Proposal, Rejected, Step};
 use self::commit::{Message, Settings, Writer};
 use super::{ServiceConfig, Shared, metrics::Metrics, table::Table};
+use crate::service::PublishedEvent;
 use crate::{
     domain::{Agent, LifecycleEvent, TransitionRecord},
     error::{Error, Result},
@@ -61,7 +62,7 @@ use crate::{
 /// released it (nobody waits on the bus while the table is locked).
 #[derive(Debug, Default)]
 pub(crate) struct Publication {
-    events: Vec<Arc<LifecycleEvent>>,
+    events: Vec<Arc<PublishedEvent>>,
 }
 
 impl Publication {
@@ -84,13 +85,15 @@ impl Publication {
     ) -> Option<&Arc<Agent>> {
         let agent = table.apply(Arc::clone(&record), identity, metrics)?;
         self.events
-            .push(Arc::new(LifecycleEvent::new(record, agent)));
+            .push(Arc::new(PublishedEvent::new(LifecycleEvent::new(
+                record, agent,
+            ))));
         self.events.last().map(|event| &event.agent)
     }
 
     /// Sends every event on `bus`, in the order they were applied (sequence
     /// order). No receivers is fine: nobody is watching.
-    pub(crate) fn publish(self, bus: &broadcast::Sender<Arc<LifecycleEvent>>) {
+    pub(crate) fn publish(self, bus: &broadcast::Sender<Arc<PublishedEvent>>) {
         for event in self.events {
             let _ = bus.send(event);
         }

@@ -10,7 +10,7 @@
 //! [`LifecycleServer`] answers the WatchEvents path before the generated
 //! server sees it, with a codec that encodes [`WatchItem`]s: a live event is
 //! encoded by the first stream that sends it and cached on the event
-//! (`LifecycleEvent::encoded`); every other stream copies the bytes.
+//! (`PublishedEvent::encoding`); every other stream copies the bytes.
 //! Progress and snapshot items are encoded per stream. The wire format is
 //! exactly `WatchEventsResponse`, so clients see no difference.
 //!
@@ -300,7 +300,7 @@ impl Encoder for WatchEncoder {
         match item {
             WatchItem::Event(event) => {
                 let bytes = event
-                    .encoded
+                    .encoding()
                     .get_or_init(|| convert::event_to_pb(&event, policy).encode_to_vec());
                 bytes::BufMut::put_slice(dst, bytes);
             }
