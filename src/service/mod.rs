@@ -16,6 +16,7 @@
 //!   persist -> apply -> publish -> reply, one batch at a time), following
 //!   other processes' commits, compaction.
 //! - `queries`: reads of the table and of the history.
+//! - `event`: [`PublishedEvent`], an event as the bus carries it.
 //! - `watch`: event streams. `hooks`: transition hooks. `metrics`: the
 //!   registry. `clock`: a wall clock that follows tokio's time.
 //! - `manager`: the per-agent handle (the seed's `AgentLifecycleManager`).
