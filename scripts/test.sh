@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: `bash scripts/test.sh` from anywhere. Installs the Python clients
-# used by tests/foreign_clients.rs into .venv (reused on a re-run), then runs
+# used by tests/it/foreign_clients.rs into .venv (reused on a re-run), then runs
 # the whole test suite with cargo-nextest (cargo test when nextest is absent).
 set -euo pipefail
 
@@ -25,7 +25,7 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 export AGENT_LIFECYCLE_PYTHON="$PWD/.venv/bin/python"
 
-# --- PostgreSQL for the multi-process tests (tests/postgres.rs, store conformance) ---
+# --- PostgreSQL for the multi-process tests (tests/it/postgres.rs, store conformance) ---
 # A throwaway server under target/pg (Debian's packages, installed when
 # missing), on a free port, stopped again when the tests end. An existing
 # TEST_DATABASE_URL is used as it is. Under CI a missing server is an error.
