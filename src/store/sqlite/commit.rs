@@ -5,8 +5,8 @@
 //! A commit appends the batch's events and writes an agent's row only when
 //! it creates the agent. `meta.synced` is the sequence up to which the
 //! agents' rows hold every event; a commit that brings the log's tail after
-//! it to [`SYNC_LAG`] events, a compaction about to delete events after it,
-//! and start-up bring the rows up to date ([`sync_agents`]). Meanwhile the
+//! it to [`REFRESH_LAG`] events, a compaction about to delete events after it,
+//! and start-up bring the rows up to date ([`refresh_agent_rows`]). Meanwhile the
 //! writer keeps each agent's version in memory ([`WriterCache::versions`]),
 //! so that a commit still refuses a change whose prior version is not the
 //! stored one.
@@ -26,7 +26,7 @@ use crate::{
 
 /// Events after `meta.synced` after which a commit brings the agents' rows
 /// up to date.
-pub(super) const SYNC_LAG: u64 = 1024;
+pub(super) const REFRESH_LAG: u64 = 1024;
 
 /// What the one writer knows of the file between commits, so that a commit
 /// need not read it. Each commit takes it out and puts it back once
@@ -73,7 +73,7 @@ impl Counters {
 /// 2. [`record_batch`]: `meta.head` and `meta.last_batch`;
 /// 3. [`Unindexed::index`]: the index entries that fall due, then
 ///    `meta.indexed`;
-/// 4. [`sync_agents`], once the tail after `meta.synced` is long enough;
+/// 4. [`refresh_agent_rows`], once the tail after `meta.synced` is long enough;
 /// 5. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`].
 ///
 /// # Errors
@@ -110,8 +110,8 @@ pub(super) fn commit(
             .map_err(sql("indexing agents' events"))?;
         counters.indexed = indexed;
     }
-    if counters.head.saturating_sub(counters.synced) >= tuning.sync_lag {
-        sync_agents(&tx, counters.synced, counters.head)?;
+    if counters.head.saturating_sub(counters.synced) >= tuning.refresh_lag {
+        refresh_agent_rows(&tx, counters.synced, counters.head)?;
         counters.synced = counters.head;
     }
     tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
@@ -278,7 +278,7 @@ fn stored_version(conn: &Connection, id: AgentId, synced: u64) -> Result<Option<
 /// Brings every agent's row up to its newest event after `?1`: the newest
 /// sequence of each agent (a sort of sequences and agent ids only), then
 /// that event by its primary key.
-const SYNC_AGENTS: &str = "UPDATE agents SET state = l.to_state, version = l.version,
+const REFRESH_AGENT_ROWS: &str = "UPDATE agents SET state = l.to_state, version = l.version,
     updated_at = l.at, last_sequence = l.sequence, last_from = l.from_state,
     last_reason = l.reason, last_triggered_by = l.triggered_by, last_metadata = l.metadata,
     last_principal = l.principal, last_request = l.request
@@ -290,8 +290,8 @@ const SYNC_AGENTS: &str = "UPDATE agents SET state = l.to_state, version = l.ver
 
 /// Brings the agents' rows up to date with the events after `synced` and
 /// records `head` as `meta.synced`, inside `tx`.
-pub(super) fn sync_agents(tx: &Transaction<'_>, synced: u64, head: u64) -> Result<()> {
-    tx.prepare_cached(SYNC_AGENTS)
+pub(super) fn refresh_agent_rows(tx: &Transaction<'_>, synced: u64, head: u64) -> Result<()> {
+    tx.prepare_cached(REFRESH_AGENT_ROWS)
         .and_then(|mut stmt| stmt.execute([synced as i64]))
         .and_then(|_| {
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'synced'")

@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{Writer, commit::sync_agents, index::Unindexed, read_meta, sql};
+use super::{Writer, commit::refresh_agent_rows, index::Unindexed, read_meta, sql};
 use crate::store::{Result, RetentionBounds, codec::to_micros};
 
 /// Deletes the longest prefix of the log, at most `max_rows` long, that
@@ -62,7 +62,7 @@ fn delete_through(writer: &mut Writer, last: u64) -> Result<()> {
     let synced = read_meta(&tx, "synced")?;
     if synced < last {
         let stored_head = read_meta(&tx, "head")?;
-        sync_agents(&tx, synced, stored_head)?;
+        refresh_agent_rows(&tx, synced, stored_head)?;
         cache.synced = None;
     }
     tx.execute(

@@ -47,7 +47,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use self::{
-    commit::{SYNC_LAG, WriterCache, sync_agents},
+    commit::{REFRESH_LAG, WriterCache, refresh_agent_rows},
     index::{INDEX_GROUP, INDEX_LAG},
     rows::{SELECT_AGENTS, agent_from_row},
 };
@@ -77,8 +77,8 @@ struct Tuning {
     /// Events of one agent or principal indexed together ([`INDEX_GROUP`]).
     index_group: usize,
     /// Events after `meta.synced` after which a commit syncs the agents
-    /// ([`SYNC_LAG`]).
-    sync_lag: u64,
+    /// ([`REFRESH_LAG`]).
+    refresh_lag: u64,
 }
 
 /// The one connection that writes and what the writer knows of the file.
@@ -138,12 +138,12 @@ impl SqliteStore {
             Tuning {
                 index_lag: INDEX_LAG,
                 index_group: INDEX_GROUP,
-                sync_lag: SYNC_LAG,
+                refresh_lag: REFRESH_LAG,
             },
         )
     }
 
-    /// [`SqliteStore::open`] with another [`INDEX_LAG`] and [`SYNC_LAG`],
+    /// [`SqliteStore::open`] with another [`INDEX_LAG`] and [`REFRESH_LAG`],
     /// both `lag` (`>= 1`), and another [`INDEX_GROUP`], for tests of the
     /// reads that combine the index and the log's tail, and of the agents'
     /// rows brought up to date.
@@ -158,7 +158,7 @@ impl SqliteStore {
             Tuning {
                 index_lag: lag,
                 index_group: group,
-                sync_lag: lag,
+                refresh_lag: lag,
             },
         )
     }
@@ -196,7 +196,7 @@ impl SqliteStore {
             tuning: Tuning {
                 index_lag: tuning.index_lag.max(1),
                 index_group: tuning.index_group.max(1),
-                sync_lag: tuning.sync_lag.max(1),
+                refresh_lag: tuning.refresh_lag.max(1),
             },
         })
     }
@@ -271,7 +271,7 @@ impl Store for SqliteStore {
         let head = read_meta(&tx, "head")?;
         let synced = read_meta(&tx, "synced")?;
         if synced < head {
-            sync_agents(&tx, synced, head)?;
+            refresh_agent_rows(&tx, synced, head)?;
         }
         tx.commit().map_err(sql("loading agents"))?;
         cache.synced = Some(head);
