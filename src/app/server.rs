@@ -245,8 +245,9 @@ pub async fn run_with(
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
-    let lifecycle = LifecycleServer::with_heartbeat_monitor(service.clone(), heartbeats, MAX_REQUEST_BYTES)
-        .with_limits(limits);
+    let lifecycle =
+        LifecycleServer::with_heartbeat_monitor(service.clone(), heartbeats, MAX_REQUEST_BYTES)
+            .with_limits(limits);
 
     let local = listener.local_addr().ok();
     let incoming = incoming(listener);

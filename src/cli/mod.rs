@@ -63,7 +63,7 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(agent_lifecycle::app::config::Config),
+    Serve(Box<agent_lifecycle::app::config::Config>),
     /// Register an agent (idempotent while it is REGISTERED).
     Register(client::RegisterArgs),
     /// Show one agent.
@@ -191,7 +191,7 @@ fn create_token(args: TokenArgs, format: Format) -> anyhow::Result<()> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     connect::install(&args.connect)?;
     match args.command {
-        Command::Serve(serve) => serve::run(serve).await,
+        Command::Serve(serve) => serve::run(*serve).await,
         Command::Bench(bench) => bench::run(&args.server, bench).await,
         Command::Token(TokenCommand::Create(token)) => create_token(token, args.output),
         command => client::run(&args.server, args.output, args.timeout, command).await,

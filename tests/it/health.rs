@@ -11,8 +11,8 @@ use std::{
 
 use agent_lifecycle::{
     AgentLifecycleService,
-    domain::{AgentId, AgentState},
     automation::health::{AWAIT_KEY, HealthSettings, HeartbeatMonitor, TRIGGER, awaits_heartbeat},
+    domain::{AgentId, AgentState},
     service::{ChangeRequest, HistoryQuery, Registration, ServiceConfig, TokioClock},
     store::{MemoryStore, Retention},
 };

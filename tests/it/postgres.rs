@@ -432,7 +432,10 @@ async fn writes_recover_after_the_database_drops_every_connection() {
             let service = service.clone();
             tokio::spawn(async move {
                 for _ in 0..10 {
-                    service.catch_up_with_store().await.expect("catch up with the store");
+                    service
+                        .catch_up_with_store()
+                        .await
+                        .expect("catch up with the store");
                     service.oldest_sequence().await.expect("oldest");
                 }
             })

@@ -160,13 +160,14 @@ impl Config {
                 return Err("health.restart_jitter: must be between 0 and 1".into());
             }
         }
-        if let Some(hf) = &file.hf {
-            if !hf.base_url.starts_with("https://") && !hf.base_url.starts_with("http://") {
-                return Err(format!(
-                    "hf.base_url: {:?} must be an https:// (or http://) URL",
-                    hf.base_url
-                ));
-            }
+        if let Some(hf) = &file.hf
+            && !hf.base_url.starts_with("https://")
+            && !hf.base_url.starts_with("http://")
+        {
+            return Err(format!(
+                "hf.base_url: {:?} must be an https:// (or http://) URL",
+                hf.base_url
+            ));
         }
         if let Some(auth) = &file.auth {
             auth.principals()?;
