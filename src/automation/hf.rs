@@ -46,7 +46,7 @@ use crate::{
 };
 
 /// The label that names an agent's Space (`owner/name`).
-pub const SPACE_LABEL: &str = "hf.space";
+pub const SPACE_LABEL: &str = crate::domain::binding::HF_SPACE_LABEL;
 
 /// Stages after which the Space is about to change again.
 const INTERMEDIATE: &[&str] = &[

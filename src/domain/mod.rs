@@ -5,6 +5,7 @@
 //! depends on this module; it depends on nothing of the crate.
 
 pub mod agent;
+pub mod binding;
 pub mod caller;
 pub mod clock;
 pub mod digest;
@@ -19,6 +20,7 @@ pub mod transition;
 pub use agent::{
     Agent, AgentId, EventKind, Labels, LifecycleEvent, Metadata, RequestTag, TransitionRecord,
 };
+pub use binding::{Binding, PlatformAction, Workload, WorkloadKind};
 pub use caller::{Caller, Role};
 pub use clock::{Clock, SystemClock};
 pub use error::{PermissionDenied, TransitionError};
