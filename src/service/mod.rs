@@ -16,6 +16,8 @@
 //!   persist -> apply -> publish -> reply, one batch at a time), following
 //!   other processes' commits, compaction.
 //! - `queries`: reads of the table and of the history.
+//! - `cursor`: consumers' durable positions in the event log, kept by the
+//!   store.
 //! - `event`: [`PublishedEvent`], an event as the bus carries it.
 //! - `watch`: event streams. `hooks`: transition hooks. `metrics`: the
 //!   registry. `clock`: a wall clock that follows tokio's time.
@@ -25,6 +27,7 @@
 //! tonic, prost or `pb`, or knows the automation and the edges above it.
 
 mod clock;
+mod cursor;
 mod event;
 mod hooks;
 mod lease;
@@ -44,6 +47,7 @@ use tracing::info;
 
 pub use self::{
     clock::TokioClock,
+    cursor::MAX_CURSOR_NAME_BYTES,
     event::PublishedEvent,
     hooks::Hook,
     manager::AgentLifecycleManager,

@@ -789,3 +789,230 @@ fn sqlite_migrates_a_version_2_database() {
     // Version 4 copied the old event into the agents' index.
     assert_eq!(store.history_count(id).expect("count"), 2);
 }
+
+/// The cursors' behaviour, given a store whose cursors `first` and `second`
+/// never advanced: a new name reads 0; a cursor keeps the highest sequence
+/// it was given; names are independent; bad names are refused; compaction
+/// leaves cursors alone. Leaves `first` at 9 and `second` at 4.
+fn cursors_conform(store: &dyn Store) {
+    store.load().expect("load");
+    assert_eq!(store.cursor("first").expect("cursor"), 0);
+    store.advance_cursor("first", 5).expect("advance");
+    assert_eq!(store.cursor("first").expect("cursor"), 5);
+    store
+        .advance_cursor("first", 3)
+        .expect("a lower sequence is not an error");
+    assert_eq!(
+        store.cursor("first").expect("cursor"),
+        5,
+        "a cursor never moves backwards"
+    );
+    store.advance_cursor("first", 9).expect("advance");
+    assert_eq!(store.cursor("first").expect("cursor"), 9);
+    assert_eq!(store.cursor("second").expect("cursor"), 0);
+    store.advance_cursor("second", 4).expect("advance");
+    assert_eq!(
+        (
+            store.cursor("first").expect("cursor"),
+            store.cursor("second").expect("cursor")
+        ),
+        (9, 4),
+        "names are independent"
+    );
+
+    let longest = "n".repeat(super::MAX_CURSOR_NAME_BYTES);
+    store
+        .advance_cursor(&longest, 1)
+        .expect("128 bytes is fine");
+    assert_eq!(store.cursor(&longest).expect("cursor"), 1);
+    for bad in [String::new(), "n".repeat(super::MAX_CURSOR_NAME_BYTES + 1)] {
+        assert!(
+            matches!(
+                store.cursor(&bad),
+                Err(StoreError::InvalidCursorName { .. })
+            ),
+            "reading {} bytes",
+            bad.len()
+        );
+        assert!(
+            matches!(
+                store.advance_cursor(&bad, 1),
+                Err(StoreError::InvalidCursorName { .. })
+            ),
+            "advancing {} bytes",
+            bad.len()
+        );
+    }
+    assert!(
+        store.advance_cursor("first", u64::MAX).is_err(),
+        "a sequence beyond the log's range is refused"
+    );
+    assert_eq!(store.cursor("first").expect("cursor"), 9);
+
+    // Compaction deletes events, never cursors, even one that points at a
+    // deleted event.
+    let mut regs = [
+        register(AgentId::generate()),
+        register(AgentId::generate()),
+        register(AgentId::generate()),
+    ];
+    commit(store, &mut regs);
+    let head = store.head().expect("head");
+    let newest = Retention {
+        max_events: Some(1),
+        max_age: None,
+    };
+    let deleted = store
+        .compact(&newest, head, 1000, &SystemClock)
+        .expect("compact");
+    assert!(deleted >= 2, "compaction deleted {deleted} events");
+    assert!(store.oldest_sequence().expect("oldest") > 1);
+    assert_eq!(
+        (
+            store.cursor("first").expect("cursor"),
+            store.cursor("second").expect("cursor")
+        ),
+        (9, 4),
+        "compaction leaves cursors alone"
+    );
+}
+
+#[test]
+fn memory_cursors_conform() {
+    cursors_conform(&MemoryStore::new(&Retention::default()));
+}
+
+#[test]
+fn sqlite_cursors_conform_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cursors.db");
+    let store = SqliteStore::open(&path).expect("open");
+    cursors_conform(&store);
+    store.close().expect("close");
+    drop(store);
+    let reopened = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(reopened.cursor("first").expect("cursor"), 9);
+    assert_eq!(reopened.cursor("second").expect("cursor"), 4);
+    reopened.advance_cursor("second", 2).expect("advance");
+    assert_eq!(reopened.cursor("second").expect("cursor"), 4);
+}
+
+#[test]
+fn postgres_cursors_conform_survive_reopen_and_are_shared() {
+    let Some(url) = fresh_postgres("cursors") else {
+        return;
+    };
+    let store = PostgresStore::open(&url).expect("open");
+    cursors_conform(&store);
+    store.close().expect("close");
+    drop(store);
+    let reopened = PostgresStore::open(&url).expect("reopen");
+    assert_eq!(reopened.cursor("first").expect("cursor"), 9);
+    assert_eq!(reopened.cursor("second").expect("cursor"), 4);
+    // Another process sharing the database sees the cursor and cannot move
+    // it back.
+    let other = PostgresStore::open(&url).expect("open another");
+    other.advance_cursor("second", 2).expect("advance");
+    other.advance_cursor("first", 12).expect("advance");
+    assert_eq!(reopened.cursor("second").expect("cursor"), 4);
+    assert_eq!(reopened.cursor("first").expect("cursor"), 12);
+}
+
+/// A file of schema version 6, made by the migration steps up to 6 only and
+/// holding one agent, opens: it is migrated to version 7, its agent loads,
+/// and its cursors work and survive a reopen.
+#[test]
+fn sqlite_migrates_a_version_6_database_to_cursors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v6.db");
+    let id = AgentId::generate();
+    let user_version = |conn: &rusqlite::Connection| -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("user_version")
+    };
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        let steps = &super::sqlite::schema::STEPS;
+        let (to_2, to_6) = steps[..6].split_at(2);
+        for step in to_2 {
+            conn.execute_batch(&format!(
+                "BEGIN; {} PRAGMA user_version = {}; COMMIT;",
+                step.sql, step.version
+            ))
+            .expect("steps 1 and 2");
+        }
+        conn.execute(
+            "INSERT INTO agents (agent_id, name, labels, state, version, created_at, updated_at,
+                last_sequence, last_from, last_reason, last_triggered_by, last_metadata)
+             VALUES (?1, 'old', '', 'registered', 1, 0, 0, 1, NULL, 'r', 'system', '')",
+            [id.as_bytes()],
+        )
+        .expect("old agent");
+        conn.execute(
+            "INSERT INTO events (sequence, agent_id, version, from_state, to_state, at, reason,
+                triggered_by, metadata) VALUES (1, ?1, 1, NULL, 'registered', 0, 'r', 'system', '')",
+            [id.as_bytes()],
+        )
+        .expect("old event");
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'head'", [])
+            .expect("head");
+        for step in to_6 {
+            conn.execute_batch(&format!(
+                "BEGIN; {} PRAGMA user_version = {}; COMMIT;",
+                step.sql, step.version
+            ))
+            .expect("steps 3 to 6");
+        }
+        assert_eq!(user_version(&conn), 6);
+        let cursors: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'cursors'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        assert_eq!(cursors, 0, "a version 6 file has no cursors table");
+    }
+    let store = SqliteStore::open(&path).expect("open and migrate");
+    let loaded = store.load().expect("load");
+    assert_eq!(loaded.head, 1);
+    assert_eq!(loaded.agents.len(), 1);
+    assert_eq!(loaded.agents[0].id, id);
+    assert_eq!(store.cursor("driver").expect("cursor"), 0);
+    store.advance_cursor("driver", 1).expect("advance");
+    let mut next = [step(&loaded.agents[0], AgentState::Deploying)];
+    assert_eq!(commit(&store, &mut next), vec![ChangeOutcome::Committed]);
+    assert_eq!(next[0].records[0].sequence, 2);
+    store.close().expect("close");
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    assert_eq!(user_version(&conn), 7);
+    drop(conn);
+    let reopened = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(reopened.cursor("driver").expect("cursor"), 1);
+}
+
+/// A PostgreSQL database of schema version 2 (no `cursors` table) opens:
+/// it is migrated to version 3 and its cursors work.
+#[test]
+fn postgres_migrates_a_version_2_database_to_cursors() {
+    let Some(url) = fresh_postgres("cursors_v2") else {
+        return;
+    };
+    drop(PostgresStore::open(&url).expect("create the schema"));
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    client
+        .batch_execute(
+            "DROP TABLE cursors;
+             UPDATE meta SET value = 2 WHERE key = 'schema_version';",
+        )
+        .expect("back to version 2");
+    let store = PostgresStore::open(&url).expect("open and migrate");
+    store.advance_cursor("driver", 3).expect("advance");
+    assert_eq!(store.cursor("driver").expect("cursor"), 3);
+    let version: i64 = client
+        .query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 3);
+}

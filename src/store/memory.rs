@@ -12,7 +12,7 @@ use foldhash::HashMap;
 
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
-    Result, Retention, Store,
+    Result, Retention, Store, check_cursor_name, stored_cursor,
 };
 use crate::domain::{Agent, AgentId, Clock, TransitionRecord, clock::to_stored_precision};
 
@@ -38,6 +38,8 @@ struct Inner {
     head: u64,
     /// The last committed batch.
     last_batch: Option<BatchId>,
+    /// Each consumer's cursor ([`Store::cursor`]); never evicted.
+    cursors: HashMap<String, u64>,
 }
 
 impl MemoryStore {
@@ -188,6 +190,23 @@ impl Store for MemoryStore {
                 )
             })
             .collect())
+    }
+
+    fn cursor(&self, name: &str) -> Result<u64> {
+        check_cursor_name(name)?;
+        Ok(self.read().cursors.get(name).copied().unwrap_or(0))
+    }
+
+    fn advance_cursor(&self, name: &str, sequence: u64) -> Result<()> {
+        stored_cursor(name, sequence)?;
+        let mut inner = self.write();
+        match inner.cursors.get_mut(name) {
+            Some(stored) => *stored = (*stored).max(sequence),
+            None => {
+                inner.cursors.insert(name.to_owned(), sequence);
+            }
+        }
+        Ok(())
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {

@@ -14,6 +14,11 @@
 //! outcome: a change whose prior version no longer matches (another writer
 //! got there first) is refused alone, and the rest of the batch commits.
 //!
+//! Beside the log, the store keeps named cursors: how far each consumer of
+//! the log (a platform driver, a notifier) has handled it, so that it
+//! resumes from there after a restart or in another process
+//! ([`Store::cursor`], [`Store::advance_cursor`]).
+//!
 //! The trait is synchronous and may block (fsync, SQL). The service calls
 //! [`Store::commit`] from its one commit thread and the reads from
 //! `spawn_blocking`, never on an async worker.
@@ -78,6 +83,17 @@ pub enum StoreError {
     /// The store was given something it cannot represent.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A cursor name is empty or longer than [`MAX_CURSOR_NAME_BYTES`];
+    /// nothing was read or written.
+    #[error(
+        "cursor name {name:?} is {len} bytes long; a cursor name is 1 to {max} bytes",
+        len = .name.len(),
+        max = MAX_CURSOR_NAME_BYTES
+    )]
+    InvalidCursorName {
+        /// The name given.
+        name: String,
+    },
 }
 
 impl StoreError {
@@ -94,6 +110,35 @@ impl StoreError {
 
 /// Shorthand for store results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The longest cursor name, in bytes (see [`Store::cursor`]). Names are
+/// chosen by the server's own code, so a short bound costs nothing and keeps
+/// the key of the `cursors` table small.
+pub const MAX_CURSOR_NAME_BYTES: usize = 128;
+
+/// Checks a cursor name: 1 to [`MAX_CURSOR_NAME_BYTES`] bytes. Every back
+/// end checks before it touches its table, so all refuse the same names.
+fn check_cursor_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_CURSOR_NAME_BYTES {
+        return Err(StoreError::InvalidCursorName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks what [`Store::advance_cursor`] is given and returns the sequence
+/// as the durable stores keep it: the name as [`check_cursor_name`] does,
+/// and a sequence no sequence column can exceed (`i64::MAX`; the log never
+/// gets there).
+fn stored_cursor(name: &str, sequence: u64) -> Result<i64> {
+    check_cursor_name(name)?;
+    i64::try_from(sequence).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "cursor {name:?}: sequence {sequence} is beyond the log's range"
+        ))
+    })
+}
 
 /// A name and labels: what an agent is created with and keeps.
 #[derive(Clone, Debug, PartialEq)]
@@ -364,6 +409,30 @@ pub trait Store: Send + Sync + 'static {
         let _ = ids;
         Ok(Vec::new())
     }
+
+    /// The sequence up to which the consumer `name` has handled the event
+    /// log (a platform driver, a notifier), as [`Store::advance_cursor`]
+    /// last recorded it; 0 when it never advanced. Cursors are independent
+    /// of retention: compaction never changes them, so a cursor may point
+    /// below [`Store::oldest_sequence`].
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidCursorName`] for a name that is empty or longer
+    /// than [`MAX_CURSOR_NAME_BYTES`]; otherwise the back end failed.
+    fn cursor(&self, name: &str) -> Result<u64>;
+
+    /// Records that the consumer `name` has handled the log up to
+    /// `sequence`, durably before it returns (as a commit is), where every
+    /// process sharing the store sees it. A cursor never moves backwards:
+    /// a `sequence` below the stored one leaves the stored one, without an
+    /// error, so a consumer that resumes from an older position after a
+    /// failover cannot undo another's progress.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidCursorName`] for a name that is empty or longer
+    /// than [`MAX_CURSOR_NAME_BYTES`]; otherwise the back end failed and
+    /// the stored cursor is unchanged.
+    fn advance_cursor(&self, name: &str, sequence: u64) -> Result<()>;
 
     /// Up to `max` events with `sequence > after`, in sequence order.
     ///

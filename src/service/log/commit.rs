@@ -356,6 +356,12 @@ mod tests {
         fn history_count(&self, agent_id: AgentId) -> crate::store::Result<u64> {
             self.inner.history_count(agent_id)
         }
+        fn cursor(&self, name: &str) -> crate::store::Result<u64> {
+            self.inner.cursor(name)
+        }
+        fn advance_cursor(&self, name: &str, sequence: u64) -> crate::store::Result<()> {
+            self.inner.advance_cursor(name, sequence)
+        }
         fn compact(
             &self,
             retention: &Retention,

@@ -24,7 +24,8 @@
 //! creates and migrates the schema, [`commit`] writes batches as the rows
 //! of [`batch`] (array parameters declared with [`arrays`]), [`compact`]
 //! deletes old events, [`read`] answers the queries and [`rows`] decodes
-//! their rows, [`shared`] holds the commit feed, leases and heartbeats.
+//! their rows, [`shared`] holds the commit feed, leases, heartbeats and
+//! cursors.
 
 mod arrays;
 mod batch;
@@ -45,7 +46,7 @@ use postgres::{Client, NoTls};
 use self::commit::Writer;
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, CommitFeed, HistoryRange,
-    Lease, Recovered, Result, Retention, Store, StoreError,
+    Lease, Recovered, Result, Retention, Store, StoreError, check_cursor_name, stored_cursor,
 };
 use crate::domain::{AgentId, Clock, Heartbeat, TransitionRecord};
 
@@ -246,6 +247,16 @@ impl Store for PostgresStore {
     fn heartbeats(&self, ids: Option<&[AgentId]>) -> Result<Vec<(AgentId, Heartbeat)>> {
         let keys = ids.map(keys);
         self.with_reader(|client| shared::heartbeats(client, keys.as_deref()))
+    }
+
+    fn cursor(&self, name: &str) -> Result<u64> {
+        check_cursor_name(name)?;
+        self.with_reader(|client| shared::cursor(client, name))
+    }
+
+    fn advance_cursor(&self, name: &str, sequence: u64) -> Result<()> {
+        let sequence = stored_cursor(name, sequence)?;
+        self.with_reader(|client| shared::advance_cursor(client, name, sequence))
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {

@@ -25,7 +25,7 @@ struct Step {
 /// The migrations, oldest first. The first runs at every open (it creates
 /// `meta`, where the version is read, and the tables a version-1 database
 /// may lack); the others when the database is older than their version.
-const STEPS: [Step; 2] = [
+const STEPS: [Step; 3] = [
     // 1: `meta` (the head counter), `agents`, `events` indexed by agent,
     // `writers` (each process's last batch) and `heartbeats`.
     Step {
@@ -93,6 +93,18 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS principal TEXT NOT NULL DEFAULT '';
 ALTER TABLE events ADD COLUMN IF NOT EXISTS request TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS events_by_principal ON events (principal, sequence);
 CREATE INDEX IF NOT EXISTS events_with_request ON events (at) WHERE request <> '';
+",
+    },
+    // 3: `cursors`, how far each named consumer of the log has handled it;
+    // compaction never touches it.
+    Step {
+        version: 3,
+        context: "migrating the schema to version 3",
+        sql: "
+CREATE TABLE IF NOT EXISTS cursors (
+    name     TEXT PRIMARY KEY,
+    sequence BIGINT NOT NULL
+);
 ",
     },
 ];

@@ -1,6 +1,8 @@
 //! What processes that share one PostgreSQL database use to work together:
-//! the commit feed (LISTEN), leases (advisory locks) and the heartbeats
-//! every process sees. Depends on nothing above the store.
+//! the commit feed (LISTEN), leases (advisory locks), the heartbeats every
+//! process sees and the consumers' cursors (the `cursors` table, which a
+//! consumer that moves to another process resumes from). Depends on
+//! nothing above the store.
 //!
 //! Every commit sends `NOTIFY` on [`super::CHANNEL`] (delivered at commit);
 //! a [`Listener`] wakes followers without polling, and they also read the
@@ -129,6 +131,29 @@ pub(super) fn heartbeats(
             ))
         })
         .collect()
+}
+
+/// The stored cursor `name` (0 when absent).
+pub(super) fn cursor(client: &mut Client, name: &str) -> Result<u64> {
+    let sequence: Option<i64> = client
+        .query_opt("SELECT sequence FROM cursors WHERE name = $1", &[&name])
+        .map_err(pg("reading a cursor"))?
+        .map(|row| row.get(0));
+    Ok(sequence.map_or(0, |s| s.max(0) as u64))
+}
+
+/// Stores `sequence` for `name` unless the stored one is higher (one
+/// autocommit statement: durable once it returns).
+pub(super) fn advance_cursor(client: &mut Client, name: &str, sequence: i64) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO cursors (name, sequence) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE
+                 SET sequence = GREATEST(cursors.sequence, excluded.sequence)",
+            &[&name, &sequence],
+        )
+        .map_err(pg("advancing a cursor"))?;
+    Ok(())
 }
 
 /// The advisory lock key of a lease name (stable across processes).

@@ -26,10 +26,12 @@
 //! This file opens the database and delegates the [`Store`] methods:
 //! [`schema`] creates and migrates it, [`commit`] writes batches,
 //! [`index`] keeps the index tables, [`compact`] deletes old events,
-//! [`read`] answers the queries and [`rows`] decodes their rows.
+//! [`read`] answers the queries and [`rows`] decodes their rows;
+//! [`cursors`] keeps the consumers' cursors.
 
 mod commit;
 mod compact;
+mod cursors;
 pub(super) mod index;
 mod read;
 mod rows;
@@ -53,7 +55,7 @@ use self::{
 };
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
-    Result, Retention, Store, StoreError, codec::to_micros,
+    Result, Retention, Store, StoreError, check_cursor_name, codec::to_micros, stored_cursor,
 };
 use crate::domain::{AgentId, Clock, TransitionRecord};
 
@@ -306,6 +308,16 @@ impl Store for SqliteStore {
 
     fn identities(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, AgentIdentity)>> {
         self.with_reader(|conn| read::identities(conn, ids))
+    }
+
+    fn cursor(&self, name: &str) -> Result<u64> {
+        check_cursor_name(name)?;
+        self.with_reader(|conn| cursors::cursor(conn, name))
+    }
+
+    fn advance_cursor(&self, name: &str, sequence: u64) -> Result<()> {
+        let sequence = stored_cursor(name, sequence)?;
+        cursors::advance(&self.lock_writer().conn, name, sequence)
     }
 
     fn events_after(&self, after: u64, max: usize) -> Result<Vec<Arc<TransitionRecord>>> {

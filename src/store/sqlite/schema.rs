@@ -21,7 +21,7 @@ pub(in crate::store) struct Step {
 
 /// The migrations, oldest first. The last one's version is the version this
 /// program writes.
-pub(in crate::store) const STEPS: [Step; 6] = [
+pub(in crate::store) const STEPS: [Step; 7] = [
     // 1: `agents` (identity and state as of the last transition), `events`
     // (the log, keyed by sequence, indexed by agent) and `meta`.
     Step {
@@ -130,6 +130,18 @@ DROP INDEX IF EXISTS events_by_principal;
         version: 6,
         context: "migrating the schema to version 6",
         sql: "",
+    },
+    // 7: `cursors`, how far each named consumer of the log has handled it;
+    // compaction never touches it.
+    Step {
+        version: 7,
+        context: "migrating the schema to version 7",
+        sql: "
+CREATE TABLE IF NOT EXISTS cursors (
+    name     TEXT PRIMARY KEY,
+    sequence INTEGER NOT NULL
+) WITHOUT ROWID;
+",
     },
 ];
 
