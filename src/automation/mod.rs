@@ -8,11 +8,14 @@
 //!   status to a path of transitions (SyncExternalStatus).
 //! - [`hf`]: the Hugging Face Hub poller, which feeds [`sync`] the runtime
 //!   stage of each labelled Space.
+//! - [`drivers`]: the platforms (Docker, Kubernetes, Spaces) follow the
+//!   lifecycle of the agents bound to them.
 //! - [`analytics`]: per-agent and fleet analytics computed from the history.
 //!
 //! Depends on `domain`, `store` and `service`; knows nothing of gRPC.
 
 pub mod analytics;
+pub mod drivers;
 pub mod health;
 pub mod hf;
 pub mod sync;

@@ -1,0 +1,261 @@
+//! Platform drivers: the platform follows the lifecycle of the agents bound
+//! to it ([`Binding`], read from an agent's labels).
+//!
+//! A [`Driver`] makes one platform act. [`run`] follows the event log for it:
+//! when a bound agent enters DEPLOYING, STARTING, STOPPING, TERMINATED or
+//! DELETED ([`PlatformAction::on_entering`]), the driver makes the platform
+//! create, start, stop or remove the object. The runner
+//!
+//! - acts only while this process holds the driver's lease, so one process
+//!   of a fleet on a shared store acts, and another takes over after a
+//!   failover;
+//! - keeps its place in the log in a durable cursor of the same name (the
+//!   first sequence not yet handled; 0 when the driver never ran), advanced
+//!   after each event is handled, so a restart or a failover resumes after
+//!   the last event handled; a driver that never ran starts at the head:
+//!   history is not replayed;
+//! - retries a transient platform failure with a doubling back-off, and
+//!   moves the agent to ERROR when the platform refuses, with the
+//!   platform's message in the reason and its code in the metadata, unless
+//!   the agent has moved on meanwhile (the transition expects the version
+//!   the event left).
+//!
+//! Every action is idempotent at the platform (starting a running
+//! container is a no-op), so an event handled again after a crash between
+//! the action and the cursor's advance does no harm.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use tracing::{info, warn};
+
+use crate::{
+    AgentLifecycleService,
+    domain::{AgentState, Binding, Caller, Metadata, PlatformAction},
+    error::{Error, Result},
+    service::{ChangeRequest, PublishedEvent, WatchItem, WatchRequest, lease_holder},
+};
+
+/// What [`Driver::act`] returns.
+pub type ActFuture<'a> = Pin<Box<dyn Future<Output = Result<(), PlatformError>> + Send + 'a>>;
+
+/// One platform's side of the lifecycle.
+pub trait Driver: Send + Sync + 'static {
+    /// The name of its lease and of its cursor, also its `triggered_by`
+    /// (`docker-driver`).
+    fn name(&self) -> &'static str;
+
+    /// Whether the binding is on this driver's platform.
+    fn binds(&self, binding: &Binding) -> bool;
+
+    /// Makes the platform do `action` to the object `binding` names.
+    /// Acting twice must be harmless (a restart may repeat the last action).
+    fn act<'a>(&'a self, binding: &'a Binding, action: PlatformAction) -> ActFuture<'a>;
+}
+
+/// Why a platform did not do what it was asked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlatformError {
+    /// It may work on a later try (the platform is unreachable, busy, or
+    /// answered with a server error).
+    #[error("{0}")]
+    Transient(String),
+    /// The platform refused (no such image, invalid spec, ...); trying again
+    /// will not help.
+    #[error("{message} ({code})")]
+    Refused {
+        /// The platform's own message.
+        message: String,
+        /// The platform's own code (an HTTP status, an error reason).
+        code: String,
+    },
+}
+
+/// How the runner retries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DriverSettings {
+    /// The first back-off after a transient failure.
+    pub initial_backoff: Duration,
+    /// The longest back-off.
+    pub max_backoff: Duration,
+    /// Tries of one action before a transient failure counts as a refusal.
+    pub max_attempts: u32,
+    /// How long to wait before asking for the lease again.
+    pub lease_retry: Duration,
+}
+
+impl Default for DriverSettings {
+    fn default() -> Self {
+        DriverSettings {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_attempts: 8,
+            lease_retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Follows the event log for `driver` until the service shuts down.
+pub async fn run(
+    service: AgentLifecycleService,
+    driver: Arc<dyn Driver>,
+    settings: DriverSettings,
+) {
+    let name = driver.name();
+    let mut lease = lease_holder(&service, name);
+    info!(driver = name, "platform driver started");
+    while !service.is_shutting_down() {
+        if !lease.held().await {
+            tokio::time::sleep(settings.lease_retry).await;
+            continue;
+        }
+        match follow(&service, driver.as_ref(), &settings).await {
+            Ok(()) => return,
+            Err(Error::ShuttingDown) => return,
+            Err(err) => {
+                warn!(driver = name, error = %crate::error::chain(&err), "the driver's log stream ended; resuming from its cursor");
+                tokio::time::sleep(settings.lease_retry).await;
+            }
+        }
+    }
+}
+
+/// Handles the events after the driver's cursor, then live ones, until
+/// the stream ends.
+async fn follow(
+    service: &AgentLifecycleService,
+    driver: &dyn Driver,
+    settings: &DriverSettings,
+) -> Result<()> {
+    let name = driver.name();
+    service.catch_up_with_store().await?;
+    let mut next = service.cursor(name).await?;
+    if next == 0 {
+        // A driver that never ran starts at the head: the platform is not
+        // replayed the fleet's history.
+        next = service.head_sequence() + 1;
+        service.advance_cursor(name, next).await?;
+    }
+    let request = |start_sequence| WatchRequest {
+        start_sequence,
+        ..WatchRequest::default()
+    };
+    let mut watcher = match service.watch(request(next)).await {
+        Err(Error::SequenceCompacted { oldest, .. }) => {
+            warn!(
+                driver = name,
+                next,
+                oldest,
+                "events the driver had not handled were compacted; it goes on from the oldest kept"
+            );
+            service.advance_cursor(name, oldest).await?;
+            service.watch(request(oldest)).await?
+        }
+        opened => opened?,
+    };
+    while let Some(item) = watcher.next().await {
+        let WatchItem::Event(event) = item? else {
+            continue;
+        };
+        handle(service, driver, settings, &event).await?;
+        service.advance_cursor(name, event.sequence() + 1).await?;
+    }
+    Ok(())
+}
+
+/// Makes the platform follow one event, if it concerns a bound agent.
+async fn handle(
+    service: &AgentLifecycleService,
+    driver: &dyn Driver,
+    settings: &DriverSettings,
+    event: &PublishedEvent,
+) -> Result<()> {
+    let Ok(Some(binding)) = Binding::of(&event.agent.labels) else {
+        return Ok(());
+    };
+    let Some(action) = PlatformAction::on_entering(event.record.to) else {
+        return Ok(());
+    };
+    if !driver.binds(&binding) {
+        return Ok(());
+    }
+    let refused = match attempt(driver, settings, &binding, action).await {
+        Ok(()) => {
+            info!(driver = driver.name(), agent_id = %event.agent.id, %binding, action = action.as_str(), "platform acted");
+            return Ok(());
+        }
+        Err(refused) => refused,
+    };
+    warn!(driver = driver.name(), agent_id = %event.agent.id, %binding, action = action.as_str(), error = %refused, "platform refused");
+    record_refusal(service, driver.name(), event, action, &refused).await
+}
+
+/// Tries `action` until it succeeds, is refused, or its tries run out.
+async fn attempt(
+    driver: &dyn Driver,
+    settings: &DriverSettings,
+    binding: &Binding,
+    action: PlatformAction,
+) -> Result<(), PlatformError> {
+    let mut backoff = settings.initial_backoff;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match driver.act(binding, action).await {
+            Ok(()) => return Ok(()),
+            Err(PlatformError::Transient(message)) if tries < settings.max_attempts => {
+                warn!(driver = driver.name(), %binding, action = action.as_str(), error = %message, tries, "platform failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(settings.max_backoff);
+            }
+            Err(PlatformError::Transient(message)) => {
+                return Err(PlatformError::Refused {
+                    message: format!("{message} (after {tries} tries)"),
+                    code: "UNAVAILABLE".into(),
+                });
+            }
+            Err(refused) => return Err(refused),
+        }
+    }
+}
+
+/// Moves the agent to ERROR with the platform's answer, when the agent is
+/// still as the event left it and the policy allows it.
+async fn record_refusal(
+    service: &AgentLifecycleService,
+    name: &'static str,
+    event: &PublishedEvent,
+    action: PlatformAction,
+    refused: &PlatformError,
+) -> Result<()> {
+    let (message, code) = match refused {
+        PlatformError::Refused { message, code } => (message.clone(), code.clone()),
+        PlatformError::Transient(message) => (message.clone(), "UNAVAILABLE".into()),
+    };
+    if !service.policy().allows(event.record.to, AgentState::Error) {
+        return Ok(());
+    }
+    let mut metadata = Metadata::new();
+    metadata.insert("driver".into(), name.into());
+    metadata.insert("action".into(), action.as_str().into());
+    metadata.insert("platform_code".into(), code.into());
+    let change = ChangeRequest {
+        reason: format!("{name}: {} failed: {message}", action.as_str()),
+        triggered_by: name.to_string(),
+        metadata,
+        expected_version: Some(event.record.version),
+        caller: Caller::principal(name),
+        request_id: None,
+    };
+    match service
+        .transition(event.agent.id, AgentState::Error, change)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // The agent moved on meanwhile: the newer state wins.
+        Err(Error::Transition(_)) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests;
