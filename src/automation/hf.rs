@@ -60,7 +60,7 @@ const INTERMEDIATE: &[&str] = &[
 const CONCURRENT_REQUESTS: usize = 8;
 
 /// How long one request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Poller settings (`[hf]` in the configuration file).
 #[derive(Clone, Debug, PartialEq)]
@@ -117,7 +117,7 @@ enum Polled {
 
 /// The HTTP client: HTTPS verified against the public roots and the
 /// configured extra ones, or plain HTTP.
-type HubClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub(crate) type HubClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// The client configuration of outgoing HTTPS: the Mozilla root set
 /// compiled in (`webpki-roots`, so a machine without a system certificate
@@ -140,7 +140,7 @@ pub fn client_config(
         .with_no_client_auth())
 }
 
-fn hub_client(settings: &HfSettings) -> Result<HubClient, rustls::Error> {
+pub(crate) fn hub_client(settings: &HfSettings) -> Result<HubClient, rustls::Error> {
     let tls = client_config(&settings.extra_roots)?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

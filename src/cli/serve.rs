@@ -14,7 +14,10 @@ use agent_lifecycle::{
         server,
         telemetry::Telemetry,
     },
-    automation::health::HeartbeatMonitor,
+    automation::{
+        drivers::{self, DriverSettings, hf::HfDriver},
+        health::HeartbeatMonitor,
+    },
 };
 
 /// Installs the logger, and the OTLP trace exporter when an endpoint is
@@ -156,6 +159,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(hf) = settings.hf {
+        if settings.hf_act {
+            let driver = HfDriver::new(hf.clone()).context("the Hugging Face driver")?;
+            tokio::spawn(drivers::run(
+                service.clone(),
+                std::sync::Arc::new(driver),
+                DriverSettings::default(),
+            ));
+        }
         tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health);

@@ -343,3 +343,192 @@ async fn https_to_the_hub_verifies_the_certificate() {
     trusting.abort();
     assert!(!fake.lock().expect("fake").seen.is_empty());
 }
+
+/// Waits (bounded) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within 10 s"));
+}
+
+/// With the Spaces driver running, starting an agent bound to a Space
+/// restarts the Space and stopping it pauses it, with the token; a Space the
+/// Hub refuses to restart moves its agent to ERROR with the Hub's status in
+/// the metadata, and the driver goes on with the next event.
+#[tokio::test]
+async fn the_driver_restarts_and_pauses_spaces_and_records_refusals() {
+    use agent_lifecycle::{
+        automation::drivers::{self, DriverSettings, hf::HfDriver},
+        service::ChangeRequest,
+    };
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().expect("fake");
+        for (path, status) in [
+            ("/api/spaces/acme/bot/restart", 200),
+            ("/api/spaces/acme/bot/pause", 200),
+            ("/api/spaces/acme/locked/restart", 403),
+            ("/api/spaces/acme/after/restart", 200),
+        ] {
+            f.script
+                .insert(path.into(), VecDeque::from([Reply::Status(status)]));
+        }
+    }
+    let base = serve_fake(Arc::clone(&fake)).await;
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let driver = HfDriver::new(HfSettings {
+        base_url: base,
+        token: Some("hf_secret".into()),
+        ..HfSettings::default()
+    })
+    .expect("driver");
+    let settings = DriverSettings {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(4),
+        max_attempts: 3,
+        lease_retry: Duration::from_millis(10),
+    };
+    let runner = tokio::spawn(drivers::run(service.clone(), Arc::new(driver), settings));
+    let cursor = || {
+        let service = service.clone();
+        async move { service.cursor("hf-driver").await.expect("cursor") }
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cursor().await == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the driver starts");
+
+    let bot = register(&service, "acme/bot").await;
+    service
+        .deploy_agent(bot, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    service
+        .start_agent(bot, ChangeRequest::default())
+        .await
+        .expect("start");
+    service
+        .stop_agent(bot, ChangeRequest::default())
+        .await
+        .expect("stop");
+    let asked = |fake: &Arc<Mutex<Fake>>| -> Vec<(String, Option<String>)> {
+        fake.lock()
+            .expect("fake")
+            .seen
+            .iter()
+            .filter(|(path, _)| !path.ends_with("/runtime"))
+            .cloned()
+            .collect()
+    };
+    until("restart and pause", || asked(&fake).len() == 2).await;
+    let bearer = Some("Bearer hf_secret".to_string());
+    assert_eq!(
+        asked(&fake),
+        vec![
+            ("/api/spaces/acme/bot/restart".to_string(), bearer.clone()),
+            ("/api/spaces/acme/bot/pause".to_string(), bearer.clone()),
+        ]
+    );
+
+    let locked = register(&service, "acme/locked").await;
+    let after = register(&service, "acme/after").await;
+    for id in [locked, after] {
+        service
+            .deploy_agent(id, ChangeRequest::default())
+            .await
+            .expect("deploy");
+        service
+            .transition(id, AgentState::Starting, ChangeRequest::default())
+            .await
+            .expect("starting");
+    }
+    until("the refused Space's agent in ERROR", || {
+        service.get_agent(locked).expect("agent").state == AgentState::Error
+    })
+    .await;
+    let record = service
+        .get_agent(locked)
+        .expect("agent")
+        .last_transition
+        .clone();
+    assert_eq!(record.triggered_by, "hf-driver");
+    assert!(
+        record.reason.contains("restart acme/locked"),
+        "{}",
+        record.reason
+    );
+    assert_eq!(record.metadata["platform_code"], "403");
+    until("the next Space restarted", || asked(&fake).len() == 4).await;
+    assert_eq!(
+        service.get_agent(after).expect("agent").state,
+        AgentState::Starting,
+        "an accepted restart leaves the agent for the poller to move on"
+    );
+    runner.abort();
+}
+
+/// The server binary with `[hf] act = true`: StartAgent over gRPC on an
+/// agent bound to a Space restarts the Space at the Hub.
+#[tokio::test]
+async fn the_server_restarts_spaces_when_the_config_says_act() {
+    use agent_lifecycle::pb;
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().expect("fake");
+        // The poller's reads never answer here, so only the driver moves
+        // anything at the Hub.
+        f.script.insert(
+            "/api/spaces/acme/live/runtime".into(),
+            VecDeque::from([Reply::Hang]),
+        );
+        f.script.insert(
+            "/api/spaces/acme/live/restart".into(),
+            VecDeque::from([Reply::Status(200)]),
+        );
+    }
+    let base = serve_fake(Arc::clone(&fake)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!("store = \"memory\"\n[hf]\nbase_url = {base:?}\nact = true\n"),
+    )
+    .expect("write the config");
+    let server = common::process::ServerProcess::start(&[
+        "--log",
+        "warn",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]);
+    let mut client = server.client().await;
+    let agent = common::register(&mut client, &[("hf.space", "acme/live")]).await;
+    client
+        .deploy_agent(pb::DeployAgentRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+    client
+        .start_agent(pb::StartAgentRequest {
+            agent_id: agent.agent_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    until("the Space restarted", || {
+        fake.lock()
+            .expect("fake")
+            .seen
+            .iter()
+            .any(|(path, _)| path == "/api/spaces/acme/live/restart")
+    })
+    .await;
+}

@@ -69,6 +69,8 @@ pub struct Settings {
     pub service: ServiceConfig,
     /// The Hugging Face poller, when `[hf]` is configured.
     pub hf: Option<HfSettings>,
+    /// Whether the Spaces driver runs beside the poller (`[hf] act`).
+    pub hf_act: bool,
     /// The health monitor's settings.
     pub health: HealthSettings,
     /// Authentication, TLS and limits at the edge.
@@ -144,6 +146,7 @@ impl Config {
             retention,
             service,
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
+            hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
             health: file
                 .health
                 .as_ref()

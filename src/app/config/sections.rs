@@ -242,6 +242,11 @@ pub struct HfSection {
     /// Longest back-off.
     #[serde(default, deserialize_with = "de::duration")]
     pub max_backoff: Option<Duration>,
+    /// Whether the server also acts on the Spaces: restarts a Space when
+    /// its agent enters STARTING and pauses it on STOPPING or TERMINATED
+    /// (default: off, the poller only follows them).
+    #[serde(default)]
+    pub act: bool,
 }
 
 impl HfSection {

@@ -95,25 +95,31 @@ impl Default for DriverSettings {
 }
 
 /// Follows the event log for `driver` until the service shuts down.
-pub async fn run(
+///
+/// A driver that never ran starts after the head as of this call (not of
+/// the returned future's first poll), so nothing committed after the call
+/// escapes it.
+pub fn run(
     service: AgentLifecycleService,
     driver: Arc<dyn Driver>,
     settings: DriverSettings,
-) {
-    let name = driver.name();
-    let mut lease = lease_holder(&service, name);
-    info!(driver = name, "platform driver started");
-    while !service.is_shutting_down() {
-        if !lease.held().await {
-            tokio::time::sleep(settings.lease_retry).await;
-            continue;
-        }
-        match follow(&service, driver.as_ref(), &settings).await {
-            Ok(()) => return,
-            Err(Error::ShuttingDown) => return,
-            Err(err) => {
-                warn!(driver = name, error = %crate::error::chain(&err), "the driver's log stream ended; resuming from its cursor");
+) -> impl Future<Output = ()> + Send {
+    let first_head = service.head_sequence();
+    async move {
+        let name = driver.name();
+        let mut lease = lease_holder(&service, name);
+        info!(driver = name, "platform driver started");
+        while !service.is_shutting_down() {
+            if !lease.held().await {
                 tokio::time::sleep(settings.lease_retry).await;
+                continue;
+            }
+            match follow(&service, driver.as_ref(), &settings, first_head).await {
+                Ok(()) | Err(Error::ShuttingDown) => return,
+                Err(err) => {
+                    warn!(driver = name, error = %crate::error::chain(&err), "the driver's log stream ended; resuming from its cursor");
+                    tokio::time::sleep(settings.lease_retry).await;
+                }
             }
         }
     }
@@ -125,6 +131,7 @@ async fn follow(
     service: &AgentLifecycleService,
     driver: &dyn Driver,
     settings: &DriverSettings,
+    first_head: u64,
 ) -> Result<()> {
     let name = driver.name();
     service.catch_up_with_store().await?;
@@ -132,7 +139,7 @@ async fn follow(
     if next == 0 {
         // A driver that never ran starts at the head: the platform is not
         // replayed the fleet's history.
-        next = service.head_sequence() + 1;
+        next = first_head + 1;
         service.advance_cursor(name, next).await?;
     }
     let request = |start_sequence| WatchRequest {
@@ -256,6 +263,8 @@ async fn record_refusal(
         Err(err) => Err(err),
     }
 }
+
+pub mod hf;
 
 #[cfg(test)]
 mod tests;
