@@ -102,6 +102,13 @@ pub struct Metrics {
     /// `agent_lifecycle_sync_transitions_total`: transitions caused by
     /// external status sync.
     sync_transitions: IntCounter,
+    /// `agent_lifecycle_driver_actions_total{driver, action, outcome}`:
+    /// what platform drivers asked of their platforms, and how it ended
+    /// (`done` or `refused`).
+    driver_actions: IntCounterVec,
+    /// `agent_lifecycle_driver_retries_total{driver}`: platform actions
+    /// tried again after a transient failure.
+    driver_retries: IntCounterVec,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -261,6 +268,16 @@ impl Metrics {
                 "agent_lifecycle_sync_transitions_total",
                 "Transitions caused by external status sync.",
             ),
+            driver_actions: define.counter_vec(
+                "agent_lifecycle_driver_actions_total",
+                "Actions platform drivers asked of their platforms, by outcome (done, refused).",
+                &["driver", "action", "outcome"],
+            ),
+            driver_retries: define.counter_vec(
+                "agent_lifecycle_driver_retries_total",
+                "Platform actions tried again after a transient failure.",
+                &["driver"],
+            ),
             registry,
         }
     }
@@ -411,6 +428,18 @@ impl Metrics {
     /// Counts transitions caused by external status sync.
     pub fn sync_transitions(&self, n: usize) {
         self.sync_transitions.inc_by(n as u64);
+    }
+
+    /// Counts a platform action of `driver` that ended with `outcome`.
+    pub fn driver_action(&self, driver: &str, action: &str, outcome: &str) {
+        self.driver_actions
+            .with_label_values(&[driver, action, outcome])
+            .inc();
+    }
+
+    /// Counts a platform action of `driver` tried again.
+    pub fn driver_retry(&self, driver: &str) {
+        self.driver_retries.with_label_values(&[driver]).inc();
     }
 
     /// Heartbeats, missed heartbeats, restarts, stuck agents and sync

@@ -14,7 +14,9 @@
 //!   after each event is handled, so a restart or a failover resumes after
 //!   the last event handled; a driver that never ran starts at the head:
 //!   history is not replayed;
-//! - retries a transient platform failure with a doubling back-off, and
+//! - retries a transient platform failure with a doubling back-off
+//!   (`agent_lifecycle_driver_retries_total`), counts every action by
+//!   outcome (`agent_lifecycle_driver_actions_total`), and
 //!   moves the agent to ERROR when the platform refuses, with the
 //!   platform's message in the reason and its code in the metadata, unless
 //!   the agent has moved on meanwhile (the transition expects the version
@@ -185,7 +187,14 @@ async fn handle(
     if !driver.binds(&binding) {
         return Ok(());
     }
-    let refused = match attempt(driver, settings, &binding, action).await {
+    let outcome = attempt(service, driver, settings, &binding, action).await;
+    let metrics = service.metrics();
+    metrics.driver_action(
+        driver.name(),
+        action.as_str(),
+        if outcome.is_ok() { "done" } else { "refused" },
+    );
+    let refused = match outcome {
         Ok(()) => {
             info!(driver = driver.name(), agent_id = %event.agent.id, %binding, action = action.as_str(), "platform acted");
             return Ok(());
@@ -198,6 +207,7 @@ async fn handle(
 
 /// Tries `action` until it succeeds, is refused, or its tries run out.
 async fn attempt(
+    service: &AgentLifecycleService,
     driver: &dyn Driver,
     settings: &DriverSettings,
     binding: &Binding,
@@ -211,6 +221,7 @@ async fn attempt(
             Ok(()) => return Ok(()),
             Err(PlatformError::Transient(message)) if tries < settings.max_attempts => {
                 warn!(driver = driver.name(), %binding, action = action.as_str(), error = %message, tries, "platform failed; retrying");
+                service.metrics().driver_retry(driver.name());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(settings.max_backoff);
             }

@@ -231,6 +231,45 @@ async fn retries_then_refusals_are_recorded_as_error() {
         record.reason
     );
     assert_eq!(record.metadata["platform_code"], "404");
+    let counted = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        service
+            .metrics()
+            .registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == family)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    };
+    assert_eq!(
+        counted(
+            "agent_lifecycle_driver_retries_total",
+            &[("driver", "test-driver")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        counted(
+            "agent_lifecycle_driver_actions_total",
+            &[("action", "create"), ("outcome", "done")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counted(
+            "agent_lifecycle_driver_actions_total",
+            &[("action", "start"), ("outcome", "refused")]
+        ),
+        1.0
+    );
     runner.abort();
 }
 
