@@ -15,7 +15,7 @@
 //!   hooks, the metrics registry. Usable without any network.
 //! - [`automation`]: what drives the service through its public API on its
 //!   own timers: the health monitor, external status sync, the Hugging Face
-//!   poller, analytics.
+//!   poller, the platform drivers, analytics.
 //! - [`api`]: the edges: the gRPC service ([`pb`] is its generated code),
 //!   the HTTP listener, authentication, TLS material.
 //! - [`app`]: wiring: configuration, `server::run`, telemetry.
