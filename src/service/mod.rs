@@ -45,6 +45,7 @@ use std::sync::{Arc, RwLock, atomic::AtomicBool};
 use tokio::sync::{broadcast, watch as watch_channel};
 use tracing::info;
 
+pub(crate) use self::lease::LeaseHolder;
 pub use self::{
     clock::TokioClock,
     cursor::MAX_CURSOR_NAME_BYTES,

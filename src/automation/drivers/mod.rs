@@ -34,7 +34,7 @@ use crate::{
     AgentLifecycleService,
     domain::{AgentState, Binding, Caller, Metadata, PlatformAction},
     error::{Error, Result},
-    service::{ChangeRequest, PublishedEvent, WatchItem, WatchRequest, lease_holder},
+    service::{ChangeRequest, LeaseHolder, PublishedEvent, WatchItem, WatchRequest, lease_holder},
 };
 
 /// What [`Driver::act`] returns.
@@ -116,8 +116,14 @@ pub fn run(
                 tokio::time::sleep(settings.lease_retry).await;
                 continue;
             }
-            match follow(&service, driver.as_ref(), &settings, first_head).await {
-                Ok(()) | Err(Error::ShuttingDown) => return,
+            match follow(&service, driver.as_ref(), &settings, &mut lease, first_head).await {
+                Ok(Followed::End) | Err(Error::ShuttingDown) => return,
+                Ok(Followed::LeaseLost) => {
+                    warn!(
+                        driver = name,
+                        "the driver's lease was lost; it stops acting until it holds it again"
+                    );
+                }
                 Err(err) => {
                     warn!(driver = name, error = %crate::error::chain(&err), "the driver's log stream ended; resuming from its cursor");
                     tokio::time::sleep(settings.lease_retry).await;
@@ -127,14 +133,24 @@ pub fn run(
     }
 }
 
+/// How following the log ended.
+enum Followed {
+    /// The stream ended (the service is shutting down).
+    End,
+    /// Another process may hold the lease now: this one must not act.
+    LeaseLost,
+}
+
 /// Handles the events after the driver's cursor, then live ones, until
-/// the stream ends.
+/// the stream ends or the lease is lost. The lease is checked before every
+/// action, so after a failover only the new holder acts.
 async fn follow(
     service: &AgentLifecycleService,
     driver: &dyn Driver,
     settings: &DriverSettings,
+    lease: &mut LeaseHolder,
     first_head: u64,
-) -> Result<()> {
+) -> Result<Followed> {
     let name = driver.name();
     service.catch_up_with_store().await?;
     let mut next = service.cursor(name).await?;
@@ -165,10 +181,20 @@ async fn follow(
         let WatchItem::Event(event) = item? else {
             continue;
         };
+        if acts_on(driver, &event).is_some() && !lease.held().await {
+            return Ok(Followed::LeaseLost);
+        }
         handle(service, driver, settings, &event).await?;
         service.advance_cursor(name, event.sequence() + 1).await?;
     }
-    Ok(())
+    Ok(Followed::End)
+}
+
+/// The binding and action that `event` asks of `driver`, if any.
+fn acts_on(driver: &dyn Driver, event: &PublishedEvent) -> Option<(Binding, PlatformAction)> {
+    let binding = Binding::of(&event.agent.labels).ok()??;
+    let action = PlatformAction::on_entering(event.record.to)?;
+    driver.binds(&binding).then_some((binding, action))
 }
 
 /// Makes the platform follow one event, if it concerns a bound agent.
@@ -178,15 +204,9 @@ async fn handle(
     settings: &DriverSettings,
     event: &PublishedEvent,
 ) -> Result<()> {
-    let Ok(Some(binding)) = Binding::of(&event.agent.labels) else {
+    let Some((binding, action)) = acts_on(driver, event) else {
         return Ok(());
     };
-    let Some(action) = PlatformAction::on_entering(event.record.to) else {
-        return Ok(());
-    };
-    if !driver.binds(&binding) {
-        return Ok(());
-    }
     let outcome = attempt(service, driver, settings, &binding, action).await;
     let metrics = service.metrics();
     metrics.driver_action(
