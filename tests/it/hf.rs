@@ -532,3 +532,113 @@ async fn the_server_restarts_spaces_when_the_config_says_act() {
     })
     .await;
 }
+
+/// Two services on one PostgreSQL database, both running the Spaces driver
+/// (two server processes of a fleet): only the lease holder acts; when it
+/// closes, the other takes over from the shared cursor and acts on what
+/// happened since, without repeating what the first one did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_only_the_new_lease_holder_acts_from_the_cursor() {
+    use agent_lifecycle::{
+        automation::drivers::{self, DriverSettings, hf::HfDriver},
+        service::{ChangeRequest, ServiceConfig},
+        store::PostgresStore,
+    };
+    let Some(url) = common::postgres_database("driver_failover").await else {
+        return;
+    };
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().expect("fake");
+        for space in ["one", "two"] {
+            f.script.insert(
+                format!("/api/spaces/acme/{space}/restart"),
+                VecDeque::from([Reply::Status(200)]),
+            );
+        }
+    }
+    let base = serve_fake(Arc::clone(&fake)).await;
+    let open = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            let store = Arc::new(PostgresStore::open(&url).expect("open"));
+            AgentLifecycleService::open(store, ServiceConfig::default()).expect("service")
+        })
+    };
+    let first = open(url.clone()).await.expect("join");
+    let second = open(url.clone()).await.expect("join");
+    let settings = DriverSettings {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(4),
+        max_attempts: 3,
+        lease_retry: Duration::from_millis(20),
+    };
+    let driver = || {
+        Arc::new(
+            HfDriver::new(HfSettings {
+                base_url: base.clone(),
+                ..HfSettings::default()
+            })
+            .expect("driver"),
+        )
+    };
+    let runner_one = tokio::spawn(drivers::run(first.clone(), driver(), settings.clone()));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while first.cursor("hf-driver").await.expect("cursor") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first driver takes the lease and starts");
+    let runner_two = tokio::spawn(drivers::run(second.clone(), driver(), settings.clone()));
+
+    let restarts = |fake: &Arc<Mutex<Fake>>| -> Vec<String> {
+        fake.lock()
+            .expect("fake")
+            .seen
+            .iter()
+            .map(|(path, _)| path.clone())
+            .filter(|path| path.ends_with("/restart"))
+            .collect()
+    };
+    let start = |service: AgentLifecycleService, space: &'static str| async move {
+        let id = register(&service, &format!("acme/{space}")).await;
+        service
+            .deploy_agent(id, ChangeRequest::default())
+            .await
+            .expect("deploy");
+        service
+            .start_agent(id, ChangeRequest::default())
+            .await
+            .expect("start");
+    };
+    start(first.clone(), "one").await;
+    until("the first Space restarted", || restarts(&fake).len() == 1).await;
+    // Once the first driver has recorded that it handled every event so
+    // far (an action whose record a crash cut off would be repeated, which
+    // the platform tolerates but this test counts).
+    let head = first.head_sequence();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while first.cursor("hf-driver").await.expect("cursor") <= head {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first driver records its place");
+    // The first process goes away; its lease is released with its
+    // connection, and the second takes over.
+    runner_one.abort();
+    let _ = runner_one.await;
+    first.close().await.expect("close the first service");
+    drop(first);
+    start(second.clone(), "two").await;
+    until("the second Space restarted", || restarts(&fake).len() == 2).await;
+    assert_eq!(
+        restarts(&fake),
+        vec![
+            "/api/spaces/acme/one/restart".to_string(),
+            "/api/spaces/acme/two/restart".to_string(),
+        ],
+        "each Space restarted once, by whichever process held the lease"
+    );
+    runner_two.abort();
+}
