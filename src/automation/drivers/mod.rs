@@ -181,10 +181,12 @@ async fn follow(
         let WatchItem::Event(event) = item? else {
             continue;
         };
-        if acts_on(driver, &event).is_some() && !lease.held().await {
-            return Ok(Followed::LeaseLost);
+        if let Some((binding, action)) = acts_on(driver, &event) {
+            if !lease.held().await {
+                return Ok(Followed::LeaseLost);
+            }
+            handle(service, driver, settings, &event, &binding, action).await?;
         }
-        handle(service, driver, settings, &event).await?;
         service.advance_cursor(name, event.sequence() + 1).await?;
     }
     Ok(Followed::End)
@@ -197,17 +199,17 @@ fn acts_on(driver: &dyn Driver, event: &PublishedEvent) -> Option<(Binding, Plat
     driver.binds(&binding).then_some((binding, action))
 }
 
-/// Makes the platform follow one event, if it concerns a bound agent.
+/// Makes the platform do `action` to `binding` for one event, and records
+/// a refusal.
 async fn handle(
     service: &AgentLifecycleService,
     driver: &dyn Driver,
     settings: &DriverSettings,
     event: &PublishedEvent,
+    binding: &Binding,
+    action: PlatformAction,
 ) -> Result<()> {
-    let Some((binding, action)) = acts_on(driver, event) else {
-        return Ok(());
-    };
-    let outcome = attempt(service, driver, settings, &binding, action).await;
+    let outcome = attempt(service, driver, settings, binding, action).await;
     let metrics = service.metrics();
     metrics.driver_action(
         driver.name(),

@@ -179,17 +179,7 @@ pub(super) async fn history(s: &mut Session, a: HistoryArgs) -> anyhow::Result<(
         }
         token = page.next_page_token;
     }
-    match s.format {
-        Format::Json | Format::Yaml => output::emit(
-            s.format,
-            &json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() }),
-        ),
-        Format::Text => {
-            for t in &all {
-                println!("{}", transition_line(t));
-            }
-        }
-    }
+    print_transitions(s.format, &all, transition_line);
     Ok(())
 }
 
@@ -341,17 +331,7 @@ pub(super) async fn audit(s: &mut Session, a: AuditArgs) -> anyhow::Result<()> {
         token = page.next_page_token;
     }
     all.truncate(a.limit);
-    match s.format {
-        Format::Json | Format::Yaml => output::emit(
-            s.format,
-            &json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() }),
-        ),
-        Format::Text => {
-            for t in &all {
-                println!("{}", audit_line(t));
-            }
-        }
-    }
+    print_transitions(s.format, &all, audit_line);
     Ok(())
 }
 
@@ -437,4 +417,24 @@ pub(super) async fn rules(s: &mut Session) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Transitions as one document (`{"transitions": [...]}`) for machines, or
+/// one `line` each for people.
+fn print_transitions(
+    format: Format,
+    all: &[pb::StateTransition],
+    line: fn(&pb::StateTransition) -> String,
+) {
+    match format {
+        Format::Json | Format::Yaml => output::emit(
+            format,
+            &json!({ "transitions": all.iter().map(transition_json).collect::<Vec<_>>() }),
+        ),
+        Format::Text => {
+            for t in all {
+                println!("{}", line(t));
+            }
+        }
+    }
 }
