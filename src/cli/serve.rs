@@ -15,9 +15,14 @@ use agent_lifecycle::{
         telemetry::Telemetry,
     },
     automation::{
-        drivers::{self, DriverSettings, hf::HfDriver},
-        health::HeartbeatMonitor,
+        drivers::{
+            self, DriverSettings,
+            docker::{self, DOCKER_DRIVER, DockerDriver},
+            hf::HfDriver,
+        },
+        health::{FollowedPlatform, HeartbeatMonitor},
     },
+    domain::ExternalSource,
 };
 
 /// Installs the logger, and the OTLP trace exporter when an endpoint is
@@ -158,8 +163,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut followed = Vec::new();
     if let Some(hf) = settings.hf {
         if settings.hf_act {
+            followed.push(FollowedPlatform {
+                source: ExternalSource::HfSpace,
+                observer: ExternalSource::HfSpace.trigger(),
+            });
             let driver = HfDriver::new(hf.clone()).context("the Hugging Face driver")?;
             tokio::spawn(drivers::run(
                 service.clone(),
@@ -169,7 +179,23 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
     }
-    let health = HeartbeatMonitor::new(service.clone(), settings.health);
+    if let Some(docker) = settings.docker {
+        let act = docker.act;
+        let driver = DockerDriver::new(docker).map_err(|e| anyhow::anyhow!(e))?;
+        if act {
+            tokio::spawn(drivers::run(
+                service.clone(),
+                driver.clone(),
+                DriverSettings::default(),
+            ));
+        }
+        tokio::spawn(docker::observe(service.clone(), driver));
+        followed.push(FollowedPlatform {
+            source: ExternalSource::Docker,
+            observer: DOCKER_DRIVER,
+        });
+    }
+    let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);
     let monitor = tokio::spawn(health.clone().run());
     let served = server::run_with(listener, service, health, settings.serving, shutdown).await;
     monitor.abort();

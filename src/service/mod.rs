@@ -242,6 +242,14 @@ impl AgentLifecycleService {
         *self.inner.shutdown.borrow()
     }
 
+    /// Completes once shutdown has begun: background tasks that wait on
+    /// something else (a platform's event stream) select on it.
+    pub async fn shutting_down(&self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        // An error means the sender is gone: the service is gone too.
+        let _ = shutdown.wait_for(|closing| *closing).await;
+    }
+
     fn refuse_when_closed(&self) -> Result<()> {
         if *self.inner.shutdown.borrow() {
             return Err(Error::ShuttingDown);

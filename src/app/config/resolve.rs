@@ -17,7 +17,7 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{health::HealthSettings, hf::HfSettings},
+    automation::{drivers::docker::DockerSettings, health::HealthSettings, hf::HfSettings},
     service::ServiceConfig,
     store::Retention,
 };
@@ -71,6 +71,8 @@ pub struct Settings {
     pub hf: Option<HfSettings>,
     /// Whether the Spaces driver runs beside the poller (`[hf] act`).
     pub hf_act: bool,
+    /// The Docker driver, when `[docker]` is configured.
+    pub docker: Option<DockerSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
     /// Authentication, TLS and limits at the edge.
@@ -147,6 +149,7 @@ impl Config {
             service,
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
             hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
+            docker: file.docker.as_ref().map(|d| d.settings()).transpose()?,
             health: file
                 .health
                 .as_ref()
