@@ -14,6 +14,7 @@ mod cli;
 mod config;
 mod crash;
 mod disk;
+mod docker;
 mod foreign_clients;
 mod health;
 mod heartbeat;

@@ -57,7 +57,7 @@ pub struct DockerSettings {
     /// Whether the driver acts on containers (else it only follows them).
     pub act: bool,
     /// How long to wait before following the events again after the
-    /// daemon went away (doubling up to a minute).
+    /// daemon went away (doubling up to 10 s).
     pub reconnect: Duration,
 }
 

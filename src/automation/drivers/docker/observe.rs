@@ -44,7 +44,7 @@ const FOLLOWED: [&str; 7] = [
 ];
 
 /// The longest wait before following the events again.
-const MAX_RECONNECT: Duration = Duration::from_secs(60);
+const MAX_RECONNECT: Duration = Duration::from_secs(10);
 
 /// Follows the containers of bound agents until the service shuts down.
 pub async fn observe(service: AgentLifecycleService, driver: Arc<DockerDriver>) {
