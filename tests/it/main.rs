@@ -8,6 +8,7 @@ mod common;
 mod alerts;
 mod analytics;
 mod api;
+mod as_of;
 mod auth;
 mod bench;
 mod cli;
