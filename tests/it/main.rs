@@ -14,6 +14,7 @@ mod bench;
 mod cli;
 mod config;
 mod crash;
+mod deploy;
 mod disk;
 mod docker;
 mod foreign_clients;
