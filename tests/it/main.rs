@@ -28,6 +28,7 @@ mod logging;
 mod metrics_http;
 mod otlp;
 mod postgres;
+mod proto;
 mod retention;
 mod retries;
 mod shutdown;
