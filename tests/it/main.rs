@@ -12,6 +12,7 @@ mod as_of;
 mod auth;
 mod bench;
 mod cli;
+mod client;
 mod config;
 mod crash;
 mod deploy;
