@@ -298,6 +298,7 @@ async fn record_refusal(
 }
 
 pub mod hf;
+pub mod k8s;
 
 #[cfg(test)]
 mod tests;
