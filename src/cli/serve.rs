@@ -15,7 +15,11 @@ use agent_lifecycle::{
         telemetry::Telemetry,
     },
     automation::{
-        drivers::{self, DriverSettings, hf::HfDriver},
+        drivers::{
+            self, DriverSettings,
+            hf::HfDriver,
+            k8s::{self, KubernetesDriver},
+        },
         health::HeartbeatMonitor,
     },
 };
@@ -168,6 +172,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ));
         }
         tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
+    }
+    if let Some(kubernetes) = settings.kubernetes {
+        let client = k8s::client(&kubernetes)
+            .await
+            .map_err(|e| anyhow::anyhow!("the Kubernetes driver: {e}"))?;
+        if kubernetes.act {
+            tokio::spawn(drivers::run(
+                service.clone(),
+                std::sync::Arc::new(KubernetesDriver::new(client.clone())),
+                DriverSettings::default(),
+            ));
+        }
+        tokio::spawn(k8s::watch::run(service.clone(), client, kubernetes));
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health);
     let monitor = tokio::spawn(health.clone().run());

@@ -17,7 +17,7 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{health::HealthSettings, hf::HfSettings},
+    automation::{drivers::k8s::KubernetesSettings, health::HealthSettings, hf::HfSettings},
     service::ServiceConfig,
     store::Retention,
 };
@@ -71,6 +71,8 @@ pub struct Settings {
     pub hf: Option<HfSettings>,
     /// Whether the Spaces driver runs beside the poller (`[hf] act`).
     pub hf_act: bool,
+    /// The Kubernetes driver, when `[kubernetes]` is configured.
+    pub kubernetes: Option<KubernetesSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
     /// Authentication, TLS and limits at the edge.
@@ -147,6 +149,11 @@ impl Config {
             service,
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
             hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
+            kubernetes: file
+                .kubernetes
+                .as_ref()
+                .map(|k8s| k8s.settings())
+                .transpose()?,
             health: file
                 .health
                 .as_ref()
