@@ -12,6 +12,7 @@
 # The daemon: its own --data-root, --exec-root, pid file and socket under DIR, no
 # iptables rules and no bridge (--iptables=false --bridge=none), so it changes nothing
 # on the host's network and leaves any other daemon alone. Containers get no network.
+# Stopping it gives running containers 2 s (--shutdown-timeout) before SIGKILL.
 #
 # The test image, TEST_IMAGE (default agent-lifecycle-test/busybox:latest), is a rootfs
 # of busybox-static with its applets linked in /bin, imported with `docker import`.
@@ -71,6 +72,7 @@ start() {
         rm -f "$DIR/docker.sock"
         dockerd --data-root "$DIR/data" --exec-root "$DIR/exec" --pidfile "$DIR/dockerd.pid" \
             -H "unix://$DIR/docker.sock" --iptables=false --ip-masq=false --bridge=none \
+            --shutdown-timeout 2 \
             >"$DIR/dockerd.log" 2>&1 &
         local i
         for i in $(seq 1 300); do

@@ -29,10 +29,19 @@ export AGENT_LIFECYCLE_PYTHON="$PWD/.venv/bin/python"
 # A throwaway server under target/pg (Debian's packages, installed when
 # missing), on a free port, stopped again when the tests end. An existing
 # TEST_DATABASE_URL is used as it is. Under CI a missing server is an error.
+# What this script started, as "SCRIPT DIR", stopped again when it exits.
+started=()
+cleanup() {
+    local what
+    for what in "${started[@]}"; do
+        bash "scripts/${what% *}.sh" stop "${what#* }" >/dev/null 2>&1 || true
+    done
+}
+trap cleanup EXIT
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
     if pg_line=$(bash scripts/postgres.sh start target/pg); then
         export TEST_DATABASE_URL="${pg_line#TEST_DATABASE_URL=}"
-        trap 'bash scripts/postgres.sh stop target/pg >/dev/null 2>&1 || true' EXIT
+        started+=("postgres target/pg")
     elif [ -n "${CI:-}" ]; then
         echo "error: cannot start PostgreSQL for the tests" >&2
         exit 1
@@ -41,6 +50,26 @@ if [ -z "${TEST_DATABASE_URL:-}" ]; then
     fi
 fi
 echo "TEST_DATABASE_URL=${TEST_DATABASE_URL:-<unset>}"
+
+# --- Docker daemon for the Docker driver tests (tests/it/docker.rs) -------------
+# A private daemon under target/docker (Debian's docker.io and busybox-static,
+# installed when missing; its own data root, exec root and socket, no iptables,
+# no bridge) and a test image imported from busybox-static, since no registry
+# is reachable. An existing TEST_DOCKER_HOST is used as it is. Under CI a
+# missing daemon is an error.
+if [ -z "${TEST_DOCKER_HOST:-}" ]; then
+    if docker_line=$(bash scripts/docker.sh start target/docker); then
+        export TEST_DOCKER_HOST="${docker_line#DOCKER_HOST=}"
+        started+=("docker target/docker")
+    elif [ -n "${CI:-}" ]; then
+        echo "error: cannot start a Docker daemon for the tests" >&2
+        exit 1
+    else
+        echo "warning: no Docker daemon: the Docker driver tests will be skipped" >&2
+    fi
+fi
+export TEST_DOCKER_IMAGE="${TEST_DOCKER_IMAGE:-agent-lifecycle-test/busybox:latest}"
+echo "TEST_DOCKER_HOST=${TEST_DOCKER_HOST:-<unset>}"
 
 # --- promtool (Debian's prometheus package): metrics and alert-rule checks ---
 # Installed when missing, without starting the packaged Prometheus service.

@@ -106,7 +106,7 @@ struct Schedule {
 }
 
 /// What one poll learned.
-enum Polled {
+pub(crate) enum Polled {
     /// The Space's stage and error message.
     Stage(String, Option<String>),
     /// 404: the Space is gone.
@@ -270,6 +270,7 @@ async fn apply(
         status: stage.clone(),
         metadata,
         caller: Caller::principal("hf-poller"),
+        ..StatusReport::default()
     };
     match sync_external_status(service, id, ExternalSource::HfSpace, report).await {
         Ok(result) => {
@@ -291,7 +292,7 @@ async fn apply(
 }
 
 /// One `GET .../runtime`.
-async fn poll(client: &HubClient, settings: &HfSettings, space: &str) -> Polled {
+pub(crate) async fn poll(client: &HubClient, settings: &HfSettings, space: &str) -> Polled {
     let Some((owner, name)) = space.split_once('/') else {
         return Polled::Retry(format!("label {SPACE_LABEL}={space:?} is not owner/name"));
     };

@@ -67,6 +67,11 @@ pub struct StatusReport {
     pub metadata: Metadata,
     /// Who reports it.
     pub caller: Caller,
+    /// The `triggered_by` recorded; the source's (`docker_sync`) when
+    /// `None`. A platform driver names itself (`docker-driver`).
+    pub triggered_by: Option<String>,
+    /// The reason recorded; `"{source} status {status}"` when `None`.
+    pub reason: Option<String>,
 }
 
 /// Applies `report` from `source` to agent `id`.
@@ -100,8 +105,12 @@ pub async fn sync_external_status(
     metadata.insert("source".into(), source.as_str().into());
     metadata.insert("status".into(), report.status.clone().into());
     let change = ChangeRequest {
-        reason: format!("{source} status {}", report.status),
-        triggered_by: source.trigger().to_string(),
+        reason: report
+            .reason
+            .unwrap_or_else(|| format!("{source} status {}", report.status)),
+        triggered_by: report
+            .triggered_by
+            .unwrap_or_else(|| source.trigger().to_string()),
         metadata,
         expected_version: None,
         caller: report.caller,

@@ -17,11 +17,13 @@ use agent_lifecycle::{
     automation::{
         drivers::{
             self, DriverSettings,
+            docker::{self, DOCKER_DRIVER, DockerDriver},
             hf::HfDriver,
-            k8s::{self, KubernetesDriver},
+            k8s::{self, K8S_DRIVER, KubernetesDriver},
         },
-        health::HeartbeatMonitor,
+        health::{FollowedPlatform, HeartbeatMonitor},
     },
+    domain::ExternalSource,
 };
 
 /// Installs the logger, and the OTLP trace exporter when an endpoint is
@@ -162,8 +164,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut followed = Vec::new();
     if let Some(hf) = settings.hf {
         if settings.hf_act {
+            followed.push(FollowedPlatform {
+                source: ExternalSource::HfSpace,
+                observer: ExternalSource::HfSpace.trigger(),
+            });
             let driver = HfDriver::new(hf.clone()).context("the Hugging Face driver")?;
             tokio::spawn(drivers::run(
                 service.clone(),
@@ -172,6 +179,22 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ));
         }
         tokio::spawn(agent_lifecycle::automation::hf::run(service.clone(), hf));
+    }
+    if let Some(docker) = settings.docker {
+        let act = docker.act;
+        let driver = DockerDriver::new(docker).map_err(|e| anyhow::anyhow!(e))?;
+        if act {
+            tokio::spawn(drivers::run(
+                service.clone(),
+                driver.clone(),
+                DriverSettings::default(),
+            ));
+        }
+        tokio::spawn(docker::observe(service.clone(), driver));
+        followed.push(FollowedPlatform {
+            source: ExternalSource::Docker,
+            observer: DOCKER_DRIVER,
+        });
     }
     if let Some(kubernetes) = settings.kubernetes {
         let client = k8s::client(&kubernetes)
@@ -185,8 +208,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ));
         }
         tokio::spawn(k8s::watch::run(service.clone(), client, kubernetes));
+        followed.push(FollowedPlatform {
+            source: ExternalSource::Kubernetes,
+            observer: K8S_DRIVER,
+        });
     }
-    let health = HeartbeatMonitor::new(service.clone(), settings.health);
+    let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);
     let monitor = tokio::spawn(health.clone().run());
     let served = server::run_with(listener, service, health, settings.serving, shutdown).await;
     monitor.abort();

@@ -258,6 +258,10 @@ pub enum PlatformAction {
     /// Run it (start a container; scale a workload to its replicas;
     /// restart a Space).
     Start,
+    /// Run it anew after a failure (restart a container; scale a workload
+    /// to its replicas; restart a Space): STARTING entered by a restart of
+    /// the health monitor, see [`PlatformAction::for_move`].
+    Restart,
     /// Stop it, keeping it (stop a container; scale a workload to 0; pause
     /// a Space).
     Stop,
@@ -292,11 +296,23 @@ impl PlatformAction {
         }
     }
 
+    /// The action for a move into `state`: the same as
+    /// [`PlatformAction::on_entering`], except that STARTING entered by a
+    /// restart asks for [`PlatformAction::Restart`] (a container that hangs
+    /// while running must be restarted, not only started).
+    pub fn for_move(state: AgentState, restart: bool) -> Option<PlatformAction> {
+        match PlatformAction::on_entering(state)? {
+            PlatformAction::Start if restart => Some(PlatformAction::Restart),
+            action => Some(action),
+        }
+    }
+
     /// The action's name, for logs and metrics labels.
     pub fn as_str(self) -> &'static str {
         match self {
             PlatformAction::Create => "create",
             PlatformAction::Start => "start",
+            PlatformAction::Restart => "restart",
             PlatformAction::Stop => "stop",
             PlatformAction::Remove => "remove",
         }

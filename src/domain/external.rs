@@ -135,10 +135,13 @@ fn kubernetes_target(status: &str) -> Option<AgentState> {
     })
 }
 
-/// Docker container states.
+/// Docker container states, and the events of a container that failed
+/// while it should run (`die` with an exit code not 0, `oom`, `destroy`,
+/// `unhealthy`), as the Docker driver reports them.
 fn docker_target(status: &str) -> Option<AgentState> {
     use AgentState::*;
     Some(match status {
+        "die" | "oom" | "destroy" | "unhealthy" => Error,
         "created" => Deployed,
         "restarting" => Starting,
         "running" => Online,
@@ -253,7 +256,13 @@ mod tests {
             ("dead", Failed),
             ("removing", Terminated),
         ];
-        for (status, state) in docker {
+        let failures = [
+            ("die", Error),
+            ("oom", Error),
+            ("destroy", Error),
+            ("unhealthy", Error),
+        ];
+        for (status, state) in docker.into_iter().chain(failures) {
             assert_eq!(
                 ExternalSource::Docker.target(status),
                 Some(state),

@@ -104,7 +104,8 @@ pub struct Metrics {
     sync_transitions: IntCounter,
     /// `agent_lifecycle_driver_actions_total{driver, action, outcome}`:
     /// what platform drivers asked of their platforms, and how it ended
-    /// (`done` or `refused`).
+    /// (`done`, `settled` when the platform already showed it done, or
+    /// `refused`).
     driver_actions: IntCounterVec,
     /// `agent_lifecycle_driver_retries_total{driver}`: platform actions
     /// tried again after a transient failure.
@@ -270,7 +271,7 @@ impl Metrics {
             ),
             driver_actions: define.counter_vec(
                 "agent_lifecycle_driver_actions_total",
-                "Actions platform drivers asked of their platforms, by outcome (done, refused).",
+                "Actions platform drivers asked of their platforms, by outcome (done, settled, refused).",
                 &["driver", "action", "outcome"],
             ),
             driver_retries: define.counter_vec(

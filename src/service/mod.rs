@@ -26,6 +26,7 @@
 //! The service depends on `domain` and `store` only: nothing here names
 //! tonic, prost or `pb`, or knows the automation and the edges above it.
 
+mod as_of;
 mod clock;
 mod cursor;
 mod event;
@@ -47,6 +48,7 @@ use tracing::info;
 
 pub(crate) use self::lease::LeaseHolder;
 pub use self::{
+    as_of::{AgentAt, AsOf},
     clock::TokioClock,
     cursor::MAX_CURSOR_NAME_BYTES,
     event::PublishedEvent,
@@ -240,6 +242,14 @@ impl AgentLifecycleService {
     /// Whether shutdown has begun (background tasks stop on it).
     pub fn is_shutting_down(&self) -> bool {
         *self.inner.shutdown.borrow()
+    }
+
+    /// Completes once shutdown has begun: background tasks that wait on
+    /// something else (a platform's event stream) select on it.
+    pub async fn shutting_down(&self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        // An error means the sender is gone: the service is gone too.
+        let _ = shutdown.wait_for(|closing| *closing).await;
     }
 
     fn refuse_when_closed(&self) -> Result<()> {

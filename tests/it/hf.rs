@@ -482,11 +482,11 @@ async fn the_server_restarts_spaces_when_the_config_says_act() {
     let fake = Arc::new(Mutex::new(Fake::default()));
     {
         let mut f = fake.lock().expect("fake");
-        // The poller's reads never answer here, so only the driver moves
-        // anything at the Hub.
+        // The Hub cannot tell the runtime here (503): the poller moves
+        // nothing, and the driver, unable to read the Space, acts.
         f.script.insert(
             "/api/spaces/acme/live/runtime".into(),
-            VecDeque::from([Reply::Hang]),
+            VecDeque::from([Reply::Status(503)]),
         );
         f.script.insert(
             "/api/spaces/acme/live/restart".into(),

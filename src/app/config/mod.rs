@@ -8,7 +8,7 @@
 //!   durations).
 //! - `file`: reading the file, with errors that name the key and line.
 //! - `sections`: the file-only sections (`[auth]`, `[limits]`, `[policy]`,
-//!   `[hf]`, `[kubernetes]`, `[health]`).
+//!   `[hf]`, `[docker]`, `[kubernetes]`, `[health]`).
 //! - `resolve`: the layers merged, the defaults applied, TLS and
 //!   authentication built.
 
@@ -25,8 +25,8 @@ use self::values::de;
 pub use self::{
     resolve::{Settings, defaults},
     sections::{
-        AuthSection, DwellLimit, HealthSection, HfSection, KubernetesSection, LimitsSection,
-        PolicySection, PrincipalSection,
+        AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, KubernetesSection,
+        LimitsSection, PolicySection, PrincipalSection,
     },
     values::{DEFAULT_STORE, LogFormat, StoreUrl, parse_duration, redact},
 };
@@ -149,6 +149,9 @@ pub struct Config {
     /// `[hf]`: the Hugging Face Spaces poller (off without it).
     #[arg(skip)]
     pub hf: Option<HfSection>,
+    /// `[docker]`: the Docker driver (off without it).
+    #[arg(skip)]
+    pub docker: Option<DockerSection>,
     /// `[kubernetes]`: the Kubernetes driver (off without it).
     #[arg(skip)]
     pub kubernetes: Option<KubernetesSection>,

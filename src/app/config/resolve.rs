@@ -17,7 +17,11 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{drivers::k8s::KubernetesSettings, health::HealthSettings, hf::HfSettings},
+    automation::{
+        drivers::{docker::DockerSettings, k8s::KubernetesSettings},
+        health::HealthSettings,
+        hf::HfSettings,
+    },
     service::ServiceConfig,
     store::Retention,
 };
@@ -71,6 +75,8 @@ pub struct Settings {
     pub hf: Option<HfSettings>,
     /// Whether the Spaces driver runs beside the poller (`[hf] act`).
     pub hf_act: bool,
+    /// The Docker driver, when `[docker]` is configured.
+    pub docker: Option<DockerSettings>,
     /// The Kubernetes driver, when `[kubernetes]` is configured.
     pub kubernetes: Option<KubernetesSettings>,
     /// The health monitor's settings.
@@ -149,6 +155,7 @@ impl Config {
             service,
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
             hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
+            docker: file.docker.as_ref().map(|d| d.settings()).transpose()?,
             kubernetes: file
                 .kubernetes
                 .as_ref()

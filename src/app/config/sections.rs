@@ -1,6 +1,6 @@
 //! The sections of the `--config` file that have no flags: `[limits]`,
-//! `[auth]`, `[policy]`, `[hf]`, `[kubernetes]` and `[health]`, each turned
-//! into the settings of the part it configures.
+//! `[auth]`, `[policy]`, `[hf]`, `[docker]`, `[kubernetes]` and `[health]`, each
+//! turned into the settings of the part it configures.
 
 use std::time::Duration;
 
@@ -279,6 +279,57 @@ impl HfSection {
             fast_interval: self.fast_interval.unwrap_or(defaults.fast_interval),
             max_backoff: self.max_backoff.unwrap_or(defaults.max_backoff),
             tick: defaults.tick,
+        })
+    }
+}
+
+/// The `[docker]` section: the Docker driver creates, starts, stops and
+/// removes the containers of agents labelled `docker.container=NAME`, and
+/// moves them as their containers run, die or are killed for memory.
+///
+/// ```toml
+/// [docker]
+/// host = "unix:///var/run/docker.sock"  # default: DOCKER_HOST, then the local socket
+/// image = "registry.example.com/agent:1.4"  # for agents without a docker.image label
+/// stop_timeout = "10s"        # a stop waits this long before SIGKILL
+/// act = true                  # false: follow the containers, never touch them
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSection {
+    /// `unix:///PATH` or `tcp://HOST:PORT` of the daemon.
+    pub host: Option<String>,
+    /// The image of agents without a `docker.image` label.
+    pub image: Option<String>,
+    /// How long a stop waits before SIGKILL.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub stop_timeout: Option<Duration>,
+    /// Whether the driver acts on containers (default: true).
+    pub act: Option<bool>,
+}
+
+impl DockerSection {
+    /// The driver's settings.
+    ///
+    /// # Errors
+    /// `host` is neither `unix://` nor `tcp://` nor `http://`.
+    pub fn settings(&self) -> Result<crate::automation::drivers::docker::DockerSettings, String> {
+        let defaults = crate::automation::drivers::docker::DockerSettings::default();
+        if let Some(host) = &self.host
+            && !["unix://", "tcp://", "http://"]
+                .iter()
+                .any(|scheme| host.starts_with(scheme))
+        {
+            return Err(format!(
+                "docker.host: {host:?} must be a unix:// socket or a tcp:// address"
+            ));
+        }
+        Ok(crate::automation::drivers::docker::DockerSettings {
+            host: self.host.clone(),
+            image: self.image.clone(),
+            stop_timeout: self.stop_timeout.unwrap_or(defaults.stop_timeout),
+            act: self.act.unwrap_or(defaults.act),
+            reconnect: defaults.reconnect,
         })
     }
 }

@@ -4,13 +4,16 @@
 //! the configured token. Spaces are made and deleted outside the server:
 //! DEPLOYING and DELETED ask nothing of the Hub. The Space's stage comes
 //! back through the poller (`automation::hf`), which moves the agent on.
+//!
+//! Before acting, the driver reads the Space's runtime: a restart is
+//! settled while the Space builds or starts, a pause once it is PAUSED.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 
-use super::{ActFuture, Driver, PlatformError};
+use super::{ActFuture, Driver, PlatformError, SettleFuture, Target};
 use crate::{
-    automation::hf::{HfSettings, HubClient, REQUEST_TIMEOUT, hub_client},
+    automation::hf::{HfSettings, HubClient, Polled, REQUEST_TIMEOUT, hub_client, poll},
     domain::{Binding, PlatformAction},
 };
 
@@ -94,13 +97,39 @@ impl Driver for HfDriver {
         matches!(binding, Binding::HfSpace { .. })
     }
 
-    fn act<'a>(&'a self, binding: &'a Binding, action: PlatformAction) -> ActFuture<'a> {
+    fn settled<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> SettleFuture<'a> {
         Box::pin(async move {
-            let Binding::HfSpace { owner, name } = binding else {
+            let Binding::HfSpace { owner, name } = target.binding else {
+                return Ok(true);
+            };
+            let stage = match poll(&self.client, &self.settings, &format!("{owner}/{name}")).await {
+                Polled::Stage(stage, _) => stage.to_ascii_uppercase(),
+                Polled::Gone => "DELETED".to_string(),
+                Polled::Retry(why) => return Err(PlatformError::Transient(why)),
+            };
+            let done: &[&str] = match action {
+                PlatformAction::Start | PlatformAction::Restart => &[
+                    "BUILDING",
+                    "APP_STARTING",
+                    "RUNNING_BUILDING",
+                    "RUNNING_APP_STARTING",
+                ],
+                PlatformAction::Stop => &["PAUSED"],
+                PlatformAction::Create | PlatformAction::Remove => return Ok(true),
+            };
+            Ok(done.contains(&stage.as_str()))
+        })
+    }
+
+    fn act<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> ActFuture<'a> {
+        Box::pin(async move {
+            let Binding::HfSpace { owner, name } = target.binding else {
                 return Ok(());
             };
             match action {
-                PlatformAction::Start => self.post(owner, name, "restart").await,
+                PlatformAction::Start | PlatformAction::Restart => {
+                    self.post(owner, name, "restart").await
+                }
                 PlatformAction::Stop => self.post(owner, name, "pause").await,
                 PlatformAction::Create | PlatformAction::Remove => Ok(()),
             }

@@ -22,9 +22,12 @@
 //!   the agent has moved on meanwhile (the transition expects the version
 //!   the event left).
 //!
-//! Every action is idempotent at the platform (starting a running
-//! container is a no-op), so an event handled again after a crash between
-//! the action and the cursor's advance does no harm.
+//! Before acting, the runner reads the platform ([`Driver::settled`]): an
+//! action whose outcome is unknown (the process died between the action
+//! and the cursor's advance, or the platform's answer was lost) is settled
+//! by what the platform shows, not by acting twice blindly. Every action is
+//! also harmless to repeat at the platform (starting a running container
+//! is a no-op), for the case where reading the platform fails.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -32,13 +35,29 @@ use tracing::{info, warn};
 
 use crate::{
     AgentLifecycleService,
-    domain::{AgentState, Binding, Caller, Metadata, PlatformAction},
+    domain::{Agent, AgentState, Binding, Caller, Metadata, PlatformAction},
     error::{Error, Result},
     service::{ChangeRequest, LeaseHolder, PublishedEvent, WatchItem, WatchRequest, lease_holder},
 };
 
 /// What [`Driver::act`] returns.
 pub type ActFuture<'a> = Pin<Box<dyn Future<Output = Result<(), PlatformError>> + Send + 'a>>;
+
+/// What [`Driver::settled`] returns.
+pub type SettleFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, PlatformError>> + Send + 'a>>;
+
+/// The agent a driver acts for, and the platform object it is bound to.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// The agent right after the event (its labels carry the object's
+    /// spec, such as `docker.image`).
+    pub agent: &'a Agent,
+    /// When the event was recorded: a restart is settled when the object
+    /// started after it.
+    pub at: std::time::SystemTime,
+    /// The object, read from the agent's labels.
+    pub binding: &'a Binding,
+}
 
 /// One platform's side of the lifecycle.
 pub trait Driver: Send + Sync + 'static {
@@ -49,9 +68,15 @@ pub trait Driver: Send + Sync + 'static {
     /// Whether the binding is on this driver's platform.
     fn binds(&self, binding: &Binding) -> bool;
 
-    /// Makes the platform do `action` to the object `binding` names.
+    /// Whether the platform already shows what `action` would leave (the
+    /// container runs, the workload is scaled to 0), read from the
+    /// platform: the runner then records the action as settled instead of
+    /// doing it again.
+    fn settled<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> SettleFuture<'a>;
+
+    /// Makes the platform do `action` to the object `target` names.
     /// Acting twice must be harmless (a restart may repeat the last action).
-    fn act<'a>(&'a self, binding: &'a Binding, action: PlatformAction) -> ActFuture<'a>;
+    fn act<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> ActFuture<'a>;
 }
 
 /// Why a platform did not do what it was asked.
@@ -195,7 +220,8 @@ async fn follow(
 /// The binding and action that `event` asks of `driver`, if any.
 fn acts_on(driver: &dyn Driver, event: &PublishedEvent) -> Option<(Binding, PlatformAction)> {
     let binding = Binding::of(&event.agent.labels).ok()??;
-    let action = PlatformAction::on_entering(event.record.to)?;
+    let restart = event.record.triggered_by == crate::automation::health::TRIGGER;
+    let action = PlatformAction::for_move(event.record.to, restart)?;
     driver.binds(&binding).then_some((binding, action))
 }
 
@@ -209,7 +235,26 @@ async fn handle(
     binding: &Binding,
     action: PlatformAction,
 ) -> Result<()> {
-    let outcome = attempt(service, driver, settings, binding, action).await;
+    let target = Target {
+        agent: &event.agent,
+        binding,
+        at: event.record.at,
+    };
+    match driver.settled(target, action).await {
+        Ok(true) => {
+            info!(driver = driver.name(), agent_id = %event.agent.id, %binding, action = action.as_str(), "the platform already shows the action done");
+            service
+                .metrics()
+                .driver_action(driver.name(), action.as_str(), "settled");
+            return Ok(());
+        }
+        Ok(false) => {}
+        // Acting is harmless to repeat: act.
+        Err(err) => {
+            warn!(driver = driver.name(), %binding, action = action.as_str(), error = %err, "cannot read the platform before acting");
+        }
+    }
+    let outcome = attempt(service, driver, settings, target, action).await;
     let metrics = service.metrics();
     metrics.driver_action(
         driver.name(),
@@ -232,14 +277,15 @@ async fn attempt(
     service: &AgentLifecycleService,
     driver: &dyn Driver,
     settings: &DriverSettings,
-    binding: &Binding,
+    target: Target<'_>,
     action: PlatformAction,
 ) -> Result<(), PlatformError> {
+    let binding = target.binding;
     let mut backoff = settings.initial_backoff;
     let mut tries = 0;
     loop {
         tries += 1;
-        match driver.act(binding, action).await {
+        match driver.act(target, action).await {
             Ok(()) => return Ok(()),
             Err(PlatformError::Transient(message)) if tries < settings.max_attempts => {
                 warn!(driver = driver.name(), %binding, action = action.as_str(), error = %message, tries, "platform failed; retrying");
@@ -297,6 +343,7 @@ async fn record_refusal(
     }
 }
 
+pub mod docker;
 pub mod hf;
 pub mod k8s;
 

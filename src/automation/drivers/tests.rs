@@ -14,10 +14,12 @@ use crate::{
 /// A step's deadline: a bug fails the test instead of hanging it.
 const STEP: Duration = Duration::from_secs(10);
 
-/// Records every call and answers from a script (then `Ok`).
+/// Records every call and answers from a script (then `Ok`); the
+/// platform shows as done the actions listed in `done`.
 struct Scripted {
     calls: mpsc::UnboundedSender<(Binding, PlatformAction)>,
     answers: Mutex<VecDeque<Result<(), PlatformError>>>,
+    done: Mutex<Vec<PlatformAction>>,
 }
 
 impl Driver for Scripted {
@@ -29,8 +31,17 @@ impl Driver for Scripted {
         matches!(binding, Binding::Docker { .. })
     }
 
-    fn act<'a>(&'a self, binding: &'a Binding, action: PlatformAction) -> ActFuture<'a> {
-        let _ = self.calls.send((binding.clone(), action));
+    fn settled<'a>(&'a self, _: Target<'a>, action: PlatformAction) -> SettleFuture<'a> {
+        let done = self
+            .done
+            .lock()
+            .map(|done| done.contains(&action))
+            .unwrap_or(false);
+        Box::pin(async move { Ok(done) })
+    }
+
+    fn act<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> ActFuture<'a> {
+        let _ = self.calls.send((target.binding.clone(), action));
         let answer = self
             .answers
             .lock()
@@ -51,17 +62,26 @@ fn settings() -> DriverSettings {
     }
 }
 
+type Calls = mpsc::UnboundedReceiver<(Binding, PlatformAction)>;
+
 fn start(
     service: &AgentLifecycleService,
     answers: Vec<Result<(), PlatformError>>,
-) -> (
-    tokio::task::JoinHandle<()>,
-    mpsc::UnboundedReceiver<(Binding, PlatformAction)>,
-) {
+) -> (tokio::task::JoinHandle<()>, Calls) {
+    start_showing(service, answers, Vec::new())
+}
+
+/// A runner whose platform already shows `done` as done.
+fn start_showing(
+    service: &AgentLifecycleService,
+    answers: Vec<Result<(), PlatformError>>,
+    done: Vec<PlatformAction>,
+) -> (tokio::task::JoinHandle<()>, Calls) {
     let (tx, rx) = mpsc::unbounded_channel();
     let driver = Arc::new(Scripted {
         calls: tx,
         answers: Mutex::new(answers.into()),
+        done: Mutex::new(done),
     });
     let runner = tokio::spawn(run(service.clone(), driver, settings()));
     (runner, rx)
@@ -84,9 +104,7 @@ async fn register(service: &AgentLifecycleService, labels: &[(&str, &str)]) -> A
         .id
 }
 
-async fn next_call(
-    calls: &mut mpsc::UnboundedReceiver<(Binding, PlatformAction)>,
-) -> (Binding, PlatformAction) {
+async fn next_call(calls: &mut Calls) -> (Binding, PlatformAction) {
     timeout(STEP, calls.recv())
         .await
         .expect("a call in time")
@@ -175,6 +193,26 @@ async fn the_platform_follows_a_bound_agent_and_nothing_else() {
     runner.abort();
 }
 
+/// The sum of the counters of `family` with `labels`.
+fn counted(service: &AgentLifecycleService, family: &str, labels: &[(&str, &str)]) -> f64 {
+    service
+        .metrics()
+        .registry()
+        .gather()
+        .iter()
+        .filter(|f| f.name() == family)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
 /// Transient failures are retried until the platform acts; a refusal moves
 /// the agent to ERROR with the platform's message and code.
 #[tokio::test]
@@ -231,24 +269,7 @@ async fn retries_then_refusals_are_recorded_as_error() {
         record.reason
     );
     assert_eq!(record.metadata["platform_code"], "404");
-    let counted = |family: &str, labels: &[(&str, &str)]| -> f64 {
-        service
-            .metrics()
-            .registry()
-            .gather()
-            .iter()
-            .filter(|f| f.name() == family)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value())
-            .sum()
-    };
+    let counted = |family: &str, labels: &[(&str, &str)]| counted(&service, family, labels);
     assert_eq!(
         counted(
             "agent_lifecycle_driver_retries_total",
@@ -303,5 +324,45 @@ async fn a_new_runner_resumes_from_the_cursor() {
     );
     handled_through(&service, service.head_sequence()).await;
     assert!(calls.try_recv().is_err());
+    runner.abort();
+}
+
+/// An action the platform already shows done (its outcome was unknown: the
+/// process died after acting, before its cursor moved) is settled by
+/// reading the platform, not done again; a restart by the health monitor
+/// asks for a restart, not a start.
+#[tokio::test]
+async fn an_action_the_platform_shows_done_is_not_repeated() {
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let (runner, mut calls) = start_showing(&service, Vec::new(), vec![PlatformAction::Create]);
+    started(&service).await;
+    let id = register(&service, &[("docker.container", "agent-7")]).await;
+    service
+        .deploy_agent(id, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    let restart = ChangeRequest {
+        triggered_by: crate::automation::health::TRIGGER.into(),
+        ..ChangeRequest::default()
+    };
+    service
+        .transition(id, AgentState::Starting, restart)
+        .await
+        .expect("starting");
+    assert_eq!(
+        next_call(&mut calls).await,
+        (docker("agent-7"), PlatformAction::Restart),
+        "the create was settled by the platform's status; the restart is asked"
+    );
+    handled_through(&service, service.head_sequence()).await;
+    assert!(calls.try_recv().is_err());
+    assert_eq!(
+        counted(
+            &service,
+            "agent_lifecycle_driver_actions_total",
+            &[("action", "create"), ("outcome", "settled")]
+        ),
+        1.0
+    );
     runner.abort();
 }

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use tracing::warn;
 
 use super::{
-    AWAIT_KEY, HeartbeatMonitor, MISSED, TRIGGER, awaits_heartbeat, change, counted,
-    recorded_restarts,
+    AWAIT_KEY, HeartbeatMonitor, MISSED, PLATFORM_AWAIT_KEY, TRIGGER, awaits_heartbeat, change,
+    counted, recorded_restarts,
 };
 use crate::{
     domain::{AgentId, AgentState, Heartbeat},
@@ -71,6 +71,27 @@ impl HeartbeatMonitor {
                 Err(_) => false,
             },
         };
+        if let Some(platform) = self
+            .service
+            .get_agent(id)
+            .ok()
+            .and_then(|agent| self.platform_of(&agent))
+        {
+            change.metadata.insert(
+                PLATFORM_AWAIT_KEY.to_string(),
+                serde_json::Value::Bool(true),
+            );
+            if change.reason.is_empty() {
+                change.reason = format!(
+                    "agent starting, waiting for {} to report it running",
+                    platform.source
+                );
+            }
+            return self
+                .service
+                .transition(id, AgentState::Starting, change)
+                .await;
+        }
         if !wait {
             return self.service.start_agent(id, change).await;
         }

@@ -21,6 +21,15 @@
 //!   `max_restarts` attempts the agent goes to FAILED. The count resets once
 //!   the agent has been healthy for `reset_after`.
 //!
+//! Agents bound to a platform that a driver follows
+//! ([`HeartbeatMonitor::following`]) start differently: StartAgent stops
+//! at STARTING (`platform.await_running: true`) and the platform's own
+//! "running" moves the agent ONLINE; the platform not reporting it running
+//! within `startup_timeout` moves it to TIMEOUT. An ERROR that the
+//! platform's driver recorded (the container died) is restarted like one
+//! after missed heartbeats, and the restart asks the platform to restart
+//! the object.
+//!
 //! After the monitor starts (a server restart) no timeout fires for `grace`.
 //! Every automatic transition records `triggered_by = "health-monitor"` and
 //! a reason with the numbers. Like every automation, this drives the service
@@ -58,7 +67,7 @@ pub use self::{
 pub use crate::domain::Heartbeat;
 use crate::{
     AgentLifecycleService,
-    domain::{Agent, AgentId, AgentState, Caller, Metadata},
+    domain::{Agent, AgentId, AgentState, Binding, Caller, ExternalSource, Metadata},
     service::ChangeRequest,
 };
 
@@ -76,6 +85,20 @@ const MISSED: &str = "heartbeat missed";
 /// Metadata key of a transition to STARTING whose start completes with the
 /// agent's first heartbeat (`true`).
 pub const AWAIT_KEY: &str = "health.await_heartbeat";
+
+/// Metadata key of a transition to STARTING whose start completes when the
+/// agent's platform reports it running (`true`).
+pub const PLATFORM_AWAIT_KEY: &str = "platform.await_running";
+
+/// A platform whose driver follows the agents bound to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FollowedPlatform {
+    /// The source of the platform's statuses.
+    pub source: ExternalSource,
+    /// The `triggered_by` of the transitions its observations record
+    /// (`docker-driver`, `hf_sync`).
+    pub observer: &'static str,
+}
 
 /// Metadata key of the restart count the monitor records with its
 /// transitions.
@@ -106,6 +129,8 @@ pub struct HeartbeatMonitor {
     watches: Arc<Mutex<HashMap<AgentId, Watch>>>,
     /// Heartbeats received here and not yet saved to a shared store.
     unsaved: Arc<Mutex<HashMap<AgentId, Heartbeat>>>,
+    /// The platforms whose drivers run in this server.
+    platforms: Arc<[FollowedPlatform]>,
 }
 
 impl std::fmt::Debug for HeartbeatMonitor {
@@ -135,11 +160,22 @@ fn counted(restarts: u32) -> Metadata {
 /// Whether the agent is in STARTING waiting for its first heartbeat: its
 /// transition to STARTING carried `health.await_heartbeat = true`.
 pub fn awaits_heartbeat(agent: &Agent) -> bool {
+    starting_with(agent, AWAIT_KEY)
+}
+
+/// Whether the agent is in STARTING waiting for its platform to report it
+/// running: its transition to STARTING carried
+/// `platform.await_running = true`.
+pub fn awaits_platform(agent: &Agent) -> bool {
+    starting_with(agent, PLATFORM_AWAIT_KEY)
+}
+
+fn starting_with(agent: &Agent, key: &str) -> bool {
     agent.state == AgentState::Starting
         && agent
             .last_transition
             .metadata
-            .get(AWAIT_KEY)
+            .get(key)
             .and_then(serde_json::Value::as_bool)
             == Some(true)
 }
@@ -173,7 +209,30 @@ impl HeartbeatMonitor {
             settings: Arc::new(settings),
             watches: Arc::default(),
             unsaved: Arc::default(),
+            platforms: Arc::new([]),
         }
+    }
+
+    /// The monitor, knowing that drivers follow `platforms` in this server.
+    #[must_use]
+    pub fn following(mut self, platforms: Vec<FollowedPlatform>) -> Self {
+        self.platforms = platforms.into();
+        self
+    }
+
+    /// The followed platform `agent` is bound to, if any.
+    pub fn platform_of(&self, agent: &Agent) -> Option<FollowedPlatform> {
+        let binding = Binding::of(&agent.labels).ok()??;
+        self.platforms
+            .iter()
+            .find(|p| p.source == binding.source())
+            .copied()
+    }
+
+    /// Whether `triggered_by` is the monitor or a followed platform's
+    /// driver: an ERROR or TIMEOUT either recorded is restarted.
+    fn restarts_after(&self, triggered_by: &str) -> bool {
+        triggered_by == TRIGGER || self.platforms.iter().any(|p| p.observer == triggered_by)
     }
 
     fn watches(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, Watch>> {

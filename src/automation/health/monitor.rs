@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use super::{
-    HealthSettings, HeartbeatMonitor, MISSED, TRIGGER, awaits_heartbeat, recorded_restarts, secs,
+    HealthSettings, HeartbeatMonitor, MISSED, awaits_heartbeat, awaits_platform, recorded_restarts,
+    secs,
 };
 use crate::{
     domain::{Agent, AgentState, TransitionPolicy},
@@ -129,7 +130,7 @@ impl HeartbeatMonitor {
             .and_then(|b| now.duration_since(b.at).ok());
         let restarts = self.restarts(agent);
         match agent.state {
-            AgentState::Starting if awaits_heartbeat(agent) => {
+            AgentState::Starting if awaits_heartbeat(agent) || awaits_platform(agent) => {
                 self.check_startup(agent, settings, restarts, now).await
             }
             AgentState::Online | AgentState::Idle | AgentState::Busy => {
@@ -141,7 +142,7 @@ impl HeartbeatMonitor {
                     .await
             }
             AgentState::Timeout | AgentState::Error
-                if agent.last_transition.triggered_by == TRIGGER =>
+                if self.restarts_after(&agent.last_transition.triggered_by) =>
             {
                 self.restart(agent, restarts, now).await
             }
@@ -154,8 +155,8 @@ impl HeartbeatMonitor {
         }
     }
 
-    /// A STARTING agent waiting for its first heartbeat for longer than
-    /// `startup_timeout` goes to TIMEOUT.
+    /// A STARTING agent waiting for its first heartbeat (or for its
+    /// platform) for longer than `startup_timeout` goes to TIMEOUT.
     async fn check_startup(
         &self,
         agent: &Agent,
@@ -167,8 +168,13 @@ impl HeartbeatMonitor {
         if waited <= settings.startup_timeout {
             return Ok(());
         }
+        let awaited = if awaits_platform(agent) {
+            "the platform did not report it running"
+        } else {
+            "no heartbeat"
+        };
         let reason = format!(
-            "no heartbeat within startup_timeout {} (waited {}, restart {restarts} of {})",
+            "{awaited} within startup_timeout {} (waited {}, restart {restarts} of {})",
             secs(settings.startup_timeout),
             secs(waited),
             settings.max_restarts

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use super::{AWAIT_KEY, HeartbeatMonitor, change, counted, recorded_count, secs};
+use super::{
+    AWAIT_KEY, HeartbeatMonitor, PLATFORM_AWAIT_KEY, change, counted, recorded_count, secs,
+};
 use crate::{
     domain::{Agent, AgentId, AgentState, Metadata},
     error::Result,
@@ -66,7 +68,14 @@ impl HeartbeatMonitor {
             agent.state
         );
         let mut metadata = counted(attempt);
-        metadata.insert(AWAIT_KEY.to_string(), serde_json::Value::Bool(true));
+        // A bound agent's restart completes when its platform reports it
+        // running; another's with its first heartbeat.
+        let awaited = if self.platform_of(agent).is_some() {
+            PLATFORM_AWAIT_KEY
+        } else {
+            AWAIT_KEY
+        };
+        metadata.insert(awaited.to_string(), serde_json::Value::Bool(true));
         self.walk(agent, AgentState::Starting, reason, metadata)
             .await?;
         self.service.metrics().restarted();

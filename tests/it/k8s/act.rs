@@ -303,6 +303,109 @@ async fn a_503_is_retried_and_counted() {
     runner.abort();
 }
 
+/// Before acting, the driver reads the platform: a workload already
+/// scaled to the agent's replicas is not patched again (the action is
+/// counted as settled).
+#[tokio::test]
+async fn a_start_the_workload_already_shows_is_settled_by_reading_its_scale() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake.cluster().add_workload("prod", "deployments", "bot", 2);
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let runner = act(&service, &fake, dir.path()).await;
+    let id = register(
+        &service,
+        &[
+            ("k8s.workload", "prod/Deployment/bot"),
+            ("k8s.replicas", "2"),
+        ],
+    )
+    .await;
+    service
+        .deploy_agent(id, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    service
+        .transition(id, AgentState::Starting, ChangeRequest::default())
+        .await
+        .expect("starting");
+    requests(&fake, "GET", &format!("{DEPLOYMENTS}/bot/scale"), 1).await;
+    tokio::time::timeout(STEP, async {
+        while counted(
+            &service,
+            "agent_lifecycle_driver_actions_total",
+            &[
+                ("driver", K8S_DRIVER),
+                ("action", "start"),
+                ("outcome", "settled"),
+            ],
+        ) < 1.0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the start is settled");
+    assert!(
+        fake.cluster()
+            .requests("PATCH", &format!("{DEPLOYMENTS}/bot/scale"))
+            .is_empty()
+    );
+    runner.abort();
+}
+
+/// A restart by the health monitor (STARTING triggered by it) restarts the
+/// workload's pods as `kubectl rollout restart` does: the pod template's
+/// `restartedAt` set to the event's time, with the replicas.
+#[tokio::test]
+async fn a_restart_by_the_health_monitor_restarts_the_pods() {
+    use agent_lifecycle::automation::{drivers::k8s::RESTARTED_AT, health};
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    fake.cluster().add_workload("prod", "deployments", "bot", 1);
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let runner = act(&service, &fake, dir.path()).await;
+    let id = register(&service, &[("k8s.workload", "prod/Deployment/bot")]).await;
+    service
+        .deploy_agent(id, ChangeRequest::default())
+        .await
+        .expect("deploy");
+    for state in [
+        AgentState::Starting,
+        AgentState::Online,
+        AgentState::Error,
+        AgentState::Offline,
+    ] {
+        service
+            .transition(id, state, ChangeRequest::default())
+            .await
+            .expect("move");
+    }
+    let restart = ChangeRequest {
+        triggered_by: health::TRIGGER.into(),
+        ..ChangeRequest::default()
+    };
+    let restarted = service
+        .transition(id, AgentState::Starting, restart)
+        .await
+        .expect("restart");
+    let at = restarted.transitions[0].at;
+    let patched = requests(&fake, "PATCH", &format!("{DEPLOYMENTS}/bot"), 1).await;
+    assert_eq!(
+        patched[0].body,
+        Some(
+            json!({"spec": {"replicas": 1, "template": {"metadata": {"annotations": {
+                RESTARTED_AT: agent_lifecycle::domain::rfc3339(at)
+            }}}}})
+        )
+    );
+    assert_eq!(
+        patched[0].content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    runner.abort();
+}
+
 /// The server binary with `[kubernetes]` naming a kubeconfig written by
 /// the test, `namespace` and `act = true`: StartAgent over gRPC scales the
 /// bound Deployment, and its pods move the agent (a crash loop to ERROR).
@@ -376,28 +479,36 @@ async fn the_server_follows_pods_and_scales_workloads_from_its_config() {
         .await;
     assert_eq!(watched.authorization.as_deref(), Some("Bearer test-token"));
 
+    // StartAgent left the agent STARTING; its ready pod moves it ONLINE,
+    // a crash loop to ERROR, each recorded as the driver's.
     fake.cluster()
         .set_pod(pods::deployment_pod("bot", BOT_POD, pods::ready()));
-    fake.cluster()
-        .set_pod(pods::deployment_pod("bot", BOT_POD, pods::crash_loop()));
+    let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let event = tokio::time::timeout_at(deadline, common::next_event(&mut events))
             .await
-            .unwrap_or_else(|_| panic!("the agent reaches ERROR{}", server.log()));
+            .unwrap_or_else(|_| panic!("the agent follows its pods{}", server.log()));
         let transition = event.transition.expect("a transition");
+        seen.push(transition.to_state);
+        if transition.to_state == pb::AgentState::Online as i32 {
+            assert_eq!(transition.triggered_by, K8S_DRIVER);
+            fake.cluster()
+                .set_pod(pods::deployment_pod("bot", BOT_POD, pods::crash_loop()));
+        }
         if transition.to_state == pb::AgentState::Error as i32 {
-            let status = transition
-                .metadata
-                .and_then(|m| m.fields.get("status").cloned())
-                .and_then(|v| v.kind);
-            assert_eq!(
-                status,
-                Some(prost_types::value::Kind::StringValue(
-                    "CrashLoopBackOff".into()
-                ))
+            assert_eq!(transition.triggered_by, K8S_DRIVER);
+            assert!(
+                transition.reason.contains("CrashLoopBackOff"),
+                "{}",
+                transition.reason
             );
             break;
         }
     }
+    use pb::AgentState as S;
+    assert_eq!(
+        seen,
+        [S::Deploying, S::Deployed, S::Starting, S::Online, S::Error].map(|s| s as i32)
+    );
 }

@@ -25,7 +25,7 @@ use agent_lifecycle::{
 };
 
 /// The `triggered_by` of the transitions the pods cause.
-const OBSERVED_BY: &str = "k8s_sync";
+const OBSERVED_BY: &str = K8S_DRIVER;
 
 /// The pod of Deployment `bot` the tests move around.
 const BOT_POD: &str = "bot-7d9f8c6b5-x2x9z";

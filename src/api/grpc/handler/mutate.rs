@@ -208,6 +208,7 @@ pub(super) async fn sync_external_status(
         status,
         metadata: convert::metadata_from_pb("metadata", metadata)?,
         caller,
+        ..StatusReport::default()
     };
     let result = sync::sync_external_status(&handler.service, id, source, report).await?;
     Ok(Response::new(convert::sync_result_to_pb(

@@ -7,11 +7,17 @@
 //!   made outside the server; a missing one is refused, naming it);
 //!   STARTING scales it to the agent's replicas (`k8s.replicas`, default 1)
 //!   and STOPPING or TERMINATED to 0, through the scale subresource (a
-//!   JSON merge patch of `spec.replicas`); DELETED deletes it when the
+//!   JSON merge patch of `spec.replicas`); STARTING entered by a restart of
+//!   the health monitor restarts its pods as `kubectl rollout restart`
+//!   does (the pod template's `kubectl.kubernetes.io/restartedAt` set to
+//!   the event's time, with the replicas); DELETED deletes it when the
 //!   agent says the server owns it (`k8s.owned=true`, background
 //!   propagation), and scales it to 0 otherwise. The replicas come from
 //!   the agent's label, not from the workload, so starting after a stop
-//!   needs no record of what ran before.
+//!   needs no record of what ran before. Before acting, the runner asks
+//!   [`Driver::settled`]: the scale subresource's `spec.replicas` already
+//!   as wanted (start, stop), the workload there (create) or gone (remove),
+//!   its `restartedAt` not older than the event (restart).
 //! - **Observing** ([`watch::run`], under the `k8s-observer` lease): one
 //!   watch of the pods of every namespace (or of the configured one),
 //!   each pod matched to its workload by its owner, each workload's pods
@@ -34,17 +40,20 @@ use std::{fmt::Debug, path::PathBuf, time::Duration};
 
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::apps::v1::{Deployment, StatefulSet},
+    api::{
+        apps::v1::{Deployment, StatefulSet},
+        autoscaling::v1::Scale,
+    },
 };
 use kube::{
     Api, Client, Resource,
     api::{DeleteParams, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 
-use super::{ActFuture, Driver, PlatformError};
-use crate::domain::{Binding, PlatformAction, Workload, WorkloadKind};
+use super::{ActFuture, Driver, PlatformError, SettleFuture, Target};
+use crate::domain::{Binding, PlatformAction, Workload, WorkloadKind, parse_rfc3339, rfc3339};
 
 /// The driver's lease, cursor and `triggered_by`.
 pub const K8S_DRIVER: &str = "k8s-driver";
@@ -125,10 +134,15 @@ pub async fn client(settings: &KubernetesSettings) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-/// Scales and deletes the bound workloads through the API server.
+/// Scales, restarts and deletes the bound workloads through the API
+/// server.
 pub struct KubernetesDriver {
     client: Client,
 }
+
+/// The pod template annotation whose change restarts a workload's pods
+/// (what `kubectl rollout restart` sets).
+pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 
 impl KubernetesDriver {
     /// A driver that acts through `client`.
@@ -136,25 +150,19 @@ impl KubernetesDriver {
         KubernetesDriver { client }
     }
 
-    /// Does `op` to the workload, whichever its kind.
-    async fn call(&self, workload: &Workload, op: Op) -> Result<(), PlatformError> {
+    /// Does `op` to the workload, whichever its kind; what it read.
+    async fn call(&self, workload: &Workload, op: &Op) -> Result<Read, PlatformError> {
         let client = self.client.clone();
         let ns = workload.namespace.as_str();
         let name = workload.name.as_str();
         let done = match workload.kind {
             WorkloadKind::Deployment => {
-                tokio::time::timeout(
-                    REQUEST_TIMEOUT,
-                    op.on(Api::<Deployment>::namespaced(client, ns), name),
-                )
-                .await
+                let api = Api::<Deployment>::namespaced(client, ns);
+                tokio::time::timeout(REQUEST_TIMEOUT, op.on(api, name)).await
             }
             WorkloadKind::StatefulSet => {
-                tokio::time::timeout(
-                    REQUEST_TIMEOUT,
-                    op.on(Api::<StatefulSet>::namespaced(client, ns), name),
-                )
-                .await
+                let api = Api::<StatefulSet>::namespaced(client, ns);
+                tokio::time::timeout(REQUEST_TIMEOUT, op.on(api, name)).await
             }
         };
         let what = format!(
@@ -168,67 +176,112 @@ impl KubernetesDriver {
             Err(_) => Err(PlatformError::Transient(format!(
                 "{what}: no answer in {REQUEST_TIMEOUT:?}"
             ))),
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(read)) => Ok(read),
+            // Gone: what a read reports, and what deleting (or stopping
+            // for a removal) would leave.
             Ok(Err(kube::Error::Api(status)))
-                if status.code == 404 && matches!(op, Op::Delete | Op::ScaleDown) =>
+                if status.code == 404
+                    && matches!(op, Op::Delete | Op::ScaleDown | Op::Read | Op::ReadScale) =>
             {
-                // Gone already: what deleting (or stopping for a removal)
-                // would leave.
-                Ok(())
+                Ok(Read::default())
             }
             Ok(Err(err)) => Err(platform_error(&what, err)),
         }
     }
 }
 
+/// What a request read of a workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Read {
+    /// It exists.
+    exists: bool,
+    /// Its desired replicas (`spec.replicas`).
+    replicas: Option<i64>,
+    /// Its pod template's [`RESTARTED_AT`].
+    restarted_at: Option<String>,
+}
+
 /// One request about a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
     /// Read it: it must exist.
     Get,
+    /// Read it; a missing one is read as such.
+    Read,
+    /// Read its scale subresource; a missing one is read as such.
+    ReadScale,
     /// Scale it to this many replicas.
     Scale(u32),
     /// Scale it to 0 because its agent is deleted (a missing workload is
     /// fine).
     ScaleDown,
+    /// Restart its pods (a new [`RESTARTED_AT`]) with this many replicas.
+    Restart(u32, String),
     /// Delete it.
     Delete,
 }
 
 impl Op {
-    fn verb(self) -> String {
+    fn verb(&self) -> String {
         match self {
-            Op::Get => "read".into(),
+            Op::Get | Op::Read => "read".into(),
+            Op::ReadScale => "read the scale of".into(),
             Op::Scale(n) => format!("scale to {n}"),
             Op::ScaleDown => "scale to 0".into(),
+            Op::Restart(n, _) => format!("restart with {n} replicas"),
             Op::Delete => "delete".into(),
         }
     }
 
-    async fn on<K>(self, api: Api<K>, name: &str) -> Result<(), kube::Error>
+    async fn on<K>(&self, api: Api<K>, name: &str) -> Result<Read, kube::Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
             + DeserializeOwned
+            + Serialize
             + Debug,
     {
         let scale =
             |replicas: u32| Patch::Merge(serde_json::json!({ "spec": { "replicas": replicas } }));
+        let params = PatchParams::default();
+        let scaled = |scale: Scale| Read {
+            exists: true,
+            replicas: scale.spec.and_then(|s| s.replicas).map(i64::from),
+            restarted_at: None,
+        };
         match self {
-            Op::Get => api.get(name).await.map(drop),
-            Op::Scale(n) => api
-                .patch_scale(name, &PatchParams::default(), &scale(n))
-                .await
-                .map(drop),
-            Op::ScaleDown => api
-                .patch_scale(name, &PatchParams::default(), &scale(0))
-                .await
-                .map(drop),
+            Op::Get | Op::Read => api.get(name).await.map(|object| read(&object)),
+            Op::ReadScale => api.get_scale(name).await.map(scaled),
+            Op::Scale(n) => api.patch_scale(name, &params, &scale(*n)).await.map(scaled),
+            Op::ScaleDown => api.patch_scale(name, &params, &scale(0)).await.map(scaled),
+            Op::Restart(n, at) => {
+                let patch = Patch::Merge(serde_json::json!({ "spec": {
+                    "replicas": n,
+                    "template": { "metadata": { "annotations": { RESTARTED_AT: at } } },
+                } }));
+                api.patch(name, &params, &patch)
+                    .await
+                    .map(|object| read(&object))
+            }
             Op::Delete => api
                 .delete(name, &DeleteParams::background())
                 .await
-                .map(drop),
+                .map(|_| Read::default()),
         }
+    }
+}
+
+/// The replicas and restart annotation of a Deployment or StatefulSet.
+fn read(object: &impl Serialize) -> Read {
+    let value = serde_json::to_value(object).unwrap_or_default();
+    Read {
+        exists: true,
+        replicas: value.pointer("/spec/replicas").and_then(|r| r.as_i64()),
+        restarted_at: value
+            .pointer("/spec/template/metadata/annotations")
+            .and_then(|a| a.get(RESTARTED_AT))
+            .and_then(|a| a.as_str())
+            .map(str::to_string),
     }
 }
 
@@ -260,10 +313,16 @@ fn platform_error(what: &str, err: kube::Error) -> PlatformError {
 
 /// `text`, cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
 fn shorten(text: &str) -> String {
-    if text.len() <= MAX_MESSAGE_BYTES {
+    cut(text, MAX_MESSAGE_BYTES)
+}
+
+/// `text`, cut to at most `max` bytes (an ellipsis included) on a
+/// character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_string();
     }
-    let mut end = MAX_MESSAGE_BYTES;
+    let mut end = max.saturating_sub(3);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -279,19 +338,55 @@ impl Driver for KubernetesDriver {
         matches!(binding, Binding::Kubernetes(_))
     }
 
-    fn act<'a>(&'a self, binding: &'a Binding, action: PlatformAction) -> ActFuture<'a> {
+    fn settled<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> SettleFuture<'a> {
         Box::pin(async move {
-            let Binding::Kubernetes(workload) = binding else {
+            let Binding::Kubernetes(workload) = target.binding else {
+                return Ok(true);
+            };
+            let wanted = |n: u32| Some(i64::from(n));
+            Ok(match action {
+                PlatformAction::Create => self.call(workload, &Op::Read).await?.exists,
+                PlatformAction::Start => {
+                    let read = self.call(workload, &Op::ReadScale).await?;
+                    read.exists && read.replicas == wanted(workload.replicas)
+                }
+                PlatformAction::Restart => {
+                    let read = self.call(workload, &Op::Read).await?;
+                    read.replicas == wanted(workload.replicas)
+                        && read.restarted_at.as_deref().and_then(parse_rfc3339) >= Some(target.at)
+                }
+                PlatformAction::Stop => {
+                    let read = self.call(workload, &Op::ReadScale).await?;
+                    read.exists && read.replicas == Some(0)
+                }
+                PlatformAction::Remove if workload.owned => {
+                    !self.call(workload, &Op::Read).await?.exists
+                }
+                PlatformAction::Remove => {
+                    let read = self.call(workload, &Op::ReadScale).await?;
+                    !read.exists || read.replicas == Some(0)
+                }
+            })
+        })
+    }
+
+    fn act<'a>(&'a self, target: Target<'a>, action: PlatformAction) -> ActFuture<'a> {
+        Box::pin(async move {
+            let Binding::Kubernetes(workload) = target.binding else {
                 return Ok(());
             };
             let op = match action {
                 PlatformAction::Create => Op::Get,
                 PlatformAction::Start => Op::Scale(workload.replicas),
+                // The event's time: a repeated restart sets the same value
+                // and restarts nothing twice.
+                PlatformAction::Restart => Op::Restart(workload.replicas, rfc3339(target.at)),
                 PlatformAction::Stop => Op::Scale(0),
                 PlatformAction::Remove if workload.owned => Op::Delete,
                 PlatformAction::Remove => Op::ScaleDown,
             };
-            self.call(workload, op).await
+            self.call(workload, &op).await?;
+            Ok(())
         })
     }
 }

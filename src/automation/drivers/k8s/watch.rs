@@ -16,7 +16,9 @@
 //! status ([`super::status`]); when it changes, each agent bound to the
 //! workload is told, through
 //! [`sync_external_status`](crate::automation::sync::sync_external_status)
-//! with the pod, container, reason, message and exit code in the metadata.
+//! (one mapping, one shortest path) with `triggered_by` `k8s-driver`, the
+//! workload, the pod and what it says in the reason, and the pod,
+//! container, reason, message and exit code in the metadata.
 //! An agent newly bound (within a tick) is told the status its workload
 //! has. A workload with no pods is `NoPods` only once it has had pods.
 //!
@@ -283,6 +285,23 @@ fn owner(pod: &Pod) -> Option<Key> {
     }
 }
 
+/// The reason recorded: the workload, the pod and what it says
+/// (`kubernetes: prod/Deployment/bot: pod bot-7d9f-x2x9z CrashLoopBackOff:
+/// back-off 40s restarting failed container=agent ...`).
+fn reason(workload: &str, summary: &WorkloadStatus) -> String {
+    let Some(pod) = &summary.from else {
+        return format!("kubernetes: {workload} has no pods");
+    };
+    let mut reason = format!("kubernetes: {workload}: pod {} {}", pod.pod, summary.status);
+    if let Some(why) = pod.reason.as_deref().filter(|r| *r != summary.status) {
+        reason.push_str(&format!(" ({why})"));
+    }
+    if let Some(message) = &pod.message {
+        reason.push_str(&format!(": {}", super::shorten(message)));
+    }
+    super::cut(&reason, crate::domain::limits::MAX_REASON_BYTES)
+}
+
 /// Hands `summary` to the sync for agent `id`; whether it was applied
 /// (moved, already there, or unreachable: nothing to tell again).
 async fn tell(
@@ -316,6 +335,8 @@ async fn tell(
         status: summary.status.to_string(),
         metadata,
         caller: Caller::principal(K8S_DRIVER),
+        triggered_by: Some(K8S_DRIVER.to_string()),
+        reason: Some(reason(&workload, summary)),
     };
     match sync_external_status(service, id, ExternalSource::Kubernetes, report).await {
         Ok(result) => {
