@@ -258,9 +258,10 @@ pub enum PlatformAction {
     /// Run it (start a container; scale a workload to its replicas;
     /// restart a Space).
     Start,
-    /// Run it anew after a failure (restart a container; scale a workload
-    /// to its replicas; restart a Space): STARTING entered by a restart of
-    /// the health monitor, see [`PlatformAction::for_move`].
+    /// Run it anew after a failure (restart a container; restart a
+    /// workload's pods at its replicas, as `kubectl rollout restart` does;
+    /// restart a Space): STARTING entered by a restart of the health
+    /// monitor, see [`PlatformAction::for_move`].
     Restart,
     /// Stop it, keeping it (stop a container; scale a workload to 0; pause
     /// a Space).
