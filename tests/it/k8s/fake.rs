@@ -80,12 +80,18 @@ pub struct Fake {
 }
 
 impl Fake {
-    /// Starts the fake on 127.0.0.1:0.
+    /// Starts the fake on 127.0.0.1:0, plain HTTP.
     pub async fn start() -> Fake {
+        Fake::start_on(None).await
+    }
+
+    /// Starts the fake on 127.0.0.1:0, over HTTPS with `tls` when given.
+    pub async fn start_on(tls: Option<tokio_rustls::TlsAcceptor>) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().expect("addr"));
         let cluster = Cluster {
             rv: 1000,
             ..Cluster::default()
@@ -99,14 +105,25 @@ impl Fake {
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let fake = server.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let fake = fake.clone();
                         async move { Ok::<_, Infallible>(fake.answer(request).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(socket), service).await;
+                        }
+                        Some(tls) => {
+                            // A client that refuses the certificate (or has
+                            // none to show) ends here.
+                            if let Ok(stream) = tls.accept(socket).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });

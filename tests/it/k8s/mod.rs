@@ -401,3 +401,67 @@ async fn a_statefulset_whose_pods_are_gone_is_offline() {
     );
     observer.abort();
 }
+
+/// The API server over HTTPS, requiring a client certificate: the
+/// kubeconfig names the cluster's CA and the client's certificate and key
+/// (files written by the test), and the watcher follows the pods through
+/// rustls.
+#[tokio::test]
+async fn the_kubeconfig_tls_material_reaches_an_api_server_over_mutual_tls() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let ca = crate::common::pki::Ca::new("test cluster CA");
+    let issued = ca.server();
+    let certs = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).expect("the CA");
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("client verifier");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(clients)
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let fake = Fake::start_on(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await;
+    assert!(fake.url.starts_with("https://127.0.0.1:"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = ca.write(dir.path(), "cluster-ca");
+    let (client_cert, client_key) = ca.client("agent-lifecycle").write(dir.path(), "client");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: tls\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\ncontexts:\n- name: tls\n  context:\n    cluster: tls\n    user: cert\n\
+             current-context: tls\nusers:\n- name: cert\n  user:\n    client-certificate: {}\n    client-key: {}\n",
+            fake.url,
+            ca_file.display(),
+            client_cert.display(),
+            client_key.display()
+        ),
+    )
+    .expect("write the kubeconfig");
+    let settings = KubernetesSettings {
+        tick: Duration::from_millis(20),
+        ..KubernetesSettings::new(k8s::Credentials::Kubeconfig {
+            path: kubeconfig,
+            context: None,
+        })
+    };
+    let client = k8s::client(&settings).await.expect("client");
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let id = register(&service, &[("k8s.workload", "prod/Deployment/bot")]).await;
+    fake.cluster()
+        .set_pod(pods::deployment_pod("bot", BOT_POD, pods::ready()));
+    let observer = tokio::spawn(k8s::watch::run(service.clone(), client, settings));
+    reaches(&service, id, AgentState::Online).await;
+    observer.abort();
+}
