@@ -185,6 +185,56 @@ impl AgentLifecycleService {
         Ok((agents, next))
     }
 
+    /// Every agent that existed at `sequence`, as it was then, in id
+    /// order; without their last transitions (as when retention deleted
+    /// them), so that one read costs one scan of the log after the point.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn fleet_as_of(&self, sequence: u64) -> Result<Vec<AgentAt>> {
+        let snapshot = self.agents_where(|_| true);
+        let since = self.changes_since(sequence).await?;
+        let mut fleet: Vec<AgentAt> = snapshot
+            .into_iter()
+            .filter_map(|agent| {
+                let (state, version) = state_then(&agent, &since)?;
+                if !since.contains_key(&agent.id) {
+                    return Some(AgentAt {
+                        agent,
+                        last_known: true,
+                    });
+                }
+                Some(AgentAt {
+                    agent: Arc::new(Agent {
+                        state,
+                        version,
+                        updated_at: agent.created_at,
+                        last_transition: Arc::new(unknown_transition(&agent, state, version)),
+                        ..(*agent).clone()
+                    }),
+                    last_known: false,
+                })
+            })
+            .collect();
+        fleet.sort_by_key(|a| a.agent.id);
+        Ok(fleet)
+    }
+
+    /// When the events `first` and `last` were committed (`None` for one
+    /// not retained): the time range a read of the past can take.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn commit_times(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> Result<(Option<SystemTime>, Option<SystemTime>)> {
+        self.shared()
+            .read_store(move |store| Ok((commit_time(store, first)?, commit_time(store, last)?)))
+            .await
+    }
+
     /// The fleet's counts at `sequence`. The counters of this process
     /// (hook failures, backfills) are not a property of the fleet at a
     /// point and are zero.
@@ -373,13 +423,7 @@ fn sequence_at(
     oldest: u64,
     head: u64,
 ) -> crate::store::Result<Found> {
-    let time_of = |sequence: u64| -> crate::store::Result<Option<SystemTime>> {
-        Ok(store
-            .events_after(sequence - 1, 1)?
-            .first()
-            .filter(|r| r.sequence == sequence)
-            .map(|r| r.at))
-    };
+    let time_of = |sequence| commit_time(store, sequence);
     if head < oldest {
         // Nothing retained at all: the head is the only point.
         return Ok(Found::At(head));
@@ -400,4 +444,17 @@ fn sequence_at(
         }
     }
     Ok(Found::At(lo))
+}
+
+/// When the event `sequence` was committed; `None` when it is not
+/// retained (or is 0).
+fn commit_time(store: &dyn Store, sequence: u64) -> crate::store::Result<Option<SystemTime>> {
+    if sequence == 0 {
+        return Ok(None);
+    }
+    Ok(store
+        .events_after(sequence - 1, 1)?
+        .first()
+        .filter(|r| r.sequence == sequence)
+        .map(|r| r.at))
 }
