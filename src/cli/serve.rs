@@ -19,6 +19,7 @@ use agent_lifecycle::{
             self, DriverSettings,
             docker::{self, DOCKER_DRIVER, DockerDriver},
             hf::HfDriver,
+            k8s::{self, K8S_DRIVER, KubernetesDriver},
         },
         health::{FollowedPlatform, HeartbeatMonitor},
     },
@@ -193,6 +194,23 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         followed.push(FollowedPlatform {
             source: ExternalSource::Docker,
             observer: DOCKER_DRIVER,
+        });
+    }
+    if let Some(kubernetes) = settings.kubernetes {
+        let client = k8s::client(&kubernetes)
+            .await
+            .map_err(|e| anyhow::anyhow!("the Kubernetes driver: {e}"))?;
+        if kubernetes.act {
+            tokio::spawn(drivers::run(
+                service.clone(),
+                std::sync::Arc::new(KubernetesDriver::new(client.clone())),
+                DriverSettings::default(),
+            ));
+        }
+        tokio::spawn(k8s::watch::run(service.clone(), client, kubernetes));
+        followed.push(FollowedPlatform {
+            source: ExternalSource::Kubernetes,
+            observer: K8S_DRIVER,
         });
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);

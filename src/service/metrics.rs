@@ -34,6 +34,9 @@ pub fn trigger_source(triggered_by: &str) -> &'static str {
         "hf_sync" => "hf_sync",
         "k8s_sync" => "k8s_sync",
         "docker_sync" => "docker_sync",
+        "hf-driver" => "hf-driver",
+        "docker-driver" => "docker-driver",
+        "k8s-driver" => "k8s-driver",
         _ => CLIENT_SOURCE,
     }
 }
@@ -170,7 +173,7 @@ impl Definitions<'_> {
     fn transitions(&self) -> (IntCounterVec, Vec<IntCounter>) {
         let transitions_vec = self.counter_vec(
             "agent_lifecycle_transitions_total",
-            "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync).",
+            "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync, hf-driver, docker-driver, k8s-driver).",
             &["from", "to", "source"],
         );
         let mut transitions = Vec::with_capacity((STATES + 1) * STATES);

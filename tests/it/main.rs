@@ -23,6 +23,7 @@ mod health;
 mod heartbeat;
 mod hf;
 mod hostile;
+mod k8s;
 mod library;
 mod limits;
 mod logging;

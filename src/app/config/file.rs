@@ -169,6 +169,11 @@ impl Config {
                 hf.base_url
             ));
         }
+        if let Some(k8s) = &file.kubernetes
+            && k8s.in_cluster == k8s.kubeconfig.is_some()
+        {
+            return Err("kubernetes: set either in_cluster = true or kubeconfig = \"PATH\"".into());
+        }
         if let Some(auth) = &file.auth {
             auth.principals()?;
         }
@@ -302,6 +307,15 @@ mod tests {
             (
                 "[[health.rule]]\nselector = { a = \"b\" }\nheartbeat_timeout = \"x\"\n",
                 "in a rule",
+            ),
+            ("[kubernetes]\nact = true\n", "either in_cluster"),
+            (
+                "[kubernetes]\nin_cluster = true\nkubeconfig = \"/k\"\n",
+                "either in_cluster",
+            ),
+            (
+                "[kubernetes]\nin_cluster = true\nwatch = \"all\"\n",
+                "watch",
             ),
         ] {
             let err = Config::parse(text).expect_err(text);

@@ -8,7 +8,7 @@
 //!   durations).
 //! - `file`: reading the file, with errors that name the key and line.
 //! - `sections`: the file-only sections (`[auth]`, `[limits]`, `[policy]`,
-//!   `[hf]`, `[docker]`, `[health]`).
+//!   `[hf]`, `[docker]`, `[kubernetes]`, `[health]`).
 //! - `resolve`: the layers merged, the defaults applied, TLS and
 //!   authentication built.
 
@@ -25,8 +25,8 @@ use self::values::de;
 pub use self::{
     resolve::{Settings, defaults},
     sections::{
-        AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, LimitsSection,
-        PolicySection, PrincipalSection,
+        AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, KubernetesSection,
+        LimitsSection, PolicySection, PrincipalSection,
     },
     values::{DEFAULT_STORE, LogFormat, StoreUrl, parse_duration, redact},
 };
@@ -152,6 +152,9 @@ pub struct Config {
     /// `[docker]`: the Docker driver (off without it).
     #[arg(skip)]
     pub docker: Option<DockerSection>,
+    /// `[kubernetes]`: the Kubernetes driver (off without it).
+    #[arg(skip)]
+    pub kubernetes: Option<KubernetesSection>,
     /// `[health]`: heartbeat and restart settings of the health monitor.
     #[arg(skip)]
     pub health: Option<HealthSection>,

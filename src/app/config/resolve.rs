@@ -17,7 +17,11 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{drivers::docker::DockerSettings, health::HealthSettings, hf::HfSettings},
+    automation::{
+        drivers::{docker::DockerSettings, k8s::KubernetesSettings},
+        health::HealthSettings,
+        hf::HfSettings,
+    },
     service::ServiceConfig,
     store::Retention,
 };
@@ -73,6 +77,8 @@ pub struct Settings {
     pub hf_act: bool,
     /// The Docker driver, when `[docker]` is configured.
     pub docker: Option<DockerSettings>,
+    /// The Kubernetes driver, when `[kubernetes]` is configured.
+    pub kubernetes: Option<KubernetesSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
     /// Authentication, TLS and limits at the edge.
@@ -150,6 +156,11 @@ impl Config {
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
             hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
             docker: file.docker.as_ref().map(|d| d.settings()).transpose()?,
+            kubernetes: file
+                .kubernetes
+                .as_ref()
+                .map(|k8s| k8s.settings())
+                .transpose()?,
             health: file
                 .health
                 .as_ref()
