@@ -21,6 +21,7 @@ use agent_lifecycle::{
             hf::HfDriver,
         },
         health::{FollowedPlatform, HeartbeatMonitor},
+        notify,
     },
     domain::ExternalSource,
 };
@@ -194,6 +195,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             source: ExternalSource::Docker,
             observer: DOCKER_DRIVER,
         });
+    }
+    for webhook in settings.notify {
+        tokio::spawn(notify::run(service.clone(), webhook));
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);
     let monitor = tokio::spawn(health.clone().run());

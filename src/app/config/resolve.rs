@@ -17,7 +17,10 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{drivers::docker::DockerSettings, health::HealthSettings, hf::HfSettings},
+    automation::{
+        drivers::docker::DockerSettings, health::HealthSettings, hf::HfSettings,
+        notify::WebhookSettings,
+    },
     service::ServiceConfig,
     store::Retention,
 };
@@ -75,6 +78,8 @@ pub struct Settings {
     pub docker: Option<DockerSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
+    /// The webhooks (`[[notify.webhook]]`), one deliverer each.
+    pub notify: Vec<WebhookSettings>,
     /// Authentication, TLS and limits at the edge.
     pub serving: ServeOptions,
     /// Whether anyone reaching the port is authenticated (principals or a
@@ -155,6 +160,10 @@ impl Config {
                 .as_ref()
                 .map(|h| h.settings())
                 .unwrap_or_default(),
+            notify: match &file.notify {
+                Some(notify) => notify.settings()?,
+                None => Vec::new(),
+            },
             serving,
             authenticated,
             insecure: insecure.unwrap_or(false),
