@@ -1,5 +1,6 @@
-//! The deliverer run in-process over the library: the chat template, and a
-//! failover between two services on one PostgreSQL database.
+//! The deliverer run in-process over the library: the chat template, HTTPS
+//! verified against the compiled-in roots and a `ca_file`, and a failover
+//! between two services on one PostgreSQL database.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -13,7 +14,7 @@ use agent_lifecycle::{
 
 use super::{
     WAIT, ok,
-    receiver::{Receiver, Seen},
+    receiver::{self, Receiver, Seen},
 };
 use crate::common;
 
@@ -181,4 +182,180 @@ async fn after_a_failover_the_new_lease_holder_delivers_from_the_cursor() {
     })
     .await;
     runner_two.abort();
+}
+
+/// A receiver over HTTPS with a certificate from a CA of the test's own: a
+/// webhook that trusts only the compiled-in public roots refuses the
+/// certificate (no request is sent; the attempts count as failures); one
+/// whose `ca_file` names the CA delivers.
+#[tokio::test]
+async fn https_receivers_are_verified_against_the_roots_and_the_ca_file() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let ca = common::pki::Ca::new("test receiver CA");
+    let issued = ca.server();
+    let certs = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let receiver = Receiver::start_on(Some(tls), None, WAIT, Box::new(|_, _| ok())).await;
+    assert!(receiver.url().starts_with("https://"));
+    let service = AgentLifecycleService::in_memory().expect("service");
+
+    let mut untrusting = WebhookSettings::new("untrusting", receiver.url());
+    untrusting.initial_backoff = Duration::from_millis(10);
+    untrusting.max_backoff = Duration::from_millis(10);
+    untrusting.lease_retry = Duration::from_millis(10);
+    let runner = tokio::spawn(notify::run(service.clone(), untrusting));
+    until("the untrusting webhook starts", || async {
+        service.cursor("webhook/untrusting").await.expect("cursor") != 0
+    })
+    .await;
+    register(&service).await;
+    until("two refused attempts", || async {
+        service.metrics().webhooks().failures("untrusting") >= 2
+    })
+    .await;
+    runner.abort();
+    assert!(receiver.seen().is_empty(), "no request got through");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = ca.write(dir.path(), "receiver-ca");
+    let file = agent_lifecycle::app::config::Config::parse(&format!(
+        "[[notify.webhook]]\nname = \"trusting\"\nurl = {:?}\nca_file = {:?}\n",
+        receiver.url(),
+        ca_file.to_str().expect("utf-8 path")
+    ))
+    .expect("config");
+    let mut settings = file.notify.expect("[notify]").settings().expect("settings");
+    let mut trusting = settings.remove(0);
+    assert_eq!(trusting.extra_roots, vec![ca.der()]);
+    trusting.lease_retry = Duration::from_millis(10);
+    let runner = tokio::spawn(notify::run(service.clone(), trusting));
+    until("the trusting webhook starts", || async {
+        service.cursor("webhook/trusting").await.expect("cursor") != 0
+    })
+    .await;
+    let sequence = register(&service).await;
+    receiver
+        .until("the delivery over HTTPS", WAIT, |seen| {
+            seen.iter().any(|s| s.sequence == sequence)
+        })
+        .await;
+    runner.abort();
+}
+
+/// A service whose watch streams report progress after `interval` idle,
+/// with a webhook (`none`) that no event matches; the webhook has started.
+async fn passing_over(
+    receiver: &Receiver,
+    interval: Duration,
+) -> (AgentLifecycleService, tokio::task::JoinHandle<()>) {
+    let service = AgentLifecycleService::open(
+        Arc::new(agent_lifecycle::store::MemoryStore::new(&Default::default())),
+        ServiceConfig {
+            progress_interval: interval,
+            ..ServiceConfig::default()
+        },
+    )
+    .expect("service");
+    let mut settings = WebhookSettings::new("none", receiver.url());
+    settings.filter.sources = vec!["nobody".into()];
+    settings.lease_retry = Duration::from_millis(10);
+    let runner = tokio::spawn(notify::run(service.clone(), settings));
+    until("the webhook starts", || async {
+        service.cursor("webhook/none").await.expect("cursor") == 1
+    })
+    .await;
+    (service, runner)
+}
+
+/// Events the filter passes over advance the cursor in bulk: when the log
+/// goes idle (a progress message), and while it is busy every
+/// `SKIPPED_BEFORE_ADVANCE` events (here with no progress message for an
+/// hour); none of them is sent.
+#[tokio::test]
+async fn passed_over_events_advance_the_cursor_when_idle_and_in_bulk() {
+    use agent_lifecycle::automation::notify::SKIPPED_BEFORE_ADVANCE;
+    let receiver = Receiver::start(None, WAIT, Box::new(|_, _| ok())).await;
+    let (idle, runner) = passing_over(&receiver, Duration::from_millis(50)).await;
+    for _ in 0..3 {
+        register(&idle).await;
+    }
+    until("the idle log advances the cursor", || async {
+        idle.cursor("webhook/none").await.expect("cursor") == 4
+    })
+    .await;
+    runner.abort();
+
+    let (busy, runner) = passing_over(&receiver, Duration::from_secs(3600)).await;
+    for _ in 0..SKIPPED_BEFORE_ADVANCE + 10 {
+        register(&busy).await;
+    }
+    until("the busy log advances the cursor", || async {
+        busy.cursor("webhook/none").await.expect("cursor") >= 1 + SKIPPED_BEFORE_ADVANCE
+    })
+    .await;
+    assert!(receiver.seen().is_empty(), "nothing matched");
+    runner.abort();
+}
+
+/// While an event waits for its acknowledgement, the lags in the metrics
+/// say how far behind the webhook is; once it is delivered they fall to 0.
+#[tokio::test]
+async fn the_lags_grow_while_an_event_waits_and_fall_to_zero() {
+    let mut held = false;
+    let receiver = Receiver::start(
+        None,
+        WAIT,
+        Box::new(move |_, _| {
+            if held {
+                return ok();
+            }
+            held = true;
+            receiver::Reply::Hold
+        }),
+    )
+    .await;
+    let service = AgentLifecycleService::in_memory().expect("service");
+    let mut settings = WebhookSettings::new("lag", receiver.url());
+    settings.lease_retry = Duration::from_millis(10);
+    let runner = tokio::spawn(notify::run(service.clone(), settings));
+    until("the webhook starts", || async {
+        service.cursor("webhook/lag").await.expect("cursor") != 0
+    })
+    .await;
+    for _ in 0..3 {
+        register(&service).await;
+    }
+    receiver
+        .until("the held request", WAIT, |seen| !seen.is_empty())
+        .await;
+    let lag = |service: &AgentLifecycleService| {
+        let text = service.metrics().encode_text();
+        (
+            super::sample(&text, "agent_lifecycle_webhook_lag_events{webhook=\"lag\"}"),
+            super::sample(
+                &text,
+                "agent_lifecycle_webhook_lag_seconds{webhook=\"lag\"}",
+            ),
+        )
+    };
+    let (events, seconds) = lag(&service);
+    assert_eq!(events, Some(3.0), "three events behind");
+    assert!(seconds.is_some_and(|s| s > 0.0), "{seconds:?}");
+    receiver.release();
+    until("the lags fall to 0", || async {
+        lag(&service) == (Some(0.0), Some(0.0))
+    })
+    .await;
+    runner.abort();
 }

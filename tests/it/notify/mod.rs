@@ -4,8 +4,9 @@
 //! restarted, every matching event arrives, in order, none missing, no
 //! other event ever, duplicates only where an acknowledgement was lost;
 //! signatures verify; a delivery that keeps failing is parked and counted
-//! in /metrics; the chat template posts one line; on PostgreSQL only the
-//! lease holder delivers, and the next one goes on from the cursor.
+//! in /metrics; the chat template posts one line; HTTPS is verified; on
+//! PostgreSQL only the lease holder delivers, and the next one goes on from
+//! the cursor.
 
 mod library;
 mod receiver;

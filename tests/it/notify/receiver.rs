@@ -74,6 +74,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// HTTPS with this certificate; none: plain HTTP.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     secret: Option<String>,
     /// The sender's timeout: a delay at least this long is late.
     timeout: Duration,
@@ -93,6 +95,16 @@ impl Receiver {
     /// A receiver on a fresh port, verifying signatures with `secret`,
     /// judging delays against the sender's `timeout`.
     pub async fn start(secret: Option<&str>, timeout: Duration, script: Script) -> Receiver {
+        Self::start_on(None, secret, timeout, script).await
+    }
+
+    /// [`Receiver::start`] over HTTPS with `tls` (none: plain HTTP).
+    pub async fn start_on(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        secret: Option<&str>,
+        timeout: Duration,
+        script: Script,
+    ) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shared = Arc::new(Shared {
@@ -100,6 +112,7 @@ impl Receiver {
                 seen: Vec::new(),
                 script,
             }),
+            tls,
             secret: secret.map(str::to_string),
             timeout,
             changed: tokio::sync::watch::channel(0).0,
@@ -113,9 +126,14 @@ impl Receiver {
         }
     }
 
-    /// `http://127.0.0.1:PORT/hooks/lifecycle`.
+    /// `http://127.0.0.1:PORT/hooks/lifecycle` (`https://` over TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/hooks/lifecycle", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/hooks/lifecycle", self.addr)
     }
 
     /// Everything seen so far.
@@ -202,10 +220,20 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = Arc::clone(&shared);
         connections.spawn(async move {
+            let tls = shared.tls.clone();
             let service = service_fn(move |request| answer(Arc::clone(&shared), request));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                // A client that does not trust the certificate ends here.
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(socket).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(socket), service).await;
+                }
+            }
         });
         // Reap finished connections.
         while connections.try_join_next().is_some() {}
