@@ -301,7 +301,7 @@ async fn passed_over_events_advance_the_cursor_when_idle_and_in_bulk() {
         register(&busy).await;
     }
     until("the busy log advances the cursor", || async {
-        busy.cursor("webhook/none").await.expect("cursor") >= 1 + SKIPPED_BEFORE_ADVANCE
+        busy.cursor("webhook/none").await.expect("cursor") > SKIPPED_BEFORE_ADVANCE
     })
     .await;
     assert!(receiver.seen().is_empty(), "nothing matched");
