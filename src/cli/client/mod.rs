@@ -25,7 +25,7 @@ use agent_lifecycle::{
 
 pub use self::{
     mutate::{ErrorArgs, OpArgs, RegisterArgs, StartArgs, TaskArgs, TransitionArgs},
-    query::{AnalyticsArgs, AuditArgs, HistoryArgs, IdArgs, ListArgs},
+    query::{AnalyticsArgs, AuditArgs, GetArgs, HistoryArgs, ListArgs, MetricsArgs},
     watch::{TopArgs, WatchArgs},
 };
 use super::{
@@ -98,7 +98,7 @@ pub async fn run(
         Command::History(a) => query::history(s, a).await,
         Command::Audit(a) => query::audit(s, a).await,
         Command::Analytics(a) => query::analytics(s, a).await,
-        Command::Metrics => query::metrics(s).await,
+        Command::Metrics(a) => query::metrics(s, a).await,
         Command::Rules => query::rules(s).await,
         Command::Top(a) => watch::top(s, a).await,
         Command::Watch(a) => watch::watch(s, a).await,
