@@ -16,11 +16,11 @@
 //! health-monitor, #42)`. The body of an event is the same bytes on every
 //! attempt. Pure; nothing here does I/O.
 
-use std::{fmt, str::FromStr, time::SystemTime};
+use std::{fmt, str::FromStr};
 
 use serde_json::{Value, json};
 
-use crate::domain::{Agent, EventKind, LifecycleEvent};
+use crate::domain::{Agent, EventKind, LifecycleEvent, rfc3339};
 
 /// The longest LINE of the chat templates, in characters (Discord takes at
 /// most 2000); longer ones are cut with `…`.
@@ -171,60 +171,15 @@ fn slack_escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// RFC 3339 UTC text of `at`, to the microsecond
-/// (`2026-01-01T00:00:00.000000Z`); times before 1970 read as 1970.
-pub fn rfc3339(at: SystemTime) -> String {
-    let since = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let seconds = since.as_secs();
-    let days = i64::try_from(seconds / 86_400).unwrap_or(i64::MAX / 2);
-    let of_day = seconds % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60,
-        since.subsec_micros()
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
+    use std::sync::Arc;
 
     use super::*;
     use crate::{
         automation::notify::filter::sample_event,
         domain::{AgentState, TransitionRecord},
     };
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        let at = |secs: u64, micros: u64| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
-        };
-        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.000005Z");
-        assert_eq!(
-            rfc3339(at(1_767_225_599, 999_999)),
-            "2025-12-31T23:59:59.999999Z"
-        );
-        assert_eq!(
-            rfc3339(SystemTime::UNIX_EPOCH - Duration::from_secs(1)),
-            "1970-01-01T00:00:00.000000Z"
-        );
-    }
 
     #[test]
     fn the_json_template_is_the_event_as_the_api_shows_it() {
