@@ -22,6 +22,7 @@ use agent_lifecycle::{
             k8s::{self, K8S_DRIVER, KubernetesDriver},
         },
         health::{FollowedPlatform, HeartbeatMonitor},
+        notify,
     },
     domain::ExternalSource,
 };
@@ -212,6 +213,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             source: ExternalSource::Kubernetes,
             observer: K8S_DRIVER,
         });
+    }
+    for webhook in settings.notify {
+        tokio::spawn(notify::run(service.clone(), webhook));
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);
     let monitor = tokio::spawn(health.clone().run());

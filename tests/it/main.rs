@@ -28,6 +28,7 @@ mod library;
 mod limits;
 mod logging;
 mod metrics_http;
+mod notify;
 mod otlp;
 mod postgres;
 mod proto;

@@ -180,6 +180,9 @@ impl Config {
         if let Some(limits) = &file.limits {
             limits.settings()?;
         }
+        if let Some(notify) = &file.notify {
+            notify.check(text)?;
+        }
         let mut file = file;
         if let Some(policy) = &file.policy {
             let add = parse_edges(text, "add", &policy.add)?;

@@ -9,10 +9,12 @@
 //! - `file`: reading the file, with errors that name the key and line.
 //! - `sections`: the file-only sections (`[auth]`, `[limits]`, `[policy]`,
 //!   `[hf]`, `[docker]`, `[kubernetes]`, `[health]`).
+//! - `notify`: the `[notify]` section (webhooks).
 //! - `resolve`: the layers merged, the defaults applied, TLS and
 //!   authentication built.
 
 mod file;
+mod notify;
 mod resolve;
 mod sections;
 mod values;
@@ -23,6 +25,7 @@ use crate::domain::TransitionPolicy;
 
 use self::values::de;
 pub use self::{
+    notify::{NotifySection, WebhookSection},
     resolve::{Settings, defaults},
     sections::{
         AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, KubernetesSection,
@@ -158,6 +161,9 @@ pub struct Config {
     /// `[health]`: heartbeat and restart settings of the health monitor.
     #[arg(skip)]
     pub health: Option<HealthSection>,
+    /// `[notify]`: webhooks (none without it).
+    #[arg(skip)]
+    pub notify: Option<NotifySection>,
     /// The transition policy the file describes (the default when it has no
     /// `[policy]`), built and checked by [`Config::parse`].
     #[arg(skip)]

@@ -21,6 +21,7 @@ use crate::{
         drivers::{docker::DockerSettings, k8s::KubernetesSettings},
         health::HealthSettings,
         hf::HfSettings,
+        notify::WebhookSettings,
     },
     service::ServiceConfig,
     store::Retention,
@@ -81,6 +82,8 @@ pub struct Settings {
     pub kubernetes: Option<KubernetesSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
+    /// The webhooks (`[[notify.webhook]]`), one deliverer each.
+    pub notify: Vec<WebhookSettings>,
     /// Authentication, TLS and limits at the edge.
     pub serving: ServeOptions,
     /// Whether anyone reaching the port is authenticated (principals or a
@@ -166,6 +169,10 @@ impl Config {
                 .as_ref()
                 .map(|h| h.settings())
                 .unwrap_or_default(),
+            notify: match &file.notify {
+                Some(notify) => notify.settings()?,
+                None => Vec::new(),
+            },
             serving,
             authenticated,
             insecure: insecure.unwrap_or(false),
