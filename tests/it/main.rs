@@ -25,6 +25,7 @@ mod limits;
 mod logging;
 mod metrics_http;
 mod otlp;
+mod pipelines;
 mod postgres;
 mod retention;
 mod retries;
