@@ -5,11 +5,16 @@
 
 use crate::common;
 
-use std::{collections::HashMap, path::Path, process::Output, time::Duration};
+use std::{collections::HashMap, path::Path, process::Output, sync::Arc, time::Duration};
 
-use agent_lifecycle::api::grpc::pb;
+use agent_lifecycle::{
+    api::grpc::pb,
+    service::ServiceConfig,
+    store::{SqliteStore, Store},
+};
 use common::{Client, TestServer, process::ServerProcess};
 use serde_json::Value;
+use tokio::net::TcpListener;
 
 /// Runs the CLI against `url` to its end (bounded).
 async fn cli(url: &str, args: &[&str]) -> Output {
@@ -194,6 +199,62 @@ async fn wait_follows_agents_to_online_or_to_their_error() {
     assert_eq!(code, Some(0), "{stderr}");
     let doc: Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(doc["agents"][0]["state"], "error");
+}
+
+/// The server restarts (same store, same address) while `wait` waits:
+/// the wait resumes from the last sequence it saw and ends when the agent,
+/// started only after the restart, is online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_resumes_across_a_server_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("lifecycle.db");
+    let store = || -> Arc<dyn Store> { Arc::new(SqliteStore::open(&db).expect("sqlite")) };
+    let first = TestServer::start_on(store(), ServiceConfig::default()).await;
+    let (addr, url) = (first.addr, first.url());
+    let mut client = first.client().await;
+    let id = common::register(&mut client, &[]).await.agent_id;
+    client
+        .deploy_agent(pb::DeployAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+    let waiting = {
+        let (url, id) = (url.clone(), id.clone());
+        tokio::spawn(async move {
+            cli(
+                &url,
+                &["wait", &id, "--for", "state=online", "--timeout", "60s"],
+            )
+            .await
+        })
+    };
+    let metrics = first.service.metrics().clone();
+    until("the wait's stream is open", || metrics.watch_streams() == 1).await;
+    first.shutdown().await.expect("the first server stops");
+
+    let listener = TcpListener::bind(addr)
+        .await
+        .expect("the same address again");
+    let second = TestServer::start_listening(listener, store(), ServiceConfig::default());
+    let metrics = second.service.metrics().clone();
+    until("the wait is back", || metrics.watch_streams() == 1).await;
+    assert!(!waiting.is_finished(), "deployed is not online");
+    let mut client = second.client().await;
+    client
+        .start_agent(pb::StartAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    let (code, stdout, stderr) = outcome(&waiting.await.expect("join"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with(&id) && stdout.contains("online"),
+        "{stdout}"
+    );
 }
 
 /// A wait that is not satisfied in time exits 4 naming where the agent is;
