@@ -304,16 +304,16 @@ pub async fn apply(s: &mut Session, a: ApplyArgs) -> anyhow::Result<()> {
             &json!({
                 "steps": report.steps,
                 "refused": report.refused,
-                "converged": result.as_ref().ok().copied().flatten(),
+                // Only --wait knows.
+                "converged": a.wait.then_some(result.is_ok()),
             }),
         );
     }
-    result.map(|_| ())
+    result
 }
 
 /// After the steps: refusals fail the apply; `--wait` waits for the
-/// targets. `Some(true)` when waited and converged, `None` without
-/// `--wait`.
+/// targets.
 ///
 /// # Errors
 /// [`exit::CHANGES`] for refused steps, and as [`wait_for`].
@@ -323,7 +323,7 @@ async fn finish(
     plans: &[plan::AgentPlan<'_>],
     report: &mut Report,
     targets: Vec<Target>,
-) -> anyhow::Result<Option<bool>> {
+) -> anyhow::Result<()> {
     let text = s.format == Format::Text;
     if !report.refused.is_empty() {
         return Err(Exit {
@@ -348,7 +348,7 @@ async fn finish(
         }
     }
     if !a.wait {
-        return Ok(None);
+        return Ok(());
     }
     let mut print = |agent: &pb::Agent| {
         if text {
@@ -361,5 +361,5 @@ async fn finish(
     if text {
         println!("converged: {count} agents where the file wants them");
     }
-    Ok(Some(true))
+    Ok(())
 }
