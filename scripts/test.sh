@@ -69,6 +69,17 @@ if [ -z "${TEST_DOCKER_HOST:-}" ]; then
     fi
 fi
 export TEST_DOCKER_IMAGE="${TEST_DOCKER_IMAGE:-agent-lifecycle-test/busybox:latest}"
+# The base of the server's container image (tests/it/deploy.rs builds
+# deploy/docker/Dockerfile.runtime on it): a minimal Debian from the mirror.
+if [ -n "${TEST_DOCKER_HOST:-}" ] && [[ "$TEST_DOCKER_HOST" == unix://*/docker.sock ]]; then
+    docker_dir=${TEST_DOCKER_HOST#unix://}
+    if bash scripts/docker.sh debian "${docker_dir%/docker.sock}"; then
+        export TEST_DOCKER_BASE=debian:bookworm-slim
+    elif [ -n "${CI:-}" ]; then
+        echo "error: cannot build the Debian base image for the container image test" >&2
+        exit 1
+    fi
+fi
 echo "TEST_DOCKER_HOST=${TEST_DOCKER_HOST:-<unset>}"
 
 # --- promtool (Debian's prometheus package): metrics and alert-rule checks ---

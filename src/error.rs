@@ -36,6 +36,20 @@ pub enum Error {
         /// The oldest retained sequence.
         oldest: u64,
     },
+    /// A read of the fleet at a time older than the retained log.
+    #[error(
+        "the fleet at {} is no longer known: the oldest retained event is {oldest}, committed at {}",
+        crate::domain::rfc3339(*requested),
+        crate::domain::rfc3339(*oldest_at)
+    )]
+    TimeCompacted {
+        /// The time asked for.
+        requested: std::time::SystemTime,
+        /// The oldest retained sequence.
+        oldest: u64,
+        /// When it was committed: the oldest time that can be read.
+        oldest_at: std::time::SystemTime,
+    },
     /// A watch asked to start beyond the next sequence.
     #[error("sequence {requested} is beyond the head sequence {head}")]
     SequenceNotYetWritten {

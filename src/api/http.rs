@@ -5,7 +5,13 @@
 //!   at each scrape);
 //! - `/`: the live fleet dashboard, one self-contained page (no build step)
 //!   over the three JSON endpoints below;
-//! - `/api/agents`: every agent, as JSON;
+//! - `/api/agents`: every agent, as JSON; `?as_of=SEQUENCE` or
+//!   `?as_of_ms=MILLIS` (since the epoch): as they were then (the
+//!   dashboard's time slider);
+//! - `/api/range`: the retained log's ends (oldest and head sequences and
+//!   their commit times), the slider's bounds;
+//! - `/api/history?agent=ID`: the agent's newest 1,000 transitions, oldest
+//!   first (the dashboard's timeline);
 //! - `/api/events`: committed events as server-sent events (one `data:` line
 //!   of JSON per event, a comment while idle), live from the moment of the
 //!   request;
@@ -196,18 +202,138 @@ async fn distribution(service: &AgentLifecycleService) -> Response<Body> {
     }
 }
 
+/// The value of `key` in a query string.
+fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn bad_request(message: impl Into<String>) -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        "text/plain; charset=utf-8",
+        message.into() + "\n",
+    )
+}
+
+/// A failed read: the client's for a point out of range, else the server's.
+fn read_failed(err: &crate::Error) -> Response<Body> {
+    let status = match err {
+        crate::Error::SequenceCompacted { .. }
+        | crate::Error::TimeCompacted { .. }
+        | crate::Error::SequenceNotYetWritten { .. } => StatusCode::BAD_REQUEST,
+        crate::Error::AgentNotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, "text/plain; charset=utf-8", format!("{err}\n"))
+}
+
+/// `/api/agents`: now, or at `as_of` (a sequence) or `as_of_ms`.
+async fn agents(service: &AgentLifecycleService, query: Option<&str>) -> Response<Body> {
+    use crate::service::AsOf;
+    let point = match (query_value(query, "as_of"), query_value(query, "as_of_ms")) {
+        (Some(sequence), _) => match sequence.parse() {
+            Ok(sequence) => Some(AsOf::Sequence(sequence)),
+            Err(_) => return bad_request(format!("as_of={sequence:?} is not a sequence")),
+        },
+        (None, Some(ms)) => match ms.parse::<u64>() {
+            Ok(ms) => Some(AsOf::Time(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )),
+            Err(_) => return bad_request(format!("as_of_ms={ms:?} is not a number")),
+        },
+        (None, None) => None,
+    };
+    let Some(point) = point else {
+        let agents: Vec<_> = service
+            .get_all_agent_statuses()
+            .into_values()
+            .map(|info| agent_json(&info.agent))
+            .collect();
+        return json_response(&json!({ "agents": agents }));
+    };
+    let read = async {
+        let sequence = service.resolve_as_of(point).await?;
+        Ok::<_, crate::Error>((sequence, service.fleet_as_of(sequence).await?))
+    };
+    match read.await {
+        Ok((sequence, fleet)) => {
+            let agents: Vec<_> = fleet.iter().map(|a| agent_json(&a.agent)).collect();
+            json_response(&json!({ "agents": agents, "as_of_sequence": sequence }))
+        }
+        Err(err) => read_failed(&err),
+    }
+}
+
+/// `/api/range`: the oldest retained event and the head, with their times.
+async fn range(service: &AgentLifecycleService) -> Response<Body> {
+    let read = async {
+        service.catch_up_with_store().await?;
+        let head = service.head_sequence();
+        let oldest = service.oldest_sequence().await?;
+        let ends = service.commit_times(oldest, head).await?;
+        Ok::<_, crate::Error>((oldest, head, ends))
+    };
+    match read.await {
+        Ok((oldest, head, (first, last))) => json_response(&json!({
+            "oldest_sequence": oldest,
+            "oldest_ms": first.map(millis),
+            "head_sequence": head,
+            "head_ms": last.map(millis),
+        })),
+        Err(err) => read_failed(&err),
+    }
+}
+
+/// `/api/history?agent=ID`: the agent's newest transitions, oldest first.
+async fn history(service: &AgentLifecycleService, query: Option<&str>) -> Response<Body> {
+    let Some(id) = query_value(query, "agent") else {
+        return bad_request("agent=ID is required");
+    };
+    let Ok(id) = id.parse::<uuid::Uuid>() else {
+        return bad_request(format!("agent={id:?} is not a UUID"));
+    };
+    let query = crate::service::HistoryQuery {
+        limit: 1000,
+        ..Default::default()
+    };
+    match service
+        .history(crate::domain::AgentId::from(id), query)
+        .await
+    {
+        Ok(page) => {
+            let transitions: Vec<_> = page
+                .transitions
+                .iter()
+                .map(|r| {
+                    json!({
+                        "sequence": r.sequence,
+                        "from": r.from.map(|s| s.as_str()),
+                        "to": r.to.as_str(),
+                        "at_ms": millis(r.at),
+                        "reason": r.reason,
+                        "triggered_by": r.triggered_by,
+                    })
+                })
+                .collect();
+            json_response(
+                &json!({ "transitions": transitions, "now_ms": millis(std::time::SystemTime::now()) }),
+            )
+        }
+        Err(err) => read_failed(&err),
+    }
+}
+
 async fn answer(service: &AgentLifecycleService, request: &Request<Incoming>) -> Response<Body> {
     if request.method() == Method::GET {
         match request.uri().path() {
             "/" => return text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
-            "/api/agents" => {
-                let agents: Vec<_> = service
-                    .get_all_agent_statuses()
-                    .into_values()
-                    .map(|info| agent_json(&info.agent))
-                    .collect();
-                return json_response(&json!({ "agents": agents }));
-            }
+            "/api/agents" => return agents(service, request.uri().query()).await,
+            "/api/range" => return range(service).await,
+            "/api/history" => return history(service, request.uri().query()).await,
             "/api/events" => return events(service).await,
             "/api/distribution" => return distribution(service).await,
             _ => {}

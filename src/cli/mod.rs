@@ -69,7 +69,7 @@ pub enum Command {
     /// Register an agent (idempotent while it is REGISTERED).
     Register(client::RegisterArgs),
     /// Show one agent.
-    Get(client::IdArgs),
+    Get(client::GetArgs),
     /// List agents.
     List(client::ListArgs),
     /// Show an agent's transitions, oldest first.
@@ -98,7 +98,7 @@ pub enum Command {
     /// MAINTENANCE -> ONLINE.
     Resume(client::OpArgs),
     /// Fleet-wide counts.
-    Metrics,
+    Metrics(client::MetricsArgs),
     /// The active transition policy.
     Rules,
     /// A live view of the fleet: agents per state and recent events.

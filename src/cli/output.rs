@@ -32,24 +32,10 @@ pub fn time_text(ts: Option<&Timestamp>) -> String {
     let Some(ts) = ts else {
         return String::new();
     };
-    let days = ts.seconds.div_euclid(86_400);
-    let secs = ts.seconds.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-        ts.nanos / 1000
+    let seconds = u64::try_from(ts.seconds).unwrap_or(0);
+    let nanos = u32::try_from(ts.nanos).unwrap_or(0);
+    agent_lifecycle::domain::rfc3339(
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(seconds, nanos),
     )
 }
 

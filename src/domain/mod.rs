@@ -15,6 +15,7 @@ pub mod heartbeat;
 pub mod hooks;
 pub mod limits;
 pub mod state;
+pub mod time;
 pub mod transition;
 
 pub use agent::{
@@ -29,4 +30,5 @@ pub use heartbeat::Heartbeat;
 pub use hooks::{HookError, HookPhase, TransitionContext};
 pub use limits::FieldViolation;
 pub use state::{AgentCategory, AgentState, StateSet};
+pub use time::{parse_rfc3339, rfc3339};
 pub use transition::TransitionPolicy;

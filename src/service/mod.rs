@@ -26,6 +26,7 @@
 //! The service depends on `domain` and `store` only: nothing here names
 //! tonic, prost or `pb`, or knows the automation and the edges above it.
 
+mod as_of;
 mod clock;
 mod cursor;
 mod event;
@@ -47,6 +48,7 @@ use tracing::info;
 
 pub(crate) use self::lease::LeaseHolder;
 pub use self::{
+    as_of::{AgentAt, AsOf},
     clock::TokioClock,
     cursor::MAX_CURSOR_NAME_BYTES,
     event::PublishedEvent,

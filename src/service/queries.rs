@@ -46,7 +46,7 @@ impl AgentLifecycleService {
             .collect()
     }
 
-    fn agents_where(&self, keep: impl Fn(&Agent) -> bool) -> Vec<Arc<Agent>> {
+    pub(super) fn agents_where(&self, keep: impl Fn(&Agent) -> bool) -> Vec<Arc<Agent>> {
         self.shared()
             .read_table()
             .agents

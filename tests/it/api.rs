@@ -26,7 +26,7 @@ fn bad_field(status: &tonic::Status) -> String {
 
 async fn head(client: &mut Client) -> u64 {
     client
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner()
@@ -103,6 +103,7 @@ async fn register_and_get_agent() {
     let got = client
         .get_agent(pb::GetAgentRequest {
             agent_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -324,6 +325,7 @@ async fn transition_agent_codes_and_details() {
     let err = c
         .get_agent(pb::GetAgentRequest {
             agent_id: unknown.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -547,7 +549,10 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
     assert_ne!(err.code(), Code::Ok);
     assert_eq!(head(&mut c).await, before, "nothing was applied");
     let got = c
-        .get_agent(pb::GetAgentRequest { agent_id: id })
+        .get_agent(pb::GetAgentRequest {
+            agent_id: id,
+            ..Default::default()
+        })
         .await
         .expect("get")
         .into_inner()
@@ -624,6 +629,7 @@ async fn list_agents_filters_and_pages_without_duplicates() {
                 .collect(),
             page_size: 1000,
             page_token: String::new(),
+            as_of: None,
         }
     };
     let busy_only = c
@@ -765,7 +771,7 @@ async fn metrics_and_rules() {
     .expect("error");
     online(&mut c, &[]).await;
     let m = c
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner();

@@ -104,6 +104,7 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
             "alt_wrong",
             pb::GetAgentRequest {
                 agent_id: own.clone(),
+                ..Default::default()
             },
         ))
         .await;
@@ -259,6 +260,7 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
         &agent.token,
         pb::GetAgentRequest {
             agent_id: other.clone(),
+            ..Default::default()
         },
     );
     assert_eq!(code(c.get_agent(get_other).await), Code::PermissionDenied);
@@ -392,7 +394,10 @@ async fn roles_reach_what_they_should_and_the_principal_is_recorded() {
 
     // Every refusal is counted by reason.
     let metrics = c
-        .get_lifecycle_metrics(with(&viewer.token, pb::GetLifecycleMetricsRequest {}))
+        .get_lifecycle_metrics(with(
+            &viewer.token,
+            pb::GetLifecycleMetricsRequest::default(),
+        ))
         .await
         .expect("metrics")
         .into_inner();

@@ -123,6 +123,7 @@ async fn verify(server: &ServerProcess, acks: &Acks) {
         let agent = c
             .get_agent(pb::GetAgentRequest {
                 agent_id: agent_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("an acknowledged agent survives")
@@ -160,7 +161,7 @@ async fn verify(server: &ServerProcess, acks: &Acks) {
         }
     }
     let head = c
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner()

@@ -93,6 +93,7 @@ async fn full_disk_fails_the_write_and_keeps_every_acknowledged_one() {
     let err = c
         .get_agent(pb::GetAgentRequest {
             agent_id: failed_id,
+            ..Default::default()
         })
         .await
         .expect_err("not applied");
@@ -100,6 +101,7 @@ async fn full_disk_fails_the_write_and_keeps_every_acknowledged_one() {
     for id in acked.iter().step_by(37) {
         c.get_agent(pb::GetAgentRequest {
             agent_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("still readable");

@@ -75,6 +75,7 @@ async fn a_start_waits_for_the_first_heartbeat() {
     let got = c
         .get_agent(pb::GetAgentRequest {
             agent_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -88,7 +89,7 @@ async fn a_start_waits_for_the_first_heartbeat() {
         "steady heartbeats change nothing"
     );
     let metrics = c
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner();

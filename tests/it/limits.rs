@@ -61,6 +61,7 @@ async fn an_agent_over_its_transition_rate_waits() {
     let unchanged = c
         .get_agent(pb::GetAgentRequest {
             agent_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get")

@@ -55,6 +55,7 @@ async fn get(client: &mut Client, id: &str) -> pb::Agent {
     client
         .get_agent(pb::GetAgentRequest {
             agent_id: id.to_string(),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -65,7 +66,7 @@ async fn get(client: &mut Client, id: &str) -> pb::Agent {
 
 async fn head(client: &mut Client) -> u64 {
     client
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner()

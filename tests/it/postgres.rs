@@ -57,7 +57,7 @@ async fn events_until(
 
 async fn head(client: &mut Client) -> u64 {
     client
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner()
@@ -588,6 +588,7 @@ async fn heartbeats_count_whichever_process_receives_them() {
         client
             .get_agent(pb::GetAgentRequest {
                 agent_id: id.to_string(),
+                ..Default::default()
             })
             .await
             .expect("get")

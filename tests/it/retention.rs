@@ -66,6 +66,7 @@ async fn compaction_on_sqlite_survives_restart() {
     let got = c
         .get_agent(pb::GetAgentRequest {
             agent_id: agent.agent_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get")

@@ -33,7 +33,7 @@ fn path(response: &pb::SyncExternalStatusResponse) -> Vec<i32> {
 
 async fn head(client: &mut Client) -> u64 {
     client
-        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {})
+        .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
         .await
         .expect("metrics")
         .into_inner()

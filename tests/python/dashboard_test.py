@@ -16,6 +16,7 @@ Exits 0 when every check passed, 1 on the first failed check.
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 
 from checks import CheckFailed, Checks  # noqa: E402  (tests/python/ is on sys.path)
@@ -92,6 +93,7 @@ def main(argv):
         until("the event feed shows its five events",
               lambda: len(driver.find_elements(By.CSS_SELECTOR, f'#feed li[data-agent-id="{alpha}"]')) == 5)
 
+        before_beta_ms = int(time.time() * 1000)
         beta = cli("register", "-q", "--name", "beta", "--label", "team=web")
         cli("deploy", beta)
         cli("start", beta)
@@ -110,6 +112,22 @@ def main(argv):
 
         driver.find_element(By.ID, "label").clear()
         driver.execute_script("document.getElementById('label').dispatchEvent(new Event('input'))")
+
+        # The timeline: a click on alpha's row draws its states as bands.
+        driver.find_element(By.CSS_SELECTOR, f'tr[data-agent-id="{alpha}"]').click()
+        until("the timeline shows alpha's five states in order",
+              lambda: [band.get_attribute("data-state") for band in
+                       driver.find_elements(By.CSS_SELECTOR, "#timeline svg rect")]
+              == ["registered", "deploying", "deployed", "starting", "online"])
+        # The time slider: the fleet as it was before beta was registered.
+        driver.execute_script(
+            "const s = document.getElementById('when'); s.value = arguments[0];"
+            "s.dispatchEvent(new Event('change'))", before_beta_ms)
+        until("the slider shows the fleet before beta: no beta, alpha online",
+              lambda: row_state(beta) is None and row_state(alpha) == "online"
+              and driver.find_element(By.ID, "as-of").text.startswith("as of"))
+        driver.find_element(By.ID, "live").click()
+        until("back to live: beta is in error again", lambda: row_state(beta) == "error")
         until("the distribution chart has its bars",
               lambda: len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 30)
         c.check(driver.save_screenshot(screenshot), "screenshot saved", screenshot)

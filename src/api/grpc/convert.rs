@@ -335,6 +335,50 @@ pub fn transition_to_pb(record: &TransitionRecord) -> pb::StateTransition {
 }
 
 /// An agent on the wire, with the transitions `policy` allows from its state.
+/// The point of an `as_of` field; `None` when unset (now).
+///
+/// # Errors
+/// A time before 1970 or with out-of-range nanoseconds, named by `field`.
+pub fn as_of_from_pb(
+    field: &str,
+    as_of: Option<pb::AsOf>,
+) -> Result<Option<crate::service::AsOf>, FieldViolation> {
+    use crate::service::AsOf;
+    Ok(match as_of.and_then(|a| a.point) {
+        None => None,
+        Some(pb::as_of::Point::Sequence(sequence)) => Some(AsOf::Sequence(sequence)),
+        Some(pb::as_of::Point::Time(time)) => {
+            let (Ok(seconds), Ok(nanos)) = (u64::try_from(time.seconds), u32::try_from(time.nanos))
+            else {
+                return Err(FieldViolation::new(
+                    format!("{field}.time"),
+                    "must be a time after 1970-01-01T00:00:00Z",
+                ));
+            };
+            if nanos >= 1_000_000_000 {
+                return Err(FieldViolation::new(
+                    format!("{field}.time"),
+                    "nanos must be below 1000000000",
+                ));
+            }
+            Some(AsOf::Time(
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(seconds, nanos),
+            ))
+        }
+    })
+}
+
+/// An agent as it was at a point: without the last transition and update
+/// time when retention deleted them.
+pub fn agent_at_to_pb(at: &crate::service::AgentAt, policy: &TransitionPolicy) -> pb::Agent {
+    let mut agent = agent_to_pb(&at.agent, policy);
+    if !at.last_known {
+        agent.last_transition = None;
+        agent.updated_at = None;
+    }
+    agent
+}
+
 pub fn agent_to_pb(agent: &Agent, policy: &TransitionPolicy) -> pb::Agent {
     pb::Agent {
         agent_id: agent.id.to_string(),

@@ -406,6 +406,7 @@ mod tests {
                     name: caller.to_string(),
                     ..Default::default()
                 }),
+                ..Default::default()
             })))
         }
     }
@@ -488,6 +489,7 @@ mod tests {
         let err = client
             .get_agent(pb::GetAgentRequest {
                 agent_id: "x".into(),
+                ..Default::default()
             })
             .await
             .expect_err("invalid id");

@@ -113,6 +113,21 @@ impl From<Error> for Status {
                     ],
                 ),
             ),
+            Error::TimeCompacted {
+                requested,
+                oldest,
+                oldest_at,
+            } => (
+                Code::OutOfRange,
+                info(
+                    "TIME_COMPACTED",
+                    &[
+                        ("requested_time", crate::domain::rfc3339(*requested)),
+                        ("oldest_available_sequence", oldest.to_string()),
+                        ("oldest_available_time", crate::domain::rfc3339(*oldest_at)),
+                    ],
+                ),
+            ),
             Error::SequenceNotYetWritten { requested, head } => (
                 Code::OutOfRange,
                 info(

@@ -80,7 +80,7 @@ pub(super) async fn call<T>(
 pub(super) async fn head_sequence(client: &mut Client) -> anyhow::Result<u64> {
     let metrics = call(
         "GetLifecycleMetrics",
-        client.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {}),
+        client.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default()),
     )
     .await?;
     Ok(metrics.head_sequence)
@@ -294,6 +294,7 @@ impl Worker {
             GET_PATH,
             pb::GetAgentRequest {
                 agent_id: self.agent_id.clone(),
+                ..Default::default()
             },
         )
         .await?;
@@ -304,6 +305,7 @@ impl Worker {
     pub(super) async fn resync(&mut self) {
         let request = pb::GetAgentRequest {
             agent_id: self.agent_id.clone(),
+            ..Default::default()
         };
         if let Ok(response) = call("GetAgent", self.client.get_agent(request)).await
             && let Some(agent) = response.agent

@@ -29,7 +29,7 @@ use agent_lifecycle::{
 pub use self::{
     fleet::{APPLY_AFTER_HELP, ApplyArgs, DIFF_AFTER_HELP, DiffArgs},
     mutate::{ErrorArgs, OpArgs, RegisterArgs, StartArgs, TaskArgs, TransitionArgs},
-    query::{AnalyticsArgs, AuditArgs, HistoryArgs, IdArgs, ListArgs},
+    query::{AnalyticsArgs, AuditArgs, GetArgs, HistoryArgs, ListArgs, MetricsArgs},
     wait::{WAIT_AFTER_HELP, WaitArgs},
     watch::{TopArgs, WatchArgs},
 };
@@ -141,7 +141,7 @@ async fn dispatch(s: &mut Session, command: Command) -> anyhow::Result<()> {
         Command::History(a) => query::history(s, a).await,
         Command::Audit(a) => query::audit(s, a).await,
         Command::Analytics(a) => query::analytics(s, a).await,
-        Command::Metrics => query::metrics(s).await,
+        Command::Metrics(a) => query::metrics(s, a).await,
         Command::Rules => query::rules(s).await,
         Command::Top(a) => watch::top(s, a).await,
         Command::Watch(a) => watch::watch(s, a).await,

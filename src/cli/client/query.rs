@@ -23,13 +23,6 @@ use super::{
 };
 use crate::cli::output::{agent_text, audit_line};
 
-/// An agent id.
-#[derive(Debug, Args)]
-pub struct IdArgs {
-    /// Agent id (UUID).
-    pub agent_id: String,
-}
-
 /// What every change may carry.
 /// `list`.
 #[derive(Debug, Args)]
@@ -46,6 +39,63 @@ pub struct ListArgs {
     /// Agents per request.
     #[arg(long, default_value_t = 500)]
     pub page_size: u32,
+    /// The agents as they were at a point of the event log (see `get
+    /// --as-of`).
+    #[arg(long, value_parser = parse_as_of)]
+    pub as_of: Option<pb::AsOf>,
+}
+
+/// `get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Agent id (UUID).
+    pub agent_id: String,
+    /// The agent as it was at a point of the event log: a sequence
+    /// (`1042`), an RFC 3339 UTC time (`2026-12-06T03:12:00Z`) or a time
+    /// ago (`15m ago`, `-2h`).
+    #[arg(long, value_parser = parse_as_of)]
+    pub as_of: Option<pb::AsOf>,
+}
+
+/// `metrics`.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The counts as they were at a point of the event log (see `get
+    /// --as-of`).
+    #[arg(long, value_parser = parse_as_of)]
+    pub as_of: Option<pb::AsOf>,
+}
+
+/// A point of the event log: a sequence, an RFC 3339 UTC time, or a time
+/// ago (`15m ago`, `-15m`).
+pub fn parse_as_of(text: &str) -> Result<pb::AsOf, String> {
+    use pb::as_of::Point;
+    let text = text.trim();
+    if let Ok(sequence) = text.parse::<u64>() {
+        return Ok(pb::AsOf {
+            point: Some(Point::Sequence(sequence)),
+        });
+    }
+    let ago = text
+        .strip_suffix("ago")
+        .map(str::trim)
+        .or_else(|| text.strip_prefix('-'));
+    let at = match ago {
+        Some(duration) => {
+            let duration = agent_lifecycle::app::config::parse_duration(duration)?;
+            std::time::SystemTime::now()
+                .checked_sub(duration)
+                .ok_or_else(|| format!("{text:?} is before 1970"))?
+        }
+        None => agent_lifecycle::domain::parse_rfc3339(text).ok_or_else(|| {
+            format!(
+                "{text:?} is not a sequence, an RFC 3339 UTC time (2026-12-06T03:12:00Z) or a time ago (15m ago)"
+            )
+        })?,
+    };
+    Ok(pb::AsOf {
+        point: Some(Point::Time(prost_types::Timestamp::from(at))),
+    })
 }
 
 /// `history`.
@@ -90,9 +140,10 @@ pub struct AuditArgs {
 }
 
 /// `get`: GetAgent.
-pub(super) async fn get(s: &mut Session, a: IdArgs) -> anyhow::Result<()> {
+pub(super) async fn get(s: &mut Session, a: GetArgs) -> anyhow::Result<()> {
     let request = s.request(pb::GetAgentRequest {
         agent_id: a.agent_id,
+        as_of: a.as_of,
     });
     let agent = s
         .client
@@ -115,6 +166,7 @@ pub(super) async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
     let mut token = String::new();
     let mut all = Vec::new();
     let mut printed_header = false;
+    let mut as_of = a.as_of.clone();
     loop {
         let request = s.request(pb::ListAgentsRequest {
             states: a.states.iter().map(|s| wire_state(*s)).collect(),
@@ -122,6 +174,7 @@ pub(super) async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
             labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
             page_size: a.page_size,
             page_token: token,
+            as_of: as_of.clone(),
         });
         let page = s
             .client
@@ -144,6 +197,12 @@ pub(super) async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
             break;
         }
         token = page.next_page_token;
+        // Every page at the point the first one resolved.
+        if as_of.is_some() {
+            as_of = Some(pb::AsOf {
+                point: Some(pb::as_of::Point::Sequence(page.as_of_sequence)),
+            });
+        }
     }
     if s.format != Format::Text {
         output::emit(
@@ -336,8 +395,8 @@ pub(super) async fn audit(s: &mut Session, a: AuditArgs) -> anyhow::Result<()> {
 }
 
 /// `metrics`: GetLifecycleMetrics.
-pub(super) async fn metrics(s: &mut Session) -> anyhow::Result<()> {
-    let request = s.request(pb::GetLifecycleMetricsRequest {});
+pub(super) async fn metrics(s: &mut Session, a: MetricsArgs) -> anyhow::Result<()> {
+    let request = s.request(pb::GetLifecycleMetricsRequest { as_of: a.as_of });
     let m = s
         .client
         .get_lifecycle_metrics(request)

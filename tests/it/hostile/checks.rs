@@ -177,7 +177,10 @@ pub(super) fn call_with_agent_id(client: &Client, method: &str, agent_id: &str) 
                 ..Default::default()
             }
         )),
-        "GetAgent" => rpc!(client.get_agent(pb::GetAgentRequest { agent_id })),
+        "GetAgent" => rpc!(client.get_agent(pb::GetAgentRequest {
+            agent_id,
+            ..Default::default()
+        })),
         "GetAgentHistory" => rpc!(client.get_agent_history(pb::GetAgentHistoryRequest {
             agent_id,
             ..Default::default()

@@ -82,7 +82,7 @@ pub(super) async fn flood_round(
         let mut client = Client::new(channel.clone());
         timed(
             "after the resets",
-            client.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest {}),
+            client.get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default()),
         )
         .await
         .expect("GetLifecycleMetrics after the resets");

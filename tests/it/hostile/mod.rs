@@ -131,6 +131,7 @@ async fn get_agent(client: &mut Client, agent_id: &str) -> pb::Agent {
         "GetAgent",
         client.get_agent(pb::GetAgentRequest {
             agent_id: agent_id.to_string(),
+            ..Default::default()
         }),
     )
     .await
@@ -384,7 +385,10 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
         })],
         "PutInMaintenance" => change!(PutInMaintenanceRequest {}),
         "ResumeFromMaintenance" => change!(ResumeFromMaintenanceRequest {}),
-        "GetAgent" => vec![enc(pb::GetAgentRequest { agent_id: id })],
+        "GetAgent" => vec![enc(pb::GetAgentRequest {
+            agent_id: id,
+            ..Default::default()
+        })],
         "ListAgents" => vec![
             enc(pb::ListAgentsRequest {
                 states: vec![S::Online as i32, S::Busy as i32],
@@ -392,6 +396,7 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
                 labels: fuzz_labels(),
                 page_size: 5,
                 page_token: String::new(),
+                as_of: None,
             }),
             enc(pb::ListAgentsRequest {
                 page_size: 2,
@@ -431,7 +436,7 @@ fn samples(method: &str, id: &str) -> Vec<Vec<u8>> {
                 ..Default::default()
             }),
         ],
-        "GetLifecycleMetrics" => vec![enc(pb::GetLifecycleMetricsRequest {})],
+        "GetLifecycleMetrics" => vec![enc(pb::GetLifecycleMetricsRequest::default())],
         "GetTransitionRules" => vec![enc(pb::GetTransitionRulesRequest {})],
         "SyncExternalStatus" => [
             ("docker", "running"),

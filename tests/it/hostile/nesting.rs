@@ -107,6 +107,7 @@ pub(super) async fn deeply_nested_metadata_is_refused_or_stays_readable() {
                 "GetAgent",
                 client.get_agent(pb::GetAgentRequest {
                     agent_id: agent_id.clone(),
+                    ..Default::default()
                 }),
             )
             .await;

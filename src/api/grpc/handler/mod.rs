@@ -304,6 +304,7 @@ mod tests {
         let err = handler
             .get_agent(Request::new(pb::GetAgentRequest {
                 agent_id: "x".into(),
+                ..Default::default()
             }))
             .await
             .expect_err("invalid");

@@ -30,13 +30,24 @@ pub(super) async fn get_agent(
     request: Request<pb::GetAgentRequest>,
 ) -> Result<Response<pb::GetAgentResponse>, Status> {
     let caller = caller_of(&request);
-    let pb::GetAgentRequest { agent_id } = request.into_inner();
+    let pb::GetAgentRequest { agent_id, as_of } = request.into_inner();
     let id = agent_id_from_pb("agent_id", &agent_id)?;
+    let as_of = convert::as_of_from_pb("as_of", as_of).map_err(crate::Error::from)?;
     caller.check_agent(id)?;
     handler.service.catch_up_with_store().await?;
+    if let Some(point) = as_of {
+        let service = &handler.service;
+        let sequence = service.resolve_as_of(point).await?;
+        let agent = service.agent_as_of(id, sequence).await?;
+        return Ok(Response::new(pb::GetAgentResponse {
+            agent: Some(convert::agent_at_to_pb(&agent, service.policy())),
+            as_of_sequence: sequence,
+        }));
+    }
     let agent = handler.service.get_agent(id)?;
     Ok(Response::new(pb::GetAgentResponse {
         agent: handler.agents_with_heartbeats(&[agent]).await.pop(),
+        as_of_sequence: 0,
     }))
 }
 
@@ -53,15 +64,32 @@ pub(super) async fn list_agents(
         labels: convert::labels_from_pb(r.labels),
     };
     let after = convert::parse_list_token(&r.page_token)?;
+    let as_of = convert::as_of_from_pb("as_of", r.as_of).map_err(crate::Error::from)?;
     let limit = match r.page_size as usize {
         0 => DEFAULT_LIST_PAGE,
         n => n.min(MAX_LIST_PAGE),
     };
     handler.service.catch_up_with_store().await?;
+    if let Some(point) = as_of {
+        let service = &handler.service;
+        let sequence = service.resolve_as_of(point).await?;
+        let (agents, next) = service
+            .list_agents_as_of(&filter, after, limit, sequence)
+            .await?;
+        return Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents
+                .iter()
+                .map(|a| convert::agent_at_to_pb(a, service.policy()))
+                .collect(),
+            next_page_token: next.map(convert::list_token).unwrap_or_default(),
+            as_of_sequence: sequence,
+        }));
+    }
     let (agents, next) = handler.service.list_agents(&filter, after, limit)?;
     Ok(Response::new(pb::ListAgentsResponse {
         agents: handler.agents_with_heartbeats(&agents).await,
         next_page_token: next.map(convert::list_token).unwrap_or_default(),
+        as_of_sequence: 0,
     }))
 }
 
@@ -220,9 +248,18 @@ pub(super) async fn list_transitions(
 
 pub(super) async fn get_lifecycle_metrics(
     handler: &LifecycleHandler,
-    _request: Request<pb::GetLifecycleMetricsRequest>,
+    request: Request<pb::GetLifecycleMetricsRequest>,
 ) -> Result<Response<pb::GetLifecycleMetricsResponse>, Status> {
+    let as_of =
+        convert::as_of_from_pb("as_of", request.into_inner().as_of).map_err(crate::Error::from)?;
     handler.service.catch_up_with_store().await?;
+    if let Some(point) = as_of {
+        let sequence = handler.service.resolve_as_of(point).await?;
+        let metrics = handler.service.lifecycle_metrics_as_of(sequence).await?;
+        let mut response = convert::metrics_to_pb(&metrics);
+        response.as_of_sequence = sequence;
+        return Ok(Response::new(response));
+    }
     let metrics = handler.service.get_lifecycle_metrics();
     let mut response = convert::metrics_to_pb(&metrics);
     let [heartbeats, missed, restarts, stuck, sync] = handler.service.metrics().automation();

@@ -241,7 +241,7 @@ impl Driver for DockerDriver {
                 PlatformAction::Restart => {
                     let started = state
                         .and_then(|s| s.started_at.as_deref())
-                        .and_then(spec::docker_time);
+                        .and_then(crate::domain::parse_rfc3339);
                     running && started.is_some_and(|started| started >= target.at)
                 }
                 PlatformAction::Stop => !running,

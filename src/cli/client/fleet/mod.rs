@@ -122,6 +122,7 @@ fn observed(agent: &pb::Agent) -> Option<Observed> {
 async fn fetch(s: &mut Session, agent_id: &str) -> anyhow::Result<Option<Observed>> {
     let request = s.request(pb::GetAgentRequest {
         agent_id: agent_id.to_string(),
+        ..Default::default()
     });
     match s.client.get_agent(request).await {
         Ok(response) => Ok(response.into_inner().agent.as_ref().and_then(observed)),
