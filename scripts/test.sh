@@ -125,6 +125,22 @@ elif [ -n "${CI:-}" ]; then
     exit 1
 fi
 
+# --- buf (npm's @bufbuild/buf) for the wire contract checks (tests/it/proto.rs) ---
+BUF_VERSION=1.50.0
+if [ ! -x target/tools/node_modules/.bin/buf ] \
+    || [ "$(target/tools/node_modules/.bin/buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+    mkdir -p target/tools
+    if ! npm install --silent --no-audit --no-fund --prefix target/tools "@bufbuild/buf@$BUF_VERSION" >/dev/null 2>&1 \
+        && [ -n "${CI:-}" ]; then
+        echo "error: cannot install buf $BUF_VERSION from npm" >&2
+        exit 1
+    fi
+fi
+if [ -x target/tools/node_modules/.bin/buf ]; then
+    export BUF="$PWD/target/tools/node_modules/.bin/buf"
+    echo "buf $("$BUF" --version)"
+fi
+
 # --- tool versions -------------------------------------------------------------
 rustc --version
 cargo --version

@@ -29,6 +29,7 @@ mod metrics_http;
 mod otlp;
 mod pipelines;
 mod postgres;
+mod proto;
 mod retention;
 mod retries;
 mod shutdown;
