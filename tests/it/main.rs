@@ -30,6 +30,7 @@ mod logging;
 mod metrics_http;
 mod notify;
 mod otlp;
+mod pipelines;
 mod postgres;
 mod proto;
 mod retention;
