@@ -63,9 +63,9 @@ impl WatchOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub enum WatchItem {
     /// A committed event.
-    Event(pb::LifecycleEvent),
+    Event(Box<pb::LifecycleEvent>),
     /// An agent of the snapshot.
-    SnapshotAgent(pb::Agent),
+    SnapshotAgent(Box<pb::Agent>),
     /// The snapshot is complete as of this head; events after it follow.
     SnapshotComplete {
         /// The snapshot's head sequence.
@@ -143,17 +143,17 @@ impl Resume {
             if self.done {
                 return None;
             }
-            if self.stream.is_none() {
-                if let Err(err) = self.open().await {
-                    match err {
-                        Failure::Retry => {
-                            self.pause().await;
-                            continue;
-                        }
-                        Failure::End(err) => {
-                            self.done = true;
-                            return Some((Err(err), self));
-                        }
+            if self.stream.is_none()
+                && let Err(err) = self.open().await
+            {
+                match err {
+                    Failure::Retry => {
+                        self.pause().await;
+                        continue;
+                    }
+                    Failure::End(err) => {
+                        self.done = true;
+                        return Some((Err(err), self));
                     }
                 }
             }
@@ -234,7 +234,7 @@ impl Resume {
                 }
                 self.last = event.sequence;
                 self.next = self.next.max(event.sequence + 1);
-                Some(WatchItem::Event(event))
+                Some(WatchItem::Event(Box::new(event)))
             }
             Kind::Progress(progress) => {
                 self.next = self.next.max(progress.head_sequence + 1);
@@ -242,7 +242,7 @@ impl Resume {
                     head_sequence: progress.head_sequence,
                 })
             }
-            Kind::SnapshotAgent(agent) => Some(WatchItem::SnapshotAgent(agent)),
+            Kind::SnapshotAgent(agent) => Some(WatchItem::SnapshotAgent(Box::new(agent))),
             Kind::SnapshotComplete(done) => {
                 self.snapshot_pending = false;
                 self.next = self.next.max(done.head_sequence + 1);

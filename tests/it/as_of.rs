@@ -40,7 +40,7 @@ async fn fleet(
             .list_agents(pb::ListAgentsRequest {
                 page_size: 2,
                 page_token: token,
-                as_of: point.clone(),
+                as_of: point,
                 ..Default::default()
             })
             .await

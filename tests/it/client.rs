@@ -66,20 +66,25 @@ async fn transition(client: &Client, id: &str, target: pb::AgentState) {
         .expect("transition");
 }
 
-/// The next `n` event sequences of `watch`, each within [`STEP`].
+/// The next `n` event sequences of `watch`, within [`STEP`] in all.
 async fn sequences(watch: &mut agent_lifecycle::client::Watch, n: usize) -> Vec<u64> {
-    let mut seen = Vec::new();
-    while seen.len() < n {
-        let item = tokio::time::timeout(STEP, watch.next())
-            .await
-            .expect("an item in time")
-            .expect("the watch goes on")
-            .expect("no error");
-        if let WatchItem::Event(event) = item {
-            seen.push(event.sequence);
+    let read = async {
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            let item = watch
+                .next()
+                .await
+                .expect("the watch goes on")
+                .expect("no error");
+            if let WatchItem::Event(event) = item {
+                seen.push(event.sequence);
+            }
         }
-    }
-    seen
+        seen
+    };
+    tokio::time::timeout(STEP, read)
+        .await
+        .unwrap_or_else(|_| panic!("{n} events within {STEP:?}"))
 }
 
 /// SQLite; the watch goes through a proxy, which is pointed at the server
@@ -122,8 +127,7 @@ async fn the_watch_resumes_after_its_connection_is_cut() {
     let watcher = Client::connect(&proxy.url(), ClientOptions::default())
         .await
         .expect("connect");
-    // From now: the head is fixed as a sequence first.
-    let mut watch = watcher.watch(WatchOptions::default());
+    let mut watch = watcher.watch(WatchOptions::from_sequence(1));
     let id = busy_agent(&writer, 0).await;
     let mut seen = sequences(&mut watch, 5).await;
     for _ in 0..3 {
@@ -158,9 +162,10 @@ async fn the_watch_moves_to_another_process_of_the_fleet() {
     assert_eq!(seen, (1..=14).collect::<Vec<_>>());
 }
 
-/// A watcher that stops reading while the log runs past retention: it
-/// yields what it had, in order, then [`ClientError::Compacted`] naming the
-/// oldest sequence kept, and ends.
+/// A slow watcher loses its connection while the log runs past
+/// retention: when it is read again it reconnects from where it was,
+/// finds those events compacted, and reports [`ClientError::Compacted`]
+/// naming the oldest sequence kept, then ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_that_overtakes_a_slow_watcher_is_its_own_error() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -170,37 +175,47 @@ async fn compaction_that_overtakes_a_slow_watcher_is_its_own_error() {
         "warn",
         "--store",
         &store,
-        "--event-buffer",
-        "16",
         "--retain-events",
         "50",
         "--compaction-interval",
         "50ms",
     ]);
+    let proxy = Proxy::start(server.addr.parse().expect("addr")).await;
     let client = Client::connect(&server.url(), ClientOptions::default())
         .await
         .expect("connect");
+    let slow = Client::connect(&proxy.url(), ClientOptions::default())
+        .await
+        .expect("connect");
     let id = busy_agent(&client, 0).await;
-    let mut watch = client.watch(WatchOptions::from_sequence(1));
+    let mut watch = slow.watch(WatchOptions::from_sequence(1));
     assert_eq!(sequences(&mut watch, 5).await, vec![1, 2, 3, 4, 5]);
-    // The watcher reads nothing while 2,000 events pass.
-    flip(&client, &id, 2000).await;
+    // The watcher reads nothing, and loses its connection, while 200
+    // events pass and compaction keeps the newest 50.
+    proxy.cut();
+    flip(&client, &id, 200).await;
+    compacted_past(&client, 6).await;
     let mut last = 5;
-    let oldest = loop {
-        let item = tokio::time::timeout(STEP, watch.next())
-            .await
-            .expect("an item in time")
-            .expect("the watch ends with the error, not silently");
-        match item {
-            Ok(WatchItem::Event(event)) => {
-                assert_eq!(event.sequence, last + 1, "in order, none missing");
-                last = event.sequence;
+    let read = async {
+        loop {
+            let item = watch
+                .next()
+                .await
+                .expect("the watch ends with the error, not silently");
+            match item {
+                Ok(WatchItem::Event(event)) => {
+                    assert_eq!(event.sequence, last + 1, "in order, none missing");
+                    last = event.sequence;
+                }
+                Ok(_) => {}
+                Err(ClientError::Compacted { oldest, .. }) => return oldest,
+                Err(err) => panic!("unexpected {err}"),
             }
-            Ok(_) => {}
-            Err(ClientError::Compacted { oldest, .. }) => break oldest,
-            Err(err) => panic!("unexpected {err}"),
         }
     };
+    let oldest = tokio::time::timeout(STEP, read)
+        .await
+        .expect("the compaction is reported in time");
     assert!(
         oldest > last + 1,
         "the events it missed were compacted: oldest {oldest}, last {last}"
@@ -255,5 +270,27 @@ async fn a_change_whose_reply_was_lost_is_applied_once() {
             assert!(allowed.contains(&agent_lifecycle::domain::AgentState::Idle));
         }
         other => panic!("expected TransitionNotAllowed, got {other:?}"),
+    }
+}
+
+/// Waits until compaction has deleted the event `sequence` (a watch from
+/// it is refused as compacted).
+async fn compacted_past(client: &Client, sequence: u64) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let mut raw = client.raw();
+        let opened = raw
+            .watch_events(pb::WatchEventsRequest {
+                start_sequence: sequence,
+                ..Default::default()
+            })
+            .await;
+        match opened.map_err(ClientError::from) {
+            Err(ClientError::Compacted { .. }) => return,
+            _ if tokio::time::Instant::now() > deadline => {
+                panic!("event {sequence} was not compacted within {STEP:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }

@@ -166,7 +166,7 @@ pub(super) async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
     let mut token = String::new();
     let mut all = Vec::new();
     let mut printed_header = false;
-    let mut as_of = a.as_of.clone();
+    let mut as_of = a.as_of;
     loop {
         let request = s.request(pb::ListAgentsRequest {
             states: a.states.iter().map(|s| wire_state(*s)).collect(),
@@ -174,7 +174,7 @@ pub(super) async fn list(s: &mut Session, a: ListArgs) -> anyhow::Result<()> {
             labels: a.labels.iter().cloned().collect::<HashMap<_, _>>(),
             page_size: a.page_size,
             page_token: token,
-            as_of: as_of.clone(),
+            as_of,
         });
         let page = s
             .client
