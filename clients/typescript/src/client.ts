@@ -254,7 +254,7 @@ export class Client {
   }
 
   /** Moves the agent to `target`; TransitionNotAllowedError (with allowedTargets) when the policy refuses. */
-  transitionAgent(agentId: string, target: StateLike, options: ChangeOptions = {}): Promise<Change> {
+  async transitionAgent(agentId: string, target: StateLike, options: ChangeOptions = {}): Promise<Change> {
     const request = { agentId, targetState: parseState(target), ...this.common(options) };
     return this.change(S.transitionAgent, request, options.timeoutMs);
   }
@@ -345,7 +345,7 @@ export class Client {
   }
 
   /** One page of ListAgents, as the server answers it. */
-  listAgentsPage(
+  async listAgentsPage(
     options: {
       states?: StateLike[];
       category?: AgentCategory | string;
@@ -431,7 +431,7 @@ export class Client {
   }
 
   /** Fleet-wide counts now, or at `asOf`. */
-  getLifecycleMetrics(options: { asOf?: AsOf; timeoutMs?: number } = {}): Promise<GetLifecycleMetricsResponse> {
+  async getLifecycleMetrics(options: { asOf?: AsOf; timeoutMs?: number } = {}): Promise<GetLifecycleMetricsResponse> {
     return this.unary(S.getLifecycleMetrics, { asOf: asOf(options.asOf) }, options.timeoutMs);
   }
 
@@ -447,8 +447,8 @@ export class Client {
    * The event stream as an async iterator of LifecycleEvent that reconnects by
    * itself: every matching event exactly once, in sequence order, across
    * server restarts, dropped connections and moves between endpoints. Neither
-   * `startSequence` nor `snapshot`: live from the head at the time of the
-   * first read. Rejects with SequenceCompactedError (oldestAvailableSequence)
+   * `startSequence` nor `snapshot`: live, from the server's head when the
+   * watch is first read or when `await watch.start()` resolves. Rejects with SequenceCompactedError (oldestAvailableSequence)
    * when retention deleted events the watch still needed.
    */
   watch(filter: WatchFilter = {}): Watch {

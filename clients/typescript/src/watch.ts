@@ -69,6 +69,21 @@ export class Watch implements AsyncIterable<LifecycleEvent> {
     return this.cursor.snapshotHead;
   }
 
+  /**
+   * Fixes where a live watch starts (the server's head now), so that changes
+   * made after this resolves are delivered; otherwise a live watch starts
+   * from the head when it is first read.
+   */
+  async start(): Promise<this> {
+    if (this.cursor.needsHead) {
+      const head = await this.host.headForWatch();
+      if (head !== undefined) {
+        this.cursor.nextStart = head + 1;
+      }
+    }
+    return this;
+  }
+
   /** The fleet as the watch started (`snapshot: true` only); the events after it follow through iteration. */
   async snapshot(): Promise<Agent[]> {
     if (!this.cursor.wantSnapshot) {
@@ -115,17 +130,16 @@ export class Watch implements AsyncIterable<LifecycleEvent> {
   }
 
   private async open(): Promise<void> {
-    if (this.cursor.needsHead) {
-      const head = await this.host.headForWatch();
-      if (head !== undefined) {
-        this.cursor.nextStart = head + 1;
-      }
-    }
+    await this.start();
     this.index = this.host.currentEndpoint();
     this.idleCancelled = false;
     const stream = this.host.openWatch(this.index, this.cursor.request());
     this.stream = stream;
     this.iterator = stream[Symbol.asyncIterator]() as AsyncIterator<WatchEventsResponse>;
+    if (this.closed.signal.aborted) {
+      // close() ran while the head was being read.
+      this.drop();
+    }
   }
 
   /** The next message (undefined once closed), reconnecting as often as needed. */

@@ -282,7 +282,9 @@ class AsyncClient:
               states: Iterable[StateLike] = (), event_types: Iterable[EventType | int] = (),
               labels: Mapping[str, str] | None = None, idle_timeout: float | None = 60.0,
               reconnect_timeout: float | None = None) -> AsyncWatch:
-        """The event stream as an async iterator; see Client.watch."""
+        """The event stream as an async iterator; see Client.watch. A live
+        watch (neither start_sequence nor snapshot) starts from the head when
+        it is first read, or when `await watch.start()` returns."""
         if snapshot and start_sequence is not None:
             raise ValueError("snapshot and start_sequence cannot be combined")
         if start_sequence is not None and start_sequence < 1:
@@ -343,6 +345,16 @@ class AsyncWatch:
     def snapshot_head(self) -> int:
         return self._cursor.snapshot_head
 
+    async def start(self) -> AsyncWatch:
+        """Fixes where a live watch starts (the server's head now), so that
+        changes made after this returns are delivered; otherwise a live
+        watch starts from the head when it is first read."""
+        if self._cursor.needs_head:
+            head = await self._client._head_for_watch()
+            if head is not None:
+                self._cursor.next_start = head + 1
+        return self
+
     async def snapshot(self) -> list[pb.Agent]:
         """The fleet as the watch started (`snapshot=True` only)."""
         if not self._cursor.want_snapshot:
@@ -383,12 +395,11 @@ class AsyncWatch:
             error: LifecycleError
             try:
                 if self._call is None:
-                    if self._cursor.needs_head:
-                        head = await self._client._head_for_watch()
-                        if head is not None:
-                            self._cursor.next_start = head + 1
+                    await self.start()
                     self._index = self._client._current
                     self._call = self._client._watch_stream(self._index, self._cursor.request())
+                    if self._closed:  # close() ran while the head was being read
+                        raise StopAsyncIteration
                 message = await asyncio.wait_for(self._call.read(), self._idle_timeout)
                 if message is grpc.aio.EOF:
                     error = UnavailableError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
@@ -399,6 +410,10 @@ class AsyncWatch:
                     return result
             except asyncio.TimeoutError:
                 error = UnavailableError(grpc.StatusCode.UNAVAILABLE, "no message within idle_timeout")
+            except asyncio.CancelledError:
+                if self._closed:  # close() cancelled the call under a pending read
+                    raise StopAsyncIteration from None
+                raise
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
             except LifecycleError as e:

@@ -393,8 +393,9 @@ class Client:
 
         `start_sequence`: replay from there (1: the whole retained log);
         `snapshot`: first the current fleet (`Watch.snapshot()`), then the
-        events after it; neither: live from the head at the time of the
-        call. Raises SequenceCompactedError (with
+        events after it; neither: live, from the head at the time of this
+        call (read with GetLifecycleMetrics; a principal that may not read
+        it watches from when the stream opens). Raises SequenceCompactedError (with
         `oldest_available_sequence`) when retention deleted events the watch
         still needed. `idle_timeout`: reconnect when nothing (not even a
         progress message) arrived for that long; keep it above twice the
@@ -408,6 +409,10 @@ class Client:
             raise ValueError(f"start_sequence must be at least 1, got {start_sequence}")
         template = rq.watch_request(agent_ids=agent_ids, states=states, event_types=event_types, labels=labels)
         cursor = Cursor(template, start_sequence, snapshot)
+        if cursor.needs_head:
+            head = self._head_for_watch()
+            if head is not None:
+                cursor.next_start = head + 1
         return Watch(self, cursor, idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)
 
     def _head_for_watch(self) -> int | None:

@@ -92,7 +92,9 @@ class Watch:
                 return event
 
     def close(self) -> None:
-        """Ends the watch; iteration stops."""
+        """Ends the watch; iteration stops. Closing again does nothing."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         call = self._call
         if call is not None:
@@ -115,6 +117,8 @@ class Watch:
         self._idle_cancelled = False
         self._last_message = time.monotonic()
         self._call = self._client._watch_stream(self._index, self._cursor.request())
+        if self._closed.is_set():  # close() ran while this call was being made
+            self._call.cancel()
 
     def _drop(self) -> None:
         call, self._call = self._call, None
