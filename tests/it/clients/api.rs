@@ -13,15 +13,20 @@ use crate::common::{self, process::ServerProcess};
 /// A server whose [limits] allow 5 transitions per agent per second.
 fn rate_limited_server(dir: &tempfile::TempDir) -> ServerProcess {
     let config = dir.path().join("limits.toml");
-    std::fs::write(&config, "[limits]\nagent_transitions_per_second = 5\nagent_transition_burst = 5\n")
-        .expect("write the config");
+    std::fs::write(
+        &config,
+        "[limits]\nagent_transitions_per_second = 5\nagent_transition_burst = 5\n",
+    )
+    .expect("write the config");
     let config = config.to_str().expect("utf-8 path").to_owned();
     ServerProcess::start(&["--log", "warn", "--store", "memory", "--config", &config])
 }
 
 fn python_api(args: &[&str]) -> Script {
     let mut command = Command::new(python());
-    command.arg(root().join("clients/python/tests/api_test.py")).args(args);
+    command
+        .arg(root().join("clients/python/tests/api_test.py"))
+        .args(args);
     Script::spawn(format!("api_test.py {}", args.join(" ")), command)
 }
 
@@ -31,7 +36,10 @@ fn typescript_api(server: &ServerProcess, rate_limited: bool) -> Script {
         .arg("--test")
         .arg(typescript_dist("test/api.test.js"))
         .env("AGENT_LIFECYCLE_TEST_SERVER", &server.addr)
-        .env("AGENT_LIFECYCLE_TEST_RATE_LIMITED", if rate_limited { "1" } else { "0" });
+        .env(
+            "AGENT_LIFECYCLE_TEST_RATE_LIMITED",
+            if rate_limited { "1" } else { "0" },
+        );
     Script::spawn("node --test api.test.js".into(), command)
 }
 
@@ -39,11 +47,19 @@ fn typescript_api(server: &ServerProcess, rate_limited: bool) -> Script {
 fn assert_passed(lines: &[String], at_least: usize) {
     let passed = lines
         .iter()
-        .find_map(|l| l.strip_suffix(" passed, 0 failed").or_else(|| l.strip_prefix("# pass ")))
+        .find_map(|l| {
+            l.strip_suffix(" passed, 0 failed")
+                .or_else(|| l.strip_prefix("# pass "))
+        })
         .and_then(|n| n.trim().parse::<usize>().ok())
         .unwrap_or_else(|| panic!("no pass count in {lines:#?}"));
-    assert!(passed >= at_least, "{passed} checks passed, expected {at_least}: {lines:#?}");
-    assert!(lines.iter().any(|l| l == "# fail 0") || lines.iter().any(|l| l.ends_with(" 0 failed")));
+    assert!(
+        passed >= at_least,
+        "{passed} checks passed, expected {at_least}: {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "# fail 0") || lines.iter().any(|l| l.ends_with(" 0 failed"))
+    );
 }
 
 /// Scenario: the Python client drives an agent through every mutating
@@ -81,9 +97,17 @@ async fn clients_honour_retry_info_when_rate_limited() {
 async fn python_client_is_clean_under_mypy_strict() {
     let mut command = Command::new(python());
     let config = root().join("clients/python/pyproject.toml");
-    command.args(["-m", "mypy", "--strict", "--config-file"]).arg(config).args(["-p", "agent_lifecycle"]);
+    command
+        .args(["-m", "mypy", "--strict", "--config-file"])
+        .arg(config)
+        .args(["-p", "agent_lifecycle"]);
     let lines = Script::spawn("mypy --strict -p agent_lifecycle".into(), command).finish();
-    assert!(lines.iter().any(|l| l.starts_with("Success: no issues found")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("Success: no issues found")),
+        "{lines:#?}"
+    );
 }
 
 /// Scenario: the example monitors of examples/ print the fleet from a
@@ -110,7 +134,8 @@ async fn the_example_monitors_print_the_fleet_and_alert_on_errors() {
         }),
         ("monitor.ts", {
             let mut c = Command::new("node");
-            c.arg(typescript_dist("examples/monitor.js")).arg(&server.addr);
+            c.arg(typescript_dist("examples/monitor.js"))
+                .arg(&server.addr);
             c
         }),
     ];
@@ -121,7 +146,9 @@ async fn the_example_monitors_print_the_fleet_and_alert_on_errors() {
             l.starts_with("ALERT ") && l.contains(&broken.agent_id) && l.contains("disk full")
         });
         let agent = common::online(&mut client, &[]).await;
-        monitor.wait_for("the new agent online", |l| l.contains(&agent.agent_id) && l.ends_with("starting -> online"));
+        monitor.wait_for("the new agent online", |l| {
+            l.contains(&agent.agent_id) && l.ends_with("starting -> online")
+        });
         client
             .transition_agent(pb::TransitionAgentRequest {
                 agent_id: agent.agent_id.clone(),
@@ -132,7 +159,9 @@ async fn the_example_monitors_print_the_fleet_and_alert_on_errors() {
             .await
             .expect("to error");
         monitor.wait_for("the alert", |l| {
-            l.starts_with("ALERT ") && l.contains(&agent.agent_id) && l.contains("is error: gpu lost")
+            l.starts_with("ALERT ")
+                && l.contains(&agent.agent_id)
+                && l.contains("is error: gpu lost")
         });
     }
 }

@@ -32,7 +32,14 @@ use script::{ALL, Lang, Script};
 
 fn sqlite_server(db: &std::path::Path) -> ServerProcess {
     let store = format!("sqlite://{}", db.display());
-    ServerProcess::start(&["--log", "warn", "--store", &store, "--progress-interval", "1s"])
+    ServerProcess::start(&[
+        "--log",
+        "warn",
+        "--store",
+        &store,
+        "--progress-interval",
+        "1s",
+    ])
 }
 
 /// One full lifecycle of a new agent: 9 events.
@@ -115,8 +122,14 @@ async fn finish_watch(mut script: Script, url: &str, from: u64) -> (usize, Vec<S
         .iter()
         .find_map(|l| l.strip_prefix("done "))
         .unwrap_or_else(|| panic!("no done line in {lines:?}"));
-    let yielded: Vec<u64> = lines.iter().filter_map(|l| script::event_sequence(l)).collect();
-    assert_eq!(yielded, expected, "the watch yielded the log exactly once, in order");
+    let yielded: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| script::event_sequence(l))
+        .collect();
+    assert_eq!(
+        yielded, expected,
+        "the watch yielded the log exactly once, in order"
+    );
     (done.trim().parse().expect("connections"), lines)
 }
 
@@ -134,7 +147,10 @@ async fn watch_survives_sigkill_and_restart_on_sqlite() {
         let mut server = sqlite_server(&db);
         let proxy = Proxy::start(&server.addr).await;
         assert_eq!(produce(server.url(), 1).await.expect("join"), 1);
-        let mut script = Script::start(lang, &["watch", "--endpoints", &proxy.endpoint(), "--from", "1"]);
+        let mut script = Script::start(
+            lang,
+            &["watch", "--endpoints", &proxy.endpoint(), "--from", "1"],
+        );
         script.wait_for_event(9);
         let load = produce(server.url(), 1000);
         script.wait_for_event(27);
@@ -145,7 +161,10 @@ async fn watch_survives_sigkill_and_restart_on_sqlite() {
         proxy.set_upstream(&server.addr);
         assert_eq!(produce(server.url(), 2).await.expect("join"), 2);
         let (connections, lines) = finish_watch(script, &server.url(), 1).await;
-        assert!(connections >= 2, "{lang:?}: reconnected after the crash: {lines:#?}");
+        assert!(
+            connections >= 2,
+            "{lang:?}: reconnected after the crash: {lines:#?}"
+        );
     }
 }
 
@@ -156,12 +175,28 @@ async fn watch_survives_sigkill_and_restart_on_sqlite() {
 /// once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumes_after_a_proxy_cuts_the_stream() {
-    let server = ServerProcess::start(&["--log", "warn", "--store", "memory", "--progress-interval", "1s"]);
+    let server = ServerProcess::start(&[
+        "--log",
+        "warn",
+        "--store",
+        "memory",
+        "--progress-interval",
+        "1s",
+    ]);
     for lang in ALL {
         let proxy = Proxy::start(&server.addr).await;
         let from = head(&mut server.client().await).await + 1;
         let from_text = from.to_string();
-        let mut script = Script::start(lang, &["watch", "--endpoints", &proxy.endpoint(), "--from", &from_text]);
+        let mut script = Script::start(
+            lang,
+            &[
+                "watch",
+                "--endpoints",
+                &proxy.endpoint(),
+                "--from",
+                &from_text,
+            ],
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let load = produce_until(server.url(), Arc::clone(&stop));
         script.wait_for_event(from + 60);
@@ -169,12 +204,17 @@ async fn watch_resumes_after_a_proxy_cuts_the_stream() {
             proxy.cut();
             let line = format!("connection {connection}");
             script.wait_for(&line, |l| l == line);
-            script.wait_for("an event on the new connection", |l| script::event_sequence(l).is_some());
+            script.wait_for("an event on the new connection", |l| {
+                script::event_sequence(l).is_some()
+            });
         }
         stop.store(true, Ordering::SeqCst);
         assert!(load.await.expect("join") > 0);
         let (connections, lines) = finish_watch(script, &server.url(), from).await;
-        assert!(connections >= 3, "{lang:?}: one connection per cut: {lines:#?}");
+        assert!(
+            connections >= 3,
+            "{lang:?}: one connection per cut: {lines:#?}"
+        );
     }
 }
 
@@ -203,20 +243,34 @@ async fn watch_moves_between_processes_of_a_postgres_fleet() {
         return;
     };
     for lang in ALL {
-        let args = ["--log", "warn", "--store", url.as_str(), "--progress-interval", "1s"];
+        let args = [
+            "--log",
+            "warn",
+            "--store",
+            url.as_str(),
+            "--progress-interval",
+            "1s",
+        ];
         let mut first = ServerProcess::start(&args);
         let second = ServerProcess::start(&args);
         assert_eq!(produce(second.url(), 1).await.expect("join"), 1);
         let endpoints = format!("{},{}", first.addr, second.addr);
         let mut script = Script::start(lang, &["watch", "--endpoints", &endpoints, "--snapshot"]);
         let line = script.wait_for("the snapshot", |l| l.starts_with("snapshot "));
-        let snapshot_head: u64 = line.split_whitespace().nth(2).and_then(|h| h.parse().ok()).expect("head");
+        let snapshot_head: u64 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|h| h.parse().ok())
+            .expect("head");
         let load = produce(second.url(), 20);
         script.wait_for_event(snapshot_head + 50);
         first.kill();
         assert_eq!(load.await.expect("join"), 20);
         let (connections, lines) = finish_watch(script, &second.url(), snapshot_head + 1).await;
-        assert!(connections >= 2, "{lang:?}: moved to the second process: {lines:#?}");
+        assert!(
+            connections >= 2,
+            "{lang:?}: moved to the second process: {lines:#?}"
+        );
     }
 }
 
@@ -230,8 +284,18 @@ async fn watch_moves_between_processes_of_a_postgres_fleet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
     let server = ServerProcess::start(&[
-        "--log", "warn", "--store", "memory", "--retain-events", "20", "--event-buffer", "16",
-        "--compaction-interval", "100ms", "--progress-interval", "1s",
+        "--log",
+        "warn",
+        "--store",
+        "memory",
+        "--retain-events",
+        "20",
+        "--event-buffer",
+        "16",
+        "--compaction-interval",
+        "100ms",
+        "--progress-interval",
+        "1s",
     ]);
     let mut client = server.client().await;
     for lang in ALL {
@@ -241,7 +305,16 @@ async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
         let from_text = from.to_string();
         let mut script = Script::start(
             lang,
-            &["watch", "--endpoints", &server.addr, "--from", &from_text, "--pause-after", "3", "--small-window"],
+            &[
+                "watch",
+                "--endpoints",
+                &server.addr,
+                "--from",
+                &from_text,
+                "--pause-after",
+                "3",
+                "--small-window",
+            ],
         );
         let paused: u64 = script
             .wait_for("the pause", |l| l.starts_with("paused "))
@@ -251,7 +324,11 @@ async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
             .expect("paused sequence");
         let metadata = padding(8000);
         for i in 0..300 {
-            let target = if i % 2 == 0 { pb::AgentState::Busy } else { pb::AgentState::Idle };
+            let target = if i % 2 == 0 {
+                pb::AgentState::Busy
+            } else {
+                pb::AgentState::Idle
+            };
             client
                 .transition_agent(pb::TransitionAgentRequest {
                     agent_id: agent.agent_id.clone(),
@@ -265,11 +342,22 @@ async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
         wait_compacted(&mut client, paused + 1).await;
         script.send("go");
         let line = script.wait_for("the compaction error", |l| l.starts_with("compacted "));
-        let oldest: u64 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("oldest");
+        let oldest: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("oldest");
         let yielded = script.events();
         let last = *yielded.last().expect("events");
-        assert_eq!(yielded, (from..=last).collect::<Vec<_>>(), "{lang:?}: no gap before the error");
-        assert!(oldest > last + 1, "{lang:?}: oldest kept {oldest} lies past the last yielded {last}");
+        assert_eq!(
+            yielded,
+            (from..=last).collect::<Vec<_>>(),
+            "{lang:?}: no gap before the error"
+        );
+        assert!(
+            oldest > last + 1,
+            "{lang:?}: oldest kept {oldest} lies past the last yielded {last}"
+        );
         script.finish();
     }
 }
@@ -300,7 +388,10 @@ async fn wait_compacted(client: &mut Client, sequence: u64) {
         if refused {
             return;
         }
-        assert!(Instant::now() < deadline, "compaction passes sequence {sequence} within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "compaction passes sequence {sequence} within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -322,12 +413,27 @@ async fn a_retried_transition_whose_reply_was_lost_applies_once() {
         let endpoint = proxy.endpoint();
         let script = Script::start(
             lang,
-            &["transition", "--endpoints", &endpoint, "--agent", &agent.agent_id, "--target", "idle"],
+            &[
+                "transition",
+                "--endpoints",
+                &endpoint,
+                "--agent",
+                &agent.agent_id,
+                "--target",
+                "idle",
+            ],
         );
         let lines = script.finish();
         assert_eq!(proxy.lost_replies(), 1, "{lang:?}: one reply was lost");
-        let ok = lines.iter().find_map(|l| l.strip_prefix("ok ")).expect("ok line");
-        let sequence: u64 = ok.split_whitespace().next().and_then(|s| s.parse().ok()).expect("sequence");
+        let ok = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("ok "))
+            .expect("ok line");
+        let sequence: u64 = ok
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("sequence");
         let history = client
             .get_agent_history(pb::GetAgentHistoryRequest {
                 agent_id: agent.agent_id.clone(),
@@ -342,6 +448,10 @@ async fn a_retried_transition_whose_reply_was_lost_applies_once() {
             .filter(|t| t.to_state == pb::AgentState::Idle as i32)
             .map(|t| t.sequence)
             .collect();
-        assert_eq!(idle, vec![sequence], "{lang:?}: exactly one transition, the one answered");
+        assert_eq!(
+            idle,
+            vec![sequence],
+            "{lang:?}: exactly one transition, the one answered"
+        );
     }
 }

@@ -41,12 +41,19 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `upstream`.
     pub async fn start(upstream: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(State::default());
-        *state.upstream.lock().expect("upstream") = Some(upstream.parse().expect("upstream address"));
+        *state.upstream.lock().expect("upstream") =
+            Some(upstream.parse().expect("upstream address"));
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
-        Proxy { addr, state, accept }
+        Proxy {
+            addr,
+            state,
+            accept,
+        }
     }
 
     /// `HOST:PORT` of the proxy.
@@ -56,7 +63,8 @@ impl Proxy {
 
     /// New connections go to `upstream` from now on.
     pub fn set_upstream(&self, upstream: &str) {
-        *self.state.upstream.lock().expect("upstream") = Some(upstream.parse().expect("upstream address"));
+        *self.state.upstream.lock().expect("upstream") =
+            Some(upstream.parse().expect("upstream address"));
     }
 
     /// Drops every open connection, both ways.
@@ -82,7 +90,13 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
-        for connection in self.state.connections.lock().expect("connections").drain(..) {
+        for connection in self
+            .state
+            .connections
+            .lock()
+            .expect("connections")
+            .drain(..)
+        {
             connection.abort();
         }
     }
@@ -128,7 +142,11 @@ async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> std::io::Resul
 
 /// Forwards the server's HTTP/2 frames, ending the connection at the first
 /// HEADERS frame of a stream while a lost reply is armed.
-async fn frames(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: &State) -> std::io::Result<()> {
+async fn frames(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    state: &State,
+) -> std::io::Result<()> {
     let mut header = [0u8; 9];
     let mut payload = Vec::new();
     loop {

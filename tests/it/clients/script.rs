@@ -132,9 +132,9 @@ impl Script {
     /// Sends one command line.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).unwrap_or_else(|e| {
-            panic!("{}", self.report(&format!("cannot write {line:?}: {e}")))
-        });
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}", self.report(&format!("cannot write {line:?}: {e}"))));
     }
 
     /// Waits for a line that `matches`, returning it; fails the test,
@@ -153,7 +153,10 @@ impl Script {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("{}", self.report(&format!("no {what} within {LINE_TIMEOUT:?}")))
+                    panic!(
+                        "{}",
+                        self.report(&format!("no {what} within {LINE_TIMEOUT:?}"))
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     panic!("{}", self.report(&format!("ended before {what}")))
