@@ -11,6 +11,14 @@ fn main() -> Result<(), Box<dyn Error>> {
         // SAFETY of intent: build scripts are single-threaded here.
         unsafe { env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
+    // The tests that generate other languages' stubs from proto/ use the
+    // same protoc (tests/it/proto.rs).
+    if let Some(protoc) = env::var_os("PROTOC") {
+        println!(
+            "cargo:rustc-env=AGENT_LIFECYCLE_PROTOC={}",
+            protoc.to_string_lossy()
+        );
+    }
     let include = protoc_bin_vendored::include_path()?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -8,6 +8,9 @@
 #                           stdout: exactly one line  DOCKER_HOST=unix://DIR/docker.sock
 #   docker.sh stop DIR      stop the daemon started for DIR (by its pid file only).
 #   docker.sh status DIR    exit 0 and print DOCKER_HOST if that daemon answers.
+#   docker.sh debian DIR    also give that daemon BASE_IMAGE (default debian:bookworm-slim),
+#                           a minimal Debian bookworm made with debootstrap from Debian's
+#                           mirror and imported (for building deploy/docker/Dockerfile.runtime).
 #
 # The daemon: its own --data-root, --exec-root, pid file and socket under DIR, no
 # iptables rules and no bridge (--iptables=false --bridge=none), so it changes nothing
@@ -65,6 +68,27 @@ build_image() {
     log "built $IMAGE"
 }
 
+debian_image() {
+    local base=${BASE_IMAGE:-debian:bookworm-slim}
+    client image inspect "$base" >/dev/null 2>&1 && return 0
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        [ "$(id -u)" = 0 ] || die "debootstrap is missing and this is not root"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null 2>&1 || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        }
+    fi
+    local rootfs
+    rootfs=$(mktemp -d)
+    log "making $base with debootstrap (minbase bookworm)"
+    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$DIR/debootstrap.log" 2>&1 \
+        || die "debootstrap failed; see $DIR/debootstrap.log"
+    tar -C "$rootfs" -c . | client import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        -c 'CMD ["bash"]' - "$base" >/dev/null
+    rm -rf "$rootfs"
+    log "built $base"
+}
+
 start() {
     install_packages
     mkdir -p "$DIR"
@@ -106,5 +130,6 @@ case ${1:-} in
     start) DIR=$(realpath -m "${2:?usage: $PROG start DIR}"); start ;;
     stop) DIR=$(realpath -m "${2:?usage: $PROG stop DIR}"); stop ;;
     status) DIR=$(realpath -m "${2:?usage: $PROG status DIR}"); answers && echo "DOCKER_HOST=unix://$DIR/docker.sock" ;;
+    debian) DIR=$(realpath -m "${2:?usage: $PROG debian DIR}"); answers || die "no daemon for $DIR"; debian_image ;;
     *) DIR=$(realpath -m "${1:?usage: $PROG [start|stop|status] DIR}"); start ;;
 esac

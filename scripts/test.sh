@@ -90,6 +90,17 @@ if [ -z "${TEST_DOCKER_HOST:-}" ]; then
     fi
 fi
 export TEST_DOCKER_IMAGE="${TEST_DOCKER_IMAGE:-agent-lifecycle-test/busybox:latest}"
+# The base of the server's container image (tests/it/deploy.rs builds
+# deploy/docker/Dockerfile.runtime on it): a minimal Debian from the mirror.
+if [ -n "${TEST_DOCKER_HOST:-}" ] && [[ "$TEST_DOCKER_HOST" == unix://*/docker.sock ]]; then
+    docker_dir=${TEST_DOCKER_HOST#unix://}
+    if bash scripts/docker.sh debian "${docker_dir%/docker.sock}"; then
+        export TEST_DOCKER_BASE=debian:bookworm-slim
+    elif [ -n "${CI:-}" ]; then
+        echo "error: cannot build the Debian base image for the container image test" >&2
+        exit 1
+    fi
+fi
 echo "TEST_DOCKER_HOST=${TEST_DOCKER_HOST:-<unset>}"
 
 # --- promtool (Debian's prometheus package): metrics and alert-rule checks ---
@@ -133,6 +144,22 @@ if command -v chromedriver >/dev/null 2>&1; then
 elif [ -n "${CI:-}" ]; then
     echo "error: chromium and chromium-driver are missing and could not be installed" >&2
     exit 1
+fi
+
+# --- buf (npm's @bufbuild/buf) for the wire contract checks (tests/it/proto.rs) ---
+BUF_VERSION=1.50.0
+if [ ! -x target/tools/node_modules/.bin/buf ] \
+    || [ "$(target/tools/node_modules/.bin/buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+    mkdir -p target/tools
+    if ! npm install --silent --no-audit --no-fund --prefix target/tools "@bufbuild/buf@$BUF_VERSION" >/dev/null 2>&1 \
+        && [ -n "${CI:-}" ]; then
+        echo "error: cannot install buf $BUF_VERSION from npm" >&2
+        exit 1
+    fi
+fi
+if [ -x target/tools/node_modules/.bin/buf ]; then
+    export BUF="$PWD/target/tools/node_modules/.bin/buf"
+    echo "buf $("$BUF" --version)"
 fi
 
 # --- tool versions -------------------------------------------------------------
