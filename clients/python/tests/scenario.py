@@ -4,6 +4,7 @@
 Usage:
   scenario.py watch --endpoints E1[,E2] [--from N | --snapshot] [--pause-after K] [--async] [--small-window]
   scenario.py transition --endpoints E --agent ID --target STATE [--request-id ID]
+  scenario.py tls --endpoints https://HOST:PORT --ca FILE --token TOKEN --cert FILE --key FILE
 
 `watch` prints `event SEQ AGENT STATE` for every event the client's watch
 yields (`snapshot COUNT HEAD` first with --snapshot) and obeys commands on
@@ -12,7 +13,11 @@ resumes it after --pause-after K events (it reads nothing while paused, so
 the server's stream backs up). It ends with `done CONNECTIONS`, or with
 `compacted OLDEST` when the client raised SequenceCompactedError.
 `transition` prints `ok SEQUENCE VERSION` after a TransitionAgent call that
-the client may retry. Any other error prints `error ...` and exits 1.
+the client may retry. `tls` connects over TLS: with the token it registers
+an agent and watches its registration (`registered ID`, `watched SEQ`);
+without credentials it prints `unauthenticated` when refused; with the
+client certificate (a viewer) `listed N`, then `denied` when registering.
+Any other error prints `error ...` and exits 1.
 """
 
 from __future__ import annotations
@@ -23,7 +28,17 @@ import faulthandler
 import sys
 import threading
 
-from agent_lifecycle import AsyncClient, Client, LifecycleError, SequenceCompactedError, State, lifecycle_pb2
+from agent_lifecycle import (
+    AsyncClient,
+    Client,
+    LifecycleError,
+    PermissionDeniedError,
+    SequenceCompactedError,
+    State,
+    Tls,
+    UnauthenticatedError,
+    lifecycle_pb2,
+)
 
 #: With BDP probing off, gRPC keeps the stream window at 64 KiB, so that a
 #: paused watcher stops the server's stream after a few large events.
@@ -146,6 +161,26 @@ def transition(args: argparse.Namespace) -> None:
         say(f"ok {last.sequence} {last.version}")
 
 
+def tls(args: argparse.Namespace) -> None:
+    with Client(args.endpoints, token=args.token, tls=Tls(ca_file=args.ca)) as client:
+        change = client.register_agent(name="over-tls")
+        say(f"registered {change.agent.agent_id}")
+        with client.watch(start_sequence=change.sequence, agent_ids=[change.agent.agent_id]) as watch:
+            say(f"watched {next(watch).sequence}")
+    with Client(args.endpoints, tls=Tls(ca_file=args.ca)) as anonymous:
+        try:
+            anonymous.get_lifecycle_metrics()
+        except UnauthenticatedError:
+            say("unauthenticated")
+    viewer_tls = Tls(ca_file=args.ca, client_cert_file=args.cert, client_key_file=args.key)
+    with Client(args.endpoints, tls=viewer_tls) as viewer:
+        say(f"listed {len(viewer.list_agents())}")
+        try:
+            viewer.register_agent()
+        except PermissionDeniedError:
+            say("denied")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,10 +197,15 @@ def main() -> int:
     t.add_argument("--agent", required=True)
     t.add_argument("--target", required=True)
     t.add_argument("--request-id")
+    s = sub.add_parser("tls")
+    for flag in ("--endpoints", "--ca", "--token", "--cert", "--key"):
+        s.add_argument(flag, required=True)
     args = parser.parse_args()
     try:
         if args.command == "transition":
             transition(args)
+        elif args.command == "tls":
+            tls(args)
         elif args.use_async:
             asyncio.run(watch_async(args, Control()))
         else:

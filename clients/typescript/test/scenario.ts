@@ -4,16 +4,26 @@
  *
  *   node dist/test/scenario.js watch --endpoints E1[,E2] [--from N | --snapshot] [--pause-after K] [--small-window]
  *   node dist/test/scenario.js transition --endpoints E --agent ID --target STATE [--request-id ID]
+ *   node dist/test/scenario.js tls --endpoints https://HOST:PORT --ca FILE --token TOKEN --cert FILE --key FILE
  *
  * stdin: `until SEQ` ends the watch once an event at or past SEQ was yielded;
  * `go` resumes it after --pause-after K events. Output: `event SEQ AGENT
  * STATE` per event, `snapshot COUNT HEAD`, `paused SEQ`, then `done
  * CONNECTIONS` or `compacted OLDEST`; `ok SEQUENCE VERSION` for transition;
- * `error ...` (exit 1) otherwise.
+ * `registered ID`, `watched SEQ`, `unauthenticated`, `listed N`, `denied`
+ * for tls; `error ...` (exit 1) otherwise.
  */
 import { createInterface } from "node:readline";
 
-import { Client, LifecycleError, SequenceCompactedError, type Watch, stateLabel } from "../src/index";
+import {
+  Client,
+  LifecycleError,
+  PermissionDeniedError,
+  SequenceCompactedError,
+  UnauthenticatedError,
+  type Watch,
+  stateLabel,
+} from "../src/index";
 
 function say(line: string): void {
   process.stdout.write(`${line}\n`);
@@ -123,6 +133,41 @@ async function transition(options: Map<string, string>): Promise<void> {
   }
 }
 
+async function tls(options: Map<string, string>): Promise<void> {
+  const endpoints = required(options, "endpoints");
+  const caFile = required(options, "ca");
+  const client = new Client(endpoints, { token: required(options, "token"), tls: { caFile } });
+  const change = await client.registerAgent({ name: "over-tls" });
+  say(`registered ${change.agent.agentId}`);
+  const watch = client.watch({ startSequence: change.transitions[0]?.sequence, agentIds: [change.agent.agentId] });
+  for await (const event of watch) {
+    say(`watched ${event.sequence}`);
+    break;
+  }
+  client.close();
+  const anonymous = new Client(endpoints, { tls: { caFile } });
+  try {
+    await anonymous.getLifecycleMetrics();
+  } catch (error) {
+    if (error instanceof UnauthenticatedError) {
+      say("unauthenticated");
+    }
+  }
+  anonymous.close();
+  const viewer = new Client(endpoints, {
+    tls: { caFile, clientCertFile: required(options, "cert"), clientKeyFile: required(options, "key") },
+  });
+  say(`listed ${(await viewer.listAgents()).length}`);
+  try {
+    await viewer.registerAgent();
+  } catch (error) {
+    if (error instanceof PermissionDeniedError) {
+      say("denied");
+    }
+  }
+  viewer.close();
+}
+
 async function main(): Promise<number> {
   const [command, ...rest] = process.argv.slice(2);
   const options = flags(rest);
@@ -131,6 +176,8 @@ async function main(): Promise<number> {
       await watch(options);
     } else if (command === "transition") {
       await transition(options);
+    } else if (command === "tls") {
+      await tls(options);
     } else {
       throw new Error(`unknown command ${command}`);
     }
