@@ -129,6 +129,9 @@ export class Client {
   private readonly token: string | undefined;
   private readonly timeoutMs: number;
   private current = 0;
+  private isClosed = false;
+  /** Open watches, ended by close(). */
+  private readonly watches = new Set<Watch>();
 
   constructor(endpoints: string | string[] = "http://127.0.0.1:50051", options: ClientOptions = {}) {
     this.endpoints = parseEndpoints(endpoints, options.tls);
@@ -161,6 +164,10 @@ export class Client {
 
   /** Closes the connections (open watches end). */
   close(): void {
+    this.isClosed = true;
+    for (const watch of [...this.watches]) {
+      watch.close();
+    }
     for (const client of this.clients) {
       client.close();
     }
@@ -467,17 +474,24 @@ export class Client {
       includeSnapshot: false,
     };
     const cursor = new Cursor(template, filter.startSequence, filter.snapshot ?? false);
-    return new Watch(
+    const self = this;
+    const watch = new Watch(
       {
         retry: this.retry,
+        get closed() {
+          return self.isClosed;
+        },
         currentEndpoint: () => this.current,
         advance: (index) => this.advance(index),
         headForWatch: () => this.headForWatch(),
         openWatch: (index, request) => this.openWatch(index, request),
+        forget: (ended) => this.watches.delete(ended),
       },
       cursor,
       filter,
     );
+    this.watches.add(watch);
+    return watch;
   }
 
   private advance(index: number): void {

@@ -17,6 +17,10 @@ import { Backoff, type RetryPolicy, sleep, watchRetryable } from "./transport";
 /** What a watch needs from its client. */
 export interface WatchHost {
   readonly retry: RetryPolicy;
+  /** The client was closed: end instead of reconnecting. */
+  readonly closed: boolean;
+  /** The watch has ended. */
+  forget(watch: Watch): void;
   currentEndpoint(): number;
   advance(index: number): void;
   headForWatch(): Promise<number | undefined>;
@@ -120,6 +124,7 @@ export class Watch implements AsyncIterable<LifecycleEvent> {
   close(): void {
     this.closed.abort();
     this.drop();
+    this.host.forget(this);
   }
 
   private drop(): void {
@@ -145,7 +150,7 @@ export class Watch implements AsyncIterable<LifecycleEvent> {
   /** The next message (undefined once closed), reconnecting as often as needed. */
   private async receive(): Promise<WatchEventsResponse | undefined> {
     for (;;) {
-      if (this.closed.signal.aborted) {
+      if (this.closed.signal.aborted || this.host.closed) {
         return undefined;
       }
       let error: LifecycleError;
@@ -189,7 +194,8 @@ export class Watch implements AsyncIterable<LifecycleEvent> {
 
   private async recover(error: LifecycleError): Promise<void> {
     this.drop();
-    if (this.closed.signal.aborted) {
+    if (this.closed.signal.aborted || this.host.closed) {
+      this.closed.abort();
       return;
     }
     if (!watchRetryable(error)) {

@@ -63,6 +63,8 @@ class AsyncClient:
         self._timeout = timeout
         self.retry = retry
         self._current = 0
+        #: Set by close(); open watches end instead of reconnecting.
+        self.closed = False
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> AsyncClient:
@@ -77,6 +79,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Closes the connections (open watches end)."""
+        self.closed = True
         for channel in self._channels:
             await channel.close()
 
@@ -390,7 +394,7 @@ class AsyncWatch:
 
     async def _receive(self) -> pb.WatchEventsResponse:
         while True:
-            if self._closed:
+            if self._closed or self._client.closed:
                 raise StopAsyncIteration
             error: LifecycleError
             try:
@@ -422,7 +426,8 @@ class AsyncWatch:
 
     async def _recover(self, error: LifecycleError) -> None:
         self._drop()
-        if self._closed:
+        if self._closed or self._client.closed:
+            self._closed = True
             raise StopAsyncIteration
         if not watch_retryable(error):
             self._closed = True

@@ -35,7 +35,7 @@ from ._transport import (
     parse_endpoints,
     retryable,
 )
-from .errors import LifecycleError, from_rpc_error
+from .errors import LifecycleError, UnavailableError, from_rpc_error
 from .states import Category, EventType, State
 from .watch import Watch
 
@@ -82,6 +82,8 @@ class Client:
         self.retry = retry
         self._current = 0
         self._lock = threading.Lock()
+        #: Set by close(); open watches end instead of reconnecting.
+        self.closed = False
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -99,6 +101,7 @@ class Client:
 
     def close(self) -> None:
         """Closes the connections (open watches end)."""
+        self.closed = True
         for channel in self._channels:
             channel.close()
 
@@ -410,7 +413,10 @@ class Client:
         template = rq.watch_request(agent_ids=agent_ids, states=states, event_types=event_types, labels=labels)
         cursor = Cursor(template, start_sequence, snapshot)
         if cursor.needs_head:
-            head = self._head_for_watch()
+            try:
+                head = self._head_for_watch()
+            except UnavailableError:
+                head = None  # read again, with back-off, when the stream opens
             if head is not None:
                 cursor.next_start = head + 1
         return Watch(self, cursor, idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)

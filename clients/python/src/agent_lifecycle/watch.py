@@ -128,7 +128,7 @@ class Watch:
     def _receive(self) -> pb.WatchEventsResponse:
         """The next message, reconnecting as often as needed."""
         while True:
-            if self._closed.is_set():
+            if self._closed.is_set() or self._client.closed:
                 raise StopIteration
             error: LifecycleError
             try:
@@ -152,7 +152,8 @@ class Watch:
     def _recover(self, error: LifecycleError) -> None:
         """Drops the connection and waits before the next, or raises."""
         self._drop()
-        if self._closed.is_set():
+        if self._closed.is_set() or self._client.closed:
+            self._closed.set()
             raise StopIteration
         if not watch_retryable(error):
             self._closed.set()
