@@ -143,6 +143,18 @@ pub(super) fn random_request(rng: &mut Rng, method: &Method, target: &str) -> Ve
                         .uint(2, random_varint(rng));
                     out.bytes(number, &duration.0)
                 }
+                Type::Message if field.type_name() == ".agentlifecycle.v1.AsOf" => {
+                    // A sequence or a time (seconds and nanos, valid or not).
+                    let point = if rng.below(2) == 0 {
+                        Wire::new().uint(1, random_varint(rng))
+                    } else {
+                        let time = Wire::new()
+                            .uint(1, random_varint(rng))
+                            .uint(2, random_varint(rng));
+                        Wire::new().bytes(2, &time.0)
+                    };
+                    out.bytes(number, &point.0)
+                }
                 Type::Message if field.type_name().ends_with("Entry") => {
                     let key = random_text(rng, "");
                     let value = random_text(rng, "");
