@@ -322,23 +322,7 @@ async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("paused sequence");
-        let metadata = padding(8000);
-        for i in 0..300 {
-            let target = if i % 2 == 0 {
-                pb::AgentState::Busy
-            } else {
-                pb::AgentState::Idle
-            };
-            client
-                .transition_agent(pb::TransitionAgentRequest {
-                    agent_id: agent.agent_id.clone(),
-                    target_state: target as i32,
-                    metadata: Some(metadata.clone()),
-                    ..Default::default()
-                })
-                .await
-                .expect("transition");
-        }
+        busy_idle(&mut client, &agent.agent_id, 300).await;
         wait_compacted(&mut client, paused + 1).await;
         script.send("go");
         let line = script.wait_for("the compaction error", |l| l.starts_with("compacted "));
@@ -359,6 +343,28 @@ async fn a_compaction_that_overtakes_a_slow_watcher_is_reported() {
             "{lang:?}: oldest kept {oldest} lies past the last yielded {last}"
         );
         script.finish();
+    }
+}
+
+/// `count` transitions of an ONLINE agent, BUSY and IDLE in turn, each
+/// with 8000 bytes of metadata.
+async fn busy_idle(client: &mut Client, agent_id: &str, count: usize) {
+    let metadata = padding(8000);
+    for i in 0..count {
+        let target = if i % 2 == 0 {
+            pb::AgentState::Busy
+        } else {
+            pb::AgentState::Idle
+        };
+        client
+            .transition_agent(pb::TransitionAgentRequest {
+                agent_id: agent_id.to_string(),
+                target_state: target as i32,
+                metadata: Some(metadata.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect("transition");
     }
 }
 
