@@ -3,7 +3,7 @@
 //! # Layout
 //! Dependencies point one way, down:
 //! `domain <- store <- service <- automation <- api <- app`, and the binary's
-//! `cli` on top.
+//! `cli` on top; [`client`] stands beside them on the wire types alone.
 //!
 //! - [`domain`]: states, categories, the transition policy, agents,
 //!   transition records, events. Pure and synchronous.
@@ -19,6 +19,9 @@
 //! - [`api`]: the edges: the gRPC service ([`pb`] is its generated code),
 //!   the HTTP listener, authentication, TLS material.
 //! - [`app`]: wiring: configuration, `server::run`, telemetry.
+//! - [`client`]: a client of the server for Rust programs (the CLI uses
+//!   it): a watch that resumes by itself, changes retried safely, typed
+//!   errors. Depends on the wire types ([`pb`]) and the domain's states.
 //!
 //! The terminal client, `serve` and the benchmark tool live in the binary
 //! (`src/main.rs`, `src/cli/`), outside the library.
@@ -28,6 +31,7 @@
 pub mod api;
 pub mod app;
 pub mod automation;
+pub mod client;
 pub mod domain;
 mod error;
 pub mod service;

@@ -30,17 +30,16 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::{debug, info, warn};
 
+pub use crate::automation::http_client::client_config;
 use crate::{
     AgentLifecycleService,
-    automation::sync::{StatusReport, SyncOutcome, sync_external_status},
+    automation::{
+        http_client::{self, HttpsClient},
+        sync::{StatusReport, SyncOutcome, sync_external_status},
+    },
     domain::{AgentId, Caller, ExternalSource, Metadata},
     service::lease_holder,
 };
@@ -117,37 +116,10 @@ pub(crate) enum Polled {
 
 /// The HTTP client: HTTPS verified against the public roots and the
 /// configured extra ones, or plain HTTP.
-pub(crate) type HubClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-/// The client configuration of outgoing HTTPS: the Mozilla root set
-/// compiled in (`webpki-roots`, so a machine without a system certificate
-/// store works too) and `extra_roots`.
-///
-/// # Errors
-/// An extra root is not a valid CA certificate.
-pub fn client_config(
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<rustls::ClientConfig, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra_roots {
-        roots.add(cert.clone())?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
+pub(crate) type HubClient = HttpsClient<Empty<Bytes>>;
 
 pub(crate) fn hub_client(settings: &HfSettings) -> Result<HubClient, rustls::Error> {
-    let tls = client_config(&settings.extra_roots)?;
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+    http_client::client(&settings.extra_roots)
 }
 
 /// Runs the poller until the service shuts down.

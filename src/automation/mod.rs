@@ -10,7 +10,11 @@
 //!   stage of each labelled Space.
 //! - [`drivers`]: the platforms (Docker, Kubernetes, Spaces) follow the
 //!   lifecycle of the agents bound to them.
+//! - [`notify`]: webhooks: matching events POSTed to HTTP receivers, at
+//!   least once and in order, from a durable cursor under a lease.
 //! - [`analytics`]: per-agent and fleet analytics computed from the history.
+//! - [`http_client`]: the one set-up of outgoing HTTP(S) (compiled-in
+//!   roots, extra CA files) that the Hub poller and the webhooks share.
 //!
 //! Depends on `domain`, `store` and `service`; knows nothing of gRPC.
 
@@ -18,4 +22,6 @@ pub mod analytics;
 pub mod drivers;
 pub mod health;
 pub mod hf;
+pub mod http_client;
+pub mod notify;
 pub mod sync;

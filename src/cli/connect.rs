@@ -5,18 +5,20 @@
 //! The settings are those of this invocation, set once by [`install`] before
 //! any command runs; every connection the process opens uses them.
 
-use std::{path::PathBuf, sync::OnceLock, time::Duration};
+use std::{path::PathBuf, sync::OnceLock};
 
 use anyhow::{Context, anyhow};
 use clap::Args;
 use tonic::{
-    Request, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    Request,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
 };
 
-use agent_lifecycle::api::grpc::pb::agent_lifecycle_service_client::AgentLifecycleServiceClient;
+use agent_lifecycle::{
+    api::grpc::pb::agent_lifecycle_service_client::AgentLifecycleServiceClient,
+    client::ClientOptions,
+};
 
 /// Connection flags, global to every client command and `bench`.
 #[derive(Clone, Debug, Default, Args)]
@@ -42,22 +44,8 @@ pub struct ConnectArgs {
     pub tls_client_key: Option<PathBuf>,
 }
 
-/// Puts the token on every call.
-#[derive(Clone, Debug, Default)]
-pub struct Credentials {
-    authorization: Option<MetadataValue<Ascii>>,
-}
-
-impl Interceptor for Credentials {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+/// The token interceptor of the library's client.
+pub use agent_lifecycle::client::Credentials;
 
 /// A client of the lifecycle service with this invocation's credentials.
 pub type Client = AgentLifecycleServiceClient<InterceptedService<Channel, Credentials>>;
@@ -66,7 +54,7 @@ pub type Client = AgentLifecycleServiceClient<InterceptedService<Channel, Creden
 #[derive(Clone, Debug, Default)]
 struct Connector {
     credentials: Credentials,
-    tls: Option<ClientTlsConfig>,
+    options: ClientOptions,
 }
 
 static CONNECTOR: OnceLock<Connector> = OnceLock::new();
@@ -76,35 +64,26 @@ static CONNECTOR: OnceLock<Connector> = OnceLock::new();
 /// # Errors
 /// A token that cannot be a header value, or unreadable PEM files.
 pub fn install(args: &ConnectArgs) -> anyhow::Result<()> {
-    let authorization = args
-        .token
-        .as_ref()
-        .map(|token| {
-            format!("Bearer {token}")
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| anyhow!("--token must be printable ASCII"))
-        })
-        .transpose()?;
     let read =
         |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let mut tls = None;
-    if let Some(ca) = &args.tls_ca {
-        tls = Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)));
-    }
-    match (&args.tls_client_cert, &args.tls_client_key) {
-        (Some(cert), Some(key)) => {
-            let config = tls.unwrap_or_else(|| ClientTlsConfig::new().with_webpki_roots());
-            tls = Some(config.identity(Identity::from_pem(read(cert)?, read(key)?)));
-        }
-        (None, None) => {}
+    let tls_identity_pem = match (&args.tls_client_cert, &args.tls_client_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        (None, None) => None,
         _ => anyhow::bail!("--tls-client-cert and --tls-client-key go together"),
-    }
-    let connector = Connector {
-        credentials: Credentials { authorization },
-        tls,
     };
+    let options = ClientOptions {
+        token: args.token.clone(),
+        tls_ca_pem: args.tls_ca.as_ref().map(read).transpose()?,
+        tls_identity_pem,
+        ..ClientOptions::default()
+    };
+    let credentials = Credentials::bearer(options.token.as_deref())
+        .map_err(|_| anyhow!("--token must be printable ASCII"))?;
     CONNECTOR
-        .set(connector)
+        .set(Connector {
+            credentials,
+            options,
+        })
         .map_err(|_| anyhow!("connection settings installed twice"))
 }
 
@@ -118,27 +97,13 @@ fn connector() -> Connector {
 /// # Errors
 /// A malformed URL or TLS settings.
 pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let mut endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad server address {url:?}"))?;
-    let tls = match connector().tls {
-        Some(tls) => Some(tls),
-        None if url.starts_with("https://") => Some(ClientTlsConfig::new().with_webpki_roots()),
-        None => None,
-    };
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls)
-            .with_context(|| format!("TLS settings for {url}"))?;
-    }
-    Ok(endpoint.connect_timeout(Duration::from_secs(10)))
+    agent_lifecycle::client::endpoint(url, &connector().options).map_err(|e| anyhow!("{e}"))
 }
 
 /// Puts this process's token on `request` (for calls made without
 /// [`Client`]).
 pub fn authorize<T>(request: &mut Request<T>) {
-    if let Some(value) = connector().credentials.authorization {
-        request.metadata_mut().insert("authorization", value);
-    }
+    connector().credentials.authorize(request);
 }
 
 /// A client over `channel` that sends this process's token.

@@ -40,9 +40,11 @@ pub struct Args {
     /// How to reach the server (TLS, token).
     #[command(flatten)]
     pub connect: connect::ConnectArgs,
-    /// Per-call deadline of client commands (not `watch`).
-    #[arg(long, global = true, default_value = "10s", value_parser = agent_lifecycle::app::config::parse_duration)]
-    pub timeout: Duration,
+    /// Per-call deadline of client commands (default 10s; not `watch`).
+    /// For `wait` and `apply --wait`: how long to wait in all (default
+    /// 30s; 0: look once, do not wait).
+    #[arg(long, global = true, value_parser = agent_lifecycle::app::config::parse_duration)]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -103,11 +105,51 @@ pub enum Command {
     Top(client::TopArgs),
     /// Stream events, one line each, as they happen.
     Watch(client::WatchArgs),
+    /// Wait until agents reach a state (`--for state=online`) or category
+    /// (`--for category=operational`).
+    #[command(after_help = client::WAIT_AFTER_HELP)]
+    Wait(client::WaitArgs),
+    /// Show what `apply -f FILE` would change to make the fleet match the
+    /// file.
+    #[command(after_help = client::DIFF_AFTER_HELP)]
+    Diff(client::DiffArgs),
+    /// Register, deploy, start and stop agents until the fleet matches
+    /// the file (idempotent).
+    #[command(after_help = client::APPLY_AFTER_HELP)]
+    Apply(client::ApplyArgs),
     /// Measure a running server (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Bearer tokens for `[auth]` principals.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+/// A failure with an exit code of its own: the pipeline commands (`wait`,
+/// `diff`, `apply`) exit with these so that a script can tell a timeout
+/// from an agent that failed (see docs/cli.md). Every other failure exits
+/// 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The process's exit code, one of [`exit`]'s.
+    pub code: u8,
+    /// Printed to stderr as `error: MESSAGE`; nothing when empty.
+    pub message: String,
+}
+
+/// The exit codes of `wait`, `diff` and `apply`.
+pub mod exit {
+    /// `diff`: the fleet differs from the file; `apply`: a conflict or a
+    /// refused change (nothing more could be applied).
+    pub const CHANGES: u8 = 1;
+    /// The command could not run: a bad flag, `--for` or fleet file, an
+    /// unknown agent, a server that cannot be reached or refuses the call.
+    pub const USAGE: u8 = 2;
+    /// An agent is in, or entered, an error state (error, failed,
+    /// timeout) that was not what it was waited for.
+    pub const AGENT_FAILED: u8 = 3;
+    /// The wait's `--timeout` passed first.
+    pub const TIMED_OUT: u8 = 4;
 }
 
 /// `token` subcommands.

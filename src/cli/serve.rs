@@ -19,8 +19,10 @@ use agent_lifecycle::{
             self, DriverSettings,
             docker::{self, DOCKER_DRIVER, DockerDriver},
             hf::HfDriver,
+            k8s::{self, K8S_DRIVER, KubernetesDriver},
         },
         health::{FollowedPlatform, HeartbeatMonitor},
+        notify,
     },
     domain::ExternalSource,
 };
@@ -194,6 +196,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             source: ExternalSource::Docker,
             observer: DOCKER_DRIVER,
         });
+    }
+    if let Some(kubernetes) = settings.kubernetes {
+        let client = k8s::client(&kubernetes)
+            .await
+            .map_err(|e| anyhow::anyhow!("the Kubernetes driver: {e}"))?;
+        if kubernetes.act {
+            tokio::spawn(drivers::run(
+                service.clone(),
+                std::sync::Arc::new(KubernetesDriver::new(client.clone())),
+                DriverSettings::default(),
+            ));
+        }
+        tokio::spawn(k8s::watch::run(service.clone(), client, kubernetes));
+        followed.push(FollowedPlatform {
+            source: ExternalSource::Kubernetes,
+            observer: K8S_DRIVER,
+        });
+    }
+    for webhook in settings.notify {
+        tokio::spawn(notify::run(service.clone(), webhook));
     }
     let health = HeartbeatMonitor::new(service.clone(), settings.health).following(followed);
     let monitor = tokio::spawn(health.clone().run());

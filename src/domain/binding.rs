@@ -12,7 +12,10 @@
 //!
 //! An agent carries at most one of them. Values follow each platform's own
 //! naming rules, so a binding that parses names an object the platform can
-//! hold.
+//! hold. A Kubernetes binding reads two more labels: `k8s.replicas` (the
+//! replicas the workload is scaled to when the agent starts, 1 to
+//! 2147483647, default 1) and `k8s.owned` (`true` when the server owns the
+//! workload and deletes it when the agent is deleted; default `false`).
 
 use std::fmt;
 
@@ -27,6 +30,11 @@ pub const DOCKER_LABEL: &str = "docker.container";
 pub const KUBERNETES_LABEL: &str = "k8s.workload";
 /// The label that binds an agent to a Hugging Face Space.
 pub const HF_SPACE_LABEL: &str = "hf.space";
+/// The replicas a bound Kubernetes workload runs with (default 1).
+pub const KUBERNETES_REPLICAS_LABEL: &str = "k8s.replicas";
+/// `true` when the server owns the bound Kubernetes workload (and deletes
+/// it with the agent).
+pub const KUBERNETES_OWNED_LABEL: &str = "k8s.owned";
 
 /// Every binding label.
 pub const BINDING_LABELS: [&str; 3] = [DOCKER_LABEL, KUBERNETES_LABEL, HF_SPACE_LABEL];
@@ -59,6 +67,19 @@ pub struct Workload {
     pub kind: WorkloadKind,
     /// Its name.
     pub name: String,
+    /// The replicas it is scaled to when the agent starts (`k8s.replicas`).
+    pub replicas: u32,
+    /// Whether the server owns it: deleting the agent deletes it
+    /// (`k8s.owned=true`); otherwise it is only scaled to 0.
+    pub owned: bool,
+}
+
+impl Workload {
+    /// Whether `self` and `other` name the same object (whatever their
+    /// replicas and ownership).
+    pub fn same_object(&self, other: &Workload) -> bool {
+        self.namespace == other.namespace && self.kind == other.kind && self.name == other.name
+    }
 }
 
 /// The kinds of Kubernetes workload a binding may name.
@@ -158,10 +179,13 @@ impl Binding {
                         "the name is a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253",
                     ));
                 }
+                let (replicas, owned) = workload_options(labels)?;
                 Binding::Kubernetes(Workload {
                     namespace: namespace.to_string(),
                     kind,
                     name: name.to_string(),
+                    replicas,
+                    owned,
                 })
             }
             _ => {
@@ -192,6 +216,38 @@ impl Binding {
     }
 }
 
+/// The replicas (`k8s.replicas`, default 1) and ownership (`k8s.owned`,
+/// default false) of a Kubernetes binding.
+fn workload_options(labels: &Labels) -> Result<(u32, bool), FieldViolation> {
+    let replicas = match labels.get(KUBERNETES_REPLICAS_LABEL) {
+        None => 1,
+        Some(value) => value
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=i32::MAX as u32).contains(n))
+            .ok_or_else(|| {
+                FieldViolation::new(
+                    "labels",
+                    format!(
+                        "{KUBERNETES_REPLICAS_LABEL}={}: a whole number from 1 to 2147483647",
+                        quoted(value)
+                    ),
+                )
+            })?,
+    };
+    let owned = match labels.get(KUBERNETES_OWNED_LABEL).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(FieldViolation::new(
+                "labels",
+                format!("{KUBERNETES_OWNED_LABEL}={}: true or false", quoted(other)),
+            ));
+        }
+    };
+    Ok((replicas, owned))
+}
+
 /// What the platform must do when a bound agent enters a state, so that the
 /// platform follows the lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,9 +258,10 @@ pub enum PlatformAction {
     /// Run it (start a container; scale a workload to its replicas;
     /// restart a Space).
     Start,
-    /// Run it anew after a failure (restart a container; scale a workload
-    /// to its replicas; restart a Space): STARTING entered by a restart of
-    /// the health monitor, see [`PlatformAction::for_move`].
+    /// Run it anew after a failure (restart a container; restart a
+    /// workload's pods at its replicas, as `kubectl rollout restart` does;
+    /// restart a Space): STARTING entered by a restart of the health
+    /// monitor, see [`PlatformAction::for_move`].
     Restart,
     /// Stop it, keeping it (stop a container; scale a workload to 0; pause
     /// a Space).
@@ -330,10 +387,24 @@ mod tests {
                     namespace: "prod".into(),
                     kind,
                     name: "summarizer".into(),
+                    replicas: 1,
+                    owned: false,
                 }))),
                 "{value}"
             );
         }
+        let owned = Binding::of(&labels(&[
+            ("k8s.workload", "prod/sts/db"),
+            ("k8s.replicas", "3"),
+            ("k8s.owned", "true"),
+        ]))
+        .expect("valid")
+        .expect("bound");
+        let Binding::Kubernetes(workload) = &owned else {
+            panic!("{owned:?}");
+        };
+        assert_eq!((workload.replicas, workload.owned), (3, true));
+        assert_eq!(owned.to_string(), "k8s.workload=prod/StatefulSet/db");
         let space = Binding::of(&labels(&[("hf.space", "acme/chat-bot")]))
             .expect("valid")
             .expect("bound");
@@ -366,6 +437,21 @@ mod tests {
             (
                 vec![("k8s.workload", "a/Deployment/b/c")],
                 "NAMESPACE/KIND/NAME",
+            ),
+            (
+                vec![("k8s.workload", "a/deploy/b"), ("k8s.replicas", "0")],
+                "k8s.replicas=\"0\": a whole number",
+            ),
+            (
+                vec![
+                    ("k8s.workload", "a/deploy/b"),
+                    ("k8s.replicas", "3000000000"),
+                ],
+                "k8s.replicas",
+            ),
+            (
+                vec![("k8s.workload", "a/deploy/b"), ("k8s.owned", "yes")],
+                "k8s.owned=\"yes\": true or false",
             ),
             (vec![("hf.space", "acme")], "OWNER/NAME"),
             (vec![("hf.space", "acme/chat bot")], "OWNER and NAME"),

@@ -101,7 +101,21 @@ fn hf_space_target(stage: &str) -> Option<AgentState> {
     })
 }
 
-/// Kubernetes pod phases and container states.
+/// Kubernetes pod phases and container states, and `NoPods`, the
+/// driver's word for a workload whose last pod is gone.
+///
+/// Beyond the first rows: a pod whose containers run but have not passed
+/// their readiness probe yet (`ContainersNotReady`) or run their init
+/// containers (`PodInitializing`) is still starting; a container that
+/// ended in error (`Error`, `OOMKilled`), or an image pull that failed
+/// once (`ErrImagePull`, which the kubelet tries again) is an ERROR the
+/// agent may recover from; an image the kubelet has given up pulling for
+/// now (`ImagePullBackOff`), an invalid image name or a container whose
+/// configuration names a missing secret or config map
+/// (`CreateContainerConfigError`) needs the spec fixed: FAILED (ERROR ->
+/// FAILED is an edge, so `ErrImagePull` then `ImagePullBackOff` walks
+/// there); a container that exited 0 (`Completed`) and a workload with no
+/// pods left (`NoPods`, scaled to 0 or deleted) are OFFLINE.
 fn kubernetes_target(status: &str) -> Option<AgentState> {
     use AgentState::*;
     Some(match status {
@@ -113,6 +127,10 @@ fn kubernetes_target(status: &str) -> Option<AgentState> {
         "succeeded" => Offline,
         "failed" => Failed,
         "terminating" => Stopping,
+        "podinitializing" | "containersnotready" => Starting,
+        "error" | "oomkilled" | "errimagepull" | "createcontainererror" => Error,
+        "imagepullbackoff" | "invalidimagename" | "createcontainerconfigerror" => Failed,
+        "completed" | "nopods" => Offline,
         _ => return None,
     })
 }
@@ -138,10 +156,30 @@ fn docker_target(status: &str) -> Option<AgentState> {
 /// Whether a status of `source` keeps an agent where it is although the
 /// table maps it elsewhere: a Space that is RUNNING keeps a BUSY or IDLE
 /// agent in that state (they are running too).
+///
+/// Kubernetes statuses also move an agent forward only along its bring-up
+/// and wind-down: a pod that is scheduled (Pending: DEPLOYING) leaves an
+/// agent that is DEPLOYED, STARTING, ONLINE, BUSY or IDLE where it is (a
+/// pod made by a scale-up or rescheduled, not a new deploy); a pod that is
+/// starting (STARTING) leaves an ONLINE, BUSY or IDLE agent; a ready pod
+/// (ONLINE) leaves a BUSY or IDLE agent; pods that are terminating
+/// (STOPPING) leave an agent that is already OFFLINE or TERMINATED. Without
+/// these, the shortest path would walk such an agent through FAILED or
+/// OFFLINE to get back to the earlier state.
 pub fn satisfied_by(source: ExternalSource, target: AgentState, current: AgentState) -> bool {
-    source == ExternalSource::HfSpace
-        && target == AgentState::Online
-        && matches!(current, AgentState::Busy | AgentState::Idle)
+    use AgentState as S;
+    let running = matches!(current, S::Busy | S::Idle);
+    match source {
+        ExternalSource::HfSpace => target == S::Online && running,
+        ExternalSource::Kubernetes => match target {
+            S::Deploying => matches!(current, S::Deployed | S::Starting | S::Online) || running,
+            S::Starting => current == S::Online || running,
+            S::Online => running,
+            S::Stopping => matches!(current, S::Offline | S::Terminated),
+            _ => false,
+        },
+        ExternalSource::Docker => false,
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +227,17 @@ mod tests {
             ("Succeeded", Offline),
             ("Failed", Failed),
             ("Terminating", Stopping),
+            ("PodInitializing", Starting),
+            ("ContainersNotReady", Starting),
+            ("Error", Error),
+            ("OOMKilled", Error),
+            ("ErrImagePull", Error),
+            ("CreateContainerError", Error),
+            ("ImagePullBackOff", Failed),
+            ("InvalidImageName", Failed),
+            ("CreateContainerConfigError", Failed),
+            ("Completed", Offline),
+            ("NoPods", Offline),
         ];
         for (status, state) in k8s {
             assert_eq!(
@@ -224,5 +273,27 @@ mod tests {
             assert_eq!(source.target("SOMETHING_NEW"), None);
             assert_eq!(source.as_str().parse::<ExternalSource>(), Ok(source));
         }
+    }
+
+    /// Kubernetes statuses move an agent forward only: a pending or
+    /// starting pod does not send a starting or online agent back.
+    #[test]
+    fn kubernetes_statuses_do_not_move_an_agent_back() {
+        let k8s = ExternalSource::Kubernetes;
+        for current in [Deployed, Starting, Online, Busy, Idle] {
+            assert!(satisfied_by(k8s, Deploying, current), "{current}");
+        }
+        for current in [Online, Busy, Idle] {
+            assert!(satisfied_by(k8s, Starting, current), "{current}");
+        }
+        assert!(!satisfied_by(k8s, Starting, Deployed));
+        assert!(!satisfied_by(k8s, Deploying, Registered));
+        assert!(satisfied_by(k8s, Online, Busy));
+        assert!(!satisfied_by(k8s, Online, Starting));
+        assert!(satisfied_by(k8s, Stopping, Offline));
+        assert!(!satisfied_by(k8s, Stopping, Online));
+        assert!(!satisfied_by(k8s, Error, Online));
+        assert!(!satisfied_by(ExternalSource::Docker, Online, Busy));
+        assert!(satisfied_by(ExternalSource::HfSpace, Online, Idle));
     }
 }

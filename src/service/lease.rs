@@ -18,7 +18,7 @@ use crate::store::{Lease, Store};
 /// One named lease, taken and checked on demand.
 pub(crate) struct LeaseHolder {
     store: Arc<dyn Store>,
-    name: &'static str,
+    name: Arc<str>,
     lease: Option<Box<dyn Lease>>,
     metrics: Metrics,
 }
@@ -50,10 +50,10 @@ impl Drop for InTransit {
 }
 
 impl LeaseHolder {
-    pub(crate) fn new(store: Arc<dyn Store>, name: &'static str, metrics: Metrics) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, name: &str, metrics: Metrics) -> Self {
         LeaseHolder {
             store,
-            name,
+            name: Arc::from(name),
             lease: None,
             metrics,
         }
@@ -63,21 +63,22 @@ impl LeaseHolder {
     /// and lets go of one whose connection died.
     pub(crate) async fn held(&mut self) -> bool {
         let store = Arc::clone(&self.store);
-        let name = self.name;
+        let name = Arc::clone(&self.name);
         let mut current = InTransit(self.lease.take());
         let checked = tokio::task::spawn_blocking(move || match current.0.take() {
             Some(mut lease) => {
                 if lease.is_held() {
                     Ok(InTransit(Some(lease)))
                 } else {
-                    warn!(lease = name, "lost a lease (its connection ended)");
+                    warn!(lease = %name, "lost a lease (its connection ended)");
                     Ok(InTransit(None))
                 }
             }
-            None => store.try_lease(name).map(InTransit),
+            None => store.try_lease(&name).map(InTransit),
         })
         .await;
-        let was_held = self.metrics.lease_held(self.name);
+        let name = &*self.name;
+        let was_held = self.metrics.lease_held(name);
         self.lease = match checked {
             Ok(Ok(mut lease)) => lease.0.take(),
             Ok(Err(err)) => {
@@ -96,7 +97,7 @@ impl LeaseHolder {
         if held != was_held {
             info!(lease = name, held, "background work lease changed hands");
         }
-        self.metrics.set_lease_held(self.name, held);
+        self.metrics.set_lease_held(name, held);
         held
     }
 }

@@ -13,6 +13,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use super::webhook_metrics::WebhookMetrics;
 use crate::domain::{AgentState, HookPhase};
 
 /// Number of states; `from` has one more value (none, for registrations).
@@ -34,6 +35,9 @@ pub fn trigger_source(triggered_by: &str) -> &'static str {
         "hf_sync" => "hf_sync",
         "k8s_sync" => "k8s_sync",
         "docker_sync" => "docker_sync",
+        "hf-driver" => "hf-driver",
+        "docker-driver" => "docker-driver",
+        "k8s-driver" => "k8s-driver",
         _ => CLIENT_SOURCE,
     }
 }
@@ -110,6 +114,8 @@ pub struct Metrics {
     /// `agent_lifecycle_driver_retries_total{driver}`: platform actions
     /// tried again after a transient failure.
     driver_retries: IntCounterVec,
+    /// The webhook deliverers' counters and lags.
+    webhooks: WebhookMetrics,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -170,7 +176,7 @@ impl Definitions<'_> {
     fn transitions(&self) -> (IntCounterVec, Vec<IntCounter>) {
         let transitions_vec = self.counter_vec(
             "agent_lifecycle_transitions_total",
-            "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync).",
+            "Committed transitions by edge (from \"none\": registrations) and source (client, health-monitor, hf_sync, k8s_sync, docker_sync, hf-driver, docker-driver, k8s-driver).",
             &["from", "to", "source"],
         );
         let mut transitions = Vec::with_capacity((STATES + 1) * STATES);
@@ -206,6 +212,10 @@ impl Metrics {
         let registry = Registry::new();
         let define = Definitions(&registry);
         let (transitions_vec, transitions) = define.transitions();
+        let head_sequence = define.gauge(
+            "agent_lifecycle_head_sequence",
+            "The newest applied event sequence.",
+        );
         Metrics {
             agents: define.agents(),
             transitions,
@@ -243,10 +253,8 @@ impl Metrics {
                 "agent_lifecycle_commit_failures_total",
                 "Commit batches the store failed.",
             ),
-            head_sequence: define.gauge(
-                "agent_lifecycle_head_sequence",
-                "The newest applied event sequence.",
-            ),
+            webhooks: WebhookMetrics::register(&registry, head_sequence.clone()),
+            head_sequence,
             leases: define.gauge_vec(
                 "agent_lifecycle_lease_held",
                 "1 while this process holds the lease of a background task.",
@@ -436,6 +444,11 @@ impl Metrics {
         self.driver_actions
             .with_label_values(&[driver, action, outcome])
             .inc();
+    }
+
+    /// The webhook deliverers' metrics.
+    pub fn webhooks(&self) -> &WebhookMetrics {
+        &self.webhooks
     }
 
     /// Counts a platform action of `driver` tried again.

@@ -20,7 +20,8 @@
 //!   store.
 //! - `event`: [`PublishedEvent`], an event as the bus carries it.
 //! - `watch`: event streams. `hooks`: transition hooks. `metrics`: the
-//!   registry. `clock`: a wall clock that follows tokio's time.
+//!   registry (`webhook_metrics`: the webhook deliverers' part). `clock`: a
+//!   wall clock that follows tokio's time.
 //! - `manager`: the per-agent handle (the seed's `AgentLifecycleManager`).
 //!
 //! The service depends on `domain` and `store` only: nothing here names
@@ -39,6 +40,7 @@ mod queries;
 mod table;
 mod types;
 mod watch;
+mod webhook_metrics;
 mod write;
 
 use std::sync::{Arc, RwLock, atomic::AtomicBool};
@@ -61,6 +63,7 @@ pub use self::{
         MAX_LIST_SCAN, Outcome, Registration, ServiceConfig, StateInfo,
     },
     watch::{WatchItem, WatchRequest, Watcher},
+    webhook_metrics::WebhookMetrics,
     write::{DEFAULT_REQUEST_WINDOW, MAX_REQUEST_ID_BYTES},
 };
 use self::{
@@ -346,10 +349,7 @@ fn load_table(store: &dyn Store, config: &ServiceConfig, metrics: &Metrics) -> R
 
 /// A holder of the lease `name` on the service's store, for background work
 /// that must run in one process of a fleet at a time.
-pub(crate) fn lease_holder(
-    service: &AgentLifecycleService,
-    name: &'static str,
-) -> lease::LeaseHolder {
+pub(crate) fn lease_holder(service: &AgentLifecycleService, name: &str) -> lease::LeaseHolder {
     lease::LeaseHolder::new(
         Arc::clone(&service.shared().store),
         name,

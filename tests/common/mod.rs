@@ -3,6 +3,7 @@
 
 pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod raw;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -54,8 +55,18 @@ impl TestServer {
 
     /// On a given store.
     pub async fn start_on(store: Arc<dyn Store>, config: ServiceConfig) -> Self {
-        let service = AgentLifecycleService::open(store, config).expect("service");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_listening(listener, store, config)
+    }
+
+    /// On a given store and listener (a restarted server on the address of
+    /// the one before).
+    pub fn start_listening(
+        listener: TcpListener,
+        store: Arc<dyn Store>,
+        config: ServiceConfig,
+    ) -> Self {
+        let service = AgentLifecycleService::open(store, config).expect("service");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::run(listener, service.clone(), async {

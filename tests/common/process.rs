@@ -30,7 +30,16 @@ impl ServerProcess {
     /// `agent-lifecycle serve --listen 127.0.0.1:0 ARGS...`; waits for its
     /// address.
     pub fn start(args: &[&str]) -> ServerProcess {
-        let command = ServerCommand::new(env!("CARGO_BIN_EXE_agent-lifecycle")).args(args);
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`ServerProcess::start`] with environment variables set for the
+    /// server.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let mut command = ServerCommand::new(env!("CARGO_BIN_EXE_agent-lifecycle")).args(args);
+        for (key, value) in env {
+            command = command.env(*key, *value);
+        }
         let inner = lib::ServerProcess::start(&command, STARTUP_TIMEOUT).unwrap_or_else(|e| {
             panic!(
                 "{}\n--- server stderr ---\n{}",

@@ -74,6 +74,10 @@ fn dashboards_and_rules_query_exported_metrics() {
         duration: std::time::Duration::from_millis(1),
         code: Some(tonic::Code::PermissionDenied),
     });
+    let webhooks = service.metrics().webhooks();
+    webhooks.delivery("w", "delivered");
+    webhooks.failure("w");
+    webhooks.progress("w", 0, None);
     let exported: Vec<String> = registry
         .gather()
         .iter()

@@ -118,7 +118,9 @@ fn other_languages_generate() {
         ],
     );
     assert!(ok, "buf generate: {text}");
-    let java = out.path().join("java/dev/agentlifecycle/v1/GetAgentRequest.java");
+    let java = out
+        .path()
+        .join("java/dev/agentlifecycle/v1/GetAgentRequest.java");
     let java = std::fs::read_to_string(&java).unwrap_or_else(|e| panic!("{}: {e}", java.display()));
     assert!(java.contains("class GetAgentRequest"), "the Java message");
     let python = std::env::var("AGENT_LIFECYCLE_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -169,11 +169,19 @@ impl Config {
                 hf.base_url
             ));
         }
+        if let Some(k8s) = &file.kubernetes
+            && k8s.in_cluster == k8s.kubeconfig.is_some()
+        {
+            return Err("kubernetes: set either in_cluster = true or kubeconfig = \"PATH\"".into());
+        }
         if let Some(auth) = &file.auth {
             auth.principals()?;
         }
         if let Some(limits) = &file.limits {
             limits.settings()?;
+        }
+        if let Some(notify) = &file.notify {
+            notify.check(text)?;
         }
         let mut file = file;
         if let Some(policy) = &file.policy {
@@ -302,6 +310,15 @@ mod tests {
             (
                 "[[health.rule]]\nselector = { a = \"b\" }\nheartbeat_timeout = \"x\"\n",
                 "in a rule",
+            ),
+            ("[kubernetes]\nact = true\n", "either in_cluster"),
+            (
+                "[kubernetes]\nin_cluster = true\nkubeconfig = \"/k\"\n",
+                "either in_cluster",
+            ),
+            (
+                "[kubernetes]\nin_cluster = true\nwatch = \"all\"\n",
+                "watch",
             ),
         ] {
             let err = Config::parse(text).expect_err(text);

@@ -8,11 +8,13 @@
 //!   durations).
 //! - `file`: reading the file, with errors that name the key and line.
 //! - `sections`: the file-only sections (`[auth]`, `[limits]`, `[policy]`,
-//!   `[hf]`, `[docker]`, `[health]`).
+//!   `[hf]`, `[docker]`, `[kubernetes]`, `[health]`).
+//! - `notify`: the `[notify]` section (webhooks).
 //! - `resolve`: the layers merged, the defaults applied, TLS and
 //!   authentication built.
 
 mod file;
+mod notify;
 mod resolve;
 mod sections;
 mod values;
@@ -23,10 +25,11 @@ use crate::domain::TransitionPolicy;
 
 use self::values::de;
 pub use self::{
+    notify::{NotifySection, WebhookSection},
     resolve::{Settings, defaults},
     sections::{
-        AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, LimitsSection,
-        PolicySection, PrincipalSection,
+        AuthSection, DockerSection, DwellLimit, HealthSection, HfSection, KubernetesSection,
+        LimitsSection, PolicySection, PrincipalSection,
     },
     values::{DEFAULT_STORE, LogFormat, StoreUrl, parse_duration, redact},
 };
@@ -152,9 +155,15 @@ pub struct Config {
     /// `[docker]`: the Docker driver (off without it).
     #[arg(skip)]
     pub docker: Option<DockerSection>,
+    /// `[kubernetes]`: the Kubernetes driver (off without it).
+    #[arg(skip)]
+    pub kubernetes: Option<KubernetesSection>,
     /// `[health]`: heartbeat and restart settings of the health monitor.
     #[arg(skip)]
     pub health: Option<HealthSection>,
+    /// `[notify]`: webhooks (none without it).
+    #[arg(skip)]
+    pub notify: Option<NotifySection>,
     /// The transition policy the file describes (the default when it has no
     /// `[policy]`), built and checked by [`Config::parse`].
     #[arg(skip)]

@@ -17,7 +17,12 @@ use crate::{
         tls,
     },
     app::server::ServeOptions,
-    automation::{drivers::docker::DockerSettings, health::HealthSettings, hf::HfSettings},
+    automation::{
+        drivers::{docker::DockerSettings, k8s::KubernetesSettings},
+        health::HealthSettings,
+        hf::HfSettings,
+        notify::WebhookSettings,
+    },
     service::ServiceConfig,
     store::Retention,
 };
@@ -73,8 +78,12 @@ pub struct Settings {
     pub hf_act: bool,
     /// The Docker driver, when `[docker]` is configured.
     pub docker: Option<DockerSettings>,
+    /// The Kubernetes driver, when `[kubernetes]` is configured.
+    pub kubernetes: Option<KubernetesSettings>,
     /// The health monitor's settings.
     pub health: HealthSettings,
+    /// The webhooks (`[[notify.webhook]]`), one deliverer each.
+    pub notify: Vec<WebhookSettings>,
     /// Authentication, TLS and limits at the edge.
     pub serving: ServeOptions,
     /// Whether anyone reaching the port is authenticated (principals or a
@@ -150,11 +159,20 @@ impl Config {
             hf: file.hf.as_ref().map(|hf| hf.settings()).transpose()?,
             hf_act: file.hf.as_ref().is_some_and(|hf| hf.act),
             docker: file.docker.as_ref().map(|d| d.settings()).transpose()?,
+            kubernetes: file
+                .kubernetes
+                .as_ref()
+                .map(|k8s| k8s.settings())
+                .transpose()?,
             health: file
                 .health
                 .as_ref()
                 .map(|h| h.settings())
                 .unwrap_or_default(),
+            notify: match &file.notify {
+                Some(notify) => notify.settings()?,
+                None => Vec::new(),
+            },
             serving,
             authenticated,
             insecure: insecure.unwrap_or(false),

@@ -1,6 +1,6 @@
 //! The sections of the `--config` file that have no flags: `[limits]`,
-//! `[auth]`, `[policy]`, `[hf]`, `[docker]` and `[health]`, each turned into the
-//! settings of the part it configures.
+//! `[auth]`, `[policy]`, `[hf]`, `[docker]`, `[kubernetes]` and `[health]`, each
+//! turned into the settings of the part it configures.
 
 use std::time::Duration;
 
@@ -330,6 +330,85 @@ impl DockerSection {
             stop_timeout: self.stop_timeout.unwrap_or(defaults.stop_timeout),
             act: self.act.unwrap_or(defaults.act),
             reconnect: defaults.reconnect,
+        })
+    }
+}
+
+/// The `[kubernetes]` section: follow the pods of the Deployments and
+/// StatefulSets bound to agents (`k8s.workload=NAMESPACE/KIND/NAME`), and
+/// with `act`, scale and delete them as the agents start, stop and go.
+///
+/// ```toml
+/// [kubernetes]
+/// kubeconfig = "/etc/agent-lifecycle/kubeconfig"  # or: in_cluster = true
+/// context = "prod"        # a context of the kubeconfig (default: its current-context)
+/// namespace = "agents"    # watch this namespace's pods (default: every namespace)
+/// act = true              # scale and delete the bound workloads (default: false)
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// Use the pod's service account (the server runs in the cluster).
+    #[serde(default)]
+    pub in_cluster: bool,
+    /// A kubeconfig file (instead of `in_cluster`).
+    pub kubeconfig: Option<String>,
+    /// A context of the kubeconfig; its `current-context` when unset.
+    pub context: Option<String>,
+    /// The namespace whose pods are watched; every namespace when unset.
+    pub namespace: Option<String>,
+    /// Whether the server also acts on the workloads: scales a workload to
+    /// its agent's replicas on STARTING and to 0 on STOPPING or TERMINATED,
+    /// deletes it on DELETED when the agent says the server owns it
+    /// (default: off, the server only follows the pods).
+    #[serde(default)]
+    pub act: bool,
+}
+
+impl KubernetesSection {
+    /// The driver's settings; the kubeconfig is read now, so that a missing
+    /// file or context stops the start with its name.
+    ///
+    /// # Errors
+    /// Both or neither of `in_cluster` and `kubeconfig`, `context` without
+    /// `kubeconfig`, an unreadable kubeconfig, or no such context in it.
+    pub fn settings(&self) -> Result<crate::automation::drivers::k8s::KubernetesSettings, String> {
+        use crate::automation::drivers::k8s::{Credentials, KubernetesSettings};
+        let credentials = match (self.in_cluster, &self.kubeconfig) {
+            (true, Some(_)) => {
+                return Err("kubernetes: in_cluster and kubeconfig exclude each other".into());
+            }
+            (false, None) => {
+                return Err("kubernetes: set in_cluster = true or kubeconfig = \"PATH\"".into());
+            }
+            (true, None) => {
+                if self.context.is_some() {
+                    return Err("kubernetes.context: a context needs a kubeconfig".into());
+                }
+                Credentials::InCluster
+            }
+            (false, Some(path)) => {
+                let path = std::path::PathBuf::from(path);
+                let file = kube::config::Kubeconfig::read_from(&path)
+                    .map_err(|e| format!("kubernetes.kubeconfig: {}: {e}", path.display()))?;
+                if let Some(context) = &self.context
+                    && !file.contexts.iter().any(|c| &c.name == context)
+                {
+                    return Err(format!(
+                        "kubernetes.context: {context:?} is not a context of {}",
+                        path.display()
+                    ));
+                }
+                Credentials::Kubeconfig {
+                    path,
+                    context: self.context.clone(),
+                }
+            }
+        };
+        Ok(KubernetesSettings {
+            namespace: self.namespace.clone(),
+            act: self.act,
+            ..KubernetesSettings::new(credentials)
         })
     }
 }

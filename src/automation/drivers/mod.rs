@@ -345,6 +345,7 @@ async fn record_refusal(
 
 pub mod docker;
 pub mod hf;
+pub mod k8s;
 
 #[cfg(test)]
 mod tests;

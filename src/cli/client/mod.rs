@@ -4,13 +4,16 @@
 //! `deploy`, `start`, ...) share one path in `mutate`: a request built
 //! from the flags every change takes plus the command's own, one RPC, and
 //! the transitions it made printed. The reads are in `query`, the streams
-//! (`watch`, `top`) in `watch`. Every unary call has the per-call deadline.
+//! (`watch`, `top`) in `watch`, the pipeline commands in `wait` and
+//! `fleet` (`diff`, `apply`). Every unary call has the per-call deadline.
 //! Prints to stdout, never logs; a failed call becomes an error naming the
 //! status code and message. Depends on the wire types (`pb`) and the
 //! library's conversions, never on the service itself.
 
+mod fleet;
 mod mutate;
 mod query;
+mod wait;
 mod watch;
 
 use std::time::Duration;
@@ -24,15 +27,25 @@ use agent_lifecycle::{
 };
 
 pub use self::{
+    fleet::{APPLY_AFTER_HELP, ApplyArgs, DIFF_AFTER_HELP, DiffArgs},
     mutate::{ErrorArgs, OpArgs, RegisterArgs, StartArgs, TaskArgs, TransitionArgs},
     query::{AnalyticsArgs, AuditArgs, GetArgs, HistoryArgs, ListArgs, MetricsArgs},
+    wait::{WAIT_AFTER_HELP, WaitArgs},
     watch::{TopArgs, WatchArgs},
 };
 use super::{
-    Command, Format,
+    Command, Exit, Format,
     connect::Client,
+    exit,
     output::{self, agent_json, agent_line, transition_json, transition_line},
 };
+
+/// Deadline of each unary call when `--timeout` does not say.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `wait` and `apply --wait` wait when `--timeout` does not say
+/// (`kubectl wait`'s default).
+const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connected client, the per-call deadline and the output format.
 struct Session {
@@ -40,6 +53,8 @@ struct Session {
     format: Format,
     /// Deadline of every unary call (not of `watch`).
     timeout: Duration,
+    /// The whole wait of `wait` and `apply --wait`.
+    wait_limit: Duration,
 }
 
 impl Session {
@@ -82,15 +97,43 @@ impl Session {
 pub async fn run(
     server: &str,
     format: Format,
-    timeout: Duration,
+    timeout: Option<Duration>,
     command: Command,
 ) -> anyhow::Result<()> {
-    let mut session = Session {
-        client: connect(server).await?,
+    let pipeline = matches!(
+        command,
+        Command::Wait(_) | Command::Diff(_) | Command::Apply(_)
+    );
+    // In `wait` and `apply`, `--timeout` is the wait's, not each call's.
+    let waits = matches!(command, Command::Wait(_) | Command::Apply(_));
+    let session = connect(server).await.map(|client| Session {
+        client,
         format,
-        timeout,
+        timeout: match timeout {
+            Some(timeout) if !waits => timeout,
+            _ => DEFAULT_CALL_TIMEOUT,
+        },
+        wait_limit: timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT),
+    });
+    let result = match session {
+        Ok(mut session) => dispatch(&mut session, command).await,
+        Err(err) => Err(err),
     };
-    let s = &mut session;
+    // A pipeline command's failures without a code of their own mean it
+    // could not run: a bad file, an unreachable server, a refused call.
+    result.map_err(|err| match err.downcast::<Exit>() {
+        Ok(exit) => exit.into(),
+        Err(err) if pipeline => Exit {
+            code: exit::USAGE,
+            message: format!("{err:#}"),
+        }
+        .into(),
+        Err(err) => err,
+    })
+}
+
+/// Runs `command` on a connected session.
+async fn dispatch(s: &mut Session, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Register(a) => mutate::register(s, a).await,
         Command::Get(a) => query::get(s, a).await,
@@ -102,6 +145,9 @@ pub async fn run(
         Command::Rules => query::rules(s).await,
         Command::Top(a) => watch::top(s, a).await,
         Command::Watch(a) => watch::watch(s, a).await,
+        Command::Wait(a) => wait::wait(s, a).await,
+        Command::Diff(a) => fleet::diff(s, a).await,
+        Command::Apply(a) => fleet::apply(s, a).await,
         change @ (Command::Transition(_)
         | Command::Deploy(_)
         | Command::Start(_)

@@ -87,6 +87,8 @@ pub struct ServerCommand {
     args: Vec<OsString>,
     stderr: Stderr,
     env_remove: Vec<OsString>,
+    /// Variables set for the server, besides the inherited ones.
+    env: Vec<(OsString, OsString)>,
     /// The signal a drop sends and how long it then waits before SIGKILL;
     /// `None`: SIGKILL at once.
     stop_on_drop: Option<(Signal, Duration)>,
@@ -105,6 +107,7 @@ impl ServerCommand {
             args: Vec::new(),
             stderr: Stderr::Collect,
             env_remove: Vec::new(),
+            env: Vec::new(),
             stop_on_drop: None,
         }
     }
@@ -141,6 +144,13 @@ impl ServerCommand {
     /// `--log`, for example).
     pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
         self.env_remove.push(key.into());
+        self
+    }
+
+    /// Sets an environment variable for the server (a secret that its
+    /// configuration file names by variable).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -223,6 +233,9 @@ impl ServerProcess {
             });
         for key in &command.env_remove {
             builder.env_remove(key);
+        }
+        for (key, value) in &command.env {
+            builder.env(key, value);
         }
         let mut child = builder.spawn().map_err(|source| ProcessError::Spawn {
             binary: command.binary.clone(),
