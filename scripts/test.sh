@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: `bash scripts/test.sh` from anywhere. Installs the Python clients
-# used by tests/it/foreign_clients.rs into .venv (reused on a re-run), then runs
+# used by tests/it/foreign_clients.rs into .venv (reused on a re-run), the client
+# libraries of clients/ (Python into .venv, TypeScript built with npm), then runs
 # the whole test suite with cargo-nextest (cargo test when nextest is absent).
 set -euo pipefail
 
@@ -22,8 +23,28 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+# The Python client library (clients/python), built from this checkout: its
+# messages are generated from proto/ as it is built. Reinstalled every run,
+# so the tests use the client as it is now.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./clients/python
+
 export PATH="$PWD/.venv/bin:$PATH"
 export AGENT_LIFECYCLE_PYTHON="$PWD/.venv/bin/python"
+
+# --- the TypeScript client library (clients/typescript) -----------------------
+# Node (20 or later) and npm; `npm ci` installs the locked packages (grpc-js,
+# ts-proto, buf as the proto compiler, typescript), `npm run build` generates
+# the messages from proto/ and compiles the library, its tests and
+# examples/monitor.ts into clients/typescript/dist. Under CI a failure is an error.
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    node --version
+    (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+elif [ -n "${CI:-}" ]; then
+    echo "error: node and npm are needed for the TypeScript client tests" >&2
+    exit 1
+else
+    echo "warning: no node/npm: the TypeScript client tests will fail" >&2
+fi
 
 # --- PostgreSQL for the multi-process tests (tests/it/postgres.rs, store conformance) ---
 # A throwaway server under target/pg (Debian's packages, installed when

@@ -11,6 +11,7 @@ mod api;
 mod as_of;
 mod auth;
 mod bench;
+mod clients;
 mod cli;
 mod client;
 mod config;
