@@ -1,5 +1,7 @@
 //! A watch that resumes by itself.
 //!
+//! A connection that fails, or stays silent past `idle_timeout` (the
+//! server sends progress messages on idle streams), is replaced.
 //! The stream remembers the sequence after the last event it yielded (and
 //! after the head that a progress message or the snapshot's end vouches
 //! for). When the connection fails, or the server ends the stream (it shuts
@@ -31,6 +33,9 @@ pub struct WatchOptions {
     pub initial_backoff: Duration,
     /// The longest wait before reconnecting.
     pub max_backoff: Duration,
+    /// A stream silent for this long (not even a progress message, which
+    /// the server sends on idle streams) counts as broken.
+    pub idle_timeout: Duration,
 }
 
 impl Default for WatchOptions {
@@ -39,6 +44,7 @@ impl Default for WatchOptions {
             request: pb::WatchEventsRequest::default(),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -158,7 +164,14 @@ impl Resume {
                 }
             }
             let stream = self.stream.as_mut()?;
-            let message = match stream.message().await {
+            let idle = self.options.idle_timeout;
+            let Ok(received) = tokio::time::timeout(idle, stream.message()).await else {
+                // Silent for too long: the connection is gone.
+                self.stream = None;
+                self.pause().await;
+                continue;
+            };
+            let message = match received {
                 Ok(Some(message)) => message,
                 // The server ended the stream (it is shutting down): resume.
                 Ok(None) => {
