@@ -3,7 +3,6 @@
 
 pub mod pki;
 pub mod process;
-pub mod proxy;
 pub mod raw;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -13,7 +13,10 @@ use agent_lifecycle::{
 };
 use futures_util::StreamExt;
 
-use crate::common::{self, process::ServerProcess, proxy::Proxy};
+use crate::{
+    clients::proxy::Proxy,
+    common::{self, process::ServerProcess},
+};
 
 /// How long one item of a watch may take.
 const STEP: Duration = Duration::from_secs(30);
@@ -94,10 +97,13 @@ async fn the_watch_resumes_across_a_killed_and_restarted_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = format!("sqlite://{}", dir.path().join("client.db").display());
     let mut server = ServerProcess::start(&["--log", "warn", "--store", &store]);
-    let proxy = Proxy::start(server.addr.parse().expect("addr")).await;
-    let client = Client::connect(&proxy.url(), ClientOptions::default())
-        .await
-        .expect("connect");
+    let proxy = Proxy::start(&server.addr).await;
+    let client = Client::connect(
+        &format!("http://{}", proxy.endpoint()),
+        ClientOptions::default(),
+    )
+    .await
+    .expect("connect");
     let mut watch = client.watch(WatchOptions::from_sequence(1));
     busy_agent(&client, 5).await;
     assert_eq!(
@@ -107,7 +113,7 @@ async fn the_watch_resumes_across_a_killed_and_restarted_server() {
 
     server.kill();
     let server = ServerProcess::start(&["--log", "warn", "--store", &store]);
-    proxy.retarget(server.addr.parse().expect("addr"));
+    proxy.set_upstream(&server.addr);
     busy_agent(&client, 5).await;
     assert_eq!(
         sequences(&mut watch, 10).await,
@@ -120,13 +126,16 @@ async fn the_watch_resumes_across_a_killed_and_restarted_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_resumes_after_its_connection_is_cut() {
     let server = ServerProcess::start(&["--log", "warn", "--store", "memory"]);
-    let proxy = Proxy::start(server.addr.parse().expect("addr")).await;
+    let proxy = Proxy::start(&server.addr).await;
     let writer = Client::connect(&server.url(), ClientOptions::default())
         .await
         .expect("connect");
-    let watcher = Client::connect(&proxy.url(), ClientOptions::default())
-        .await
-        .expect("connect");
+    let watcher = Client::connect(
+        &format!("http://{}", proxy.endpoint()),
+        ClientOptions::default(),
+    )
+    .await
+    .expect("connect");
     let mut watch = watcher.watch(WatchOptions::from_sequence(1));
     let id = busy_agent(&writer, 0).await;
     let mut seen = sequences(&mut watch, 5).await;
@@ -180,13 +189,16 @@ async fn compaction_that_overtakes_a_slow_watcher_is_its_own_error() {
         "--compaction-interval",
         "50ms",
     ]);
-    let proxy = Proxy::start(server.addr.parse().expect("addr")).await;
+    let proxy = Proxy::start(&server.addr).await;
     let client = Client::connect(&server.url(), ClientOptions::default())
         .await
         .expect("connect");
-    let slow = Client::connect(&proxy.url(), ClientOptions::default())
-        .await
-        .expect("connect");
+    let slow = Client::connect(
+        &format!("http://{}", proxy.endpoint()),
+        ClientOptions::default(),
+    )
+    .await
+    .expect("connect");
     let id = busy_agent(&client, 0).await;
     let mut watch = slow.watch(WatchOptions::from_sequence(1));
     assert_eq!(sequences(&mut watch, 5).await, vec![1, 2, 3, 4, 5]);
@@ -232,10 +244,13 @@ async fn compaction_that_overtakes_a_slow_watcher_is_its_own_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_whose_reply_was_lost_is_applied_once() {
     let server = ServerProcess::start(&["--log", "warn", "--store", "memory"]);
-    let proxy = Proxy::start(server.addr.parse().expect("addr")).await;
-    let client = Client::connect(&proxy.url(), ClientOptions::default())
-        .await
-        .expect("connect");
+    let proxy = Proxy::start(&server.addr).await;
+    let client = Client::connect(
+        &format!("http://{}", proxy.endpoint()),
+        ClientOptions::default(),
+    )
+    .await
+    .expect("connect");
     let id = busy_agent(&client, 0).await;
     let before = client.get_agent(&id).await.expect("get").version;
     proxy.lose_next_reply();
@@ -247,7 +262,7 @@ async fn a_change_whose_reply_was_lost_is_applied_once() {
         })
         .await
         .expect("the retry gets the first outcome");
-    assert!(!proxy.losing(), "a reply was lost");
+    assert_eq!(proxy.lost_replies(), 1, "a reply was lost");
     assert_eq!(reply.agent.map(|a| a.version), Some(before + 1));
     let agent = client.get_agent(&id).await.expect("get");
     assert_eq!(agent.version, before + 1, "one transition, not two");

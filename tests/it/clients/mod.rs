@@ -12,7 +12,7 @@
 //! these tests, they never skip.
 
 mod api;
-mod proxy;
+pub(crate) mod proxy;
 mod script;
 
 use std::{
