@@ -6,8 +6,10 @@
 //! file only runs the calls off the async workers. Nothing here names the
 //! consumers.
 
-use super::AgentLifecycleService;
-use crate::error::Result;
+use tracing::warn;
+
+use super::{AgentLifecycleService, WatchRequest, Watcher};
+use crate::error::{Error, Result};
 pub use crate::store::MAX_CURSOR_NAME_BYTES;
 
 impl AgentLifecycleService {
@@ -40,6 +42,41 @@ impl AgentLifecycleService {
         self.shared()
             .read_store(move |store| store.advance_cursor(&name, sequence))
             .await
+    }
+
+    /// A watch of every event from the cursor `name` on, and the sequence
+    /// it starts at: the consumer's place after a restart or a failover.
+    /// A consumer that never ran starts after `first_head` (the head when
+    /// it was started): the fleet's history is not replayed to it. Events
+    /// the cursor had not reached that retention deleted are skipped with
+    /// a warning, the cursor moved to the oldest kept.
+    ///
+    /// # Errors
+    /// The cursor cannot be read or moved, or the watch cannot open.
+    pub async fn watch_from_cursor(&self, name: &str, first_head: u64) -> Result<(Watcher, u64)> {
+        self.catch_up_with_store().await?;
+        let mut next = self.cursor(name).await?;
+        if next == 0 {
+            next = first_head + 1;
+            self.advance_cursor(name, next).await?;
+        }
+        let request = |start_sequence| WatchRequest {
+            start_sequence,
+            ..WatchRequest::default()
+        };
+        match self.watch(request(next)).await {
+            Err(Error::SequenceCompacted { oldest, .. }) => {
+                warn!(
+                    cursor = name,
+                    next,
+                    oldest,
+                    "events the consumer had not handled were compacted; it goes on from the oldest kept"
+                );
+                self.advance_cursor(name, oldest).await?;
+                Ok((self.watch(request(oldest)).await?, oldest))
+            }
+            opened => Ok((opened?, next)),
+        }
     }
 }
 

@@ -37,7 +37,7 @@ use crate::{
     AgentLifecycleService,
     domain::{Agent, AgentState, Binding, Caller, Metadata, PlatformAction},
     error::{Error, Result},
-    service::{ChangeRequest, LeaseHolder, PublishedEvent, WatchItem, WatchRequest, lease_holder},
+    service::{ChangeRequest, LeaseHolder, PublishedEvent, WatchItem, lease_holder},
 };
 
 /// What [`Driver::act`] returns.
@@ -177,31 +177,9 @@ async fn follow(
     first_head: u64,
 ) -> Result<Followed> {
     let name = driver.name();
-    service.catch_up_with_store().await?;
-    let mut next = service.cursor(name).await?;
-    if next == 0 {
-        // A driver that never ran starts at the head: the platform is not
-        // replayed the fleet's history.
-        next = first_head + 1;
-        service.advance_cursor(name, next).await?;
-    }
-    let request = |start_sequence| WatchRequest {
-        start_sequence,
-        ..WatchRequest::default()
-    };
-    let mut watcher = match service.watch(request(next)).await {
-        Err(Error::SequenceCompacted { oldest, .. }) => {
-            warn!(
-                driver = name,
-                next,
-                oldest,
-                "events the driver had not handled were compacted; it goes on from the oldest kept"
-            );
-            service.advance_cursor(name, oldest).await?;
-            service.watch(request(oldest)).await?
-        }
-        opened => opened?,
-    };
+    // A driver that never ran starts at the head: the platform is not
+    // replayed the fleet's history.
+    let (mut watcher, _) = service.watch_from_cursor(name, first_head).await?;
     while let Some(item) = watcher.next().await {
         let WatchItem::Event(event) = item? else {
             continue;

@@ -50,7 +50,7 @@ pub use self::{
 use crate::{
     AgentLifecycleService,
     error::{Error, Result},
-    service::{LeaseHolder, PublishedEvent, WatchItem, WatchRequest, lease_holder},
+    service::{LeaseHolder, PublishedEvent, WatchItem, lease_holder},
 };
 
 /// The longest webhook name, in bytes (it names a cursor, a lease, a
@@ -291,32 +291,10 @@ async fn follow(
     let key = webhook.key.as_str();
     let name = webhook.settings.name.as_str();
     let metrics = service.metrics().webhooks();
-    service.catch_up_with_store().await?;
-    let mut next = service.cursor(key).await?;
-    if next == 0 {
-        // A webhook that never ran starts at the head: its receiver is not
-        // sent the fleet's history.
-        next = first_head + 1;
-        service.advance_cursor(key, next).await?;
-    }
-    let request = |start_sequence| WatchRequest {
-        start_sequence,
-        ..WatchRequest::default()
-    };
-    let mut watcher = match service.watch(request(next)).await {
-        Err(Error::SequenceCompacted { oldest, .. }) => {
-            warn!(
-                webhook = name,
-                next,
-                oldest,
-                "events the webhook had not delivered were compacted; it goes on from the oldest kept (replay what it missed from an archive)"
-            );
-            service.advance_cursor(key, oldest).await?;
-            next = oldest;
-            service.watch(request(oldest)).await?
-        }
-        opened => opened?,
-    };
+    // A webhook that never ran starts at the head: its receiver is not
+    // sent the fleet's history. Events compacted before it delivered them
+    // are skipped with a warning (replay them from an archive).
+    let (mut watcher, next) = service.watch_from_cursor(key, first_head).await?;
     let mut position = Position {
         handled: next - 1,
         stored: next,
