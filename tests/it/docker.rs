@@ -331,7 +331,8 @@ async fn a_daemon_restart_loses_no_status_change() {
         return;
     };
     // A daemon of its own: stopping it must not disturb the other tests.
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = OwnDaemon(tempfile::tempdir().expect("tempdir"));
+    let dir = &dir.0;
     let host = docker_script("start", dir.path());
     let fleet = serve(&host, &image, "max_restarts = 0\n");
     let name = container_name();
@@ -363,7 +364,21 @@ async fn a_daemon_restart_loses_no_status_change() {
     let online = reach(&mut events, pb::AgentState::Online, server).await;
     assert_eq!(online.triggered_by, "docker-driver");
     assert_eq!(status(&inspect(&fleet.docker, &name).await), "running");
-    docker_script("stop", dir.path());
+}
+
+/// A daemon started for one test in a directory of its own: stopped when
+/// the test ends, passed or failed.
+struct OwnDaemon(tempfile::TempDir);
+
+impl Drop for OwnDaemon {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/docker.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(self.0.path())
+            .output();
+    }
 }
 
 /// `scripts/docker.sh COMMAND DIR`; `DOCKER_HOST` of a started daemon.
