@@ -124,6 +124,10 @@ stop() {
         done
     fi
     rm -f "$DIR/dockerd.pid" "$DIR/docker.sock"
+    # The daemon leaves its default network namespace mounted.
+    if [ -e "$DIR/exec/netns/default" ]; then
+        umount "$DIR/exec/netns/default" 2>/dev/null || true
+    fi
 }
 
 case ${1:-} in
