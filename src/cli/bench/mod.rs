@@ -5,6 +5,8 @@
 //!   connections, until a deadline.
 //! - `watch`: S event streams on a running server, writers committing at a
 //!   fixed aggregate rate; commit-to-receive latency, completeness, order.
+//! - `heartbeat`: spawns the server, a fleet beating at a fixed rate, some
+//!   agents going silent; CPU per heartbeat and the monitor's verdict.
 //! - `recovery`: spawns the server on a SQLite file of E events and measures
 //!   how long a restart takes until it answers with the whole log loaded.
 //! - `memory`: spawns the server and measures resident memory per agent.
@@ -25,6 +27,7 @@ mod ceiling;
 mod client;
 mod commit;
 mod cpu;
+mod heartbeat;
 mod load;
 mod memory;
 mod recovery;
@@ -39,6 +42,7 @@ use clap::{Args, Subcommand};
 
 use self::{
     commit::CommitArgs,
+    heartbeat::HeartbeatArgs,
     load::{LoadArgs, LoadOp},
     memory::MemoryArgs,
     recovery::RecoveryArgs,
@@ -63,6 +67,11 @@ enum BenchCommand {
     /// WatchEvents fan-out on the server at --server: commit-to-receive
     /// latency, deliveries/s, no gap, no duplicate.
     Watch(WatchBenchArgs),
+    /// Heartbeats of a fleet (servers spawned here) while the health
+    /// monitor watches every agent and some go silent: server CPU per
+    /// heartbeat, memory per watched agent, and whether exactly the silent
+    /// agents went to ERROR in time.
+    Heartbeat(HeartbeatArgs),
     /// Restart time of a server (spawned here) on a SQLite file of E events.
     Recovery(RecoveryArgs),
     /// Resident memory per registered agent of a server spawned here.
@@ -93,6 +102,7 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
             BenchCommand::Transition(load) => load::run(server, LoadOp::Transition, load).await,
             BenchCommand::Get(load) => load::run(server, LoadOp::Get, load).await,
             BenchCommand::Watch(watch) => watch::run(server, watch).await,
+            BenchCommand::Heartbeat(heartbeat) => heartbeat::run(heartbeat).await,
             BenchCommand::Recovery(recovery) => recovery::run(recovery).await,
             BenchCommand::Memory(memory) => memory::run(memory).await,
             BenchCommand::Commit(commit) => {

@@ -40,8 +40,22 @@ impl SpawnedServer {
         store: &str,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with(binary, store, &[], timeout).await
+    }
+
+    /// [`SpawnedServer::spawn`] with `extra` arguments after the others.
+    ///
+    /// # Errors
+    /// As [`SpawnedServer::spawn`].
+    pub(super) async fn spawn_with(
+        binary: &Path,
+        store: &str,
+        extra: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let command = ServerCommand::new(binary)
             .args(["--store", store, "--log", "warn"])
+            .args(extra)
             .env_remove("RUST_LOG")
             .stderr(Stderr::Inherit)
             .stop_on_drop(Signal::Terminate, STOP_GRACE);
@@ -50,6 +64,11 @@ impl SpawnedServer {
             url: process.url(),
             process,
         })
+    }
+
+    /// The server's PID.
+    pub(super) fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// VmRSS and VmHWM, in bytes.

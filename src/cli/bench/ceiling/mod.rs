@@ -89,6 +89,27 @@ async fn echo_worker(
     (latencies, errors)
 }
 
+/// One call of the bare echo on `channel`; whether it was answered within
+/// the tool's deadline.
+pub(super) async fn echo_once(channel: Channel, payload: Bytes) -> bool {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let call = async {
+        grpc.ready()
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        grpc.unary(
+            tonic::Request::new(payload),
+            http::uri::PathAndQuery::from_static(ECHO_PATH),
+            RawCodec,
+        )
+        .await
+    };
+    matches!(
+        tokio::time::timeout(super::client::CALL_TIMEOUT, call).await,
+        Ok(Ok(_))
+    )
+}
+
 /// One measured load on the echo: what `bench ceiling` reports per run,
 /// and what `--baseline` sets beside each run of another benchmark.
 #[derive(Debug)]
@@ -172,6 +193,11 @@ impl EchoBaseline {
             channels,
             dir,
         })
+    }
+
+    /// The connections to the server.
+    pub(super) fn channels(&self) -> Vec<Channel> {
+        self.channels.clone()
     }
 
     /// Whether the server serves the durable echo.
