@@ -21,7 +21,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let include = protoc_bin_vendored::include_path()?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Smaller per-call buffers than tonic's default (src/api/grpc/codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::api::grpc::codec::LeanCodec")
         .file_descriptor_set_path(out_dir.join("agentlifecycle_descriptor.bin"))
         .compile_protos(
             &[PathBuf::from("proto/agentlifecycle/v1/lifecycle.proto")],

@@ -46,6 +46,12 @@ impl AgentLifecycleService {
             .collect()
     }
 
+    /// Every agent, in no particular order: a pass over the fleet without
+    /// building a map (see [`Self::get_all_agent_statuses`]).
+    pub fn all_agents(&self) -> Vec<Arc<Agent>> {
+        self.agents_where(|_| true)
+    }
+
     pub(super) fn agents_where(&self, keep: impl Fn(&Agent) -> bool) -> Vec<Arc<Agent>> {
         self.shared()
             .read_table()

@@ -3,6 +3,7 @@
 //! every call, and the one mapping from [`crate::Error`] to `tonic::Status`.
 //! Nothing below this module names tonic, prost or `pb`.
 //!
+//! - [`codec`]: prost with buffers sized for this API's messages.
 //! - [`convert`]: wire <-> domain values, page tokens.
 //! - `mutation`: what every mutating request and response shares.
 //! - `handler`: the RPCs, a file per kind (mutate, query, watch,
@@ -21,6 +22,7 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 mod access;
+pub mod codec;
 pub mod convert;
 mod handler;
 mod layer;

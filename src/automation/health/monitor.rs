@@ -3,9 +3,24 @@
 //! (no first heartbeat in time, heartbeats missed, a state held past its
 //! `max_dwell`); restarting is `restart.rs`'s.
 //!
+//! A pass is a look at every agent under one lock of the watches, which
+//! sorts out the few agents that need an action; the actions then run side
+//! by side (so that on a durable store they share group commits). When a
+//! heartbeat or start-up deadline falls before the next regular pass, the
+//! monitor also wakes just after it (no sooner than a quarter of
+//! `check_interval` after the last pass): a silent agent goes to ERROR
+//! shortly after `heartbeat_timeout`, well within `heartbeat_timeout` +
+//! `check_interval`, and a fleet whose agents all beat costs one pass per
+//! interval.
+//!
 //! Drives the service through its public API only; knows nothing of gRPC.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::StreamExt as _;
 
 use tracing::{info, warn};
 
@@ -36,11 +51,13 @@ impl HeartbeatMonitor {
         let started = self.now();
         async move {
             let mut lease = lease_holder(&self.service, "health-monitor");
-            let mut ticks =
-                tokio::time::interval(self.settings.check_interval.max(Duration::from_millis(10)));
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let interval = self.settings.check_interval.max(Duration::from_millis(10));
+            let mut next_pass = tokio::time::Instant::now() + interval;
+            let mut passes: u64 = 0;
             loop {
-                ticks.tick().await;
+                tokio::time::sleep_until(next_pass).await;
+                let pass_started = tokio::time::Instant::now();
+                next_pass = pass_started + interval;
                 self.save().await;
                 if self.service.is_shutting_down() {
                     return;
@@ -53,7 +70,14 @@ impl HeartbeatMonitor {
                     continue;
                 }
                 self.load_saved().await;
-                self.check(now).await;
+                passes += 1;
+                let deadline = self.check(now, passes.is_multiple_of(PRUNE_EVERY)).await;
+                if let Some(deadline) = deadline {
+                    // Just after the deadline (a silence must exceed the
+                    // timeout), no sooner than a quarter interval on.
+                    let wait = deadline.duration_since(now).unwrap_or_default() + AFTER_DEADLINE;
+                    next_pass = (pass_started + wait.max(interval / 4)).min(next_pass);
+                }
             }
         }
     }
@@ -102,56 +126,122 @@ impl HeartbeatMonitor {
             .unwrap_or_else(|| recorded_restarts(agent))
     }
 
-    /// One pass over all agents.
-    async fn check(&self, now: SystemTime) {
-        let agents = self.service.get_all_agent_statuses();
-        // Forget the agents that are gone.
-        self.watches().retain(|id, _| agents.contains_key(id));
-        for info in agents.into_values() {
-            let agent = info.agent;
-            if self.check_dwell(&agent, now).await {
-                continue;
-            }
-            if let Err(err) = self.check_one(&agent, now).await {
-                warn!(agent_id = %agent.id, error = %err, "health monitor action failed");
-            }
-        }
+    /// One pass over all agents: a look at each, then the actions the look
+    /// found due. Forgets the agents that are gone when `prune`. Returns
+    /// the earliest heartbeat or start-up deadline still ahead.
+    async fn check(&self, now: SystemTime, prune: bool) -> Option<SystemTime> {
+        let agents = self.service.all_agents();
+        let (due, next) = self.look(&agents, now, prune);
+        futures_util::stream::iter(due)
+            .for_each_concurrent(ACTIONS_AT_ONCE, |(agent, due)| async move {
+                if let Err(err) = self.act(&agent, due, now).await {
+                    warn!(agent_id = %agent.id, error = %err, "health monitor action failed");
+                }
+            })
+            .await;
+        next
     }
 
-    /// Acts on what timed out for `agent` (by the settings that apply to
-    /// it): no first heartbeat, heartbeats missed, or a restart due.
-    async fn check_one(&self, agent: &Agent, now: SystemTime) -> Result<()> {
-        let id = agent.id;
-        let settings = self.settings.for_agent(agent);
-        let since_beat = self
-            .watches()
-            .get(&id)
-            .and_then(|w| w.last.as_ref())
-            .and_then(|b| now.duration_since(b.at).ok());
-        let restarts = self.restarts(agent);
-        match agent.state {
-            AgentState::Starting if awaits_heartbeat(agent) || awaits_platform(agent) => {
-                self.check_startup(agent, settings, restarts, now).await
+    /// Looks at every agent under one lock of the watches: keeps the
+    /// healthy ones' bookkeeping, and returns those that need an action
+    /// with the earliest deadline still ahead.
+    fn look(
+        &self,
+        agents: &[Arc<Agent>],
+        now: SystemTime,
+        prune: bool,
+    ) -> (Vec<(Arc<Agent>, Due)>, Option<SystemTime>) {
+        let mut watches = self.watches();
+        if prune || watches.len() > agents.len() {
+            let ids: std::collections::HashSet<_> = agents.iter().map(|a| a.id).collect();
+            watches.retain(|id, _| ids.contains(id));
+        }
+        let mut due = Vec::new();
+        let mut next: Option<SystemTime> = None;
+        let mut ahead = |deadline: SystemTime| {
+            if deadline > now && next.is_none_or(|n| deadline < n) {
+                next = Some(deadline);
             }
-            AgentState::Online | AgentState::Idle | AgentState::Busy => {
-                let Some(silent) = since_beat else {
-                    // Never sent a heartbeat: not watched.
-                    return Ok(());
-                };
-                self.check_heartbeats(agent, settings, silent, restarts, now)
-                    .await
+        };
+        for agent in agents {
+            if self.stuck(agent, now) {
+                due.push((Arc::clone(agent), Due::Dwell));
+                continue;
             }
-            AgentState::Timeout | AgentState::Error
-                if self.restarts_after(&agent.last_transition.triggered_by) =>
-            {
-                self.restart(agent, restarts, now).await
-            }
-            _ => {
-                if let Some(w) = self.watches().get_mut(&id) {
-                    w.healthy_since = None;
+            let settings = self.settings.for_agent(agent);
+            match agent.state {
+                AgentState::Starting if awaits_heartbeat(agent) || awaits_platform(agent) => {
+                    let deadline = agent.updated_at + settings.startup_timeout;
+                    if now > deadline {
+                        due.push((Arc::clone(agent), Due::Startup));
+                    } else {
+                        ahead(deadline);
+                    }
                 }
+                AgentState::Online | AgentState::Idle | AgentState::Busy => {
+                    // Never sent a heartbeat: not watched.
+                    let Some(watch) = watches.get_mut(&agent.id) else {
+                        continue;
+                    };
+                    let Some(last) = watch.last.as_ref().map(|b| b.at) else {
+                        continue;
+                    };
+                    let silent = now.duration_since(last).unwrap_or_default();
+                    if silent > settings.heartbeat_timeout {
+                        watch.healthy_since = None;
+                        due.push((Arc::clone(agent), Due::Silent(silent)));
+                        continue;
+                    }
+                    ahead(last + settings.heartbeat_timeout);
+                    let since = *watch.healthy_since.get_or_insert(now);
+                    let restarts = watch.restarts.unwrap_or_else(|| recorded_restarts(agent));
+                    if restarts > 0
+                        && now.duration_since(since).unwrap_or_default() > settings.reset_after
+                    {
+                        info!(agent_id = %agent.id, restarts, "healthy long enough: restart count reset");
+                        watch.restarts = Some(0);
+                    }
+                }
+                AgentState::Timeout | AgentState::Error
+                    if self.restarts_after(&agent.last_transition.triggered_by) =>
+                {
+                    due.push((Arc::clone(agent), Due::Restart));
+                }
+                _ => {
+                    if let Some(w) = watches.get_mut(&agent.id) {
+                        w.healthy_since = None;
+                    }
+                }
+            }
+        }
+        (due, next)
+    }
+
+    /// Whether `agent` stayed past its state's `max_dwell` (and the policy
+    /// has a timeout edge out of it).
+    fn stuck(&self, agent: &Agent, now: SystemTime) -> bool {
+        self.settings
+            .max_dwell
+            .iter()
+            .find(|(state, _)| *state == agent.state)
+            .is_some_and(|(_, limit)| {
+                now.duration_since(agent.updated_at).unwrap_or_default() > *limit
+                    && timeout_edge(self.service.policy(), agent.state).is_some()
+            })
+    }
+
+    /// The action [`Self::look`] found due for `agent`.
+    async fn act(&self, agent: &Agent, due: Due, now: SystemTime) -> Result<()> {
+        let settings = self.settings.for_agent(agent);
+        let restarts = self.restarts(agent);
+        match due {
+            Due::Dwell => {
+                self.check_dwell(agent, now).await;
                 Ok(())
             }
+            Due::Startup => self.check_startup(agent, settings, restarts, now).await,
+            Due::Silent(silent) => self.missed(agent, settings, silent, restarts).await,
+            Due::Restart => self.restart(agent, restarts, now).await,
         }
     }
 
@@ -190,41 +280,47 @@ impl HeartbeatMonitor {
         .await
     }
 
-    /// An operational agent `silent` since its last heartbeat: past
-    /// `heartbeat_timeout` it goes to ERROR; otherwise it is healthy, and
-    /// once healthy for `reset_after` its restart count starts over.
-    async fn check_heartbeats(
+    /// An operational agent `silent` since its last heartbeat for longer
+    /// than `heartbeat_timeout` goes to ERROR.
+    async fn missed(
         &self,
         agent: &Agent,
         settings: &HealthSettings,
         silent: Duration,
         restarts: u32,
-        now: SystemTime,
     ) -> Result<()> {
-        let id = agent.id;
-        if silent > settings.heartbeat_timeout {
-            let interval = settings.heartbeat_interval.max(Duration::from_millis(1));
-            let missed = (silent.as_secs_f64() / interval.as_secs_f64()).floor() as u64;
-            let reason = format!(
-                "{MISSED}: last seen {} ago, timeout {}, {missed} heartbeats missed",
-                secs(silent),
-                secs(settings.heartbeat_timeout)
-            );
-            self.service.metrics().heartbeat_missed();
-            if let Some(w) = self.watches().get_mut(&id) {
-                w.healthy_since = None;
-            }
-            return self
-                .move_to(id, agent.version, AgentState::Error, reason, restarts)
-                .await;
-        }
-        let mut watches = self.watches();
-        let watch = watches.entry(id).or_default();
-        let since = *watch.healthy_since.get_or_insert(now);
-        if restarts > 0 && now.duration_since(since).unwrap_or_default() > settings.reset_after {
-            info!(agent_id = %id, restarts, "healthy long enough: restart count reset");
-            watch.restarts = Some(0);
-        }
-        Ok(())
+        let interval = settings.heartbeat_interval.max(Duration::from_millis(1));
+        let missed = (silent.as_secs_f64() / interval.as_secs_f64()).floor() as u64;
+        let reason = format!(
+            "{MISSED}: last seen {} ago, timeout {}, {missed} heartbeats missed",
+            secs(silent),
+            secs(settings.heartbeat_timeout)
+        );
+        self.service.metrics().heartbeat_missed();
+        self.move_to(agent.id, agent.version, AgentState::Error, reason, restarts)
+            .await
     }
 }
+
+/// What a pass found due for an agent.
+#[derive(Clone, Copy, Debug)]
+enum Due {
+    /// Held its state past `max_dwell`.
+    Dwell,
+    /// No first heartbeat (or platform report) within `startup_timeout`.
+    Startup,
+    /// Silent this long, past `heartbeat_timeout`.
+    Silent(Duration),
+    /// In TIMEOUT or ERROR by the monitor or a driver: restart when due.
+    Restart,
+}
+
+/// Actions of one pass run at once.
+const ACTIONS_AT_ONCE: usize = 64;
+
+/// A pass due to a deadline runs this long after it.
+const AFTER_DEADLINE: Duration = Duration::from_millis(1);
+
+/// Every this many passes, the watches of agents that are gone are
+/// forgotten (at once when there are more watches than agents).
+const PRUNE_EVERY: u64 = 64;

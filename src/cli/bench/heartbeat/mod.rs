@@ -338,9 +338,9 @@ async fn run_once(
         Mode::Unary => Sink::unary(clients.clone(), ids.clone()),
     };
     let start = Instant::now() + Duration::from_millis(100);
-    // One whole interval and a second, so that every agent has beaten and
-    // is watched before the silence.
-    let silence_at = start + args.interval() + Duration::from_secs(1);
+    // Two whole intervals and a second: every agent has beaten and is
+    // watched, and the streams' opening is over, before the silence.
+    let silence_at = start + args.interval() * 2 + Duration::from_secs(1);
     let bound = args.timeout() + CHECK_INTERVAL;
     let end = silence_at + args.interval().max(bound) + MARGIN;
     let watcher = verdict::watch(clients[0].clone(), end + Duration::from_secs(1)).await?;
@@ -364,7 +364,9 @@ async fn run_once(
     let cpu_before = sampled.await.context("the CPU sampler panicked")?;
     let finished = sink.finish(FINISH_LIMIT).await;
     let seen = watcher.await.context("the event watcher panicked")??;
-    let verdict = verdict::judge(
+    let received = verdict::received(&clients[0], &ids, &silent).await?;
+    let verdict = verdict::judge(&seen, &ids, &silent, &received, args.timeout(), bound);
+    let sent = verdict::judge(
         &seen,
         &ids,
         &silent,
@@ -412,6 +414,10 @@ async fn run_once(
         "  monitor: {}{}",
         verdict.line(),
         if verdict.holds() { "" } else { "  -> NOT MET" }
+    );
+    println!(
+        "  counted from the agents' sending instead: {}",
+        sent.line()
     );
     drop(clients);
     drop(channels);

@@ -2,8 +2,10 @@
 //! WatchEvents stream from the head before the silence, read to the end of
 //! the run. Every event must be a silent agent going to ERROR, once, no
 //! later than `heartbeat_timeout` + one check interval after its last beat
-//! was sent and no earlier than `heartbeat_timeout`; a healthy agent must
-//! not be touched.
+//! was received (the agent's `last_heartbeat` as the server recorded it)
+//! and no earlier than `heartbeat_timeout`; a healthy agent must not be
+//! touched. The same figures from when the agents sent their last beat
+//! are reported beside it (they add the transport's delay).
 
 use std::{
     collections::HashMap,
@@ -11,11 +13,12 @@ use std::{
 };
 
 use anyhow::Context as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use agent_lifecycle::api::grpc::pb::{self, watch_events_response::Kind};
 
 use super::super::{
-    client::{Client, call, head_sequence},
+    client::{Client, SETUP_CONCURRENCY, call, head_sequence},
     stats::{ms, nanos, percentile},
 };
 
@@ -68,6 +71,49 @@ pub(super) async fn watch(
             }
         }
     }))
+}
+
+/// When the servers received each of the silent agents' last heartbeat
+/// (GetAgent's `last_heartbeat`), by agent index.
+///
+/// # Errors
+/// A GetAgent call failed.
+pub(super) async fn received(
+    client: &Client,
+    ids: &[String],
+    silent: &[bool],
+) -> anyhow::Result<HashMap<usize, SystemTime>> {
+    let wanted: Vec<usize> = (0..ids.len()).filter(|&i| silent[i]).collect();
+    let found: Vec<(usize, Option<SystemTime>)> = futures_util::stream::iter(wanted)
+        .map(|i| {
+            let mut client = client.clone();
+            let agent_id = ids[i].clone();
+            async move {
+                let reply = call(
+                    "GetAgent",
+                    client.get_agent(pb::GetAgentRequest {
+                        agent_id,
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+                let at = reply
+                    .agent
+                    .and_then(|a| a.last_heartbeat)
+                    .and_then(|b| b.received_at)
+                    .map(|t| {
+                        UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+                    });
+                Ok::<_, anyhow::Error>((i, at))
+            }
+        })
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|(i, at)| Some((i, at?)))
+        .collect())
 }
 
 /// How the monitor did.
