@@ -265,13 +265,24 @@ pub struct HistoryRange {
 
 /// Wakes a follower when other processes commit.
 pub trait CommitFeed: Send {
-    /// Blocks until another writer may have committed (`true`) or `timeout`
-    /// passed (`false`). Spurious wake-ups are allowed; a follower reads the
-    /// log after either.
+    /// Blocks until a commit is announced or `timeout` passes. Spurious
+    /// wake-ups are allowed.
     ///
     /// # Errors
     /// The feed's connection failed; open a new feed.
-    fn wait(&mut self, timeout: Duration) -> Result<bool>;
+    fn wait(&mut self, timeout: Duration) -> Result<Wake>;
+}
+
+/// What woke a [`CommitFeed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Nothing was announced within the timeout.
+    TimedOut,
+    /// Only this process's own commits were announced: nothing to read.
+    OwnOnly,
+    /// Other processes committed, up to this sequence (`u64::MAX` when an
+    /// announcement did not say).
+    Others(u64),
 }
 
 /// A held lease; dropping it releases it.

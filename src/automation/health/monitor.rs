@@ -52,7 +52,8 @@ impl HeartbeatMonitor {
         async move {
             let mut lease = lease_holder(&self.service, "health-monitor");
             let interval = self.settings.check_interval.max(Duration::from_millis(10));
-            let mut next_pass = tokio::time::Instant::now() + interval;
+            // The first pass at once, then every interval.
+            let mut next_pass = tokio::time::Instant::now();
             let mut passes: u64 = 0;
             loop {
                 tokio::time::sleep_until(next_pass).await;

@@ -22,7 +22,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -33,7 +33,7 @@ use crate::{
     domain::{AgentId, TransitionRecord},
     error::{Error, Result},
     service::Shared,
-    store::{AgentIdentity, StoreError},
+    store::{AgentIdentity, StoreError, Wake},
 };
 
 /// Events read from the log per step when following other processes.
@@ -178,10 +178,14 @@ pub(super) fn start_follower(
 }
 
 /// The follower thread of a shared store: wakes on other processes' commits
-/// (LISTEN/NOTIFY) or every [`FOLLOW_INTERVAL`], and asks the commit thread
-/// to follow them. At most one request is queued at a time.
+/// (LISTEN/NOTIFY) and asks the commit thread to follow them, unless the
+/// table already holds what was announced (this process's own commits are
+/// never read back); and reads the log at least every [`FOLLOW_INTERVAL`]
+/// in case an announcement was lost. At most one request is queued at a
+/// time.
 fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &AtomicBool) {
     let mut feed = None;
+    let mut last_follow = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if feed.is_none() {
             match shared.store.commit_feed() {
@@ -196,13 +200,23 @@ fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &Atomi
             Some(open) => open.wait(FOLLOW_INTERVAL),
             None => {
                 std::thread::sleep(FOLLOW_INTERVAL);
-                Ok(false)
+                Ok(Wake::TimedOut)
             }
         };
-        if let Err(err) = waited {
-            warn!(error = %crate::error::chain(&err), "the commit feed failed; reopening it");
-            feed = None;
+        let news = match waited {
+            Ok(Wake::Others(sequence)) => sequence > shared.head(),
+            Ok(Wake::OwnOnly) => false,
+            Ok(Wake::TimedOut) => true,
+            Err(err) => {
+                warn!(error = %crate::error::chain(&err), "the commit feed failed; reopening it");
+                feed = None;
+                true
+            }
+        };
+        if !news && last_follow.elapsed() < FOLLOW_INTERVAL {
+            continue;
         }
+        last_follow = Instant::now();
         if !shared.follow_requested.swap(true, Ordering::AcqRel)
             && commits.send(Message::Follow(None)).is_err()
         {

@@ -137,7 +137,7 @@ w AS (
     ON CONFLICT (writer_id) DO UPDATE
         SET last_batch = excluded.last_batch, seen_at = excluded.seen_at
 )
-SELECT h.base, (SELECT count(*) FROM ins), pg_notify('{channel}', (h.base + $1)::text)
+SELECT h.base, (SELECT count(*) FROM ins), pg_notify('{channel}', (h.base + $1)::text || ' ' || encode($3, 'hex'))
 FROM h",
         new_columns = list("", NewAgents::COLUMNS),
         new_values = list("n", NewAgents::COLUMNS),

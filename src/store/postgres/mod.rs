@@ -230,7 +230,7 @@ impl Store for PostgresStore {
     }
 
     fn commit_feed(&self) -> Result<Option<Box<dyn CommitFeed>>> {
-        shared::listen(connect(&self.url)?).map(Some)
+        shared::listen(connect(&self.url)?, &self.writer_id).map(Some)
     }
 
     fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>> {

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     domain::{AgentId, Heartbeat},
     store::{
-        CommitFeed, Lease, Result, StoreError,
+        CommitFeed, Lease, Result, StoreError, Wake,
         codec::{from_micros, to_micros},
     },
 };
@@ -55,12 +55,26 @@ ON CONFLICT (agent_id) DO UPDATE
     )
 });
 
-/// A connection that LISTENs on [`CHANNEL`].
-pub(super) fn listen(mut client: Client) -> Result<Box<dyn CommitFeed>> {
+/// A connection that LISTENs on [`CHANNEL`], for the process whose
+/// batches carry `writer_id`.
+pub(super) fn listen(mut client: Client, writer_id: &[u8; 16]) -> Result<Box<dyn CommitFeed>> {
     client
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .map_err(pg("listening for commits"))?;
-    Ok(Box::new(Listener { client }))
+    let own = writer_id.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Box::new(Listener { client, own }))
+}
+
+/// What one announcement says: `None` for this process's own commit,
+/// else the last sequence committed (`u64::MAX` when it does not say).
+/// Each batch announces `"LAST_SEQUENCE WRITER_HEX"`.
+fn announced(payload: &str, own: &str) -> Option<u64> {
+    let mut parts = payload.split(' ');
+    let sequence = parts.next().and_then(|s| s.parse().ok());
+    match parts.next() {
+        Some(writer) if writer == own => None,
+        _ => Some(sequence.unwrap_or(u64::MAX)),
+    }
 }
 
 /// Takes the lease `name` on `client`, a connection of its own; `None`
@@ -167,35 +181,57 @@ fn lease_key(name: &str) -> i64 {
     hash as i64
 }
 
-/// A LISTEN connection.
+/// A LISTEN connection; `own` is this process's writer id in hex.
 struct Listener {
     client: Client,
+    own: String,
+}
+
+impl Listener {
+    fn take(&self, wake: Wake, payload: &str) -> Wake {
+        match (wake, announced(payload, &self.own)) {
+            (wake, None) => match wake {
+                Wake::TimedOut => Wake::OwnOnly,
+                other => other,
+            },
+            (Wake::Others(before), Some(sequence)) => Wake::Others(before.max(sequence)),
+            (_, Some(sequence)) => Wake::Others(sequence),
+        }
+    }
 }
 
 impl CommitFeed for Listener {
-    fn wait(&mut self, timeout: Duration) -> Result<bool> {
+    fn wait(&mut self, timeout: Duration) -> Result<Wake> {
         let first = self
             .client
             .notifications()
             .timeout_iter(timeout)
             .next()
             .map_err(pg("waiting for commits"))?;
-        if first.is_none() && self.client.is_closed() {
-            return Err(StoreError::backend(
-                "waiting for commits",
-                std::io::Error::other("the notification connection closed"),
-            ));
-        }
+        let Some(first) = first else {
+            if self.client.is_closed() {
+                return Err(StoreError::backend(
+                    "waiting for commits",
+                    std::io::Error::other("the notification connection closed"),
+                ));
+            }
+            return Ok(Wake::TimedOut);
+        };
+        let mut wake = self.take(Wake::TimedOut, first.payload());
         // Whatever else is already buffered is covered by the same read of
         // the log.
-        let mut notifications = self.client.notifications();
-        let mut buffered = notifications.iter();
-        while buffered
-            .next()
-            .map_err(pg("waiting for commits"))?
-            .is_some()
-        {}
-        Ok(first.is_some())
+        let mut payloads = Vec::new();
+        {
+            let mut notifications = self.client.notifications();
+            let mut buffered = notifications.iter();
+            while let Some(next) = buffered.next().map_err(pg("waiting for commits"))? {
+                payloads.push(next.payload().to_string());
+            }
+        }
+        for payload in &payloads {
+            wake = self.take(wake, payload);
+        }
+        Ok(wake)
     }
 }
 
@@ -207,5 +243,21 @@ struct AdvisoryLease {
 impl Lease for AdvisoryLease {
     fn is_held(&mut self) -> bool {
         !self.client.is_closed() && self.client.simple_query("SELECT 1").is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_tell_own_commits_from_others() {
+        let own = "00ff";
+        assert_eq!(announced("42 00ff", own), None);
+        assert_eq!(announced("42 0aaa", own), Some(42));
+        // A process that does not name itself, or a sequence that does not
+        // parse, is another process's commit of unknown extent.
+        assert_eq!(announced("42", own), Some(42));
+        assert_eq!(announced("", own), Some(u64::MAX));
     }
 }
