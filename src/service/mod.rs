@@ -31,6 +31,7 @@ mod as_of;
 mod clock;
 mod cursor;
 mod event;
+mod head_reads;
 mod hooks;
 mod lease;
 mod log;
@@ -127,6 +128,7 @@ impl AgentLifecycleService {
             clock: Arc::clone(&config.clock),
             follow_requested: AtomicBool::new(false),
             in_flight: idempotency::InFlight::default(),
+            head_reads: Arc::default(),
             runtime,
         });
         let log = Log::start(&shared, &config)?;
@@ -213,7 +215,9 @@ impl AgentLifecycleService {
     /// returns at once. On a shared store (PostgreSQL) it reads the store's
     /// head and, when other processes committed beyond the table, applies
     /// their events first: a read after it sees every change committed
-    /// before it was called, whichever process committed it.
+    /// before it was called, whichever process committed it. Calls that
+    /// wait at once share head reads (one query at a time, each call
+    /// answered by one that started after it arrived).
     ///
     /// # Errors
     /// The store cannot be read, or the service is closed.
@@ -221,7 +225,8 @@ impl AgentLifecycleService {
         if !self.shared().store.is_shared() {
             return Ok(());
         }
-        let head = self.shared().read_store(|store| store.head()).await?;
+        let shared = self.shared();
+        let head = shared.head_reads.head(&shared.store).await?;
         if self.head_sequence() >= head {
             return Ok(());
         }

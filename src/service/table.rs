@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub follow_requested: AtomicBool,
     /// Requests with a request id being served, one at a time per id.
     pub in_flight: super::write::idempotency::InFlight,
+    /// Head reads of a shared store, shared by the calls that wait at once.
+    pub head_reads: Arc<super::head_reads::HeadReads>,
     /// The runtime the commit thread hands each batch's answers to (see
     /// `log::batch::Batch::reply`); `None` outside one.
     pub runtime: Option<tokio::runtime::Handle>,
@@ -170,6 +172,7 @@ impl Shared {
             clock: Arc::new(crate::domain::SystemClock),
             follow_requested: AtomicBool::new(false),
             in_flight: super::write::idempotency::InFlight::default(),
+            head_reads: Arc::default(),
             runtime: None,
         })
     }

@@ -37,7 +37,9 @@ impl<T, U> Default for LeanCodec<T, U> {
     }
 }
 
-fn settings() -> BufferSettings {
+/// The buffer settings of every call's encoder and decoder (WatchEvents'
+/// own codec uses them too).
+pub(crate) fn settings() -> BufferSettings {
     BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
 }
 

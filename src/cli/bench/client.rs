@@ -188,12 +188,25 @@ struct LiteStep {
     sequence: u64,
 }
 
+/// A ListAgents page with only its next page token decoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LitePage {
+    #[prost(string, tag = "2")]
+    next_page_token: String,
+}
+
+/// Agents per ListAgents page, and transitions per GetAgentHistory page,
+/// of the `list` and `history` loads.
+pub(super) const PAGE_SIZE: u32 = 100;
+
 /// GetAgentResponse with every field skipped undecoded.
 #[derive(Clone, PartialEq, prost::Message)]
 struct SkippedResponse {}
 
 const TRANSITION_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/TransitionAgent";
 const GET_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/GetAgent";
+const LIST_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/ListAgents";
+const HISTORY_PATH: &str = "/agentlifecycle.v1.AgentLifecycleService/GetAgentHistory";
 
 /// A unary call whose reply is decoded as `R`, with the tool's deadline
 /// and this process's token.
@@ -237,6 +250,8 @@ pub(super) struct Worker {
     pub(super) channel: Channel,
     pub(super) agent_id: String,
     pub(super) target: AgentState,
+    /// Where this worker's walk through ListAgents pages stands.
+    page_token: String,
 }
 
 impl Worker {
@@ -247,6 +262,7 @@ impl Worker {
             channel,
             agent_id,
             target: AgentState::Idle,
+            page_token: String::new(),
         }
     }
 
@@ -294,6 +310,39 @@ impl Worker {
             GET_PATH,
             pb::GetAgentRequest {
                 agent_id: self.agent_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The next ListAgents page of this worker's walk through the fleet
+    /// (from the first again after the last), the agents skipped undecoded.
+    pub(super) async fn list(&mut self) -> anyhow::Result<()> {
+        let page: LitePage = lite_call(
+            &self.channel,
+            LIST_PATH,
+            pb::ListAgentsRequest {
+                page_size: PAGE_SIZE,
+                page_token: std::mem::take(&mut self.page_token),
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.page_token = page.next_page_token;
+        Ok(())
+    }
+
+    /// The first GetAgentHistory page of the worker's agent, skipped
+    /// undecoded.
+    pub(super) async fn history(&self) -> anyhow::Result<()> {
+        let _: SkippedResponse = lite_call(
+            &self.channel,
+            HISTORY_PATH,
+            pb::GetAgentHistoryRequest {
+                agent_id: self.agent_id.clone(),
+                page_size: PAGE_SIZE,
                 ..Default::default()
             },
         )

@@ -52,7 +52,7 @@ pub(super) struct CommitArgs {
 
 /// One agent as the benchmark tracks it.
 #[derive(Clone)]
-struct Tracked {
+pub(super) struct Tracked {
     id: AgentId,
     version: u64,
     online: bool,
@@ -112,7 +112,7 @@ fn batch(agents: &[Tracked], next: &mut usize, size: usize) -> Vec<AgentChange> 
 /// each agent of a batch on (a change commits or the run fails); the CPU
 /// time of the batches, in ns (building them and counting included, the
 /// same for the store and the baseline).
-fn timed(
+pub(super) fn timed(
     agents: &mut [Tracked],
     next: &mut usize,
     batch_size: usize,
@@ -136,7 +136,11 @@ fn timed(
 }
 
 /// One batch through the store; every change must commit.
-fn store_commit(store: &SqliteStore, id: u64, changes: &mut [AgentChange]) -> anyhow::Result<()> {
+pub(super) fn store_commit(
+    store: &SqliteStore,
+    id: u64,
+    changes: &mut [AgentChange],
+) -> anyhow::Result<()> {
     let outcomes = store
         .commit(BatchId(id), changes, &SystemClock)
         .context("a commit failed")?;
@@ -199,34 +203,50 @@ fn bare_open(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-/// `count` agents registered in the store, one batch each, at version 1.
+/// Agents registered per commit by [`register_agents`].
+const REGISTER_BATCH: usize = 1_000;
+
+/// `count` agents registered in the store, [`REGISTER_BATCH`] per commit,
+/// at version 1 (IDLE).
 ///
 /// # Errors
 /// A failed commit.
-fn register_agents(store: &SqliteStore, count: usize) -> anyhow::Result<Vec<Tracked>> {
+pub(super) fn register_agents(store: &SqliteStore, count: usize) -> anyhow::Result<Vec<Tracked>> {
     let mut agents = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut tracked = Tracked {
-            id: AgentId::generate(),
-            version: 0,
-            online: false,
-        };
-        let mut registration = record(&tracked, AgentState::Idle, None);
-        registration.reason = format!("bench agent {i}");
-        let mut changes = vec![AgentChange {
-            agent_id: tracked.id,
-            prior_version: 0,
-            identity: Some(AgentIdentity {
-                name: Arc::from(format!("bench-commit-{i}")),
-                labels: Arc::default(),
-            }),
-            records: vec![Arc::new(registration)],
-        }];
-        store
-            .commit(BatchId(i as u64), &mut changes, &SystemClock)
-            .context("registering the agents")?;
-        tracked.version = 1;
-        agents.push(tracked);
+    let mut batch = 0;
+    while agents.len() < count {
+        let first = agents.len();
+        let size = REGISTER_BATCH.min(count - first);
+        let tracked: Vec<Tracked> = (0..size)
+            .map(|_| Tracked {
+                id: AgentId::generate(),
+                version: 0,
+                online: false,
+            })
+            .collect();
+        let mut changes: Vec<AgentChange> = tracked
+            .iter()
+            .enumerate()
+            .map(|(k, agent)| {
+                let mut registration = record(agent, AgentState::Idle, None);
+                registration.reason = format!("bench agent {}", first + k);
+                AgentChange {
+                    agent_id: agent.id,
+                    prior_version: 0,
+                    identity: Some(AgentIdentity {
+                        name: Arc::from(format!("bench-commit-{}", first + k)),
+                        labels: Arc::default(),
+                    }),
+                    records: vec![Arc::new(registration)],
+                }
+            })
+            .collect();
+        batch += 1;
+        store_commit(store, batch, &mut changes).context("registering the agents")?;
+        agents.extend(tracked.into_iter().map(|mut agent| {
+            agent.version = 1;
+            agent
+        }));
     }
     Ok(agents)
 }

@@ -63,6 +63,10 @@ pub(super) struct LoadArgs {
 pub(super) enum LoadOp {
     Transition,
     Get,
+    /// ListAgents pages, each worker walking the whole fleet.
+    List,
+    /// GetAgentHistory of the worker's agent.
+    History,
 }
 
 impl LoadOp {
@@ -70,6 +74,8 @@ impl LoadOp {
         match self {
             LoadOp::Transition => "transitions/s",
             LoadOp::Get => "gets/s",
+            LoadOp::List => "pages/s",
+            LoadOp::History => "histories/s",
         }
     }
 }
@@ -112,6 +118,8 @@ async fn load_worker(
         let result = match op {
             LoadOp::Transition => worker.transition().await.map(Some),
             LoadOp::Get => worker.get().await.map(|()| None),
+            LoadOp::List => worker.list().await.map(|()| None),
+            LoadOp::History => worker.history().await.map(|()| None),
         };
         let latency = started.elapsed();
         match result {
@@ -184,6 +192,8 @@ pub(super) async fn run(server: &str, op: LoadOp, args: LoadArgs) -> anyhow::Res
     let name = match op {
         LoadOp::Transition => "transition",
         LoadOp::Get => "get",
+        LoadOp::List => "list",
+        LoadOp::History => "history",
     };
     println!(
         "bench {name}: server {server}, concurrency {}, connections {}, duration {}, warmup {}, runs {}",

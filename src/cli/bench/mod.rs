@@ -64,6 +64,12 @@ enum BenchCommand {
     Transition(LoadArgs),
     /// GetAgent throughput and latency on the server at --server.
     Get(LoadArgs),
+    /// ListAgents pages of 100 on the server at --server, each worker
+    /// walking the whole fleet page by page.
+    List(LoadArgs),
+    /// GetAgentHistory (a page of 100) of each worker's agent on the
+    /// server at --server.
+    History(LoadArgs),
     /// WatchEvents fan-out on the server at --server: commit-to-receive
     /// latency, deliveries/s, no gap, no duplicate.
     Watch(WatchBenchArgs),
@@ -101,6 +107,8 @@ pub async fn run(server: &str, args: BenchArgs) -> anyhow::Result<()> {
         match args.command {
             BenchCommand::Transition(load) => load::run(server, LoadOp::Transition, load).await,
             BenchCommand::Get(load) => load::run(server, LoadOp::Get, load).await,
+            BenchCommand::List(load) => load::run(server, LoadOp::List, load).await,
+            BenchCommand::History(load) => load::run(server, LoadOp::History, load).await,
             BenchCommand::Watch(watch) => watch::run(server, watch).await,
             BenchCommand::Heartbeat(heartbeat) => heartbeat::run(heartbeat).await,
             BenchCommand::Recovery(recovery) => recovery::run(recovery).await,

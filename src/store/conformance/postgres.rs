@@ -217,3 +217,52 @@ fn postgres_migrates_a_version_2_database_to_cursors() {
         .get(0);
     assert_eq!(version, 3);
 }
+
+/// A burst of concurrent reads shares at most `MAX_READERS` connections:
+/// the database never sees more from this process, and every read answers.
+#[test]
+fn postgres_readers_are_bounded_under_a_burst_of_reads() {
+    let Some(url) = fresh_postgres("readers") else {
+        return;
+    };
+    let store = Arc::new(PostgresStore::open(&url).expect("open"));
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("admin connection");
+    let database: String = admin
+        .query_one("SELECT current_database()", &[])
+        .expect("database")
+        .get(0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..64)
+        .map(|_| {
+            let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && reads < 200 {
+                    store.head().expect("a read answers");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut most = 0i64;
+    for _ in 0..50 {
+        let open: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .expect("count connections")
+            .get(0);
+        most = most.max(open);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
+    assert!(reads >= 64, "every reader read");
+    // The writer's connection and the readers.
+    let bound = 1 + crate::store::postgres::MAX_READERS as i64;
+    assert!(
+        most <= bound,
+        "{most} connections open, at most {bound} expected"
+    );
+}

@@ -32,6 +32,10 @@ mod batch;
 mod commit;
 mod compact;
 mod read;
+mod readers;
+
+#[cfg(test)]
+pub(crate) use readers::MAX_READERS;
 mod rows;
 mod schema;
 mod shared;
@@ -52,9 +56,6 @@ use crate::domain::{AgentId, Clock, Heartbeat, TransitionRecord};
 
 /// The channel commits notify.
 const CHANNEL: &str = "agent_lifecycle_commits";
-
-/// Reader connections kept open for reuse.
-const MAX_IDLE_READERS: usize = 8;
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,8 +99,8 @@ pub struct PostgresStore {
     /// The one connection that commits (the commit thread's), with its
     /// prepared statements; reconnected after a failure.
     writer: Mutex<Option<Writer>>,
-    /// Idle reader connections.
-    readers: Mutex<Vec<Client>>,
+    /// The reader connections, bounded.
+    readers: readers::Readers,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -123,7 +124,7 @@ impl PostgresStore {
             url: url.to_string(),
             writer_id: *AgentId::generate().as_uuid().as_bytes(),
             writer: Mutex::new(Some(writer)),
-            readers: Mutex::new(Vec::new()),
+            readers: readers::Readers::new(url),
         })
     }
 
@@ -171,26 +172,7 @@ impl PostgresStore {
     }
 
     fn with_reader<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
-        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (mut client, pooled) = match idle {
-            Some(client) if !client.is_closed() => (client, true),
-            _ => (connect(&self.url)?, false),
-        };
-        let mut result = f(&mut client);
-        // A pooled connection learns that the server ended it only when it
-        // is used (a database restart, an idle timeout): try once more on a
-        // fresh one.
-        if result.is_err() && pooled && client.is_closed() {
-            client = connect(&self.url)?;
-            result = f(&mut client);
-        }
-        if !client.is_closed() {
-            let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(client);
-            }
-        }
-        result
+        self.readers.with(f)
     }
 }
 
@@ -315,10 +297,7 @@ impl Store for PostgresStore {
     }
 
     fn close(&self) -> Result<()> {
-        self.readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.readers.close();
         *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }

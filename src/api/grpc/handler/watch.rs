@@ -283,7 +283,7 @@ impl Codec for WatchCodec {
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+        tonic_prost::ProstDecoder::new(crate::api::grpc::codec::settings())
     }
 }
 
@@ -294,6 +294,10 @@ struct WatchEncoder(AgentLifecycleService);
 impl Encoder for WatchEncoder {
     type Item = WatchItem;
     type Error = Status;
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        crate::api::grpc::codec::settings()
+    }
 
     fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let policy = self.0.policy();

@@ -1,0 +1,132 @@
+//! The reader connections: at most [`MAX_READERS`] open at once per
+//! process, reused. A read that finds them all busy waits for one (up to
+//! [`READER_WAIT`]) instead of opening another, so a burst of reads can
+//! never exhaust the server's `max_connections`: with N processes the
+//! readers hold at most N x [`MAX_READERS`] connections.
+
+use std::{
+    sync::{Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use postgres::Client;
+
+use super::connect;
+use crate::store::{Result, StoreError};
+
+/// Reader connections one process opens at most.
+pub(crate) const MAX_READERS: usize = 16;
+
+/// How long a read waits for a busy reader before it fails.
+const READER_WAIT: Duration = Duration::from_secs(30);
+
+/// See the module doc.
+pub(super) struct Readers {
+    url: String,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Client>,
+    /// Connections open, idle or lent out.
+    open: usize,
+}
+
+impl Readers {
+    pub(super) fn new(url: &str) -> Self {
+        Readers {
+            url: url.to_string(),
+            pool: Mutex::default(),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a reader; once more on a fresh connection when a pooled
+    /// one turns out closed (a database restart, an idle timeout).
+    pub(super) fn with<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+        let (mut client, pooled) = self.acquire()?;
+        let mut result = f(&mut client);
+        if result.is_err() && pooled && client.is_closed() {
+            match connect(&self.url) {
+                Ok(fresh) => {
+                    client = fresh;
+                    result = f(&mut client);
+                }
+                Err(err) => {
+                    self.release(client);
+                    return Err(err);
+                }
+            }
+        }
+        self.release(client);
+        result
+    }
+
+    /// An idle reader, a new one while fewer than [`MAX_READERS`] are
+    /// open, or the first one freed; and whether it was pooled.
+    fn acquire(&self) -> Result<(Client, bool)> {
+        let deadline = Instant::now() + READER_WAIT;
+        let mut pool = self.pool();
+        loop {
+            if let Some(client) = pool.idle.pop() {
+                if client.is_closed() {
+                    pool.open -= 1;
+                    continue;
+                }
+                return Ok((client, true));
+            }
+            if pool.open < MAX_READERS {
+                pool.open += 1;
+                drop(pool);
+                return match connect(&self.url) {
+                    Ok(client) => Ok((client, false)),
+                    Err(err) => {
+                        self.pool().open -= 1;
+                        self.freed.notify_one();
+                        Err(err)
+                    }
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::backend(
+                    "waiting for a reader connection",
+                    std::io::Error::other(format!(
+                        "all {MAX_READERS} reader connections stayed busy for {READER_WAIT:?}"
+                    )),
+                ));
+            }
+            pool = self
+                .freed
+                .wait_timeout(pool, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Returns a reader to the pool (or counts it gone when closed).
+    fn release(&self, client: Client) {
+        let mut pool = self.pool();
+        if client.is_closed() {
+            pool.open -= 1;
+        } else {
+            pool.idle.push(client);
+        }
+        drop(pool);
+        self.freed.notify_one();
+    }
+
+    /// Closes the idle readers.
+    pub(super) fn close(&self) {
+        let mut pool = self.pool();
+        let closed = pool.idle.len();
+        pool.idle.clear();
+        pool.open -= closed;
+    }
+}
