@@ -66,6 +66,9 @@ pub(super) fn answer(shared: &Shared, waiting: Vec<Option<Done>>) {
 /// The log could not be read, or it has a gap (events compacted before this
 /// process applied them).
 pub(super) fn apply_until(shared: &Shared, stop_before: u64) -> Result<u64, StoreError> {
+    // The head read after an empty page: the events up to it are
+    // committed, so the next read of the log must return them.
+    let mut seen_head: Option<u64> = None;
     loop {
         let after = shared.head();
         if after.saturating_add(1) >= stop_before {
@@ -83,8 +86,15 @@ pub(super) fn apply_until(shared: &Shared, stop_before: u64) -> Result<u64, Stor
             // Nothing to apply: either the log ends here, or the events
             // after `after` are gone (compacted before this process applied
             // them), which must not pass for "nothing happened".
+            // The page and the head are two reads: a commit landing between
+            // them is read on the next turn, not taken for a gap.
             let missing = if stop_before == u64::MAX {
-                shared.store.head()? > after
+                let head = shared.store.head()?;
+                if head > after && seen_head.is_none_or(|seen| seen <= after) {
+                    seen_head = Some(head);
+                    continue;
+                }
+                head > after
             } else {
                 true
             };
