@@ -24,7 +24,7 @@ use clap::{Args, ValueEnum};
 
 use agent_lifecycle::app::config::parse_duration;
 
-use self::beats::{Counts, Schedule, Sink};
+use self::beats::{Counts, Driven, Finished, Schedule, Sink};
 use super::{
     ceiling::EchoBaseline,
     client::{Client, connect_channels, create_agents},
@@ -314,6 +314,56 @@ impl Servers {
     }
 }
 
+/// When a run (or an echo run) starts, when its measured window begins
+/// (the silence), and when it ends.
+struct Window {
+    start: Instant,
+    from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    /// A window that opens `warmup` after the start and lasts long enough
+    /// for a silent agent's ERROR and a margin.
+    fn new(args: &HeartbeatArgs, warmup: Duration) -> Window {
+        let start = Instant::now() + Duration::from_millis(100);
+        let from = start + warmup;
+        let bound = args.timeout() + CHECK_INTERVAL;
+        Window {
+            start,
+            from,
+            end: from + args.interval().max(bound) + MARGIN,
+        }
+    }
+
+    fn schedule(&self, args: &HeartbeatArgs, silent: Arc<Vec<bool>>) -> Schedule {
+        Schedule {
+            start: self.start,
+            rate: args.rate,
+            agents: args.agents,
+            silence_at: self.from,
+            end: self.end,
+            silent,
+        }
+    }
+
+    /// `cpu` sampled when the window opens, by a task of its own.
+    fn sample_at_open(&self, cpu: ServerCpu) -> tokio::task::JoinHandle<Option<Duration>> {
+        let from = self.from;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(from.into()).await;
+            cpu.sample()
+        })
+    }
+}
+
+/// Resident memory of the servers at three points of a run.
+struct Memory {
+    empty: u64,
+    registered: u64,
+    watched: u64,
+}
+
 /// One run on fresh servers.
 async fn run_once(
     args: &HeartbeatArgs,
@@ -330,41 +380,39 @@ async fn run_once(
     let empty = servers.resident()?;
     let setup = Instant::now();
     let ids = create_agents(&clients, args.agents, true, "bench-heartbeat").await?;
-    let setup_time = setup.elapsed();
+    println!(
+        "run {run}/{}: setup {} ({} agents)",
+        args.runs,
+        secs(setup.elapsed()),
+        ids.len()
+    );
     let registered = servers.resident()?;
     let silent = Arc::new(spread(args.agents, args.silent));
     let mut sink = match args.mode {
         Mode::Stream => Sink::streams(&clients, ids.clone()),
         Mode::Unary => Sink::unary(clients.clone(), ids.clone()),
     };
-    let start = Instant::now() + Duration::from_millis(100);
     // Two whole intervals and a second: every agent has beaten and is
     // watched, and the streams' opening is over, before the silence.
-    let silence_at = start + args.interval() * 2 + Duration::from_secs(1);
-    let bound = args.timeout() + CHECK_INTERVAL;
-    let end = silence_at + args.interval().max(bound) + MARGIN;
-    let watcher = verdict::watch(clients[0].clone(), end + Duration::from_secs(1)).await?;
-    let schedule = Schedule {
-        start,
-        rate: args.rate,
-        agents: args.agents,
-        silence_at,
-        end,
-        silent: Arc::clone(&silent),
-    };
-    let cpu = servers.cpu();
-    let sampled = tokio::spawn(async move {
-        tokio::time::sleep_until(silence_at.into()).await;
-        cpu.sample()
-    });
+    let window = Window::new(args, args.interval() * 2 + Duration::from_secs(1));
+    let watcher = verdict::watch(clients[0].clone(), window.end + Duration::from_secs(1)).await?;
+    let sampled = window.sample_at_open(servers.cpu());
     let counts = Arc::new(Counts::default());
-    let driven = schedule.drive(&mut sink, &counts).await;
+    let driven = window
+        .schedule(args, Arc::clone(&silent))
+        .drive(&mut sink, &counts)
+        .await;
     let cpu_after = servers.cpu().sample();
-    let watched = servers.resident()?;
+    let memory = Memory {
+        empty,
+        registered,
+        watched: servers.resident()?,
+    };
     let cpu_before = sampled.await.context("the CPU sampler panicked")?;
     let finished = sink.finish(FINISH_LIMIT).await;
     let seen = watcher.await.context("the event watcher panicked")??;
     let received = verdict::received(&clients[0], &ids, &silent).await?;
+    let bound = args.timeout() + CHECK_INTERVAL;
     let verdict = verdict::judge(&seen, &ids, &silent, &received, args.timeout(), bound);
     let sent = verdict::judge(
         &seen,
@@ -375,41 +423,16 @@ async fn run_once(
         bound,
     );
     let us_per_beat = per_op(cpu_before, cpu_after, driven.in_window);
-    let window = end.saturating_duration_since(silence_at);
-    let bytes_per_watched = watched.saturating_sub(registered) as f64 / args.agents as f64;
-    println!(
-        "run {run}/{}: setup {} ({} agents); {} beats in the {} window ({:.0}/s), dropped {}, unary answered {} failed {}, streams failed {}{}, schedule late by up to {}; {}",
-        args.runs,
-        secs(setup_time),
-        ids.len(),
-        driven.in_window,
-        secs(window),
-        driven.in_window as f64 / window.as_secs_f64(),
-        driven.dropped,
-        counts.answered(),
-        counts.failed(),
-        finished.failed,
-        finished
-            .first_error
-            .as_deref()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default(),
-        secs(driven.max_late),
-        super::cpu::show(us_per_beat, "heartbeat"),
+    let window = window.end.saturating_duration_since(window.from);
+    print_run(
+        args,
+        window,
+        &driven,
+        &counts,
+        &finished,
+        us_per_beat,
+        &memory,
     );
-    println!(
-        "  memory: VmRSS empty {}, with the agents {} ({:.0} B/agent), beating and watched {} ({bytes_per_watched:.0} B per watched agent)",
-        mib(empty),
-        mib(registered),
-        registered.saturating_sub(empty) as f64 / args.agents as f64,
-        mib(watched)
-    );
-    if let Mode::Stream = args.mode {
-        println!(
-            "  the servers counted {} heartbeats on the streams ({} still open at the limit)",
-            finished.server_counted, finished.unfinished
-        );
-    }
     println!(
         "  monitor: {}{}",
         verdict.line(),
@@ -425,9 +448,54 @@ async fn run_once(
     Ok(RunFigures {
         us_per_beat,
         echo_us: None,
-        bytes_per_watched,
+        bytes_per_watched: memory.watched.saturating_sub(memory.registered) as f64
+            / args.agents as f64,
         holds: verdict.holds(),
     })
+}
+
+/// A run's load, CPU and memory.
+fn print_run(
+    args: &HeartbeatArgs,
+    window: Duration,
+    driven: &Driven,
+    counts: &Counts,
+    finished: &Finished,
+    us_per_beat: Option<f64>,
+    memory: &Memory,
+) {
+    println!(
+        "  {} beats in the {} window ({:.0}/s), dropped {}, unary answered {} failed {}, streams failed {}{}, schedule late by up to {}; {}",
+        driven.in_window,
+        secs(window),
+        driven.in_window as f64 / window.as_secs_f64(),
+        driven.dropped,
+        counts.answered(),
+        counts.failed(),
+        finished.failed,
+        finished
+            .first_error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default(),
+        secs(driven.max_late),
+        super::cpu::show(us_per_beat, "heartbeat"),
+    );
+    let per_agent = |bytes: u64| bytes as f64 / args.agents as f64;
+    println!(
+        "  memory: VmRSS empty {}, with the agents {} ({:.0} B/agent), beating and watched {} ({:.0} B per watched agent)",
+        mib(memory.empty),
+        mib(memory.registered),
+        per_agent(memory.registered.saturating_sub(memory.empty)),
+        mib(memory.watched),
+        per_agent(memory.watched.saturating_sub(memory.registered))
+    );
+    if let Mode::Stream = args.mode {
+        println!(
+            "  the servers counted {} heartbeats on the streams ({} still open at the limit)",
+            finished.server_counted, finished.unfinished
+        );
+    }
 }
 
 /// `silent` of `agents` agents, spread evenly over the fleet.
@@ -444,26 +512,14 @@ fn spread(agents: usize, silent: usize) -> Vec<bool> {
 /// The echo's CPU per call under the run's schedule (no silence), over a
 /// window as long as the run's.
 async fn echo_cpu(echo: &EchoBaseline, args: &HeartbeatArgs) -> anyhow::Result<Option<f64>> {
-    let start = Instant::now() + Duration::from_millis(100);
-    let measured_from = start + Duration::from_secs(2);
-    let bound = args.timeout() + CHECK_INTERVAL;
-    let end = measured_from + args.interval().max(bound) + MARGIN;
-    let schedule = Schedule {
-        start,
-        rate: args.rate,
-        agents: args.agents,
-        silence_at: measured_from,
-        end,
-        silent: Arc::new(vec![false; args.agents]),
-    };
-    let cpu = ServerCpu::of(echo.pid());
-    let sampled = tokio::spawn(async move {
-        tokio::time::sleep_until(measured_from.into()).await;
-        cpu.sample()
-    });
+    let window = Window::new(args, Duration::from_secs(2));
+    let sampled = window.sample_at_open(ServerCpu::of(echo.pid()));
     let counts = Arc::new(Counts::default());
     let mut sink = Sink::echo(echo.channels());
-    let driven = schedule.drive(&mut sink, &counts).await;
+    let driven = window
+        .schedule(args, Arc::new(vec![false; args.agents]))
+        .drive(&mut sink, &counts)
+        .await;
     let after = ServerCpu::of(echo.pid()).sample();
     let before = sampled.await.context("the CPU sampler panicked")?;
     sink.finish(FINISH_LIMIT).await;
