@@ -232,3 +232,78 @@ fn commit_runs_beside_bare_sqlite_inserts() {
         .collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
+
+/// `bench heartbeat` on a small fleet: the servers it spawns see every
+/// silent agent go to ERROR within heartbeat_timeout + 1 s and no other
+/// agent move, in both modes; the servers count every beat sent on the
+/// streams; the echo runs under the same schedule.
+#[test]
+fn heartbeat_sees_exactly_the_silent_agents_go_to_error() {
+    for mode in ["stream", "unary"] {
+        let stdout = run_tool(
+            &[
+                "bench",
+                "heartbeat",
+                "--agents",
+                "300",
+                "--rate",
+                "300",
+                "--silent",
+                "10",
+                "--connections",
+                "10",
+                "--mode",
+                mode,
+                "--runs",
+                "1",
+                "--baseline",
+            ]
+            .map(std::ffi::OsStr::new),
+        );
+        let monitor = stdout
+            .lines()
+            .find(|l| l.starts_with("  monitor: "))
+            .unwrap_or_else(|| panic!("a monitor line in {stdout}"));
+        assert!(
+            monitor.contains("10 silent agents to ERROR")
+                && monitor.contains(
+                    "missed 0, late 0, early 0, healthy agents touched 0, other events 0"
+                )
+                && !monitor.contains("NOT MET"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("held in 1 of 1 runs"), "{stdout}");
+        assert!(stdout.contains("us/heartbeat"), "{stdout}");
+        assert!(stdout.contains("echo under the same schedule"), "{stdout}");
+        if mode == "stream" {
+            assert!(stdout.contains("(0 still open at the limit)"), "{stdout}");
+        }
+    }
+}
+
+/// `bench list` walks the fleet's pages and `bench history` reads each
+/// worker's history, both without errors.
+#[test]
+fn list_and_history_read_without_errors() {
+    for op in ["list", "history"] {
+        let stdout = bench_against_a_server(&[
+            "bench",
+            op,
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+            "--runs",
+            "1",
+        ]);
+        let run = stdout
+            .lines()
+            .find(|l| l.starts_with("run 1/1:"))
+            .unwrap_or_else(|| panic!("a run line in {stdout}"));
+        assert!(run.contains("errors 0"), "{run}");
+    }
+}

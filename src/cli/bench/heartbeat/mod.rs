@@ -402,6 +402,7 @@ async fn run_once(
         .schedule(args, Arc::clone(&silent))
         .drive(&mut sink, &counts)
         .await;
+    let ended = std::time::SystemTime::now();
     let cpu_after = servers.cpu().sample();
     let memory = Memory {
         empty,
@@ -413,9 +414,18 @@ async fn run_once(
     let seen = watcher.await.context("the event watcher panicked")??;
     let received = verdict::received(&clients[0], &ids, &silent).await?;
     let bound = args.timeout() + CHECK_INTERVAL;
-    let verdict = verdict::judge(&seen, &ids, &silent, &received, args.timeout(), bound);
+    let verdict = verdict::judge(
+        &seen,
+        ended,
+        &ids,
+        &silent,
+        &received,
+        args.timeout(),
+        bound,
+    );
     let sent = verdict::judge(
         &seen,
+        ended,
         &ids,
         &silent,
         &driven.last_beats,

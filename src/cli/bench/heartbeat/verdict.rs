@@ -167,10 +167,13 @@ impl Verdict {
     }
 }
 
-/// Judges what the stream delivered: `ids` and `silent` per agent index,
-/// the silent agents' last beats, and the detection window.
+/// Judges what the stream delivered up to `ended` (when the schedule
+/// stopped: after it every agent is silent, so later events say nothing):
+/// `ids` and `silent` per agent index, the silent agents' last beats, and
+/// the detection window.
 pub(super) fn judge(
     seen: &[Seen],
+    ended: SystemTime,
     ids: &[String],
     silent: &[bool],
     last_beats: &HashMap<usize, SystemTime>,
@@ -184,7 +187,7 @@ pub(super) fn judge(
         .collect();
     let mut verdict = Verdict::default();
     let mut errored = vec![false; ids.len()];
-    for event in seen {
+    for event in seen.iter().filter(|e| e.at <= ended) {
         let Some(&i) = index.get(event.agent_id.as_str()) else {
             verdict.other += 1;
             continue;
