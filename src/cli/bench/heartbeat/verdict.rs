@@ -60,9 +60,7 @@ pub(super) async fn watch(
             if let Some(Kind::Event(event)) = message.kind
                 && let Some(transition) = event.transition
             {
-                let at = transition.timestamp.map_or(UNIX_EPOCH, |t| {
-                    UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
-                });
+                let at = transition.timestamp.map_or(UNIX_EPOCH, system_time);
                 seen.push(Seen {
                     agent_id: event.agent_id,
                     to: transition.to_state,
@@ -101,9 +99,7 @@ pub(super) async fn received(
                     .agent
                     .and_then(|a| a.last_heartbeat)
                     .and_then(|b| b.received_at)
-                    .map(|t| {
-                        UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
-                    });
+                    .map(system_time);
                 Ok::<_, anyhow::Error>((i, at))
             }
         })
@@ -114,6 +110,11 @@ pub(super) async fn received(
         .into_iter()
         .filter_map(|(i, at)| Some((i, at?)))
         .collect())
+}
+
+/// A wire timestamp as a time (before the epoch: the epoch).
+fn system_time(t: prost_types::Timestamp) -> SystemTime {
+    UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
 }
 
 /// How the monitor did.
