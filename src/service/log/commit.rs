@@ -33,7 +33,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc};
 
 use tokio::sync::{OwnedMutexGuard, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     batch::{Batch, BatchIds},
@@ -215,10 +215,16 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
                 Err(_) => break,
             }
         };
+        if matches!(first, Some(Message::Propose(..))) {
+            take_turn(&shared);
+        }
         let mut requests = take_queued(&rx, first, &mut queue, max_batch);
         let mut writer = lock(&writer);
         writer.compaction.waiters.append(&mut requests.compact);
         writer.commit(&shared, queue.drain(..));
+        if let Err(err) = shared.store.end_commit_turn() {
+            warn!(error = %crate::error::chain(&err), "ending an unused turn to commit failed");
+        }
         if !requests.follow.is_empty() {
             shared.follow_requested.store(false, Ordering::Release);
             follow::answer(&shared, requests.follow);
@@ -237,6 +243,16 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
     }
     if let Err(err) = lock(&writer).close(&shared) {
         error!(error = %crate::error::chain(&err), "closing the store failed");
+    }
+}
+
+/// Waits for this process's turn to commit (see
+/// [`crate::store::Store::take_commit_turn`]) before the batch is gathered.
+/// A failure is logged: the commit then takes the turn itself, and reports
+/// what fails to its proposers.
+fn take_turn(shared: &Shared) {
+    if let Err(err) = shared.store.take_commit_turn() {
+        warn!(error = %crate::error::chain(&err), "waiting for the turn to commit failed");
     }
 }
 

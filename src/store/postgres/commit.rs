@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
-use postgres::{Client, Statement, Transaction};
+use postgres::{Client, Statement};
 
 use super::{PostgresStore, batch::BatchRows, batch::WRITE_BATCH, connect, pg};
 use crate::{
@@ -13,14 +13,17 @@ use crate::{
     store::{AgentChange, BatchId, ChangeOutcome, Result, StoreError},
 };
 
-/// Step 1 of a commit: the stored versions of the batch's agents, their
-/// rows locked until the commit (changes of one agent from several
-/// processes queue here, not on the counter).
-///
-/// Rows are locked in key order, so two processes' batches over the same
-/// agents lock them in the same order and cannot deadlock each other.
-const LOCK_AGENTS: &str = "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])
-    ORDER BY agent_id FOR UPDATE";
+/// Step 1 of a commit: the stored versions of the batch's agents. Read in
+/// the turn to commit ([`TAKE_TURN`]): every commit writes under that lock,
+/// so the versions read here stay current until this COMMIT, without
+/// locking the agents' rows.
+const READ_VERSIONS: &str = "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
+
+/// Begins a commit's transaction and takes the head row's lock, which
+/// serialises commits from here to COMMIT: the turn to commit. Every
+/// commit takes it before it reads or writes anything else. One round
+/// trip, as a plain BEGIN would be.
+const TAKE_TURN: &str = "BEGIN; SELECT value FROM meta WHERE key = 'head' FOR UPDATE";
 
 /// How many times a batch is tried again after losing a race with another
 /// process (see [`write_batch`]).
@@ -29,8 +32,12 @@ const RACE_RETRIES: usize = 3;
 /// The writer's connection and its prepared statements.
 pub(super) struct Writer {
     pub client: Client,
-    lock_agents: Statement,
+    read_versions: Statement,
     write_batch: Statement,
+    /// Whether a commit's transaction is open, holding the turn to commit
+    /// ([`TAKE_TURN`]): from [`take_turn`] or the start of an attempt, to
+    /// its COMMIT or ROLLBACK.
+    in_turn: bool,
 }
 
 impl Writer {
@@ -43,11 +50,38 @@ impl Writer {
     pub(super) fn new(mut client: Client) -> Result<Self> {
         let mut prepare = |sql: &str| client.prepare(sql).map_err(pg("preparing statements"));
         Ok(Writer {
-            lock_agents: prepare(LOCK_AGENTS)?,
+            read_versions: prepare(READ_VERSIONS)?,
             write_batch: prepare(&WRITE_BATCH)?,
             client,
+            in_turn: false,
         })
     }
+}
+
+/// Waits for this process's turn to commit (see [`TAKE_TURN`]) and keeps
+/// the transaction open for the next [`commit`]. While other processes
+/// commit, the proposals that queue meanwhile join the batch, so batches
+/// grow with the number of processes instead of shrinking.
+pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
+    if !w.in_turn {
+        w.client
+            .batch_execute(TAKE_TURN)
+            .map_err(pg("waiting for the turn to commit"))?;
+        w.in_turn = true;
+    }
+    Ok(())
+}
+
+/// Ends a turn that no commit used (the batch was refused before it
+/// reached the store): rolls its transaction back.
+pub(super) fn end_turn(w: &mut Writer) -> Result<()> {
+    if w.in_turn {
+        w.in_turn = false;
+        w.client
+            .batch_execute("ROLLBACK")
+            .map_err(pg("ending an unused turn to commit"))?;
+    }
+    Ok(())
 }
 
 /// Commits `batch` (see [`crate::store::Store::commit`]), trying again
@@ -76,15 +110,18 @@ pub(super) fn commit(
 
 /// One attempt at a commit; `None` when the attempt lost a race with
 /// another process and rolled back, so the batch may be tried again:
-/// another process registered one of the batch's new ids between the
-/// version check and the write, or PostgreSQL broke a deadlock between
-/// two batches' row locks by aborting this one.
+/// PostgreSQL aborted it for another transaction's sake (a deadlock with a
+/// process that locks in another order), or one of the batch's new ids
+/// exists after all (a safety net: registrations commit in the turn too).
 ///
-/// 1. [`check_versions`] locks the agents' rows and checks each change;
+/// 0. [`take_turn`], unless the commit thread took it already;
+/// 1. [`check_versions`] checks each change against the stored versions;
 /// 2. [`WRITE_BATCH`] writes the [`BatchRows`] of the changes that passed
 ///    at sequences after the counter, which it advances;
 /// 3. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`];
 /// 4. [`stamp`] gives the records their sequences and time.
+///
+/// An attempt that ends before its COMMIT is rolled back here.
 fn write_batch(
     w: &mut Writer,
     writer_id: &[u8; 16],
@@ -92,8 +129,27 @@ fn write_batch(
     batch: &mut [AgentChange],
     at: SystemTime,
 ) -> Result<Option<Vec<ChangeOutcome>>> {
-    let mut tx = w.client.transaction().map_err(pg("beginning a commit"))?;
-    let Some(outcomes) = check_versions(&mut tx, &w.lock_agents, batch)? else {
+    take_turn(w)?;
+    let written = write_in_turn(w, writer_id, id, batch, at);
+    if w.in_turn {
+        // Ended before COMMIT: nothing of it stays.
+        let rolled_back = end_turn(w);
+        if written.is_ok() {
+            rolled_back?;
+        }
+    }
+    written
+}
+
+/// Steps 1 to 4 of [`write_batch`], in the open turn.
+fn write_in_turn(
+    w: &mut Writer,
+    writer_id: &[u8; 16],
+    id: BatchId,
+    batch: &mut [AgentChange],
+    at: SystemTime,
+) -> Result<Option<Vec<ChangeOutcome>>> {
+    let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
         return Ok(None);
     };
     let mut rows = BatchRows::new(writer_id, id, at);
@@ -102,7 +158,7 @@ fn write_batch(
             rows.add(change);
         }
     }
-    let written = match tx.query_one(&w.write_batch, &rows.params()) {
+    let written = match w.client.query_one(&w.write_batch, &rows.params()) {
         Ok(row) => row,
         Err(err) if is_retryable(&err) => return Ok(None),
         Err(err) => return Err(pg("writing a batch")(err)),
@@ -110,35 +166,38 @@ fn write_batch(
     let base = written.get::<_, i64>(0) as u64;
     let created: i64 = written.get(1);
     if created != rows.new_agents() as i64 {
-        tx.rollback().map_err(pg("rolling back a raced batch"))?;
+        // Rolled back by the caller.
         return Ok(None);
     }
-    tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
-        source: Box::new(e),
-    })?;
+    w.in_turn = false;
+    w.client
+        .batch_execute("COMMIT")
+        .map_err(|e| StoreError::CommitOutcomeUnknown {
+            source: Box::new(e),
+        })?;
     stamp(batch, &outcomes, base, at);
     Ok(Some(outcomes))
 }
 
-/// Locks the rows of the batch's agents and checks each change against its
-/// agent's stored version (a later change of the same agent against the
-/// earlier one's result). `None` when PostgreSQL aborted the transaction
-/// for another's sake ([`is_retryable`]).
+/// Reads the stored versions of the batch's agents (in the turn) and checks
+/// each change against its agent's (a later change of the same agent
+/// against the earlier one's result). `None` when PostgreSQL aborted the
+/// transaction for another's sake ([`is_retryable`]).
 fn check_versions(
-    tx: &mut Transaction<'_>,
-    lock_agents: &Statement,
+    client: &mut Client,
+    read_versions: &Statement,
     batch: &[AgentChange],
 ) -> Result<Option<Vec<ChangeOutcome>>> {
     let ids: Vec<&[u8]> = batch
         .iter()
         .map(|c| c.agent_id.as_bytes().as_slice())
         .collect();
-    let locked = match tx.query(lock_agents, &[&ids]) {
+    let stored = match client.query(read_versions, &[&ids]) {
         Ok(rows) => rows,
         Err(err) if is_retryable(&err) => return Ok(None),
         Err(err) => return Err(pg("reading agent versions")(err)),
     };
-    let mut stored: HashMap<AgentId, u64> = locked
+    let mut stored: HashMap<AgentId, u64> = stored
         .iter()
         .filter_map(|row| {
             let bytes: &[u8] = row.get(0);

@@ -190,6 +190,18 @@ impl Store for PostgresStore {
         commit::commit(self, id, batch, clock)
     }
 
+    fn take_commit_turn(&self) -> Result<()> {
+        self.with_writer(commit::take_turn)
+    }
+
+    fn end_commit_turn(&self) -> Result<()> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(writer) if !writer.client.is_closed() => commit::end_turn(writer),
+            _ => Ok(()),
+        }
+    }
+
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
         let last = self.with_reader(|client| read::last_batch(client, &self.writer_id))?;
         Ok(last == Some(id.0 as i64))
