@@ -310,7 +310,7 @@ impl Encoder for WatchEncoder {
             }
             other => convert::watch_item_to_pb(other, policy)
                 .encode(dst)
-                .expect("encoding into a growable buffer cannot run out of space"),
+                .map_err(|err| Status::internal(format!("encoding a watch item: {err}")))?,
         }
         Ok(())
     }
