@@ -17,7 +17,8 @@ use crate::{
 /// the turn to commit ([`TAKE_TURN`]): every commit writes under that lock,
 /// so the versions read here stay current until this COMMIT, without
 /// locking the agents' rows.
-const READ_VERSIONS: &str = "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
+const READ_VERSIONS: &str =
+    "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
 
 /// Begins a commit's transaction and takes the head row's lock, which
 /// serialises commits from here to COMMIT: the turn to commit. Every

@@ -171,7 +171,7 @@ impl PostgresStore {
         result
     }
 
-    fn with_reader<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+    fn with_reader<T>(&self, f: impl Fn(&mut readers::Reader) -> Result<T>) -> Result<T> {
         self.readers.with(f)
     }
 }

@@ -3,10 +3,11 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use postgres::{Client, types::ToSql};
+use postgres::types::ToSql;
 
 use super::{
     pg,
+    readers::Reader,
     rows::{
         EVENT_COLUMNS, SELECT_AGENTS, agent_from_row, decode_id, decode_labels, record_from_row,
     },
@@ -27,7 +28,7 @@ fn count(value: usize) -> i64 {
 }
 
 /// Every agent and the head, read in one snapshot.
-pub(super) fn load(client: &mut Client) -> Result<Recovered> {
+pub(super) fn load(client: &mut Reader) -> Result<Recovered> {
     let mut tx = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
@@ -51,7 +52,7 @@ pub(super) fn load(client: &mut Client) -> Result<Recovered> {
 }
 
 /// The last batch `writer_id` committed.
-pub(super) fn last_batch(client: &mut Client, writer_id: &[u8]) -> Result<Option<i64>> {
+pub(super) fn last_batch(client: &mut Reader, writer_id: &[u8]) -> Result<Option<i64>> {
     Ok(client
         .query_opt(
             "SELECT last_batch FROM writers WHERE writer_id = $1",
@@ -62,7 +63,7 @@ pub(super) fn last_batch(client: &mut Client, writer_id: &[u8]) -> Result<Option
 }
 
 /// `meta.head`.
-pub(super) fn head(client: &mut Client) -> Result<u64> {
+pub(super) fn head(client: &mut Reader) -> Result<u64> {
     let head: i64 = client
         .query_one("SELECT value FROM meta WHERE key = 'head'", &[])
         .map_err(pg("reading the head sequence"))?
@@ -73,7 +74,7 @@ pub(super) fn head(client: &mut Client) -> Result<u64> {
 /// The name and labels of each agent of `ids` (the keys of the `agents`
 /// table) that the database holds.
 pub(super) fn identities(
-    client: &mut Client,
+    client: &mut Reader,
     ids: &[&[u8]],
 ) -> Result<Vec<(AgentId, AgentIdentity)>> {
     client
@@ -97,7 +98,7 @@ pub(super) fn identities(
 
 /// The events of `sql` (selecting [`EVENT_COLUMNS`]) with `params`.
 fn events(
-    client: &mut Client,
+    client: &mut Reader,
     context: &'static str,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
@@ -112,7 +113,7 @@ fn events(
 
 /// Up to `max` events after `after`, in sequence order.
 pub(super) fn events_after(
-    client: &mut Client,
+    client: &mut Reader,
     after: u64,
     max: usize,
 ) -> Result<Vec<Arc<TransitionRecord>>> {
@@ -127,7 +128,7 @@ pub(super) fn events_after(
 }
 
 /// The oldest retained sequence, `head + 1` when the log is empty.
-pub(super) fn oldest_sequence(client: &mut Client) -> Result<u64> {
+pub(super) fn oldest_sequence(client: &mut Reader) -> Result<u64> {
     let row = client
         .query_one(
             "SELECT (SELECT min(sequence) FROM events),
@@ -142,7 +143,7 @@ pub(super) fn oldest_sequence(client: &mut Client) -> Result<u64> {
 
 /// One agent's events in `range`, oldest first.
 pub(super) fn history(
-    client: &mut Client,
+    client: &mut Reader,
     agent_id: AgentId,
     range: HistoryRange,
 ) -> Result<Vec<Arc<TransitionRecord>>> {
@@ -165,7 +166,7 @@ pub(super) fn history(
 /// The sequence of the agent's `n`-th newest event at or below `upto`
 /// (`n >= 1`).
 pub(super) fn nth_newest(
-    client: &mut Client,
+    client: &mut Reader,
     agent_id: AgentId,
     upto: u64,
     n: u64,
@@ -183,7 +184,7 @@ pub(super) fn nth_newest(
 /// The events with a request tag committed at or after `since`, in
 /// sequence order.
 pub(super) fn requests_since(
-    client: &mut Client,
+    client: &mut Reader,
     since: SystemTime,
 ) -> Result<Vec<Arc<TransitionRecord>>> {
     events(
@@ -198,7 +199,7 @@ pub(super) fn requests_since(
 }
 
 /// The database's size in bytes.
-pub(super) fn size_bytes(client: &mut Client) -> Result<u64> {
+pub(super) fn size_bytes(client: &mut Reader) -> Result<u64> {
     let size: i64 = client
         .query_one("SELECT pg_database_size(current_database())", &[])
         .map_err(pg("reading the database size"))?
@@ -207,7 +208,7 @@ pub(super) fn size_bytes(client: &mut Client) -> Result<u64> {
 }
 
 /// The events `query` selects, newest first.
-pub(super) fn audit(client: &mut Client, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
+pub(super) fn audit(client: &mut Reader, query: &AuditQuery) -> Result<Vec<Arc<TransitionRecord>>> {
     let before = int(query.before);
     let max = count(query.max);
     let id = query.agent_id.map(|id| *id.as_bytes());
@@ -236,7 +237,7 @@ pub(super) fn audit(client: &mut Client, query: &AuditQuery) -> Result<Vec<Arc<T
 }
 
 /// How many events of the agent are retained.
-pub(super) fn history_count(client: &mut Client, agent_id: AgentId) -> Result<u64> {
+pub(super) fn history_count(client: &mut Reader, agent_id: AgentId) -> Result<u64> {
     let count: i64 = client
         .query_one(
             "SELECT count(*) FROM events WHERE agent_id = $1",

@@ -3,13 +3,19 @@
 //! [`READER_WAIT`]) instead of opening another, so a burst of reads can
 //! never exhaust the server's `max_connections`: with N processes the
 //! readers hold at most N x [`MAX_READERS`] connections.
+//!
+//! Each reader keeps the statements it ran prepared ([`Reader`]): a query
+//! given as text would otherwise be parsed, planned and closed again on
+//! every call, a round trip more each time.
 
 use std::{
+    collections::HashMap,
+    ops::{Deref, DerefMut},
     sync::{Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use postgres::Client;
+use postgres::{Client, Row, Statement, types::ToSql};
 
 use super::connect;
 use crate::store::{Result, StoreError};
@@ -20,6 +26,93 @@ pub(crate) const MAX_READERS: usize = 16;
 /// How long a read waits for a busy reader before it fails.
 const READER_WAIT: Duration = Duration::from_secs(30);
 
+/// Statements a reader keeps prepared at most; past it, it starts over.
+const MAX_STATEMENTS: usize = 64;
+
+/// A reader connection and the statements prepared on it, by their text.
+/// Its `query`, `query_one`, `query_opt` and `execute` take the text as
+/// [`Client`]'s do and prepare it once per connection; everything else is
+/// the [`Client`]'s.
+pub(crate) struct Reader {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// Parameters of a query.
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Reader {
+    fn new(client: Client) -> Self {
+        Reader {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
+    /// `sql`, prepared on this connection the first time.
+    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        if self.statements.len() >= MAX_STATEMENTS {
+            self.statements.clear();
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    pub(crate) fn query(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    pub(crate) fn query_one(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    pub(crate) fn query_opt(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+
+    pub(crate) fn execute(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params)
+    }
+}
+
+impl Deref for Reader {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for Reader {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
 /// See the module doc.
 pub(super) struct Readers {
     url: String,
@@ -29,7 +122,7 @@ pub(super) struct Readers {
 
 #[derive(Default)]
 struct Pool {
-    idle: Vec<Client>,
+    idle: Vec<Reader>,
     /// Connections open, idle or lent out.
     open: usize,
 }
@@ -49,13 +142,13 @@ impl Readers {
 
     /// Runs `f` on a reader; once more on a fresh connection when a pooled
     /// one turns out closed (a database restart, an idle timeout).
-    pub(super) fn with<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+    pub(super) fn with<T>(&self, f: impl Fn(&mut Reader) -> Result<T>) -> Result<T> {
         let (mut client, pooled) = self.acquire()?;
         let mut result = f(&mut client);
         if result.is_err() && pooled && client.is_closed() {
             match connect(&self.url) {
                 Ok(fresh) => {
-                    client = fresh;
+                    client = Reader::new(fresh);
                     result = f(&mut client);
                 }
                 Err(err) => {
@@ -70,7 +163,7 @@ impl Readers {
 
     /// An idle reader, a new one while fewer than [`MAX_READERS`] are
     /// open, or the first one freed; and whether it was pooled.
-    fn acquire(&self) -> Result<(Client, bool)> {
+    fn acquire(&self) -> Result<(Reader, bool)> {
         let deadline = Instant::now() + READER_WAIT;
         let mut pool = self.pool();
         loop {
@@ -85,7 +178,7 @@ impl Readers {
                 pool.open += 1;
                 drop(pool);
                 return match connect(&self.url) {
-                    Ok(client) => Ok((client, false)),
+                    Ok(client) => Ok((Reader::new(client), false)),
                     Err(err) => {
                         self.pool().open -= 1;
                         self.freed.notify_one();
@@ -111,7 +204,7 @@ impl Readers {
     }
 
     /// Returns a reader to the pool (or counts it gone when closed).
-    fn release(&self, client: Client) {
+    fn release(&self, client: Reader) {
         let mut pool = self.pool();
         if client.is_closed() {
             pool.open -= 1;

@@ -19,6 +19,7 @@ use super::{
     CHANNEL,
     arrays::{Arrays, Param, Placeholders, assignments, list, row_arrays},
     pg,
+    readers::Reader,
     rows::decode_id,
 };
 use crate::{
@@ -88,7 +89,7 @@ pub(super) fn try_lease(mut client: Client, name: &str) -> Result<Option<Box<dyn
 }
 
 /// Upserts the newest of `beats` of each agent.
-pub(super) fn save_heartbeats(client: &mut Client, beats: &[(AgentId, Heartbeat)]) -> Result<()> {
+pub(super) fn save_heartbeats(client: &mut Reader, beats: &[(AgentId, Heartbeat)]) -> Result<()> {
     // One row per agent: the newest of the given ones (an upsert may not
     // touch a row twice).
     let mut newest: HashMap<AgentId, &Heartbeat> = HashMap::new();
@@ -118,7 +119,7 @@ pub(super) fn save_heartbeats(client: &mut Client, beats: &[(AgentId, Heartbeat)
 /// The stored heartbeats of the agents `ids` (the keys of the table), or
 /// of all agents.
 pub(super) fn heartbeats(
-    client: &mut Client,
+    client: &mut Reader,
     ids: Option<&[&[u8]]>,
 ) -> Result<Vec<(AgentId, Heartbeat)>> {
     let rows = match ids {
@@ -148,7 +149,7 @@ pub(super) fn heartbeats(
 }
 
 /// The stored cursor `name` (0 when absent).
-pub(super) fn cursor(client: &mut Client, name: &str) -> Result<u64> {
+pub(super) fn cursor(client: &mut Reader, name: &str) -> Result<u64> {
     let sequence: Option<i64> = client
         .query_opt("SELECT sequence FROM cursors WHERE name = $1", &[&name])
         .map_err(pg("reading a cursor"))?
@@ -158,7 +159,7 @@ pub(super) fn cursor(client: &mut Client, name: &str) -> Result<u64> {
 
 /// Stores `sequence` for `name` unless the stored one is higher (one
 /// autocommit statement: durable once it returns).
-pub(super) fn advance_cursor(client: &mut Client, name: &str, sequence: i64) -> Result<()> {
+pub(super) fn advance_cursor(client: &mut Reader, name: &str, sequence: i64) -> Result<()> {
     client
         .execute(
             "INSERT INTO cursors (name, sequence) VALUES ($1, $2)
