@@ -78,8 +78,9 @@ row_arrays! {
 
 /// The parameters [`WRITE_BATCH`] writes by hand, before the tables'
 /// arrays: `$1` the number of events, `$2` the commit time (microseconds),
-/// `$3` the writer id, `$4` the batch id.
-const SCALARS: usize = 4;
+/// `$3` the writer id, `$4` the batch id, `$5` and `$6` the expected
+/// versions (agent ids and versions, see [`BatchRows::expect`]).
+const SCALARS: usize = 6;
 
 /// The rows of the three parts of a batch.
 #[derive(Default)]
@@ -97,11 +98,13 @@ impl Tables<'_> {
     }
 }
 
-/// The one statement of a commit: advance the counter by the batch's event
-/// count (its row lock serialises commits from here to COMMIT), then write
-/// the agents and events with sequences `base + offset`, record the batch
-/// id, and notify. Returns the base and how many agents it created (fewer
-/// than asked when another process registered one of the ids meanwhile).
+/// The one statement of a commit: check the expected versions, advance the
+/// counter by the batch's event count, then write the agents and events
+/// with sequences `base + offset`, record the batch id, and notify.
+/// Returns the base and how many agents it created (fewer than asked when
+/// one of the ids exists after all). When a stored version differs from
+/// the expected one (an absent agent counts as version 0), it writes
+/// nothing and returns no row.
 pub(super) static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
     let tables = Tables::default();
     let mut p = Placeholders::after(SCALARS);
@@ -111,8 +114,15 @@ pub(super) static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
     let event_fields = tables.events.fields().join(", ");
     format!(
         "
-WITH h AS (
-    UPDATE meta SET value = value + $1 WHERE key = 'head' RETURNING value - $1 AS base
+WITH expected AS (
+    SELECT coalesce(bool_and(coalesce(a.version, 0) = x.version), true) AS ok
+    FROM unnest($5::bytea[], $6::bigint[]) AS x(agent_id, version)
+    LEFT JOIN agents AS a ON a.agent_id = x.agent_id
+),
+h AS (
+    UPDATE meta SET value = value + $1
+    WHERE key = 'head' AND (SELECT ok FROM expected)
+    RETURNING value - $1 AS base
 ),
 ins AS (
     INSERT INTO agents ({new_columns}, created_at, updated_at, last_sequence)
@@ -133,7 +143,7 @@ ev AS (
     FROM h, {events} WITH ORDINALITY AS e({event_fields}, pos)
 ),
 w AS (
-    INSERT INTO writers (writer_id, last_batch, seen_at) VALUES ($3, $4, $2)
+    INSERT INTO writers (writer_id, last_batch, seen_at) SELECT $3, $4, $2 FROM h
     ON CONFLICT (writer_id) DO UPDATE
         SET last_batch = excluded.last_batch, seen_at = excluded.seen_at
 )
@@ -156,6 +166,10 @@ pub(super) struct BatchRows<'a> {
     at: i64,
     writer_id: &'a [u8],
     batch_id: i64,
+    /// The agents whose stored versions the statement checks, and those
+    /// versions.
+    expected_ids: Vec<&'a [u8]>,
+    expected_versions: Vec<i64>,
     tables: Tables<'a>,
 }
 
@@ -167,8 +181,18 @@ impl<'a> BatchRows<'a> {
             at: to_micros(at),
             writer_id: writer_id.as_slice(),
             batch_id: id.0 as i64,
+            expected_ids: Vec::new(),
+            expected_versions: Vec::new(),
             tables: Tables::default(),
         }
+    }
+
+    /// Has the statement write nothing unless `change`'s agent is stored
+    /// at the change's prior version (absent for 0).
+    pub(super) fn expect(&mut self, change: &'a AgentChange) {
+        self.expected_ids
+            .push(change.agent_id.as_bytes().as_slice());
+        self.expected_versions.push(change.prior_version as i64);
     }
 
     /// How many agents the rows create.
@@ -230,8 +254,14 @@ impl<'a> BatchRows<'a> {
 
     /// The parameters, in [`WRITE_BATCH`]'s order.
     pub(super) fn params(&self) -> Vec<Param<'_>> {
-        let mut params: Vec<Param<'_>> =
-            vec![&self.events, &self.at, &self.writer_id, &self.batch_id];
+        let mut params: Vec<Param<'_>> = vec![
+            &self.events,
+            &self.at,
+            &self.writer_id,
+            &self.batch_id,
+            &self.expected_ids,
+            &self.expected_versions,
+        ];
         for table in self.tables.in_order() {
             table.params(&mut params);
         }

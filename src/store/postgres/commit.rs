@@ -116,7 +116,9 @@ pub(super) fn commit(
 /// exists after all (a safety net: registrations commit in the turn too).
 ///
 /// 0. [`take_turn`], unless the commit thread took it already;
-/// 1. [`check_versions`] checks each change against the stored versions;
+/// 1. each change is checked against its agent's stored version, by the
+///    statement of step 2 itself or, when that cannot, by
+///    [`check_versions`] before it;
 /// 2. [`WRITE_BATCH`] writes the [`BatchRows`] of the changes that passed
 ///    at sequences after the counter, which it advances;
 /// 3. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`];
@@ -142,7 +144,11 @@ fn write_batch(
     written
 }
 
-/// Steps 1 to 4 of [`write_batch`], in the open turn.
+/// Steps 1 to 4 of [`write_batch`], in the open turn: first as one
+/// statement that checks the versions itself ([`BatchRows::expect`]), when
+/// the batch allows it ([`checked_in_statement`]); when that finds a
+/// version changed, or the batch does not allow it, with the versions read
+/// first.
 fn write_in_turn(
     w: &mut Writer,
     writer_id: &[u8; 16],
@@ -150,23 +156,47 @@ fn write_in_turn(
     batch: &mut [AgentChange],
     at: SystemTime,
 ) -> Result<Option<Vec<ChangeOutcome>>> {
-    let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
-        return Ok(None);
-    };
-    let mut rows = BatchRows::new(writer_id, id, at);
-    for (change, outcome) in batch.iter().zip(&outcomes) {
-        if *outcome == ChangeOutcome::Committed {
+    let mut written = None;
+    if checked_in_statement(batch) {
+        let mut rows = BatchRows::new(writer_id, id, at);
+        for change in batch.iter() {
             rows.add(change);
+            rows.expect(change);
         }
+        let Some(row) = write_rows(w, &rows)? else {
+            return Ok(None);
+        };
+        written = row.map(|row| {
+            (
+                row,
+                rows.new_agents(),
+                vec![ChangeOutcome::Committed; batch.len()],
+            )
+        });
     }
-    let written = match w.client.query_one(&w.write_batch, &rows.params()) {
-        Ok(row) => row,
-        Err(err) if is_retryable(&err) => return Ok(None),
-        Err(err) => return Err(pg("writing a batch")(err)),
+    let (row, new_agents, outcomes) = match written {
+        Some(written) => written,
+        None => {
+            let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
+                return Ok(None);
+            };
+            let mut rows = BatchRows::new(writer_id, id, at);
+            for (change, outcome) in batch.iter().zip(&outcomes) {
+                if *outcome == ChangeOutcome::Committed {
+                    rows.add(change);
+                }
+            }
+            let Some(Some(row)) = write_rows(w, &rows)? else {
+                // Lost to another transaction, or (without expectations) no
+                // row: tried again.
+                return Ok(None);
+            };
+            (row, rows.new_agents(), outcomes)
+        }
     };
-    let base = written.get::<_, i64>(0) as u64;
-    let created: i64 = written.get(1);
-    if created != rows.new_agents() as i64 {
+    let base = row.get::<_, i64>(0) as u64;
+    let created: i64 = row.get(1);
+    if created != new_agents as i64 {
         // Rolled back by the caller.
         return Ok(None);
     }
@@ -178,6 +208,28 @@ fn write_in_turn(
         })?;
     stamp(batch, &outcomes, base, at);
     Ok(Some(outcomes))
+}
+
+/// Whether [`WRITE_BATCH`] can check `batch`'s versions itself: each agent
+/// once (a later change of an agent is checked against the earlier one's
+/// result, which only [`check_versions`] does), and no change from version
+/// 0 but a registration.
+fn checked_in_statement(batch: &[AgentChange]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    batch.iter().all(|change| {
+        seen.insert(change.agent_id) && (change.prior_version != 0 || change.identity.is_some())
+    })
+}
+
+/// Runs [`WRITE_BATCH`] with `rows`: `None` when PostgreSQL aborted it for
+/// another transaction's sake ([`is_retryable`]); `Some(None)` when an
+/// expected version did not match (nothing written).
+fn write_rows(w: &mut Writer, rows: &BatchRows<'_>) -> Result<Option<Option<postgres::Row>>> {
+    match w.client.query_opt(&w.write_batch, &rows.params()) {
+        Ok(row) => Ok(Some(row)),
+        Err(err) if is_retryable(&err) => Ok(None),
+        Err(err) => Err(pg("writing a batch")(err)),
+    }
 }
 
 /// Reads the stored versions of the batch's agents (in the turn) and checks
