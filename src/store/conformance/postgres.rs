@@ -266,3 +266,46 @@ fn postgres_readers_are_bounded_under_a_burst_of_reads() {
         "{most} connections open, at most {bound} expected"
     );
 }
+
+#[test]
+fn postgres_commits_wait_for_the_turn_and_an_unused_turn_is_released() {
+    let Some(url) = fresh_postgres("turns") else {
+        return;
+    };
+    let a = PostgresStore::open(&url).expect("open a");
+    let b = std::sync::Arc::new(PostgresStore::open(&url).expect("open b"));
+    a.take_commit_turn().expect("a takes the turn");
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = std::sync::Arc::clone(&b);
+    let other = std::thread::spawn(move || {
+        let mut batch = [register(AgentId::generate())];
+        let outcome = writer.commit(BatchId(7), &mut batch, &SystemClock);
+        let _ = done.send(outcome.map(|o| (o, batch[0].records[0].sequence)));
+    });
+    // B cannot commit while A holds the turn: nothing comes back in a while.
+    assert!(
+        finished
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "a commit went through while another process held the turn"
+    );
+    a.end_commit_turn().expect("a ends its unused turn");
+    let (outcome, sequence) = finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("b commits once the turn is released")
+        .expect("b's commit");
+    assert_eq!(outcome, vec![ChangeOutcome::Committed]);
+    assert_eq!(sequence, 1, "the unused turn advanced nothing");
+    other.join().expect("thread");
+    // A's connection is usable: its next commit takes the turn itself.
+    let mut next = [register(AgentId::generate())];
+    assert_eq!(commit(&a, &mut next), vec![ChangeOutcome::Committed]);
+    assert_eq!(next[0].records[0].sequence, 2);
+    // Taking the turn twice before a commit is one turn.
+    a.take_commit_turn().expect("take");
+    a.take_commit_turn().expect("take again");
+    let mut last = [register(AgentId::generate())];
+    assert_eq!(commit(&a, &mut last), vec![ChangeOutcome::Committed]);
+    a.end_commit_turn().expect("nothing left to end");
+    assert_eq!(b.head().expect("head"), 3);
+}

@@ -65,9 +65,12 @@ impl Writer {
 /// grow with the number of processes instead of shrinking.
 pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
     if !w.in_turn {
-        w.client
-            .batch_execute(TAKE_TURN)
-            .map_err(pg("waiting for the turn to commit"))?;
+        if let Err(err) = w.client.batch_execute(TAKE_TURN) {
+            // BEGIN may have run before the lock failed: leave no aborted
+            // transaction behind for the next commit to stumble on.
+            let _ = w.client.batch_execute("ROLLBACK");
+            return Err(pg("waiting for the turn to commit")(err));
+        }
         w.in_turn = true;
     }
     Ok(())
