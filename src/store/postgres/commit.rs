@@ -88,6 +88,14 @@ pub(super) fn end_turn(w: &mut Writer) -> Result<()> {
     Ok(())
 }
 
+/// What every attempt at one batch's commit writes alike.
+struct Batch<'a> {
+    writer_id: &'a [u8; 16],
+    id: BatchId,
+    /// The commit time, the same in every attempt.
+    at: SystemTime,
+}
+
 /// Commits `batch` (see [`crate::store::Store::commit`]), trying again
 /// when an attempt lost a race with another process.
 pub(super) fn commit(
@@ -96,9 +104,13 @@ pub(super) fn commit(
     batch: &mut [AgentChange],
     clock: &dyn Clock,
 ) -> Result<Vec<ChangeOutcome>> {
-    let at = to_stored_precision(clock.now());
+    let attempt_of = Batch {
+        writer_id: &store.writer_id,
+        id,
+        at: to_stored_precision(clock.now()),
+    };
     for attempt in 1.. {
-        let written = store.with_writer(|w| write_batch(w, &store.writer_id, id, batch, at))?;
+        let written = store.with_writer(|w| write_batch(w, &attempt_of, batch))?;
         if let Some(outcomes) = written {
             return Ok(outcomes);
         }
@@ -130,13 +142,11 @@ pub(super) fn commit(
 /// An attempt that ends before its COMMIT is rolled back here.
 fn write_batch(
     w: &mut Writer,
-    writer_id: &[u8; 16],
-    id: BatchId,
+    of: &Batch<'_>,
     batch: &mut [AgentChange],
-    at: SystemTime,
 ) -> Result<Option<Vec<ChangeOutcome>>> {
     take_turn(w)?;
-    let written = write_in_turn(w, writer_id, id, batch, at);
+    let written = write_in_turn(w, of, batch);
     if w.in_turn {
         // Ended before COMMIT: nothing of it stays.
         let rolled_back = end_turn(w);
@@ -154,14 +164,12 @@ fn write_batch(
 /// first.
 fn write_in_turn(
     w: &mut Writer,
-    writer_id: &[u8; 16],
-    id: BatchId,
+    of: &Batch<'_>,
     batch: &mut [AgentChange],
-    at: SystemTime,
 ) -> Result<Option<Vec<ChangeOutcome>>> {
     let mut written = None;
     if checked_in_statement(batch) {
-        let mut rows = BatchRows::new(writer_id, id, at);
+        let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
         for change in batch.iter() {
             rows.add(change);
             rows.expect(change);
@@ -183,7 +191,7 @@ fn write_in_turn(
             let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
                 return Ok(None);
             };
-            let mut rows = BatchRows::new(writer_id, id, at);
+            let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
             for (change, outcome) in batch.iter().zip(&outcomes) {
                 if *outcome == ChangeOutcome::Committed {
                     rows.add(change);
@@ -209,7 +217,7 @@ fn write_in_turn(
         .map_err(|e| StoreError::CommitOutcomeUnknown {
             source: Box::new(e),
         })?;
-    stamp(batch, &outcomes, base, at);
+    stamp(batch, &outcomes, base, of.at);
     Ok(Some(outcomes))
 }
 
