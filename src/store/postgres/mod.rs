@@ -3,16 +3,17 @@
 //!
 //! # Commit order is sequence order
 //! The global sequence is a counter row (`meta.head`). A commit first locks
-//! the rows of the batch's agents (in key order) and checks their versions;
-//! then one statement advances the counter by the number of records it
-//! writes (which locks the counter row until COMMIT), and writes the agents
-//! and the events at `base + offset`. The counter's lock serialises the
-//! tails of all processes' commits: the next writer's sequences are higher,
-//! and PostgreSQL releases the lock only after the commit is visible, so a
+//! it (the turn to commit, taken by the commit thread before it gathers the
+//! batch, so that what queues while other processes commit joins the
+//! batch); then one statement checks the stored versions of the batch's
+//! agents, advances the counter by the number of records it writes, and
+//! writes the agents and the events at `base + offset`. The lock serialises
+//! all processes' commits: the next writer's sequences are higher, and
+//! PostgreSQL releases the lock only after the commit is visible, so a
 //! reader never sees a sequence while a lower one is still uncommitted: a
 //! watcher that reads the log by sequence never skips an event that commits
 //! late. Group commit keeps the serialisation cheap: one process commits
-//! many changes per lock hold, in four round trips per batch (arrays through
+//! many changes per turn, in three round trips per batch (arrays through
 //! `unnest`), not per change.
 //!
 //! Each change is checked against the agent's stored version inside the
