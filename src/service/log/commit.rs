@@ -105,7 +105,12 @@ pub(crate) enum Message {
     Compact(oneshot::Sender<Result<u64, Arc<StoreError>>>),
     /// Apply what other processes committed (a shared store): read the log
     /// after the table's head until it ends; reply with the new head.
-    Follow(Option<follow::Done>),
+    Follow(follow::Done),
+    /// Another process announced commits up to this sequence (`u64::MAX`:
+    /// of unknown extent): follow the log unless the table holds them by
+    /// the time this is handled (a batch of this process follows what
+    /// precedes it before it is applied, see `batch.rs`).
+    Announced(u64),
 }
 
 /// Settings of the thread.
@@ -192,7 +197,9 @@ pub(crate) fn lock(writer: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
 #[derive(Default)]
 struct Requests {
     close: Option<oneshot::Sender<Result<(), Arc<StoreError>>>>,
-    follow: Vec<Option<follow::Done>>,
+    follow: Vec<follow::Done>,
+    /// The highest sequence announced by other processes.
+    announced: Option<u64>,
     compact: Vec<oneshot::Sender<Result<u64, Arc<StoreError>>>>,
 }
 
@@ -225,8 +232,13 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
         if let Err(err) = shared.store.end_commit_turn() {
             warn!(error = %crate::error::chain(&err), "ending an unused turn to commit failed");
         }
-        if !requests.follow.is_empty() {
+        if requests.announced.is_some() {
             shared.follow_requested.store(false, Ordering::Release);
+        }
+        let announced_beyond = requests
+            .announced
+            .is_some_and(|sequence| sequence > shared.head());
+        if announced_beyond || !requests.follow.is_empty() {
             follow::answer(&shared, requests.follow);
         }
         if let Some(done) = requests.close {
@@ -272,6 +284,9 @@ fn take_queued(
             Message::Close(done) => requests.close = Some(done),
             Message::Compact(done) => requests.compact.push(done),
             Message::Follow(done) => requests.follow.push(done),
+            Message::Announced(sequence) => {
+                requests.announced = requests.announced.max(Some(sequence));
+            }
         }
         if requests.close.is_none() && queue.len() < max_batch {
             next = rx.try_recv().ok();

@@ -46,14 +46,14 @@ const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 /// Where a caller of `Message::Follow` waits for the table's new head.
 pub(super) type Done = oneshot::Sender<Result<u64, Arc<StoreError>>>;
 
-/// Follows the log to its end for queued `Follow` messages and answers each
-/// caller that waits.
-pub(super) fn answer(shared: &Shared, waiting: Vec<Option<Done>>) {
+/// Follows the log to its end for queued `Follow` and `Announced`
+/// messages and answers each caller that waits.
+pub(super) fn answer(shared: &Shared, waiting: Vec<Done>) {
     let result = apply_until(shared, u64::MAX).map_err(Arc::new);
     if let Err(err) = &result {
         warn!(error = %crate::error::chain(&**err), "reading commits of other processes failed");
     }
-    for done in waiting.into_iter().flatten() {
+    for done in waiting {
         let _ = done.send(result.clone());
     }
 }
@@ -188,11 +188,12 @@ pub(super) fn start_follower(
 }
 
 /// The follower thread of a shared store: wakes on other processes' commits
-/// (LISTEN/NOTIFY) and asks the commit thread to follow them, unless the
-/// table already holds what was announced (this process's own commits are
-/// never read back); and reads the log at least every [`FOLLOW_INTERVAL`]
-/// in case an announcement was lost. At most one request is queued at a
-/// time.
+/// (LISTEN/NOTIFY) and passes what they announced to the commit thread,
+/// unless the table already holds it (this process's own commits are never
+/// read back); the commit thread reads the log only if the table still does
+/// not hold it then (its own batch may have followed them meanwhile). Reads
+/// the log at least every [`FOLLOW_INTERVAL`] in case an announcement was
+/// lost. At most one request is queued at a time.
 fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &AtomicBool) {
     let mut feed = None;
     let mut last_follow = Instant::now();
@@ -213,22 +214,26 @@ fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &Atomi
                 Ok(Wake::TimedOut)
             }
         };
-        let news = match waited {
-            Ok(Wake::Others(sequence)) => sequence > shared.head(),
-            Ok(Wake::OwnOnly) => false,
-            Ok(Wake::TimedOut) => true,
+        // Up to which sequence to follow: `None` for nothing new,
+        // `u64::MAX` for the log's end, whatever the table holds.
+        let through = match waited {
+            Ok(Wake::Others(sequence)) => (sequence > shared.head()).then_some(sequence),
+            Ok(Wake::OwnOnly) => None,
+            Ok(Wake::TimedOut) => Some(u64::MAX),
             Err(err) => {
                 warn!(error = %crate::error::chain(&err), "the commit feed failed; reopening it");
                 feed = None;
-                true
+                Some(u64::MAX)
             }
         };
-        if !news && last_follow.elapsed() < FOLLOW_INTERVAL {
-            continue;
-        }
+        let through = match through {
+            None if last_follow.elapsed() < FOLLOW_INTERVAL => continue,
+            None => u64::MAX,
+            Some(through) => through,
+        };
         last_follow = Instant::now();
         if !shared.follow_requested.swap(true, Ordering::AcqRel)
-            && commits.send(Message::Follow(None)).is_err()
+            && commits.send(Message::Announced(through)).is_err()
         {
             return;
         }
@@ -236,7 +241,7 @@ fn follow_commits(shared: &Shared, commits: &mpsc::Sender<Message>, stop: &Atomi
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::UNIX_EPOCH;
 
     use tokio::sync::broadcast::{self, error::TryRecvError};
@@ -251,7 +256,7 @@ mod tests {
 
     /// Registers an agent the way another process would: straight into the
     /// store, behind the table's back.
-    fn commit_elsewhere(store: &dyn Store, batch: u64) -> AgentId {
+    pub(in crate::service::log) fn commit_elsewhere(store: &dyn Store, batch: u64) -> AgentId {
         let agent_id = AgentId::generate();
         let record = TransitionRecord {
             agent_id,

@@ -188,7 +188,7 @@ impl Log {
     pub(crate) async fn follow_now(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.commits
-            .send(Message::Follow(Some(tx)))
+            .send(Message::Follow(tx))
             .map_err(|_| Error::ShuttingDown)?;
         match rx.await {
             Ok(Ok(_)) => Ok(()),

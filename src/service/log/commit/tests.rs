@@ -18,10 +18,12 @@ use crate::{
     },
 };
 
-/// A memory store whose commits fail (rolled back) while `failing` is set.
+/// A memory store whose commits fail (rolled back) while `failing` is set,
+/// and which counts the reads of its log.
 struct FailingStore {
     inner: MemoryStore,
     failing: AtomicBool,
+    log_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Store for FailingStore {
@@ -56,6 +58,7 @@ impl Store for FailingStore {
         after: u64,
         max: usize,
     ) -> crate::store::Result<Vec<Arc<TransitionRecord>>> {
+        self.log_reads.fetch_add(1, Ordering::AcqRel);
         self.inner.events_after(after, max)
     }
     fn oldest_sequence(&self) -> crate::store::Result<u64> {
@@ -257,6 +260,7 @@ fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
     let store = Arc::new(FailingStore {
         inner: MemoryStore::new(&Retention::default()),
         failing: AtomicBool::new(true),
+        log_reads: Default::default(),
     });
     let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
     let mut bus = shared.bus.subscribe();
@@ -327,5 +331,67 @@ async fn the_thread_commits_what_is_queued_before_it_closes() {
     assert!(
         tx.send(Message::Propose(registration("d"), late)).is_err(),
         "the thread has stopped"
+    );
+}
+
+/// An announcement of commits the table already holds (this process's
+/// own batch followed them, or committed past them) reads nothing; one
+/// beyond the table's head has the thread read and apply the log.
+#[tokio::test]
+async fn announcements_the_table_holds_are_not_read() {
+    let store = Arc::new(FailingStore {
+        inner: MemoryStore::new(&Retention::default()),
+        failing: AtomicBool::new(false),
+        log_reads: Default::default(),
+    });
+    let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
+    let (tx, rx) = mpsc::channel();
+    let writer = Arc::new(Mutex::new(writer()));
+    let thread = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run(shared, rx, writer))
+    };
+    let limit = Duration::from_secs(10);
+    for name in ["a", "b"] {
+        if name == "b" {
+            // Handled before or with b's batch: the table holds 1 either way.
+            tx.send(Message::Announced(1)).expect("the thread runs");
+        }
+        let (proposals, mut replies) = with_replies(vec![registration(name)]);
+        for (proposal, reply) in proposals {
+            tx.send(Message::Propose(proposal, reply))
+                .expect("the thread runs");
+        }
+        tokio::time::timeout(limit, replies.remove(0))
+            .await
+            .expect("answered in time")
+            .expect("answered")
+            .expect("committed");
+    }
+    assert_eq!(shared.head(), 2);
+    assert_eq!(
+        store.log_reads.load(Ordering::Acquire),
+        0,
+        "nothing was read"
+    );
+
+    let elsewhere = crate::service::log::follow::tests::commit_elsewhere(&store.inner, 99);
+    tx.send(Message::Announced(3)).expect("the thread runs");
+    let (closed, closing) = oneshot::channel();
+    tx.send(Message::Close(closed)).expect("the thread runs");
+    tokio::time::timeout(limit, closing)
+        .await
+        .expect("closed in time")
+        .expect("answered")
+        .expect("the store closed");
+    thread.join().expect("the thread ends cleanly");
+    assert!(
+        store.log_reads.load(Ordering::Acquire) > 0,
+        "the log was read"
+    );
+    assert_eq!(shared.head(), 3);
+    assert!(
+        shared.agent(elsewhere).is_some(),
+        "the other process's agent is in the table"
     );
 }
