@@ -309,3 +309,54 @@ fn postgres_commits_wait_for_the_turn_and_an_unused_turn_is_released() {
     a.end_commit_turn().expect("nothing left to end");
     assert_eq!(b.head().expect("head"), 3);
 }
+
+/// A process that finds a lease taken tries again on the same connection
+/// instead of opening one per attempt (every second per lease, in every
+/// process that does not hold it).
+#[test]
+fn postgres_lease_attempts_reuse_one_connection() {
+    let Some(url) = fresh_postgres("lease_tries") else {
+        return;
+    };
+    let a = PostgresStore::open(&url).expect("open a");
+    let b = PostgresStore::open(&url).expect("open b");
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("admin connection");
+    let mut trying = || -> Vec<i32> {
+        let mut pids: Vec<i32> = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'SELECT pg_try_advisory_lock%'",
+                &[],
+            )
+            .expect("list connections")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        pids.sort_unstable();
+        pids
+    };
+    let held = a
+        .try_lease("compaction")
+        .expect("a tries")
+        .expect("a takes the free lease");
+    for _ in 0..2 {
+        assert!(
+            b.try_lease("compaction").expect("b tries").is_none(),
+            "a holds it"
+        );
+    }
+    let first = trying();
+    assert_eq!(
+        first.len(),
+        2,
+        "a's lease and b's one connection for attempts: {first:?}"
+    );
+    for _ in 0..3 {
+        assert!(
+            b.try_lease("compaction").expect("b tries").is_none(),
+            "a holds it"
+        );
+    }
+    assert_eq!(trying(), first, "b's attempts reused its connection");
+    drop(held);
+}

@@ -102,7 +102,15 @@ pub struct PostgresStore {
     writer: Mutex<Option<Writer>>,
     /// The reader connections, bounded.
     readers: readers::Readers,
+    /// Connections whose attempt at a lease found it taken, kept for the
+    /// next attempt (processes that do not hold a lease try again every
+    /// round): at most [`MAX_LEASE_SPARES`].
+    lease_spares: Mutex<Vec<Client>>,
 }
+
+/// Connections kept for lease attempts at most: one per lease that more
+/// than one background task tries at once.
+const MAX_LEASE_SPARES: usize = 4;
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +134,7 @@ impl PostgresStore {
             writer_id: *AgentId::generate().as_uuid().as_bytes(),
             writer: Mutex::new(Some(writer)),
             readers: readers::Readers::new(url),
+            lease_spares: Mutex::default(),
         })
     }
 
@@ -174,6 +183,10 @@ impl PostgresStore {
 
     fn with_reader<T>(&self, f: impl Fn(&mut readers::Reader) -> Result<T>) -> Result<T> {
         self.readers.with(f)
+    }
+
+    fn lease_spares(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
+        self.lease_spares.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -229,7 +242,24 @@ impl Store for PostgresStore {
     }
 
     fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>> {
-        shared::try_lease(connect(&self.url)?, name)
+        let spare = self
+            .lease_spares()
+            .pop()
+            .filter(|client| !client.is_closed());
+        let client = match spare {
+            Some(client) => client,
+            None => connect(&self.url)?,
+        };
+        Ok(match shared::try_lease(client, name)? {
+            Ok(lease) => Some(lease),
+            Err(client) => {
+                let mut spares = self.lease_spares();
+                if spares.len() < MAX_LEASE_SPARES {
+                    spares.push(client);
+                }
+                None
+            }
+        })
     }
 
     fn save_heartbeats(&self, beats: &[(AgentId, Heartbeat)]) -> Result<()> {

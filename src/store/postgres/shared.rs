@@ -78,14 +78,20 @@ fn announced(payload: &str, own: &str) -> Option<u64> {
     }
 }
 
-/// Takes the lease `name` on `client`, a connection of its own; `None`
-/// when another session holds it.
-pub(super) fn try_lease(mut client: Client, name: &str) -> Result<Option<Box<dyn Lease>>> {
+/// Takes the lease `name` on `client`, a connection of its own; the
+/// connection back when another session holds it, for the next attempt.
+pub(super) fn try_lease(
+    mut client: Client,
+    name: &str,
+) -> Result<std::result::Result<Box<dyn Lease>, Client>> {
     let granted: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&lease_key(name)])
         .map_err(pg("taking a lease"))?
         .get(0);
-    Ok(granted.then(|| Box::new(AdvisoryLease { client }) as Box<dyn Lease>))
+    Ok(match granted {
+        true => Ok(Box::new(AdvisoryLease { client })),
+        false => Err(client),
+    })
 }
 
 /// Upserts the newest of `beats` of each agent.
