@@ -25,6 +25,7 @@
 
 mod codec;
 mod memory;
+mod pool;
 mod postgres;
 mod sqlite;
 

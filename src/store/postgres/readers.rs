@@ -11,14 +11,13 @@
 use std::{
     collections::HashMap,
     ops::{Deref, DerefMut},
-    sync::{Condvar, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use postgres::{Client, Row, Statement, types::ToSql};
 
 use super::connect;
-use crate::store::{Result, StoreError};
+use crate::store::{Result, pool::Pool};
 
 /// Reader connections one process opens at most.
 pub(crate) const MAX_READERS: usize = 16;
@@ -116,34 +115,25 @@ impl DerefMut for Reader {
 /// See the module doc.
 pub(super) struct Readers {
     url: String,
-    pool: Mutex<Pool>,
-    freed: Condvar,
-}
-
-#[derive(Default)]
-struct Pool {
-    idle: Vec<Reader>,
-    /// Connections open, idle or lent out.
-    open: usize,
+    pool: Pool<Reader>,
 }
 
 impl Readers {
     pub(super) fn new(url: &str) -> Self {
         Readers {
             url: url.to_string(),
-            pool: Mutex::default(),
-            freed: Condvar::new(),
+            pool: Pool::new(MAX_READERS, READER_WAIT),
         }
     }
 
-    fn pool(&self) -> MutexGuard<'_, Pool> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` on a reader; once more on a fresh connection when a pooled
-    /// one turns out closed (a database restart, an idle timeout).
+    /// Runs `f` on a reader (see [`Pool::acquire`]); once more on a fresh
+    /// connection when a pooled one turns out closed (a database restart,
+    /// an idle timeout).
     pub(super) fn with<T>(&self, f: impl Fn(&mut Reader) -> Result<T>) -> Result<T> {
-        let (mut client, pooled) = self.acquire()?;
+        let (mut client, pooled) = self.pool.acquire(
+            |client| !client.is_closed(),
+            || connect(&self.url).map(Reader::new),
+        )?;
         let mut result = f(&mut client);
         if result.is_err() && pooled && client.is_closed() {
             match connect(&self.url) {
@@ -152,74 +142,18 @@ impl Readers {
                     result = f(&mut client);
                 }
                 Err(err) => {
-                    self.release(client);
+                    self.pool.release(client, false);
                     return Err(err);
                 }
             }
         }
-        self.release(client);
+        let keep = !client.is_closed();
+        self.pool.release(client, keep);
         result
-    }
-
-    /// An idle reader, a new one while fewer than [`MAX_READERS`] are
-    /// open, or the first one freed; and whether it was pooled.
-    fn acquire(&self) -> Result<(Reader, bool)> {
-        let deadline = Instant::now() + READER_WAIT;
-        let mut pool = self.pool();
-        loop {
-            if let Some(client) = pool.idle.pop() {
-                if client.is_closed() {
-                    pool.open -= 1;
-                    continue;
-                }
-                return Ok((client, true));
-            }
-            if pool.open < MAX_READERS {
-                pool.open += 1;
-                drop(pool);
-                return match connect(&self.url) {
-                    Ok(client) => Ok((Reader::new(client), false)),
-                    Err(err) => {
-                        self.pool().open -= 1;
-                        self.freed.notify_one();
-                        Err(err)
-                    }
-                };
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::backend(
-                    "waiting for a reader connection",
-                    std::io::Error::other(format!(
-                        "all {MAX_READERS} reader connections stayed busy for {READER_WAIT:?}"
-                    )),
-                ));
-            }
-            pool = self
-                .freed
-                .wait_timeout(pool, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Returns a reader to the pool (or counts it gone when closed).
-    fn release(&self, client: Reader) {
-        let mut pool = self.pool();
-        if client.is_closed() {
-            pool.open -= 1;
-        } else {
-            pool.idle.push(client);
-        }
-        drop(pool);
-        self.freed.notify_one();
     }
 
     /// Closes the idle readers.
     pub(super) fn close(&self) {
-        let mut pool = self.pool();
-        let closed = pool.idle.len();
-        pool.idle.clear();
-        pool.open -= closed;
+        self.pool.close();
     }
 }

@@ -19,8 +19,8 @@
 //! # Connections
 //! One writer connection (the service's commit thread, behind a mutex; also
 //! start-up and compaction), with what it knows of the file beside it, and
-//! a small pool of read-only connections, which WAL lets run beside the
-//! writer.
+//! a bounded pool of read-only connections ([`MAX_READERS`], reused;
+//! reads beyond them wait for one), which WAL lets run beside the writer.
 //!
 //! # Files
 //! This file opens the database and delegates the [`Store`] methods:
@@ -55,7 +55,8 @@ use self::{
 };
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, HistoryRange, Recovered,
-    Result, Retention, Store, StoreError, check_cursor_name, codec::to_micros, stored_cursor,
+    Result, Retention, Store, StoreError, check_cursor_name, codec::to_micros, pool::Pool,
+    stored_cursor,
 };
 use crate::domain::{AgentId, Clock, TransitionRecord};
 
@@ -67,9 +68,13 @@ pub const PRAGMAS: &str = "PRAGMA journal_mode = WAL;
      PRAGMA busy_timeout = 5000;
      PRAGMA cache_size = -65536;";
 
-/// Reader connections kept open for reuse; more may be opened under load and
-/// are closed after use.
-const MAX_IDLE_READERS: usize = 8;
+/// Reader connections open at most, reused. A read that finds them all
+/// busy waits for one (up to [`READER_WAIT`]) instead of opening another,
+/// which would open the file and parse its schema again.
+const MAX_READERS: usize = 8;
+
+/// How long a read waits for a busy reader before it fails.
+const READER_WAIT: Duration = Duration::from_secs(30);
 
 /// How far the writer lets the index and the agents' rows lag.
 #[derive(Clone, Copy, Debug)]
@@ -98,7 +103,7 @@ pub struct SqliteStore {
     /// compaction, which runs on the same thread between batches.
     writer: Mutex<Writer>,
     /// Idle reader connections.
-    readers: Mutex<Vec<Connection>>,
+    readers: Pool<Connection>,
     /// Oldest retained sequence, kept by the one writer (load and
     /// compaction change it; commits never do).
     oldest: AtomicU64,
@@ -193,7 +198,7 @@ impl SqliteStore {
                 conn: writer,
                 cache: WriterCache::default(),
             }),
-            readers: Mutex::new(Vec::new()),
+            readers: Pool::new(MAX_READERS, READER_WAIT),
             oldest: AtomicU64::new(1),
             tuning: Tuning {
                 index_lag: tuning.index_lag.max(1),
@@ -213,25 +218,9 @@ impl SqliteStore {
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let conn = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .map_err(sql("opening a reader"))?;
-                conn.busy_timeout(Duration::from_secs(5))
-                    .map_err(sql("configuring a reader"))?;
-                conn
-            }
-        };
+        let (conn, _) = self.readers.acquire(|_| true, || open_reader(&self.path))?;
         let result = f(&conn);
-        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_READERS {
-            idle.push(conn);
-        }
+        self.readers.release(conn, true);
         result
     }
 
@@ -243,6 +232,18 @@ impl SqliteStore {
         self.oldest.store(oldest, Ordering::Release);
         Ok(())
     }
+}
+
+/// A read-only connection to the file at `path`.
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql("opening a reader"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(sql("configuring a reader"))?;
+    Ok(conn)
 }
 
 /// Takes the exclusive lock on `<path>.lock`: one server per file, since a
@@ -389,10 +390,7 @@ impl Store for SqliteStore {
     }
 
     fn close(&self) -> Result<()> {
-        self.readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.readers.close();
         self.lock_writer()
             .conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
