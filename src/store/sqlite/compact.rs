@@ -35,7 +35,7 @@ fn deletable_prefix(
     let mut last_deletable = None;
     let mut count = 0;
     let mut stmt = conn
-        .prepare_cached("SELECT sequence, at FROM events ORDER BY sequence LIMIT ?1")
+        .prepare_cached("SELECT sequence, at FROM events ORDER BY sequence LIMIT ?1 + 0")
         .map_err(sql("compacting"))?;
     let mut rows = stmt.query([max_rows as i64]).map_err(sql("compacting"))?;
     while let Some(row) = rows.next().map_err(sql("compacting"))? {

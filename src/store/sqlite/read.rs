@@ -2,6 +2,11 @@
 //! snapshot) and decodes its rows with [`super::rows`]. Reads by agent or
 //! by principal combine the index tables with the log's unindexed tail
 //! (see [`super::index`]). Depends on nothing above the store.
+//!
+//! A `LIMIT` takes its bound parameter as `?n + 0`, never as a bare `?n`:
+//! SQLite plans a bare one with the value bound, so binding any value
+//! (even the same again) expires the statement and the next step parses
+//! and plans it anew, every call. An expression is planned once.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -59,9 +64,7 @@ pub(super) fn events_after(
     max: usize,
 ) -> Result<Vec<Arc<TransitionRecord>>> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
-        ))
+        .prepare_cached(&events_after_statement())
         .map_err(sql("reading events"))?;
     stmt.query_map(params![after as i64, max as i64], record_from_row)
         .and_then(|rows| rows.collect())
@@ -75,16 +78,7 @@ pub(super) fn history(
     range: HistoryRange,
 ) -> Result<Vec<Arc<TransitionRecord>>> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {INDEXED_EVENT_COLUMNS} FROM agent_events a
-             JOIN events e ON e.sequence = a.sequence
-             WHERE a.agent_id = ?1 AND a.sequence > ?2 AND a.sequence <= ?3
-             UNION ALL
-             SELECT {EVENT_COLUMNS} FROM events
-             WHERE sequence > max(?2, {INDEXED}) AND sequence <= ?3 AND agent_id = ?1
-                 AND {NOT_IN_AGENT_EVENTS}
-             ORDER BY 1 LIMIT ?4"
-        ))
+        .prepare_cached(&history_statement())
         .map_err(sql("reading history"))?;
     stmt.query_map(
         params![
@@ -97,6 +91,26 @@ pub(super) fn history(
     )
     .and_then(|rows| rows.collect())
     .map_err(sql("reading history"))
+}
+
+/// The statement of [`events_after`]: `?1` the bound, `?2` the limit.
+fn events_after_statement() -> String {
+    format!("SELECT {EVENT_COLUMNS} FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2 + 0")
+}
+
+/// The statement of [`history`]: `?1` the agent, `?2` and `?3` the range,
+/// `?4` the limit.
+fn history_statement() -> String {
+    format!(
+        "SELECT {INDEXED_EVENT_COLUMNS} FROM agent_events a
+         JOIN events e ON e.sequence = a.sequence
+         WHERE a.agent_id = ?1 AND a.sequence > ?2 AND a.sequence <= ?3
+         UNION ALL
+         SELECT {EVENT_COLUMNS} FROM events
+         WHERE sequence > max(?2, {INDEXED}) AND sequence <= ?3 AND agent_id = ?1
+             AND {NOT_IN_AGENT_EVENTS}
+         ORDER BY 1 LIMIT ?4 + 0"
+    )
 }
 
 /// The sequence of the agent's `n`-th newest event at or below `upto`
@@ -187,7 +201,7 @@ fn audit_statement(query: &AuditQuery) -> (String, Vec<Value>) {
              UNION ALL
              SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {conditions}
                  AND {NOT_IN_AGENT_EVENTS}
-             ORDER BY 1 DESC LIMIT ?{limit}"
+             ORDER BY 1 DESC LIMIT ?{limit} + 0"
         )
     } else if query.principal.is_some() {
         format!(
@@ -197,11 +211,11 @@ fn audit_statement(query: &AuditQuery) -> (String, Vec<Value>) {
              UNION ALL
              SELECT {EVENT_COLUMNS} FROM events WHERE sequence > {INDEXED} AND {conditions}
                  AND {NOT_IN_PRINCIPAL_EVENTS}
-             ORDER BY 1 DESC LIMIT ?{limit}"
+             ORDER BY 1 DESC LIMIT ?{limit} + 0"
         )
     } else {
         format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE {conditions} ORDER BY sequence DESC LIMIT ?{limit}"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE {conditions} ORDER BY sequence DESC LIMIT ?{limit} + 0"
         )
     };
     (text, values)
@@ -217,4 +231,77 @@ pub(super) fn history_count(conn: &Connection, agent_id: AgentId) -> Result<u64>
     .and_then(|mut stmt| stmt.query_row([agent_id.as_bytes()], |r| r.get::<_, i64>(0)))
     .map(|c| c as u64)
     .map_err(sql("counting history"))
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, StatementStatus, params_from_iter, types::Value};
+
+    use super::*;
+
+    /// Runs `text` three times with `values` on one prepared statement and
+    /// returns how often SQLite had to prepare it again.
+    fn reprepared(conn: &Connection, text: &str, values: &[Value]) -> i32 {
+        let mut stmt = conn.prepare(text).unwrap();
+        for _ in 0..3 {
+            let rows = stmt
+                .query_map(params_from_iter(values.iter()), |_| Ok(()))
+                .unwrap();
+            assert_eq!(rows.count(), 0);
+        }
+        stmt.get_status(StatementStatus::RePrepare)
+    }
+
+    #[test]
+    fn statements_with_a_limit_are_planned_once() {
+        let conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&conn).unwrap();
+        let agent = Value::Blob(vec![1; 16]);
+        let int = |n: i64| Value::Integer(n);
+        assert_eq!(
+            reprepared(&conn, &events_after_statement(), &[int(0), int(10)]),
+            0
+        );
+        assert_eq!(
+            reprepared(
+                &conn,
+                &history_statement(),
+                &[agent.clone(), int(0), int(100), int(11)]
+            ),
+            0
+        );
+        for query in [
+            AuditQuery {
+                before: 100,
+                agent_id: None,
+                principal: None,
+                max: 10,
+            },
+            AuditQuery {
+                before: 100,
+                agent_id: Some(AgentId::from_bytes([1; 16])),
+                principal: Some("alice".into()),
+                max: 10,
+            },
+            AuditQuery {
+                before: 100,
+                agent_id: None,
+                principal: Some("alice".into()),
+                max: 10,
+            },
+        ] {
+            let (text, values) = audit_statement(&query);
+            assert_eq!(reprepared(&conn, &text, &values), 0, "{text}");
+        }
+        // The contrast: a bare parameter as the limit is planned again on
+        // every call, which the texts above avoid.
+        assert_eq!(
+            reprepared(
+                &conn,
+                "SELECT sequence FROM events ORDER BY sequence LIMIT ?1",
+                &[int(5)]
+            ),
+            3
+        );
+    }
 }
