@@ -355,6 +355,19 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Does the work the store put off while commits kept coming. The
+    /// service's commit thread calls it once no proposal has arrived for a
+    /// moment after a commit; nothing committed changes, so a failure is
+    /// only logged. The SQLite store indexes its log's tail here, so that
+    /// reads by agent and by principal on a quiet file read no tail. The
+    /// default does nothing.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Ends a turn taken by [`Store::take_commit_turn`] that no commit used
     /// (the batch was refused before it reached the store). Does nothing
     /// when no turn is open.

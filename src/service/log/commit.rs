@@ -30,7 +30,10 @@
 //! the compactor's timer or by `compact_now`; see `compaction`), so it
 //! never holds the writer for long.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc};
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering, mpsc},
+    time::Duration,
+};
 
 use tokio::sync::{OwnedMutexGuard, oneshot};
 use tracing::{error, info, warn};
@@ -112,6 +115,13 @@ pub(crate) enum Message {
     /// precedes it before it is applied, see `batch.rs`).
     Announced(u64),
 }
+
+/// How long the thread waits, after a commit, for the next proposal before
+/// it lets the store settle ([`crate::store::Store::settle`]): long enough
+/// that a steady stream of commits, even one client's one at a time, leaves
+/// no such gap; short enough that a store gone quiet has settled before
+/// most reads come.
+const SETTLE_AFTER: Duration = Duration::from_millis(200);
 
 /// Settings of the thread.
 pub(crate) struct Settings {
@@ -208,13 +218,26 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
     let max_batch = lock(&writer).settings.max_batch;
     let mut queue: Vec<(Proposal, Reply)> = Vec::with_capacity(max_batch);
     let mut compacting = false;
+    // A batch was committed since the store last settled.
+    let mut unsettled = false;
     loop {
-        // While a compaction round is under way, only take what is queued.
+        // While a compaction round is under way, only take what is queued;
+        // after a commit, wait a moment and settle the store if nothing came.
         let first = if compacting {
             match rx.try_recv() {
                 Ok(message) => Some(message),
                 Err(mpsc::TryRecvError::Empty) => None,
                 Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else if unsettled {
+            match rx.recv_timeout(SETTLE_AFTER) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    settle(&shared, &writer);
+                    unsettled = false;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         } else {
             match rx.recv() {
@@ -228,6 +251,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
         let mut requests = take_queued(&rx, first, &mut queue, max_batch);
         let mut writer = lock(&writer);
         writer.compaction.waiters.append(&mut requests.compact);
+        unsettled |= !queue.is_empty();
         writer.commit(&shared, queue.drain(..));
         if let Err(err) = shared.store.end_commit_turn() {
             warn!(error = %crate::error::chain(&err), "ending an unused turn to commit failed");
@@ -255,6 +279,19 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
     }
     if let Err(err) = lock(&writer).close(&shared) {
         error!(error = %crate::error::chain(&err), "closing the store failed");
+    }
+}
+
+/// Has the store do the work it put off while commits kept coming (see
+/// [`crate::store::Store::settle`]), unless writes are refused. A failure
+/// is logged: nothing committed depends on it.
+fn settle(shared: &Shared, writer: &Mutex<Writer>) {
+    let writer = lock(writer);
+    if writer.closed || writer.poisoned.is_some() {
+        return;
+    }
+    if let Err(err) = shared.store.settle() {
+        warn!(error = %crate::error::chain(&err), "settling the store after its commits failed");
     }
 }
 

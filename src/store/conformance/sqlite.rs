@@ -286,6 +286,64 @@ fn sqlite_agent_reads_agree_however_far_the_index_lags() {
     }
 }
 
+/// Settling indexes the log's whole tail: `meta.indexed` reaches the head
+/// and the index tables hold every event; reads by agent agree before and
+/// after, and after a later commit; a second settle finds nothing to do.
+#[test]
+fn sqlite_settle_indexes_the_tail_and_reads_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("settle.db");
+    // A lag and groups longer than this test's log: no commit indexes.
+    let store = SqliteStore::open_with_index_lag(&path, 1000, 1000).expect("open");
+    store.load().expect("load");
+    let id = AgentId::generate();
+    let mut reg = [register(id)];
+    commit(&store, &mut reg);
+    let mut agent = after(None, &reg[0]);
+    for to in [
+        AgentState::Deploying,
+        AgentState::Deployed,
+        AgentState::Starting,
+    ] {
+        let mut change = [step(&agent, to)];
+        assert_eq!(commit(&store, &mut change), vec![ChangeOutcome::Committed]);
+        agent = after(Some(&agent), &change[0]);
+    }
+    let file = rusqlite::Connection::open(&path).expect("open the file");
+    let count = |sql: &str| -> i64 { file.query_row(sql, [], |r| r.get(0)).expect(sql) };
+    let indexed = "SELECT value FROM meta WHERE key = 'indexed'";
+    let head = store.head().expect("head") as i64;
+    assert!(count(indexed) < head, "the commits left a tail");
+    let versions = |store: &SqliteStore| -> Vec<u64> {
+        store
+            .history(id, range(0, u64::MAX, 100))
+            .expect("history")
+            .iter()
+            .map(|r| r.version)
+            .collect()
+    };
+    let before = versions(&store);
+    assert_eq!(before.len(), 4);
+
+    store.settle().expect("settle");
+    assert_eq!(count(indexed), head);
+    assert_eq!(count("SELECT count(*) FROM agent_events"), head);
+    assert_eq!(count("SELECT count(*) FROM principal_events"), head);
+    assert_eq!(versions(&store), before);
+    assert_eq!(store.history_count(id).expect("count"), 4);
+    store.settle().expect("nothing to do");
+    assert_eq!(count(indexed), head);
+
+    let mut change = [step(&agent, AgentState::Online)];
+    assert_eq!(commit(&store, &mut change), vec![ChangeOutcome::Committed]);
+    assert_eq!(versions(&store).len(), 5);
+    assert_eq!(store.history_count(id).expect("count"), 5);
+    assert_eq!(
+        store.nth_newest(id, u64::MAX, 1).expect("nth"),
+        Some(head as u64 + 1)
+    );
+}
+
 /// A commit on a store that has not loaded the agents (so knows no
 /// versions yet) finds each agent's version in the file, newer events than
 /// the agent's row included.

@@ -126,6 +126,38 @@ pub(super) fn commit(
     Ok(outcomes)
 }
 
+/// Indexes the log's whole tail after `meta.indexed` (see
+/// [`crate::store::Store::settle`]) and records the head as
+/// `meta.indexed`, in one transaction. Nothing when the index is complete,
+/// or when no commit since start-up or since a failed one left the
+/// counters in the cache. Returns whether it indexed anything.
+///
+/// # Errors
+/// The back end failed; the cache is then emptied as after a failed commit.
+pub(super) fn settle(writer: &mut Writer) -> Result<bool> {
+    let Writer { conn, cache } = writer;
+    let (Some(head), Some(indexed)) = (cache.head, cache.indexed) else {
+        return Ok(false);
+    };
+    if indexed >= head {
+        return Ok(false);
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql("beginning to index the log's tail"))?;
+    let mut taken = std::mem::take(cache);
+    taken.unindexed.index_all(&tx, indexed)?;
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
+        .and_then(|mut stmt| stmt.execute([head as i64]))
+        .map_err(sql("indexing the log's tail"))?;
+    tx.commit().map_err(sql("indexing the log's tail"))?;
+    *cache = WriterCache {
+        indexed: Some(head),
+        ..taken
+    };
+    Ok(true)
+}
+
 /// Gives each change's records the next sequences after `counters.head`
 /// and the time `at`, and writes the change ([`write_change`]); the head
 /// advances past the committed ones. Returns one outcome per change.

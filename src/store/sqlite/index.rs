@@ -14,7 +14,9 @@
 //! group of [`INDEX_GROUP`], which lands in one place of the table (one page
 //! of the WAL for all of them, instead of one per event), and every event
 //! that falls [`INDEX_LAG`] behind the head, which it then records as
-//! `meta.indexed`.
+//! `meta.indexed`. Once commits stop for a moment the store settles
+//! ([`crate::store::Store::settle`]): the whole tail is indexed and
+//! `meta.indexed` reaches the head, so reads on a quiet file scan no tail.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -104,6 +106,23 @@ impl Unindexed {
             index_principal(tx, &due)?;
         }
         Ok(upto)
+    }
+}
+
+impl Unindexed {
+    /// Indexes, inside `tx`, every event after `indexed`, the ones put in
+    /// groups and the others; afterwards none is unindexed and the caller
+    /// records the head as `meta.indexed`.
+    ///
+    /// # Errors
+    /// The back end failed; the caller drops `self` with the transaction.
+    pub(super) fn index_all(&mut self, tx: &Transaction<'_>, indexed: u64) -> Result<()> {
+        index_tail(tx, indexed)?;
+        *self = Unindexed {
+            complete: true,
+            ..Unindexed::default()
+        };
+        Ok(())
     }
 }
 

@@ -303,6 +303,10 @@ impl Store for SqliteStore {
         Ok(read_meta(&self.lock_writer().conn, "last_batch")? == id.0)
     }
 
+    fn settle(&self) -> Result<()> {
+        commit::settle(&mut self.lock_writer()).map(|_| ())
+    }
+
     fn head(&self) -> Result<u64> {
         self.with_reader(|conn| read_meta(conn, "head"))
     }

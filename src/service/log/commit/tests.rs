@@ -19,11 +19,14 @@ use crate::{
 };
 
 /// A memory store whose commits fail (rolled back) while `failing` is set,
-/// and which counts the reads of its log.
+/// and which counts the reads of its log and the times it settled
+/// (`settled` is notified on each).
 struct FailingStore {
     inner: MemoryStore,
     failing: AtomicBool,
     log_reads: std::sync::atomic::AtomicUsize,
+    settles: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
 }
 
 impl Store for FailingStore {
@@ -105,6 +108,11 @@ impl Store for FailingStore {
         clock: &dyn Clock,
     ) -> crate::store::Result<usize> {
         self.inner.compact(retention, head, max_rows, clock)
+    }
+    fn settle(&self) -> crate::store::Result<()> {
+        self.settles.fetch_add(1, Ordering::AcqRel);
+        self.settled.notify_one();
+        Ok(())
     }
     fn close(&self) -> crate::store::Result<()> {
         self.inner.close()
@@ -261,6 +269,8 @@ fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
         inner: MemoryStore::new(&Retention::default()),
         failing: AtomicBool::new(true),
         log_reads: Default::default(),
+        settles: Default::default(),
+        settled: Default::default(),
     });
     let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
     let mut bus = shared.bus.subscribe();
@@ -343,6 +353,8 @@ async fn announcements_the_table_holds_are_not_read() {
         inner: MemoryStore::new(&Retention::default()),
         failing: AtomicBool::new(false),
         log_reads: Default::default(),
+        settles: Default::default(),
+        settled: Default::default(),
     });
     let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
     let (tx, rx) = mpsc::channel();
@@ -394,4 +406,47 @@ async fn announcements_the_table_holds_are_not_read() {
         shared.agent(elsewhere).is_some(),
         "the other process's agent is in the table"
     );
+}
+
+/// After a commit, once nothing more arrives for a moment, the thread lets
+/// the store settle, once; then it waits without a timeout again.
+#[tokio::test]
+async fn the_store_settles_once_the_proposals_stop() {
+    let store = Arc::new(FailingStore {
+        inner: MemoryStore::new(&Retention::default()),
+        failing: AtomicBool::new(false),
+        log_reads: Default::default(),
+        settles: Default::default(),
+        settled: Default::default(),
+    });
+    let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
+    let (tx, rx) = mpsc::channel();
+    let writer = Arc::new(Mutex::new(writer()));
+    let thread = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run(shared, rx, writer))
+    };
+    let limit = Duration::from_secs(10);
+    let (proposals, mut replies) = with_replies(vec![registration("a")]);
+    for (proposal, reply) in proposals {
+        tx.send(Message::Propose(proposal, reply))
+            .expect("the thread runs");
+    }
+    tokio::time::timeout(limit, replies.remove(0))
+        .await
+        .expect("answered in time")
+        .expect("answered")
+        .expect("committed");
+    tokio::time::timeout(limit, store.settled.notified())
+        .await
+        .expect("settled in time");
+    let (closed, closing) = oneshot::channel();
+    tx.send(Message::Close(closed)).expect("the thread runs");
+    tokio::time::timeout(limit, closing)
+        .await
+        .expect("closed in time")
+        .expect("answered")
+        .expect("the store closed");
+    thread.join().expect("the thread ends cleanly");
+    assert_eq!(store.settles.load(Ordering::Acquire), 1, "settled once");
 }
