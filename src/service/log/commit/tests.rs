@@ -119,6 +119,63 @@ impl Store for FailingStore {
     }
 }
 
+/// A [`FailingStore`] failing its commits from the start or not.
+fn failing_store(failing: bool) -> Arc<FailingStore> {
+    Arc::new(FailingStore {
+        inner: MemoryStore::new(&Retention::default()),
+        failing: AtomicBool::new(failing),
+        log_reads: Default::default(),
+        settles: Default::default(),
+        settled: Default::default(),
+    })
+}
+
+/// The commit thread over `store`: the state it writes, its channel and
+/// its handle.
+fn start_thread(
+    store: Arc<dyn Store>,
+) -> (
+    Arc<Shared>,
+    mpsc::Sender<Message>,
+    std::thread::JoinHandle<()>,
+) {
+    let shared = Shared::for_tests(store, 64);
+    let (tx, rx) = mpsc::channel();
+    let writer = Arc::new(Mutex::new(writer()));
+    let thread = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run(shared, rx, writer))
+    };
+    (shared, tx, thread)
+}
+
+/// How long a test waits for the thread.
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// Sends `proposal` to the thread and waits until it is committed.
+async fn commit_through(tx: &mpsc::Sender<Message>, proposal: Proposal) {
+    let (reply, answer) = oneshot::channel();
+    tx.send(Message::Propose(proposal, reply))
+        .expect("the thread runs");
+    tokio::time::timeout(LIMIT, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered")
+        .expect("committed");
+}
+
+/// Closes the store through the thread and waits for the thread to end.
+async fn close_thread(tx: &mpsc::Sender<Message>, thread: std::thread::JoinHandle<()>) {
+    let (closed, closing) = oneshot::channel();
+    tx.send(Message::Close(closed)).expect("the thread runs");
+    tokio::time::timeout(LIMIT, closing)
+        .await
+        .expect("closed in time")
+        .expect("answered")
+        .expect("the store closed");
+    thread.join().expect("the thread ends cleanly");
+}
+
 fn memory_store() -> Arc<dyn Store> {
     Arc::new(MemoryStore::new(&Retention::default()))
 }
@@ -265,13 +322,7 @@ fn a_stale_proposal_conflicts_while_its_batch_commits() {
 /// the next batch commits.
 #[test]
 fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
-    let store = Arc::new(FailingStore {
-        inner: MemoryStore::new(&Retention::default()),
-        failing: AtomicBool::new(true),
-        log_reads: Default::default(),
-        settles: Default::default(),
-        settled: Default::default(),
-    });
+    let store = failing_store(true);
     let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
     let mut bus = shared.bus.subscribe();
     let mut writer = writer();
@@ -349,36 +400,14 @@ async fn the_thread_commits_what_is_queued_before_it_closes() {
 /// beyond the table's head has the thread read and apply the log.
 #[tokio::test]
 async fn announcements_the_table_holds_are_not_read() {
-    let store = Arc::new(FailingStore {
-        inner: MemoryStore::new(&Retention::default()),
-        failing: AtomicBool::new(false),
-        log_reads: Default::default(),
-        settles: Default::default(),
-        settled: Default::default(),
-    });
-    let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
-    let (tx, rx) = mpsc::channel();
-    let writer = Arc::new(Mutex::new(writer()));
-    let thread = {
-        let shared = Arc::clone(&shared);
-        std::thread::spawn(move || run(shared, rx, writer))
-    };
-    let limit = Duration::from_secs(10);
+    let store = failing_store(false);
+    let (shared, tx, thread) = start_thread(Arc::clone(&store) as Arc<dyn Store>);
     for name in ["a", "b"] {
         if name == "b" {
             // Handled before or with b's batch: the table holds 1 either way.
             tx.send(Message::Announced(1)).expect("the thread runs");
         }
-        let (proposals, mut replies) = with_replies(vec![registration(name)]);
-        for (proposal, reply) in proposals {
-            tx.send(Message::Propose(proposal, reply))
-                .expect("the thread runs");
-        }
-        tokio::time::timeout(limit, replies.remove(0))
-            .await
-            .expect("answered in time")
-            .expect("answered")
-            .expect("committed");
+        commit_through(&tx, registration(name)).await;
     }
     assert_eq!(shared.head(), 2);
     assert_eq!(
@@ -389,14 +418,7 @@ async fn announcements_the_table_holds_are_not_read() {
 
     let elsewhere = crate::service::log::follow::tests::commit_elsewhere(&store.inner, 99);
     tx.send(Message::Announced(3)).expect("the thread runs");
-    let (closed, closing) = oneshot::channel();
-    tx.send(Message::Close(closed)).expect("the thread runs");
-    tokio::time::timeout(limit, closing)
-        .await
-        .expect("closed in time")
-        .expect("answered")
-        .expect("the store closed");
-    thread.join().expect("the thread ends cleanly");
+    close_thread(&tx, thread).await;
     assert!(
         store.log_reads.load(Ordering::Acquire) > 0,
         "the log was read"
@@ -412,41 +434,12 @@ async fn announcements_the_table_holds_are_not_read() {
 /// the store settle, once; then it waits without a timeout again.
 #[tokio::test]
 async fn the_store_settles_once_the_proposals_stop() {
-    let store = Arc::new(FailingStore {
-        inner: MemoryStore::new(&Retention::default()),
-        failing: AtomicBool::new(false),
-        log_reads: Default::default(),
-        settles: Default::default(),
-        settled: Default::default(),
-    });
-    let shared = Shared::for_tests(Arc::clone(&store) as Arc<dyn Store>, 64);
-    let (tx, rx) = mpsc::channel();
-    let writer = Arc::new(Mutex::new(writer()));
-    let thread = {
-        let shared = Arc::clone(&shared);
-        std::thread::spawn(move || run(shared, rx, writer))
-    };
-    let limit = Duration::from_secs(10);
-    let (proposals, mut replies) = with_replies(vec![registration("a")]);
-    for (proposal, reply) in proposals {
-        tx.send(Message::Propose(proposal, reply))
-            .expect("the thread runs");
-    }
-    tokio::time::timeout(limit, replies.remove(0))
-        .await
-        .expect("answered in time")
-        .expect("answered")
-        .expect("committed");
-    tokio::time::timeout(limit, store.settled.notified())
+    let store = failing_store(false);
+    let (_, tx, thread) = start_thread(Arc::clone(&store) as Arc<dyn Store>);
+    commit_through(&tx, registration("a")).await;
+    tokio::time::timeout(LIMIT, store.settled.notified())
         .await
         .expect("settled in time");
-    let (closed, closing) = oneshot::channel();
-    tx.send(Message::Close(closed)).expect("the thread runs");
-    tokio::time::timeout(limit, closing)
-        .await
-        .expect("closed in time")
-        .expect("answered")
-        .expect("the store closed");
-    thread.join().expect("the thread ends cleanly");
+    close_thread(&tx, thread).await;
     assert_eq!(store.settles.load(Ordering::Acquire), 1, "settled once");
 }
