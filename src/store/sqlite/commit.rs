@@ -130,17 +130,17 @@ pub(super) fn commit(
 /// [`crate::store::Store::settle`]) and records the head as
 /// `meta.indexed`, in one transaction. Nothing when the index is complete,
 /// or when no commit since start-up or since a failed one left the
-/// counters in the cache. Returns whether it indexed anything.
+/// counters in the cache.
 ///
 /// # Errors
 /// The back end failed; the cache is then emptied as after a failed commit.
-pub(super) fn settle(writer: &mut Writer) -> Result<bool> {
+pub(super) fn settle(writer: &mut Writer) -> Result<()> {
     let Writer { conn, cache } = writer;
     let (Some(head), Some(indexed)) = (cache.head, cache.indexed) else {
-        return Ok(false);
+        return Ok(());
     };
     if indexed >= head {
-        return Ok(false);
+        return Ok(());
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -155,7 +155,7 @@ pub(super) fn settle(writer: &mut Writer) -> Result<bool> {
         indexed: Some(head),
         ..taken
     };
-    Ok(true)
+    Ok(())
 }
 
 /// Gives each change's records the next sequences after `counters.head`

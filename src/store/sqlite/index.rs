@@ -79,11 +79,7 @@ impl Unindexed {
         tuning: &Tuning,
     ) -> Result<u64> {
         if !self.complete {
-            index_tail(tx, indexed)?;
-            *self = Unindexed {
-                complete: true,
-                ..Unindexed::default()
-            };
+            self.index_all(tx, indexed)?;
             return Ok(head);
         }
         let group = tuning.index_group;
@@ -107,9 +103,7 @@ impl Unindexed {
         }
         Ok(upto)
     }
-}
 
-impl Unindexed {
     /// Indexes, inside `tx`, every event after `indexed`, the ones put in
     /// groups and the others; afterwards none is unindexed and the caller
     /// records the head as `meta.indexed`.

@@ -102,7 +102,7 @@ pub struct SqliteStore {
     /// The only connection that writes; used by the commit thread and by
     /// compaction, which runs on the same thread between batches.
     writer: Mutex<Writer>,
-    /// Idle reader connections.
+    /// The read-only connections, lent one read at a time.
     readers: Pool<Connection>,
     /// Oldest retained sequence, kept by the one writer (load and
     /// compaction change it; commits never do).
@@ -304,7 +304,7 @@ impl Store for SqliteStore {
     }
 
     fn settle(&self) -> Result<()> {
-        commit::settle(&mut self.lock_writer()).map(|_| ())
+        commit::settle(&mut self.lock_writer())
     }
 
     fn head(&self) -> Result<u64> {
