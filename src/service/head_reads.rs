@@ -10,12 +10,23 @@
 //! that arrived during the previous query, and none sees a head older than
 //! its own arrival.
 //!
+//! A call that can wait a little ([`Pace::Paced`]: a heartbeat on a stream,
+//! whose sender awaits no answer) does not start a round sooner than
+//! [`PACE`] after the previous one started; it waits for that round
+//! instead. Under a steady stream of such calls a process then reads the
+//! head at most once per [`PACE`], not once per round trip, and every call
+//! is still answered by a round that started after it arrived. A call that
+//! cannot wait ([`Pace::Now`]) starts a round at once whenever none runs.
+//!
 //! A round runs in a task of its own, so that a call dropped while waiting
 //! (its client went away) never leaves a round unfinished.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     error::{Error, Result},
@@ -31,11 +42,28 @@ pub(crate) struct HeadReads {
     finished: watch::Sender<Finished>,
 }
 
+/// The least time between the starts of two rounds that only
+/// [`Pace::Paced`] calls wait for.
+pub(crate) const PACE: Duration = Duration::from_millis(2);
+
+/// How soon a call needs its round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// At once: a round starts as soon as none runs.
+    Now,
+    /// No sooner than [`PACE`] after the previous round started.
+    Paced,
+}
+
 #[derive(Default)]
 struct Rounds {
     /// Rounds started so far; the running one is the last.
     started: u64,
     running: bool,
+    /// When the last round started.
+    last_start: Option<Instant>,
+    /// A timer will start a round for the paced calls waiting.
+    timer: bool,
 }
 
 impl Default for HeadReads {
@@ -56,30 +84,52 @@ impl HeadReads {
     ///
     /// # Errors
     /// That round's read failed, or the runtime is gone.
-    pub(crate) async fn head(self: &Arc<Self>, store: &Arc<dyn Store>) -> Result<u64> {
+    pub(crate) async fn head(self: &Arc<Self>, store: &Arc<dyn Store>, pace: Pace) -> Result<u64> {
         let mut finished = self.finished.subscribe();
         // Any round numbered `needed` or later starts after this point.
         let needed = self.rounds().started + 1;
         loop {
-            self.start_if_idle(store);
+            // Answered before asking for a round: a paced call answered by
+            // the round that just ended must not set a timer for another.
             {
                 let (round, result) = &*finished.borrow_and_update();
                 if *round >= needed {
                     return result.clone().map_err(Error::Store);
                 }
             }
+            self.start_if_idle(store, pace);
             finished.changed().await.map_err(|_| Error::ShuttingDown)?;
         }
     }
 
-    /// Starts a round unless one is running.
-    fn start_if_idle(self: &Arc<Self>, store: &Arc<dyn Store>) {
+    /// Starts a round unless one is running; for a paced call, when the
+    /// last one started less than [`PACE`] ago, sets a timer that starts
+    /// it then instead.
+    fn start_if_idle(self: &Arc<Self>, store: &Arc<dyn Store>, pace: Pace) {
         let round = {
             let mut rounds = self.rounds();
             if rounds.running {
                 return;
             }
+            let now = Instant::now();
+            let due = match (pace, rounds.last_start) {
+                (Pace::Paced, Some(last)) => last + PACE,
+                _ => now,
+            };
+            if due > now {
+                if !rounds.timer {
+                    rounds.timer = true;
+                    let (reads, store) = (Arc::clone(self), Arc::clone(store));
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(due).await;
+                        reads.rounds().timer = false;
+                        reads.start_if_idle(&store, Pace::Paced);
+                    });
+                }
+                return;
+            }
             rounds.running = true;
+            rounds.last_start = Some(now);
             rounds.started += 1;
             rounds.started
         };
@@ -119,7 +169,7 @@ mod tests {
                     (Arc::clone(&reads), Arc::clone(&store), Arc::clone(&calls));
                 tokio::spawn(async move {
                     let needed = reads.rounds().started + 1;
-                    reads.head(&store).await.expect("head");
+                    reads.head(&store, Pace::Now).await.expect("head");
                     // The round that answered started after the call.
                     assert!(reads.finished.borrow().0 >= needed);
                     calls.fetch_add(1, Ordering::Relaxed);
@@ -135,5 +185,64 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 200);
         let rounds = reads.rounds().started;
         assert!((1..=200).contains(&rounds), "{rounds} rounds");
+    }
+
+    /// Heads read by `tasks` tasks, each `calls` times in a row at `pace`;
+    /// every call answered by a round that started after it. Returns the
+    /// rounds started and the time taken.
+    async fn read_heads(
+        reads: &Arc<HeadReads>,
+        tasks: usize,
+        calls: usize,
+        pace: Pace,
+    ) -> (u64, Duration) {
+        let store = store();
+        let (before, start) = (reads.rounds().started, Instant::now());
+        let tasks: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (reads, store) = (Arc::clone(reads), Arc::clone(&store));
+                tokio::spawn(async move {
+                    for _ in 0..calls {
+                        let needed = reads.rounds().started + 1;
+                        reads.head(&store, pace).await.expect("head");
+                        assert!(reads.finished.borrow().0 >= needed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("in time")
+                .expect("task");
+        }
+        (reads.rounds().started - before, start.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paced_calls_start_a_round_at_most_once_per_pace() {
+        let reads = Arc::new(HeadReads::default());
+        // 40 callers, 20 reads each: 800 calls.
+        let (rounds, took) = read_heads(&reads, 40, 20, Pace::Paced).await;
+        let bound = (took.as_secs_f64() / PACE.as_secs_f64()).floor() as u64 + 1;
+        assert!(
+            rounds <= bound,
+            "{rounds} rounds in {took:?}, at most {bound}"
+        );
+        // Each caller's reads follow one another: at least 20 rounds.
+        assert!(rounds >= 20, "{rounds} rounds");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_that_cannot_wait_are_not_paced() {
+        let reads = Arc::new(HeadReads::default());
+        // A paced round just started: a call that cannot wait still gets
+        // one of its own at once, each time.
+        read_heads(&reads, 1, 1, Pace::Paced).await;
+        let (rounds, _) = read_heads(&reads, 1, 50, Pace::Now).await;
+        assert_eq!(rounds, 50);
+        let (rounds, took) = read_heads(&reads, 1, 50, Pace::Paced).await;
+        assert_eq!(rounds, 50);
+        assert!(took >= PACE * 49, "50 paced rounds in a row took {took:?}");
     }
 }

@@ -43,11 +43,14 @@ impl LifecycleHandler {
             .collect()
     }
 
-    /// Records one heartbeat message.
+    /// Records one heartbeat message; `answered` when the sender waits
+    /// for the answer (a unary call), else the catch-up with a shared
+    /// store may wait for the next paced head read.
     async fn beat(
         &self,
         caller: &Caller,
         request: pb::HeartbeatRequest,
+        answered: bool,
     ) -> Result<(AgentId, Heartbeat), Status> {
         let pb::HeartbeatRequest {
             agent_id,
@@ -63,7 +66,10 @@ impl LifecycleHandler {
         // On a shared store, what other processes committed first: the
         // heartbeat's effect (completing a start, ending an ERROR) depends
         // on the agent's latest state.
-        self.service.catch_up_with_store().await?;
+        match answered {
+            true => self.service.catch_up_with_store().await?,
+            false => self.service.catch_up_with_store_paced().await?,
+        }
         let task = Some(current_task).filter(|t| !t.is_empty());
         let beat = self.monitor.heartbeat(id, load, task).await?;
         Ok((id, beat))
@@ -75,7 +81,7 @@ pub(super) async fn heartbeat(
     request: Request<pb::HeartbeatRequest>,
 ) -> Result<Response<pb::HeartbeatResponse>, Status> {
     let caller = caller_of(&request);
-    let (id, beat) = handler.beat(&caller, request.into_inner()).await?;
+    let (id, beat) = handler.beat(&caller, request.into_inner(), true).await?;
     let agent = handler.service.get_agent(id)?;
     Ok(Response::new(pb::HeartbeatResponse {
         agent: Some(handler.agent_with_heartbeat(&agent, Some(beat))),
@@ -90,7 +96,7 @@ pub(super) async fn heartbeat_stream(
     let mut stream = request.into_inner();
     let mut heartbeats = 0;
     while let Some(message) = stream.message().await? {
-        handler.beat(&caller, message).await?;
+        handler.beat(&caller, message, false).await?;
         heartbeats += 1;
     }
     Ok(Response::new(pb::HeartbeatStreamResponse { heartbeats }))
