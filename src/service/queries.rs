@@ -11,7 +11,7 @@ use super::{
 use crate::{
     domain::{Agent, AgentId, AgentState, Heartbeat, limits},
     error::{Error, Result},
-    store::HistoryRange,
+    store::{HistoryRange, SavedHeartbeats},
 };
 
 impl AgentLifecycleService {
@@ -269,19 +269,34 @@ impl AgentLifecycleService {
             .await
     }
 
-    /// The heartbeats kept in a shared store: of `ids`, or of all agents.
+    /// The heartbeats of `ids` kept in a shared store.
     ///
     /// # Errors
     /// The store failed.
-    pub async fn saved_heartbeats(
-        &self,
-        ids: Option<Vec<AgentId>>,
-    ) -> Result<Vec<(AgentId, Heartbeat)>> {
-        if !self.is_store_shared() {
+    pub async fn saved_heartbeats(&self, ids: Vec<AgentId>) -> Result<Vec<(AgentId, Heartbeat)>> {
+        if ids.is_empty() || !self.is_store_shared() {
             return Ok(Vec::new());
         }
         self.shared()
-            .read_store(move |store| store.heartbeats(ids.as_deref()))
+            .read_store(move |store| store.heartbeats(&ids))
+            .await
+    }
+
+    /// The heartbeats saves after the save numbered `after` kept in a
+    /// shared store, and the number to pass next time (see
+    /// [`crate::store::Store::heartbeats_saved_after`]).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn heartbeats_saved_after(&self, after: u64) -> Result<SavedHeartbeats> {
+        if !self.is_store_shared() {
+            return Ok(SavedHeartbeats {
+                beats: Vec::new(),
+                through: after,
+            });
+        }
+        self.shared()
+            .read_store(move |store| store.heartbeats_saved_after(after))
             .await
     }
 }

@@ -286,6 +286,15 @@ pub enum Wake {
     Others(u64),
 }
 
+/// What [`Store::heartbeats_saved_after`] read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SavedHeartbeats {
+    /// Each agent's heartbeat as the store keeps it.
+    pub beats: Vec<(AgentId, Heartbeat)>,
+    /// The number of the last save included.
+    pub through: u64,
+}
+
 /// A held lease; dropping it releases it.
 pub trait Lease: Send {
     /// Whether the lease is still held (its connection is alive).
@@ -448,14 +457,28 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The heartbeats [`Store::save_heartbeats`] kept: of the agents `ids`,
-    /// or of all agents when `None`.
+    /// The heartbeats [`Store::save_heartbeats`] kept of the agents `ids`.
     ///
     /// # Errors
     /// The back end failed.
-    fn heartbeats(&self, ids: Option<&[AgentId]>) -> Result<Vec<(AgentId, Heartbeat)>> {
+    fn heartbeats(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, Heartbeat)>> {
         let _ = ids;
         Ok(Vec::new())
+    }
+
+    /// The heartbeats that saves after the save numbered `after` kept (all
+    /// of them for 0), and the number of the last save they include: the
+    /// `after` of the next call, which then returns only what was saved
+    /// since. Saves are numbered in the order they commit, so nothing
+    /// saved before that number is left out.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn heartbeats_saved_after(&self, after: u64) -> Result<SavedHeartbeats> {
+        Ok(SavedHeartbeats {
+            beats: Vec::new(),
+            through: after,
+        })
     }
 
     /// The sequence up to which the consumer `name` has handled the event

@@ -4,7 +4,7 @@
 //!
 //! Drives the service through its public API only; knows nothing of gRPC.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::atomic::Ordering};
 
 use tracing::warn;
 
@@ -34,7 +34,7 @@ impl HeartbeatMonitor {
         if !self.service.is_store_shared() || ids.is_empty() {
             return found;
         }
-        match self.service.saved_heartbeats(Some(ids.to_vec())).await {
+        match self.service.saved_heartbeats(ids.to_vec()).await {
             Ok(saved) => {
                 for (id, beat) in saved {
                     let newest = match found.remove(&id) {
@@ -185,15 +185,23 @@ impl HeartbeatMonitor {
         }
     }
 
-    /// Takes in the heartbeats other processes saved.
-    pub(super) async fn load_saved(&self) {
+    /// Takes in the heartbeats other processes saved: those saved since
+    /// the last call, or, when `all`, every one kept (which also takes in
+    /// rows that a process of an older version saved unnumbered).
+    pub(super) async fn load_saved(&self, all: bool) {
         if !self.service.is_store_shared() {
             return;
         }
-        match self.service.saved_heartbeats(None).await {
+        let after = match all {
+            true => 0,
+            false => self.saved_through.load(Ordering::Acquire),
+        };
+        match self.service.heartbeats_saved_after(after).await {
             Ok(saved) => {
+                self.saved_through
+                    .fetch_max(saved.through, Ordering::AcqRel);
                 let mut watches = self.watches();
-                for (id, beat) in saved {
+                for (id, beat) in saved.beats {
                     let watch = watches.entry(id).or_default();
                     watch.last = Some(match watch.last.take() {
                         Some(local) => local.newer(beat),

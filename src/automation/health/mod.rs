@@ -38,8 +38,9 @@
 //!
 //! On a shared store (PostgreSQL) every process saves the heartbeats it
 //! receives to the store once per `check_interval`, and the monitor, in
-//! the process that holds the `health-monitor` lease, reads them all before
-//! each look: heartbeats count whichever process receives them (seen up to
+//! the process that holds the `health-monitor` lease, reads those saved
+//! since its last read before each look (all of them at its first look and
+//! every 64th): heartbeats count whichever process receives them (seen up to
 //! about two check intervals late, so `heartbeat_timeout` should span
 //! several). The restart count travels with the monitor's transitions
 //! (`health.restarts` in their metadata), so a monitor that takes over
@@ -56,7 +57,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, SystemTime},
 };
 
@@ -129,6 +130,9 @@ pub struct HeartbeatMonitor {
     watches: Arc<Mutex<HashMap<AgentId, Watch>>>,
     /// Heartbeats received here and not yet saved to a shared store.
     unsaved: Arc<Mutex<HashMap<AgentId, Heartbeat>>>,
+    /// The number of the last save to a shared store taken in: the next
+    /// read takes in only what was saved after it.
+    saved_through: Arc<AtomicU64>,
     /// The platforms whose drivers run in this server.
     platforms: Arc<[FollowedPlatform]>,
 }
@@ -209,6 +213,7 @@ impl HeartbeatMonitor {
             settings: Arc::new(settings),
             watches: Arc::default(),
             unsaved: Arc::default(),
+            saved_through: Arc::default(),
             platforms: Arc::new([]),
         }
     }

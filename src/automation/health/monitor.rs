@@ -70,9 +70,12 @@ impl HeartbeatMonitor {
                 if now < started + self.settings.grace {
                     continue;
                 }
-                self.load_saved().await;
+                // Every PRUNE_EVERY passes, from the first: forget the
+                // agents that are gone and read every saved heartbeat.
+                let full = passes.is_multiple_of(PRUNE_EVERY);
+                self.load_saved(full).await;
                 passes += 1;
-                let deadline = self.check(now, passes.is_multiple_of(PRUNE_EVERY)).await;
+                let deadline = self.check(now, full).await;
                 if let Some(deadline) = deadline {
                     // Just after the deadline (a silence must exceed the
                     // timeout), no sooner than a quarter interval on.
@@ -322,6 +325,7 @@ const ACTIONS_AT_ONCE: usize = 64;
 /// A pass due to a deadline runs this long after it.
 const AFTER_DEADLINE: Duration = Duration::from_millis(1);
 
-/// Every this many passes, the watches of agents that are gone are
-/// forgotten (at once when there are more watches than agents).
+/// Every this many passes (the first included), the watches of agents that
+/// are gone are forgotten (at once when there are more watches than
+/// agents), and a shared store's saved heartbeats are all read again.
 const PRUNE_EVERY: u64 = 64;

@@ -1,7 +1,10 @@
 //! The suite on PostgreSQL, and what only a shared store has: concurrent
 //! openers, several writers, migrations.
 
+use std::collections::HashMap;
+
 use super::*;
+use crate::{domain::Heartbeat, store::SavedHeartbeats};
 
 /// The PostgreSQL server the tests use: `TEST_DATABASE_URL`. CI always sets
 /// it (`.ci/run` starts PostgreSQL); without it, locally, the PostgreSQL
@@ -194,7 +197,7 @@ fn postgres_cursors_conform_survive_reopen_and_are_shared() {
 }
 
 /// A PostgreSQL database of schema version 2 (no `cursors` table) opens:
-/// it is migrated to version 3 and its cursors work.
+/// it is migrated to the current version and its cursors work.
 #[test]
 fn postgres_migrates_a_version_2_database_to_cursors() {
     let Some(url) = fresh_postgres("cursors_v2") else {
@@ -215,7 +218,161 @@ fn postgres_migrates_a_version_2_database_to_cursors() {
         .query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[])
         .expect("version")
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+}
+
+fn beat_at(micros: u64, task: &str) -> Heartbeat {
+    Heartbeat {
+        at: std::time::UNIX_EPOCH + Duration::from_micros(micros),
+        load: Some(0.5),
+        current_task: Some(task.to_string()),
+    }
+}
+
+/// Heartbeat saves are numbered: a read after a save's number returns only
+/// the rows later saves wrote, an older beat than the stored one changes
+/// nothing, and the number of the last save read comes back for the next
+/// read. A database of version 3 (rows without a number) is migrated.
+#[test]
+fn postgres_heartbeats_are_read_by_save_number() {
+    let Some(url) = fresh_postgres("heartbeat_saves") else {
+        return;
+    };
+    let store = PostgresStore::open(&url).expect("open");
+    let (a, b) = (AgentId::generate(), AgentId::generate());
+    let empty = store.heartbeats_saved_after(0).expect("read");
+    assert_eq!(empty, SavedHeartbeats::default());
+
+    store
+        .save_heartbeats(&[(a, beat_at(1_000, "one"))])
+        .expect("save");
+    let first = store.heartbeats_saved_after(0).expect("read");
+    assert_eq!(first.beats, vec![(a, beat_at(1_000, "one"))]);
+    assert!(first.through > 0);
+
+    // b is new; a's beat is older than the stored one: a's row stays.
+    store
+        .save_heartbeats(&[(b, beat_at(2_000, "two")), (a, beat_at(500, "old"))])
+        .expect("save");
+    let second = store.heartbeats_saved_after(first.through).expect("read");
+    assert_eq!(second.beats, vec![(b, beat_at(2_000, "two"))]);
+    assert!(second.through > first.through);
+
+    store
+        .save_heartbeats(&[(a, beat_at(3_000, "three"))])
+        .expect("save");
+    let third = store.heartbeats_saved_after(second.through).expect("read");
+    assert_eq!(third.beats, vec![(a, beat_at(3_000, "three"))]);
+    let nothing = store.heartbeats_saved_after(third.through).expect("read");
+    assert_eq!(nothing.beats, vec![]);
+    assert_eq!(nothing.through, third.through);
+
+    let mut all = store.heartbeats_saved_after(0).expect("read").beats;
+    all.sort_by_key(|(_, beat)| beat.at);
+    assert_eq!(
+        all,
+        vec![(b, beat_at(2_000, "two")), (a, beat_at(3_000, "three"))]
+    );
+    let mut some = store.heartbeats(&[a]).expect("read");
+    assert_eq!(some.pop(), Some((a, beat_at(3_000, "three"))));
+
+    // Back to version 3: no numbers, no sequence. Opening migrates, the
+    // old rows count as saved before every numbered save.
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+    store.close().expect("close");
+    drop(store);
+    client
+        .batch_execute(
+            "DROP INDEX heartbeats_by_save;
+             ALTER TABLE heartbeats DROP COLUMN saved;
+             DROP SEQUENCE heartbeat_saves;
+             UPDATE meta SET value = 3 WHERE key = 'schema_version';",
+        )
+        .expect("back to version 3");
+    let store = PostgresStore::open(&url).expect("open and migrate");
+    let unnumbered = store.heartbeats_saved_after(0).expect("read");
+    assert_eq!((unnumbered.beats.len(), unnumbered.through), (2, 0));
+    store
+        .save_heartbeats(&[(b, beat_at(4_000, "four"))])
+        .expect("save");
+    let after = store.heartbeats_saved_after(0).expect("read");
+    assert_eq!((after.beats.len(), after.through), (2, 1));
+    assert!(after.beats.contains(&(b, beat_at(4_000, "four"))));
+    assert_eq!(store.heartbeats_saved_after(1).expect("read").beats, vec![]);
+}
+
+/// Two processes save heartbeats at once while a third reads only what
+/// was saved since its last read: it misses nothing (save numbers follow
+/// commit order), and ends with every agent's stored heartbeat.
+#[test]
+fn postgres_reads_by_save_number_miss_nothing_under_concurrent_saves() {
+    let Some(url) = fresh_postgres("heartbeat_races") else {
+        return;
+    };
+    let reader = PostgresStore::open(&url).expect("open");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|writer| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let store = PostgresStore::open(&url).expect("open");
+                let agents: Vec<AgentId> = (0..40).map(|_| AgentId::generate()).collect();
+                for save in 0..150u64 {
+                    // A third of the agents each time, their beats newer.
+                    let beats: Vec<_> = agents
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| (*i as u64 + save).is_multiple_of(3))
+                        .map(|(_, id)| (*id, beat_at(save * 10 + writer, "t")))
+                        .collect();
+                    store.save_heartbeats(&beats).expect("save");
+                }
+                store.close().expect("close");
+            })
+        })
+        .collect();
+    let reading = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut seen: HashMap<AgentId, Heartbeat> = HashMap::new();
+            let mut through = 0;
+            let mut reads = 0;
+            loop {
+                // Whether the writers were done before this read began.
+                let last = done.load(std::sync::atomic::Ordering::Acquire);
+                let saved = reader.heartbeats_saved_after(through).expect("read");
+                assert!(saved.through >= through);
+                through = saved.through;
+                reads += 1;
+                for (id, beat) in saved.beats {
+                    seen.insert(id, beat);
+                }
+                if last {
+                    return (reader, seen, reads);
+                }
+            }
+        })
+    };
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (reader, seen, reads) = reading.join().expect("reader");
+    assert!(
+        reads > 2,
+        "the reader read while the writers saved ({reads} reads)"
+    );
+    let mut stored: HashMap<AgentId, Heartbeat> = reader
+        .heartbeats_saved_after(0)
+        .expect("read")
+        .beats
+        .into_iter()
+        .collect();
+    assert_eq!(stored.len(), 80);
+    for (id, beat) in &seen {
+        assert_eq!(stored.remove(id).as_ref(), Some(beat), "agent {id}");
+    }
+    assert!(stored.is_empty(), "never read: {stored:?}");
 }
 
 /// A burst of concurrent reads shares at most `MAX_READERS` connections:

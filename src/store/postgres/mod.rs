@@ -51,7 +51,8 @@ use postgres::{Client, NoTls};
 use self::commit::Writer;
 use super::{
     AgentChange, AgentIdentity, AuditQuery, BatchId, ChangeOutcome, CommitFeed, HistoryRange,
-    Lease, Recovered, Result, Retention, Store, StoreError, check_cursor_name, stored_cursor,
+    Lease, Recovered, Result, Retention, SavedHeartbeats, Store, StoreError, check_cursor_name,
+    stored_cursor,
 };
 use crate::domain::{AgentId, Clock, Heartbeat, TransitionRecord};
 
@@ -269,9 +270,16 @@ impl Store for PostgresStore {
         self.with_reader(|client| shared::save_heartbeats(client, beats))
     }
 
-    fn heartbeats(&self, ids: Option<&[AgentId]>) -> Result<Vec<(AgentId, Heartbeat)>> {
-        let keys = ids.map(keys);
-        self.with_reader(|client| shared::heartbeats(client, keys.as_deref()))
+    fn heartbeats(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, Heartbeat)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = keys(ids);
+        self.with_reader(|client| shared::heartbeats(client, &keys))
+    }
+
+    fn heartbeats_saved_after(&self, after: u64) -> Result<SavedHeartbeats> {
+        self.with_reader(|client| shared::heartbeats_saved_after(client, after))
     }
 
     fn cursor(&self, name: &str) -> Result<u64> {

@@ -25,7 +25,7 @@ struct Step {
 /// The migrations, oldest first. The first runs at every open (it creates
 /// `meta`, where the version is read, and the tables a version-1 database
 /// may lack); the others when the database is older than their version.
-const STEPS: [Step; 3] = [
+const STEPS: [Step; 4] = [
     // 1: `meta` (the head counter), `agents`, `events` indexed by agent,
     // `writers` (each process's last batch) and `heartbeats`.
     Step {
@@ -105,6 +105,19 @@ CREATE TABLE IF NOT EXISTS cursors (
     name     TEXT PRIMARY KEY,
     sequence BIGINT NOT NULL
 );
+",
+    },
+    // 4: each heartbeat row's `saved`, the number of the save that last
+    // wrote it (from `heartbeat_saves`, taken under a lock held to the
+    // commit, so numbers follow commit order): the monitor reads only the
+    // rows saved after those it has.
+    Step {
+        version: 4,
+        context: "migrating the schema to version 4",
+        sql: "
+CREATE SEQUENCE IF NOT EXISTS heartbeat_saves;
+ALTER TABLE heartbeats ADD COLUMN IF NOT EXISTS saved BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS heartbeats_by_save ON heartbeats (saved);
 ",
     },
 ];

@@ -25,7 +25,7 @@ use super::{
 use crate::{
     domain::{AgentId, Heartbeat},
     store::{
-        CommitFeed, Lease, Result, StoreError, Wake,
+        CommitFeed, Lease, Result, SavedHeartbeats, StoreError, Wake,
         codec::{from_micros, to_micros},
     },
 };
@@ -40,21 +40,28 @@ row_arrays! {
     }
 }
 
-/// Keeps the newer of the stored and the given heartbeat of each agent.
+/// Keeps the newer of the stored and the given heartbeat of each agent;
+/// the rows it writes get one new save number.
 static SAVE_HEARTBEATS: LazyLock<String> = LazyLock::new(|| {
     let rows = Heartbeats::default();
     format!(
         "
-INSERT INTO heartbeats ({columns})
-SELECT * FROM {unnest}
+INSERT INTO heartbeats ({columns}, saved)
+SELECT beats.*, save.number
+FROM {unnest} AS beats, (SELECT nextval('heartbeat_saves') AS number) AS save
 ON CONFLICT (agent_id) DO UPDATE
-    SET {set}
+    SET {set}, saved = excluded.saved
     WHERE heartbeats.at < excluded.at",
         columns = list("", Heartbeats::COLUMNS),
         unnest = rows.unnest(&mut Placeholders::after(0)),
         set = assignments("excluded", Heartbeats::COLUMNS, "agent_id"),
     )
 });
+
+/// The transaction lock every heartbeat save holds to its commit: a save
+/// takes its number and commits before the next one takes its own, so a
+/// reader that sees a save's rows sees every earlier save's too.
+const HEARTBEAT_SAVE_LOCK: i64 = 0x6167_6c63_6862_7376;
 
 /// A connection that LISTENs on [`CHANNEL`], for the process whose
 /// batches carry `writer_id`.
@@ -116,42 +123,60 @@ pub(super) fn save_heartbeats(client: &mut Reader, beats: &[(AgentId, Heartbeat)
     }
     let mut params: Vec<Param<'_>> = Vec::new();
     rows.params(&mut params);
-    client
-        .execute(SAVE_HEARTBEATS.as_str(), &params)
+    let mut tx = client
+        .transaction()
+        .map_err(pg("beginning a heartbeat save"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HEARTBEAT_SAVE_LOCK])
+        .map_err(pg("locking the heartbeat saves"))?;
+    tx.execute(SAVE_HEARTBEATS.as_str(), &params)
         .map_err(pg("saving heartbeats"))?;
-    Ok(())
+    tx.commit().map_err(pg("committing heartbeats"))
 }
 
-/// The stored heartbeats of the agents `ids` (the keys of the table), or
-/// of all agents.
-pub(super) fn heartbeats(
-    client: &mut Reader,
-    ids: Option<&[&[u8]]>,
-) -> Result<Vec<(AgentId, Heartbeat)>> {
-    let rows = match ids {
-        Some(ids) => client.query(
+/// The stored heartbeats of the agents `ids` (the keys of the table).
+pub(super) fn heartbeats(client: &mut Reader, ids: &[&[u8]]) -> Result<Vec<(AgentId, Heartbeat)>> {
+    let rows = client
+        .query(
             "SELECT agent_id, at, load, current_task FROM heartbeats
              WHERE agent_id = ANY($1::bytea[])",
             &[&ids],
-        ),
-        None => client.query(
-            "SELECT agent_id, at, load, current_task FROM heartbeats",
-            &[],
-        ),
+        )
+        .map_err(pg("reading heartbeats"))?;
+    rows.iter().map(heartbeat).collect()
+}
+
+/// The heartbeat rows written by saves numbered above `after` (numbers
+/// start at 1); all of them for 0, rows of version 3 (numbered 0) too.
+pub(super) fn heartbeats_saved_after(client: &mut Reader, after: u64) -> Result<SavedHeartbeats> {
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let columns = "SELECT agent_id, at, load, current_task, saved FROM heartbeats";
+    let rows = match after {
+        0 => client.query(columns, &[]),
+        _ => client.query(&format!("{columns} WHERE saved > $1"), &[&after]),
     }
     .map_err(pg("reading heartbeats"))?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                decode_id(row.get(0))?,
-                Heartbeat {
-                    at: from_micros(row.get(1)),
-                    load: row.get(2),
-                    current_task: row.get(3),
-                },
-            ))
-        })
-        .collect()
+    let mut through = after;
+    let mut beats = Vec::with_capacity(rows.len());
+    for row in &rows {
+        through = through.max(row.get(4));
+        beats.push(heartbeat(row)?);
+    }
+    Ok(SavedHeartbeats {
+        beats,
+        through: u64::try_from(through).unwrap_or_default(),
+    })
+}
+
+/// A `heartbeats` row's agent and heartbeat (its first four columns).
+fn heartbeat(row: &postgres::Row) -> Result<(AgentId, Heartbeat)> {
+    Ok((
+        decode_id(row.get(0))?,
+        Heartbeat {
+            at: from_micros(row.get(1)),
+            load: row.get(2),
+            current_task: row.get(3),
+        },
+    ))
 }
 
 /// The stored cursor `name` (0 when absent).
