@@ -633,3 +633,99 @@ async fn heartbeats_count_whichever_process_receives_them() {
         last.reason
     );
 }
+
+/// A heartbeat on a HeartbeatStream to one process completes a start that
+/// another process committed just before: the stream's beats wait for a
+/// paced read of the database's head that started after they arrived, so
+/// the process sees each start before it decides what the beat does. Each
+/// agent's beat goes on the open stream the moment its start is answered.
+/// When the stream's answer arrives every beat has been handled, so both
+/// processes show every agent ONLINE at once.
+#[tokio::test]
+async fn streamed_heartbeats_complete_starts_the_other_process_committed() {
+    let Some(url) = database("stream_beats").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("health.toml");
+    std::fs::write(
+        &config,
+        "[health]\ngrace = \"0s\"\nheartbeat_interval = \"10s\"\nheartbeat_timeout = \"60s\"\n",
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+    let a = start(&url, &["--config", config]);
+    let b = start(&url, &["--config", config]);
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let id = common::register(&mut ca, &[]).await.agent_id;
+        ca.deploy_agent(pb::DeployAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+        ids.push(id);
+    }
+    let (beats, queued) = tokio::sync::mpsc::unbounded_channel();
+    let stream = {
+        let mut cb = cb.clone();
+        tokio::spawn(async move {
+            cb.heartbeat_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(queued))
+                .await
+        })
+    };
+    for id in &ids {
+        let starting = ca
+            .start_agent(pb::StartAgentRequest {
+                agent_id: id.clone(),
+                wait_for_heartbeat: Some(true),
+                ..Default::default()
+            })
+            .await
+            .expect("start")
+            .into_inner()
+            .agent
+            .expect("agent");
+        assert_eq!(starting.state, pb::AgentState::Starting as i32);
+        beats
+            .send(pb::HeartbeatRequest {
+                agent_id: id.clone(),
+                load: None,
+                current_task: "first".to_string(),
+            })
+            .expect("queue the beat");
+    }
+    drop(beats);
+    let counted = tokio::time::timeout(Duration::from_secs(30), stream)
+        .await
+        .expect("the stream is answered in time")
+        .expect("stream task")
+        .expect("stream")
+        .into_inner()
+        .heartbeats;
+    assert_eq!(counted, 30);
+    for client in [&mut cb, &mut ca] {
+        for id in &ids {
+            let agent = client
+                .get_agent(pb::GetAgentRequest {
+                    agent_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("get")
+                .into_inner()
+                .agent
+                .expect("agent");
+            assert_eq!(
+                agent.state,
+                pb::AgentState::Online as i32,
+                "the first streamed beat completed the start: {agent:?}"
+            );
+            let last = agent.last_transition.expect("last transition");
+            assert_eq!(last.reason, "first heartbeat: start-up complete");
+        }
+    }
+}
