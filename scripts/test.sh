@@ -46,7 +46,7 @@ else
     echo "warning: no node/npm: the TypeScript client tests will fail" >&2
 fi
 
-# --- PostgreSQL for the multi-process tests (tests/it/postgres.rs, store conformance) ---
+# --- PostgreSQL for the multi-process tests (tests/it/postgres/, store conformance) ---
 # A throwaway server under target/pg (Debian's packages, installed when
 # missing), on a free port, stopped again when the tests end. An existing
 # TEST_DATABASE_URL is used as it is. Under CI a missing server is an error.
