@@ -145,14 +145,21 @@ pub(super) fn heartbeats(client: &mut Reader, ids: &[&[u8]]) -> Result<Vec<(Agen
     rows.iter().map(heartbeat).collect()
 }
 
+/// The text of a read of the `heartbeats` rows with their save numbers.
+macro_rules! saved_heartbeats {
+    () => {
+        "SELECT agent_id, at, load, current_task, saved FROM heartbeats"
+    };
+}
+const SAVED_HEARTBEATS: &str = saved_heartbeats!();
+
 /// The heartbeat rows written by saves numbered above `after` (numbers
 /// start at 1); all of them for 0, rows of version 3 (numbered 0) too.
 pub(super) fn heartbeats_saved_after(client: &mut Reader, after: u64) -> Result<SavedHeartbeats> {
     let after = i64::try_from(after).unwrap_or(i64::MAX);
-    let columns = "SELECT agent_id, at, load, current_task, saved FROM heartbeats";
     let rows = match after {
-        0 => client.query(columns, &[]),
-        _ => client.query(&format!("{columns} WHERE saved > $1"), &[&after]),
+        0 => client.query(SAVED_HEARTBEATS, &[]),
+        _ => client.query(concat!(saved_heartbeats!(), " WHERE saved > $1"), &[&after]),
     }
     .map_err(pg("reading heartbeats"))?;
     let mut through = after;

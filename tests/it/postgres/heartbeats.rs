@@ -7,7 +7,56 @@ use std::time::{Duration, Instant};
 use agent_lifecycle::api::grpc::pb;
 
 use super::{database, start};
-use crate::common::{self, Client};
+use crate::common::{self, Client, process::ServerProcess};
+
+/// Two processes on the database `url`, with the health monitor's
+/// `heartbeat_interval` and `heartbeat_timeout` (no grace); the directory
+/// holds their config.
+fn two_processes(
+    url: &str,
+    interval: &str,
+    timeout: &str,
+) -> (tempfile::TempDir, ServerProcess, ServerProcess) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("health.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[health]\ngrace = \"0s\"\nheartbeat_interval = \"{interval}\"\nheartbeat_timeout = \"{timeout}\"\n"
+        ),
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+    let a = start(url, &["--config", config]);
+    let b = start(url, &["--config", config]);
+    (dir, a, b)
+}
+
+/// A new agent, registered and deployed through `client`: its id.
+async fn deployed(client: &mut Client) -> String {
+    let id = common::register(client, &[]).await.agent_id;
+    client
+        .deploy_agent(pb::DeployAgentRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+    id
+}
+
+async fn get(client: &mut Client, id: &str) -> pb::Agent {
+    client
+        .get_agent(pb::GetAgentRequest {
+            agent_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .agent
+        .expect("agent")
+}
 
 /// Heartbeats count whichever process receives them: two processes share
 /// them through the database, so the health monitor (in whichever process
@@ -20,25 +69,10 @@ async fn heartbeats_count_whichever_process_receives_them() {
     let Some(url) = database("beats").await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("health.toml");
-    std::fs::write(
-        &config,
-        "[health]\ngrace = \"0s\"\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"4s\"\n",
-    )
-    .expect("write config");
-    let config = config.to_str().expect("utf-8 path");
-    let a = start(&url, &["--config", config]);
-    let b = start(&url, &["--config", config]);
+    let (_dir, a, b) = two_processes(&url, "1s", "4s");
     let mut ca = a.client().await;
     let mut cb = b.client().await;
-    let id = common::register(&mut ca, &[]).await.agent_id;
-    ca.deploy_agent(pb::DeployAgentRequest {
-        agent_id: id.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("deploy");
+    let id = deployed(&mut ca).await;
     ca.start_agent(pb::StartAgentRequest {
         agent_id: id.clone(),
         wait_for_heartbeat: Some(true),
@@ -64,18 +98,6 @@ async fn heartbeats_count_whichever_process_receives_them() {
         "start complete"
     );
 
-    async fn get(client: &mut Client, id: &str) -> pb::Agent {
-        client
-            .get_agent(pb::GetAgentRequest {
-                agent_id: id.to_string(),
-                ..Default::default()
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .agent
-            .expect("agent")
-    }
     for task in ["b", "a", "b"] {
         let until = Instant::now() + Duration::from_secs(6);
         let mut ticks = tokio::time::interval(Duration::from_millis(300));
@@ -126,28 +148,12 @@ async fn streamed_heartbeats_complete_starts_the_other_process_committed() {
     let Some(url) = database("stream_beats").await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("health.toml");
-    std::fs::write(
-        &config,
-        "[health]\ngrace = \"0s\"\nheartbeat_interval = \"10s\"\nheartbeat_timeout = \"60s\"\n",
-    )
-    .expect("write config");
-    let config = config.to_str().expect("utf-8 path");
-    let a = start(&url, &["--config", config]);
-    let b = start(&url, &["--config", config]);
+    let (_dir, a, b) = two_processes(&url, "10s", "60s");
     let mut ca = a.client().await;
     let mut cb = b.client().await;
     let mut ids = Vec::new();
     for _ in 0..30 {
-        let id = common::register(&mut ca, &[]).await.agent_id;
-        ca.deploy_agent(pb::DeployAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("deploy");
-        ids.push(id);
+        ids.push(deployed(&mut ca).await);
     }
     let (beats, queued) = tokio::sync::mpsc::unbounded_channel();
     let stream = {
@@ -189,16 +195,7 @@ async fn streamed_heartbeats_complete_starts_the_other_process_committed() {
     assert_eq!(counted, 30);
     for client in [&mut cb, &mut ca] {
         for id in &ids {
-            let agent = client
-                .get_agent(pb::GetAgentRequest {
-                    agent_id: id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .expect("get")
-                .into_inner()
-                .agent
-                .expect("agent");
+            let agent = get(client, id).await;
             assert_eq!(
                 agent.state,
                 pb::AgentState::Online as i32,
