@@ -47,6 +47,17 @@ impl BatchIds {
     }
 }
 
+/// Where a batch's proposers are answered from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answering {
+    /// Here, on the committing thread: an inline commit, on a runtime
+    /// worker already.
+    Here,
+    /// From a task on the service's runtime, when it has one: the commit
+    /// thread, outside the runtime (see [`Batch::reply`]).
+    FromRuntime,
+}
+
 /// One proposer waiting for its change.
 struct Waiter {
     reply: Reply,
@@ -97,10 +108,10 @@ impl Batch {
     /// states filled in (sequences and time come from the store).
     pub(super) fn prepare(
         id: BatchId,
-        proposals: impl Iterator<Item = (Proposal, Reply)>,
+        proposals: impl ExactSizeIterator<Item = (Proposal, Reply)>,
     ) -> Batch {
-        let mut changes = Vec::new();
-        let mut waiters = Vec::new();
+        let mut changes = Vec::with_capacity(proposals.len());
+        let mut waiters = Vec::with_capacity(proposals.len());
         for (proposal, reply) in proposals {
             let (mut from, mut version) = proposal
                 .prior
@@ -156,13 +167,13 @@ impl Batch {
     /// Only when the store failed in a way that leaves it uncertain whether
     /// the batch reached the disk; the caller must refuse further writes. A
     /// clean failure (rolled back) is answered to the proposers.
-    pub(super) fn run(mut self, shared: &Shared) -> Result<(), Arc<StoreError>> {
+    pub(super) fn run(mut self, shared: &Shared, from: Answering) -> Result<(), Arc<StoreError>> {
         match self.persist(shared) {
             Ok(()) => {
                 if self.follow_preceding(shared)? {
                     self.apply(shared);
                     self.publish(shared);
-                    self.reply(shared);
+                    self.reply(shared, from);
                 }
                 Ok(())
             }
@@ -333,12 +344,12 @@ impl Batch {
     /// queue on that worker and finish in one turn, so the answers that
     /// share a connection leave together (see `server::Unvectored`). An
     /// inline commit (already on a worker) answers directly.
-    fn reply(self, shared: &Shared) {
+    fn reply(self, shared: &Shared, from: Answering) {
         let Batch {
             waiters, results, ..
         } = self;
-        match &shared.runtime {
-            Some(runtime) if tokio::runtime::Handle::try_current().is_err() => {
+        match (&shared.runtime, from) {
+            (Some(runtime), Answering::FromRuntime) => {
                 runtime.spawn(async move { answer(waiters, results) });
             }
             _ => answer(waiters, results),

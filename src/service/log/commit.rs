@@ -39,7 +39,7 @@ use tokio::sync::{OwnedMutexGuard, oneshot};
 use tracing::{error, info, warn};
 
 use super::{
-    batch::{Batch, BatchIds},
+    batch::{Answering, Batch, BatchIds},
     compaction::Compaction,
     follow,
 };
@@ -159,11 +159,14 @@ impl Writer {
     }
 
     /// Commits `proposals` as one batch, or refuses them all (store closed
-    /// or writes refused); every proposer is answered before this returns.
+    /// or writes refused). Every proposer is answered before this returns,
+    /// or, for a committed batch answered [`Answering::FromRuntime`], by a
+    /// task this spawns on the runtime.
     pub(crate) fn commit(
         &mut self,
         shared: &Shared,
         proposals: impl ExactSizeIterator<Item = (Proposal, Reply)>,
+        from: Answering,
     ) {
         if proposals.len() == 0 {
             return;
@@ -181,7 +184,7 @@ impl Writer {
             return;
         }
         let batch = Batch::prepare(self.batch_ids.next(), proposals);
-        if let Err(err) = batch.run(shared) {
+        if let Err(err) = batch.run(shared, from) {
             self.poisoned = Some(err);
         }
     }
@@ -252,7 +255,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
         let mut writer = lock(&writer);
         writer.compaction.waiters.append(&mut requests.compact);
         unsettled |= !queue.is_empty();
-        writer.commit(&shared, queue.drain(..));
+        writer.commit(&shared, queue.drain(..), Answering::FromRuntime);
         if let Err(err) = shared.store.end_commit_turn() {
             warn!(error = %crate::error::chain(&err), "ending an unused turn to commit failed");
         }

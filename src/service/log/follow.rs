@@ -250,7 +250,10 @@ pub(super) mod tests {
     use crate::{
         domain::{AgentState, SystemClock},
         service::PublishedEvent,
-        service::log::commit::{Proposal, Settings, Step, Writer},
+        service::log::{
+            batch::Answering,
+            commit::{Proposal, Settings, Step, Writer},
+        },
         store::{AgentChange, BatchId, MemoryStore, Retention, Store},
     };
 
@@ -350,7 +353,7 @@ pub(super) mod tests {
             max_batch: 4,
             retention: Retention::default(),
         });
-        writer.commit(&shared, std::iter::once((proposal, reply)));
+        writer.commit(&shared, std::iter::once((proposal, reply)), Answering::Here);
 
         let committed = answer.try_recv().expect("answered").expect("committed");
         assert_eq!(committed.records[0].sequence, 3);

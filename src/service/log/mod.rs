@@ -46,7 +46,10 @@ use std::{
 use tokio::sync::{broadcast, oneshot};
 
 pub(crate) use self::commit::{Committed, Proposal, Rejected, Step};
-use self::commit::{Message, Settings, Writer};
+use self::{
+    batch::Answering,
+    commit::{Message, Settings, Writer},
+};
 use super::{ServiceConfig, Shared, metrics::Metrics, table::Table};
 use crate::service::PublishedEvent;
 use crate::{
@@ -171,7 +174,7 @@ impl Log {
         let (tx, mut rx) = oneshot::channel();
         if let Some(writer) = self.inline_writer.as_deref() {
             // Answered before `commit` returns.
-            commit::lock(writer).commit(shared, std::iter::once((proposal, tx)));
+            commit::lock(writer).commit(shared, std::iter::once((proposal, tx)), Answering::Here);
             return rx.try_recv().unwrap_or(Err(Rejected::Closed));
         }
         if self.commits.send(Message::Propose(proposal, tx)).is_err() {

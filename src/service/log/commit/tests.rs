@@ -250,7 +250,7 @@ fn a_batch_is_committed_answered_and_published_in_sequence_order() {
     let ids: Vec<AgentId> = proposals.iter().map(|p| p.agent_id).collect();
     let (batch, replies) = with_replies(proposals);
 
-    writer().commit(&shared, batch.into_iter());
+    writer().commit(&shared, batch.into_iter(), Answering::FromRuntime);
 
     for (n, (rx, id)) in replies.into_iter().zip(&ids).enumerate() {
         let committed = answer(rx).expect("committed");
@@ -280,7 +280,7 @@ fn a_stale_proposal_conflicts_while_its_batch_commits() {
     let first = registration("a");
     let id = first.agent_id;
     let (batch, replies) = with_replies(vec![first]);
-    writer.commit(&shared, batch.into_iter());
+    writer.commit(&shared, batch.into_iter(), Answering::FromRuntime);
     let registered = answer(replies.into_iter().next().expect("one reply"))
         .expect("registered")
         .agent;
@@ -302,7 +302,7 @@ fn a_stale_proposal_conflicts_while_its_batch_commits() {
         guard: None,
     };
     let (batch, replies) = with_replies(vec![deploy, stale]);
-    writer.commit(&shared, batch.into_iter());
+    writer.commit(&shared, batch.into_iter(), Answering::FromRuntime);
 
     let mut replies = replies.into_iter();
     let deployed = answer(replies.next().expect("first")).expect("committed");
@@ -330,7 +330,7 @@ fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
     let ids: Vec<AgentId> = proposals.iter().map(|p| p.agent_id).collect();
     let (batch, replies) = with_replies(proposals);
 
-    writer.commit(&shared, batch.into_iter());
+    writer.commit(&shared, batch.into_iter(), Answering::FromRuntime);
 
     for rx in replies {
         assert!(matches!(answer(rx), Err(Rejected::Store(_))));
@@ -341,7 +341,7 @@ fn a_failed_commit_fails_the_whole_batch_and_publishes_nothing() {
 
     store.failing.store(false, Ordering::Release);
     let (batch, replies) = with_replies(vec![registration("c")]);
-    writer.commit(&shared, batch.into_iter());
+    writer.commit(&shared, batch.into_iter(), Answering::FromRuntime);
     assert!(replies.into_iter().all(|rx| answer(rx).is_ok()));
     let sequences: Vec<u64> = published(&mut bus).iter().map(|e| e.sequence()).collect();
     assert_eq!(sequences, vec![1]);
