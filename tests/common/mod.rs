@@ -175,6 +175,20 @@ pub async fn register(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent
         .expect("agent")
 }
 
+/// The agent `id` as GetAgent answers it.
+pub async fn get_agent(client: &mut Client, id: &str) -> pb::Agent {
+    client
+        .get_agent(pb::GetAgentRequest {
+            agent_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .agent
+        .expect("agent")
+}
+
 /// A registered, deployed and started agent (ONLINE).
 pub async fn online(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
     let agent = register(client, labels).await;

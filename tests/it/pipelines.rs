@@ -51,19 +51,6 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     .unwrap_or_else(|_| panic!("{what} within 10 s"));
 }
 
-async fn get(client: &mut Client, id: &str) -> pb::Agent {
-    client
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent")
-}
-
 async fn head(client: &mut Client) -> u64 {
     client
         .get_lifecycle_metrics(pb::GetLifecycleMetricsRequest::default())
@@ -398,7 +385,7 @@ async fn apply_converges_a_fleet_and_a_rerun_changes_nothing() {
         ("cold", pb::AgentState::Registered),
         ("listed", pb::AgentState::Registered),
     ] {
-        let agent = get(&mut client, &ids[name]).await;
+        let agent = common::get_agent(&mut client, &ids[name]).await;
         assert_eq!((agent.name.as_str(), agent.state), (name, state as i32));
         assert_eq!(
             agent
@@ -410,7 +397,7 @@ async fn apply_converges_a_fleet_and_a_rerun_changes_nothing() {
         versions.insert(name, agent.history_count);
     }
     assert_eq!(
-        get(&mut client, &ids["web"])
+        common::get_agent(&mut client, &ids["web"])
             .await
             .labels
             .get("tier")
@@ -429,7 +416,9 @@ async fn apply_converges_a_fleet_and_a_rerun_changes_nothing() {
     assert_eq!(head(&mut client).await, before, "no event");
     for (name, count) in &versions {
         assert_eq!(
-            get(&mut client, &ids[*name]).await.history_count,
+            common::get_agent(&mut client, &ids[*name])
+                .await
+                .history_count,
             *count,
             "{name}"
         );
@@ -437,7 +426,7 @@ async fn apply_converges_a_fleet_and_a_rerun_changes_nothing() {
     let (code, stdout, _) = outcome(&cli(&url, &["diff", "-f", &file]).await);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.ends_with("in sync: 4 agents\n"), "{stdout}");
-    let left = get(&mut client, &bystander.agent_id).await;
+    let left = common::get_agent(&mut client, &bystander.agent_id).await;
     assert_eq!(left.version, bystander.version, "the file does not name it");
 
     // A changed state is applied; a changed label is refused, whole.
@@ -472,7 +461,7 @@ async fn apply_converges_a_fleet_and_a_rerun_changes_nothing() {
     let (code, _, stderr) = outcome(&cli(&url, &["apply", "-f", &stopped]).await);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(
-        get(&mut client, &ids["web"]).await.state,
+        common::get_agent(&mut client, &ids["web"]).await.state,
         pb::AgentState::Offline as i32
     );
 }
@@ -537,7 +526,7 @@ async fn a_retried_apply_after_a_partial_run_makes_each_change_once() {
         .into_inner();
     assert_eq!(first.transitions, again.transitions, "the first outcome");
     assert_eq!(
-        get(&mut client, &ids["a"]).await.version,
+        common::get_agent(&mut client, &ids["a"]).await.version,
         3,
         "deployed once"
     );
@@ -549,7 +538,7 @@ async fn a_retried_apply_after_a_partial_run_makes_each_change_once() {
         "a: start; b: deploy, start: {stdout}"
     );
     for name in ["a", "b"] {
-        let agent = get(&mut client, &ids[name]).await;
+        let agent = common::get_agent(&mut client, &ids[name]).await;
         assert_eq!(agent.state, pb::AgentState::Online as i32);
         assert_eq!(
             agent.history_count, 5,
@@ -608,7 +597,9 @@ async fn two_applies_at_once_make_each_change_once() {
     }
     for (name, count) in [("a", 5), ("b", 5), ("c", 3)] {
         assert_eq!(
-            get(&mut client, &ids[name]).await.history_count,
+            common::get_agent(&mut client, &ids[name])
+                .await
+                .history_count,
             count,
             "{name}"
         );
@@ -660,11 +651,11 @@ async fn apply_wait_names_an_agent_that_fails_to_start() {
         "the start was made: {stdout}"
     );
     assert_eq!(
-        get(&mut client, &ids["steady"]).await.state,
+        common::get_agent(&mut client, &ids["steady"]).await.state,
         pb::AgentState::Online as i32
     );
     assert_eq!(
-        get(&mut client, &ids["flaky"]).await.state,
+        common::get_agent(&mut client, &ids["flaky"]).await.state,
         pb::AgentState::Timeout as i32
     );
 

@@ -45,19 +45,6 @@ async fn deployed(client: &mut Client) -> String {
     id
 }
 
-async fn get(client: &mut Client, id: &str) -> pb::Agent {
-    client
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent")
-}
-
 /// Heartbeats count whichever process receives them: two processes share
 /// them through the database, so the health monitor (in whichever process
 /// holds its lease) sees the heartbeats sent to the other one. Heartbeats
@@ -107,7 +94,7 @@ async fn heartbeats_count_whichever_process_receives_them() {
             sender.heartbeat(beat(task)).await.expect("heartbeat");
         }
         for client in [&mut ca, &mut cb] {
-            let agent = get(client, &id).await;
+            let agent = common::get_agent(client, &id).await;
             assert_eq!(
                 agent.state,
                 pb::AgentState::Online as i32,
@@ -120,7 +107,7 @@ async fn heartbeats_count_whichever_process_receives_them() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let agent = loop {
-        let agent = get(&mut ca, &id).await;
+        let agent = common::get_agent(&mut ca, &id).await;
         if agent.state == pb::AgentState::Error as i32 {
             break agent;
         }
@@ -195,7 +182,7 @@ async fn streamed_heartbeats_complete_starts_the_other_process_committed() {
     assert_eq!(counted, 30);
     for client in [&mut cb, &mut ca] {
         for id in &ids {
-            let agent = get(client, id).await;
+            let agent = common::get_agent(client, id).await;
             assert_eq!(
                 agent.state,
                 pb::AgentState::Online as i32,
