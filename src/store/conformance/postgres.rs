@@ -424,47 +424,107 @@ fn postgres_readers_are_bounded_under_a_burst_of_reads() {
     );
 }
 
+/// Holds the turn to commit on a connection of its own, as another
+/// process's commit does between its first statement and COMMIT.
+fn hold_turn(url: &str) -> ::postgres::Client {
+    let mut holder = ::postgres::Client::connect(url, ::postgres::NoTls).expect("holder connection");
+    holder
+        .batch_execute("BEGIN; SELECT value FROM meta WHERE key = 'head' FOR UPDATE")
+        .expect("take the turn");
+    holder
+}
+
+/// Runs a commit of one registration on `store` on a thread of its own:
+/// its outcome and first sequence arrive on the returned channel.
+fn commit_in_background(
+    store: &std::sync::Arc<PostgresStore>,
+    id: u64,
+) -> (
+    std::sync::mpsc::Receiver<Result<(Vec<ChangeOutcome>, u64), crate::store::StoreError>>,
+    std::thread::JoinHandle<()>,
+) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = std::sync::Arc::clone(store);
+    let thread = std::thread::spawn(move || {
+        let mut batch = [register(AgentId::generate())];
+        let outcome = writer.commit(BatchId(id), &mut batch, &SystemClock);
+        let _ = done.send(outcome.map(|o| (o, batch[0].records[0].sequence)));
+    });
+    (finished, thread)
+}
+
 #[test]
-fn postgres_commits_wait_for_the_turn_and_an_unused_turn_is_released() {
+fn postgres_commits_wait_for_the_turn() {
     let Some(url) = fresh_postgres("turns") else {
         return;
     };
-    let a = PostgresStore::open(&url).expect("open a");
-    let b = std::sync::Arc::new(PostgresStore::open(&url).expect("open b"));
-    a.take_commit_turn().expect("a takes the turn");
-    let (done, finished) = std::sync::mpsc::channel();
-    let writer = std::sync::Arc::clone(&b);
-    let other = std::thread::spawn(move || {
-        let mut batch = [register(AgentId::generate())];
-        let outcome = writer.commit(BatchId(7), &mut batch, &SystemClock);
-        let _ = done.send(outcome.map(|o| (o, batch[0].records[0].sequence)));
-    });
-    // B cannot commit while A holds the turn: nothing comes back in a while.
+    let a = std::sync::Arc::new(PostgresStore::open(&url).expect("open a"));
+    let mut holder = hold_turn(&url);
+    let (finished, thread) = commit_in_background(&a, 7);
+    // A cannot commit while another transaction holds the turn: nothing
+    // comes back in a while.
     assert!(
         finished
             .recv_timeout(std::time::Duration::from_millis(300))
             .is_err(),
         "a commit went through while another process held the turn"
     );
-    a.end_commit_turn().expect("a ends its unused turn");
+    holder.batch_execute("ROLLBACK").expect("release the turn");
     let (outcome, sequence) = finished
         .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("b commits once the turn is released")
-        .expect("b's commit");
+        .expect("a commits once the turn is released")
+        .expect("a's commit");
     assert_eq!(outcome, vec![ChangeOutcome::Committed]);
-    assert_eq!(sequence, 1, "the unused turn advanced nothing");
-    other.join().expect("thread");
-    // A's connection is usable: its next commit takes the turn itself.
+    assert_eq!(sequence, 1, "the released turn advanced nothing");
+    thread.join().expect("thread");
+    assert_eq!(a.head().expect("head"), 1);
+}
+
+/// A commit whose connection is ended while it waits for the turn (its
+/// statements already sent behind the wait) fails with nothing written,
+/// and the next commit connects again and takes the next sequence.
+#[test]
+fn postgres_commit_that_loses_its_connection_in_the_turn_writes_nothing() {
+    let Some(url) = fresh_postgres("turn_lost") else {
+        return;
+    };
+    let a = std::sync::Arc::new(PostgresStore::open(&url).expect("open a"));
+    let mut holder = hold_turn(&url);
+    let (finished, thread) = commit_in_background(&a, 7);
+    // Ends the backend that waits for the lock, once it waits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ended = holder
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .expect("terminate the waiting backend")
+            .get::<_, i64>(0);
+        if ended == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never waited for the turn"
+        );
+        // Polls PostgreSQL's view of the waits, not a guess at timing.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let failed = finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the commit answers");
+    assert!(
+        matches!(failed, Err(ref err) if !matches!(err, crate::store::StoreError::CommitOutcomeUnknown { .. })),
+        "{failed:?}"
+    );
+    thread.join().expect("thread");
+    holder.batch_execute("ROLLBACK").expect("release the turn");
+    assert!(!a.batch_committed(BatchId(7)).expect("read the batch"));
     let mut next = [register(AgentId::generate())];
-    assert_eq!(commit(&a, &mut next), vec![ChangeOutcome::Committed]);
-    assert_eq!(next[0].records[0].sequence, 2);
-    // Taking the turn twice before a commit is one turn.
-    a.take_commit_turn().expect("take");
-    a.take_commit_turn().expect("take again");
-    let mut last = [register(AgentId::generate())];
-    assert_eq!(commit(&a, &mut last), vec![ChangeOutcome::Committed]);
-    a.end_commit_turn().expect("nothing left to end");
-    assert_eq!(b.head().expect("head"), 3);
+    assert_eq!(commit(&*a, &mut next), vec![ChangeOutcome::Committed]);
+    assert_eq!(next[0].records[0].sequence, 1, "the failed commit wrote nothing");
 }
 
 /// A process that finds a lease taken tries again on the same connection

@@ -1,91 +1,87 @@
 //! The PostgreSQL commit path: the writer's connection and one transaction
 //! per batch, in the steps of [`write_batch`], tried again when it loses a
-//! race with another process. Depends on the domain's records and
+//! race with another process. The transaction's statements are sent
+//! together (pipelined), so the turn to commit that serialises all
+//! processes is held only while PostgreSQL runs them, never across a round
+//! trip to this process. Depends on the domain's records and
 //! [`super::batch`]; nothing above the store.
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
-use postgres::{Client, Statement};
+use futures_util::future::{join, join3};
+use tokio::runtime::Runtime;
+use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use super::{PostgresStore, batch::BatchRows, batch::WRITE_BATCH, connect, pg};
+use super::{PostgresStore, batch::BatchRows, batch::WRITE_BATCH, config, pg};
 use crate::{
     domain::{AgentId, Clock, clock::to_stored_precision},
     store::{AgentChange, BatchId, ChangeOutcome, Result, StoreError},
 };
 
-/// Step 1 of a commit: the stored versions of the batch's agents. Read in
-/// the turn to commit ([`TAKE_TURN`]): every commit writes under that lock,
-/// so the versions read here stay current until this COMMIT, without
-/// locking the agents' rows.
+/// The stored versions of a batch's agents, read in the turn to commit
+/// ([`TAKE_TURN`]) when the batch statement cannot check them itself:
+/// every commit writes under that lock, so the versions read here stay
+/// current until this COMMIT, without locking the agents' rows.
 const READ_VERSIONS: &str =
     "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
 
 /// Begins a commit's transaction and takes the head row's lock, which
 /// serialises commits from here to COMMIT: the turn to commit. Every
-/// commit takes it before it reads or writes anything else. One round
-/// trip, as a plain BEGIN would be.
+/// commit takes it before it reads or writes anything else, and the
+/// statements after it take their snapshots once it is granted, so they
+/// see every commit before this one.
 const TAKE_TURN: &str = "BEGIN; SELECT value FROM meta WHERE key = 'head' FOR UPDATE";
 
 /// How many times a batch is tried again after losing a race with another
 /// process (see [`write_batch`]).
 const RACE_RETRIES: usize = 3;
 
-/// The writer's connection and its prepared statements.
+/// The writer's connection, its prepared statements, and the runtime that
+/// drives the connection while the commit thread waits for an answer.
 pub(super) struct Writer {
-    pub client: Client,
+    runtime: Runtime,
+    client: Client,
     read_versions: Statement,
     write_batch: Statement,
-    /// Whether a commit's transaction is open, holding the turn to commit
-    /// ([`TAKE_TURN`]): from [`take_turn`] or the start of an attempt, to
-    /// its COMMIT or ROLLBACK.
-    in_turn: bool,
 }
 
 impl Writer {
     /// A new connection to `url`, with the statements prepared.
     pub(super) fn connect(url: &str) -> Result<Self> {
-        Writer::new(connect(url)?)
-    }
-
-    /// Prepares the statements on `client`.
-    pub(super) fn new(mut client: Client) -> Result<Self> {
-        let mut prepare = |sql: &str| client.prepare(sql).map_err(pg("preparing statements"));
-        Ok(Writer {
-            read_versions: prepare(READ_VERSIONS)?,
-            write_batch: prepare(&WRITE_BATCH)?,
-            client,
-            in_turn: false,
-        })
-    }
-}
-
-/// Waits for this process's turn to commit (see [`TAKE_TURN`]) and keeps
-/// the transaction open for the next [`commit`]. While other processes
-/// commit, the proposals that queue meanwhile join the batch, so batches
-/// grow with the number of processes instead of shrinking.
-pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
-    if !w.in_turn {
-        if let Err(err) = w.client.batch_execute(TAKE_TURN) {
-            // BEGIN may have run before the lock failed: leave no aborted
-            // transaction behind for the next commit to stumble on.
-            let _ = w.client.batch_execute("ROLLBACK");
-            return Err(pg("waiting for the turn to commit")(err));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::backend("starting the writer connection's runtime", e))?;
+        let (client, connection) = runtime
+            .block_on(config(url)?.connect(NoTls))
+            .map_err(pg("connecting to PostgreSQL"))?;
+        runtime.spawn(async move {
+            // A lost connection fails the commit that uses it, which
+            // reports it; the next commit connects again.
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "the writer connection ended");
+            }
+        });
+        let (read_versions, write_batch) = runtime.block_on(join(
+            client.prepare(READ_VERSIONS),
+            client.prepare(&WRITE_BATCH),
+        ));
+        let prepared = pg("preparing statements");
+        match (read_versions, write_batch) {
+            (Ok(read_versions), Ok(write_batch)) => Ok(Writer {
+                runtime,
+                client,
+                read_versions,
+                write_batch,
+            }),
+            (Err(err), _) | (_, Err(err)) => Err(prepared(err)),
         }
-        w.in_turn = true;
     }
-    Ok(())
-}
 
-/// Ends a turn that no commit used (the batch was refused before it
-/// reached the store): rolls its transaction back.
-pub(super) fn end_turn(w: &mut Writer) -> Result<()> {
-    if w.in_turn {
-        w.in_turn = false;
-        w.client
-            .batch_execute("ROLLBACK")
-            .map_err(pg("ending an unused turn to commit"))?;
+    /// Whether the connection is gone (the store then connects again).
+    pub(super) fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
-    Ok(())
 }
 
 /// What every attempt at one batch's commit writes alike.
@@ -130,95 +126,126 @@ pub(super) fn commit(
 /// process that locks in another order), or one of the batch's new ids
 /// exists after all (a safety net: registrations commit in the turn too).
 ///
-/// 0. [`take_turn`], unless the commit thread took it already;
-/// 1. each change is checked against its agent's stored version, by the
-///    statement of step 2 itself or, when that cannot, by
-///    [`check_versions`] before it;
-/// 2. [`WRITE_BATCH`] writes the [`BatchRows`] of the changes that passed
-///    at sequences after the counter, which it advances;
-/// 3. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`];
-/// 4. [`stamp`] gives the records their sequences and time.
+/// 1. When the batch allows it ([`checked_in_statement`]), one round trip
+///    sends [`TAKE_TURN`], [`WRITE_BATCH`] with every change's expected
+///    version ([`BatchRows::expect`]), and COMMIT. The statement writes
+///    nothing when a version differs; the empty transaction then commits.
+/// 2. Otherwise, or when a version differed, one round trip takes the turn
+///    and reads the stored versions ([`check_versions`]), and a second
+///    sends [`WRITE_BATCH`] with the changes that match, and COMMIT.
+/// 3. [`stamp`] gives the records their sequences and time.
 ///
-/// An attempt that ends before its COMMIT is rolled back here.
+/// A statement that fails aborts its transaction, and the COMMIT sent
+/// behind it rolls it back: nothing of the attempt stays. When COMMIT's
+/// answer is lost, the outcome is [`StoreError::CommitOutcomeUnknown`].
 fn write_batch(
     w: &mut Writer,
     of: &Batch<'_>,
     batch: &mut [AgentChange],
 ) -> Result<Option<Vec<ChangeOutcome>>> {
-    take_turn(w)?;
-    let written = write_in_turn(w, of, batch);
-    if w.in_turn {
-        // Ended before COMMIT: nothing of it stays.
-        let rolled_back = end_turn(w);
-        if written.is_ok() {
-            rolled_back?;
-        }
-    }
-    written
-}
-
-/// Steps 1 to 4 of [`write_batch`], in the open turn: first as one
-/// statement that checks the versions itself ([`BatchRows::expect`]), when
-/// the batch allows it ([`checked_in_statement`]); when that finds a
-/// version changed, or the batch does not allow it, with the versions read
-/// first.
-fn write_in_turn(
-    w: &mut Writer,
-    of: &Batch<'_>,
-    batch: &mut [AgentChange],
-) -> Result<Option<Vec<ChangeOutcome>>> {
-    let mut written = None;
     if checked_in_statement(batch) {
         let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
         for change in batch.iter() {
             rows.add(change);
             rows.expect(change);
         }
-        let Some(row) = write_rows(w, &rows)? else {
-            return Ok(None);
+        let (turn, written, committed) = w.runtime.block_on(join3(
+            w.client.batch_execute(TAKE_TURN),
+            w.client.query_opt(&w.write_batch, &rows.params()),
+            w.client.batch_execute("COMMIT"),
+        ));
+        let written = match (turn, written) {
+            (Ok(()), written) => written,
+            (Err(err), _) => Err(err),
         };
-        written = row.map(|row| {
-            (
-                row,
-                rows.new_agents(),
-                vec![ChangeOutcome::Committed; batch.len()],
-            )
-        });
-    }
-    let (row, new_agents, outcomes) = match written {
-        Some(written) => written,
-        None => {
-            let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
-                return Ok(None);
-            };
-            let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
-            for (change, outcome) in batch.iter().zip(&outcomes) {
-                if *outcome == ChangeOutcome::Committed {
-                    rows.add(change);
-                }
+        match ended(written, committed, "writing a batch")? {
+            None => return Ok(None),
+            Some(Some(row)) => {
+                let outcomes = vec![ChangeOutcome::Committed; batch.len()];
+                stamp(batch, &outcomes, base(&row), of.at);
+                return Ok(Some(outcomes));
             }
-            let Some(Some(row)) = write_rows(w, &rows)? else {
-                // Lost to another transaction, or (without expectations) no
-                // row: tried again.
+            // A version differed: nothing was written.
+            Some(None) => {}
+        }
+    }
+
+    let (turn, stored) = w.runtime.block_on(join(
+        w.client.batch_execute(TAKE_TURN),
+        read_versions(&w.client, &w.read_versions, batch),
+    ));
+    let stored = match (turn, stored) {
+        (Ok(()), Ok(stored)) => stored,
+        (Err(err), _) | (_, Err(err)) => {
+            let rolled_back = w.runtime.block_on(w.client.batch_execute("ROLLBACK"));
+            if is_retryable(&err) && rolled_back.is_ok() {
                 return Ok(None);
-            };
-            (row, rows.new_agents(), outcomes)
+            }
+            return Err(pg("reading agent versions")(err));
         }
     };
-    let base = row.get::<_, i64>(0) as u64;
-    let created: i64 = row.get(1);
-    if created != new_agents as i64 {
-        // Rolled back by the caller.
-        return Ok(None);
+    let outcomes = check_versions(stored, batch);
+    let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
+    for (change, outcome) in batch.iter().zip(&outcomes) {
+        if *outcome == ChangeOutcome::Committed {
+            rows.add(change);
+        }
     }
-    w.in_turn = false;
-    w.client
-        .batch_execute("COMMIT")
-        .map_err(|e| StoreError::CommitOutcomeUnknown {
-            source: Box::new(e),
-        })?;
-    stamp(batch, &outcomes, base, of.at);
-    Ok(Some(outcomes))
+    let (written, committed) = w.runtime.block_on(join(
+        w.client.query_opt(&w.write_batch, &rows.params()),
+        w.client.batch_execute("COMMIT"),
+    ));
+    match ended(written, committed, "writing a batch")? {
+        Some(Some(row)) => {
+            stamp(batch, &outcomes, base(&row), of.at);
+            Ok(Some(outcomes))
+        }
+        // Lost to another transaction, or (without expectations) no row:
+        // tried again.
+        _ => Ok(None),
+    }
+}
+
+/// What a transaction whose last statement answered `written` and whose
+/// COMMIT, sent behind it, answered `committed` did: `Some` with the
+/// statement's row when it committed; `None` when PostgreSQL aborted it
+/// for another transaction's sake ([`is_retryable`]) and COMMIT rolled it
+/// back, so the batch may be tried again.
+///
+/// # Errors
+/// [`StoreError::CommitOutcomeUnknown`] when COMMIT failed without an
+/// earlier statement's error telling that the transaction was aborted:
+/// the commit may have happened. Otherwise the statement's error, with
+/// `context`: nothing was written.
+fn ended(
+    written: std::result::Result<Option<Row>, tokio_postgres::Error>,
+    committed: std::result::Result<(), tokio_postgres::Error>,
+    context: &'static str,
+) -> Result<Option<Option<Row>>> {
+    match (written, committed) {
+        (Ok(row), Ok(())) => Ok(Some(row)),
+        // The server refused a statement: the transaction was aborted
+        // there, whatever became of COMMIT's answer.
+        (Err(err), committed) if err.code().is_some() => {
+            if is_retryable(&err) && committed.is_ok() {
+                Ok(None)
+            } else {
+                Err(pg(context)(err))
+            }
+        }
+        (Ok(_), Err(err)) | (Err(_), Err(err)) => Err(StoreError::CommitOutcomeUnknown {
+            source: Box::new(err),
+        }),
+        // COMMIT answered, so the connection delivered every answer: a
+        // failed statement aborted the transaction and COMMIT rolled it
+        // back.
+        (Err(err), Ok(())) => Err(pg(context)(err)),
+    }
+}
+
+/// The base sequence a [`WRITE_BATCH`] row reports.
+fn base(row: &Row) -> u64 {
+    row.get::<_, i64>(0) as u64
 }
 
 /// Whether [`WRITE_BATCH`] can check `batch`'s versions itself: each agent
@@ -232,43 +259,31 @@ fn checked_in_statement(batch: &[AgentChange]) -> bool {
     })
 }
 
-/// Runs [`WRITE_BATCH`] with `rows`: `None` when PostgreSQL aborted it for
-/// another transaction's sake ([`is_retryable`]); `Some(None)` when an
-/// expected version did not match (nothing written).
-fn write_rows(w: &mut Writer, rows: &BatchRows<'_>) -> Result<Option<Option<postgres::Row>>> {
-    match w.client.query_opt(&w.write_batch, &rows.params()) {
-        Ok(row) => Ok(Some(row)),
-        Err(err) if is_retryable(&err) => Ok(None),
-        Err(err) => Err(pg("writing a batch")(err)),
-    }
-}
-
-/// Reads the stored versions of the batch's agents (in the turn) and checks
-/// each change against its agent's (a later change of the same agent
-/// against the earlier one's result). `None` when PostgreSQL aborted the
-/// transaction for another's sake ([`is_retryable`]).
-fn check_versions(
-    client: &mut Client,
+/// Reads the stored versions of the batch's agents.
+async fn read_versions(
+    client: &Client,
     read_versions: &Statement,
     batch: &[AgentChange],
-) -> Result<Option<Vec<ChangeOutcome>>> {
+) -> std::result::Result<HashMap<AgentId, u64>, tokio_postgres::Error> {
     let ids: Vec<&[u8]> = batch
         .iter()
         .map(|c| c.agent_id.as_bytes().as_slice())
         .collect();
-    let stored = match client.query(read_versions, &[&ids]) {
-        Ok(rows) => rows,
-        Err(err) if is_retryable(&err) => return Ok(None),
-        Err(err) => return Err(pg("reading agent versions")(err)),
-    };
-    let mut stored: HashMap<AgentId, u64> = stored
+    let rows = client.query(read_versions, &[&ids]).await?;
+    Ok(rows
         .iter()
         .filter_map(|row| {
             let bytes: &[u8] = row.get(0);
             let key: [u8; 16] = bytes.try_into().ok()?;
             Some((AgentId::from_bytes(key), row.get::<_, i64>(1) as u64))
         })
-        .collect();
+        .collect())
+}
+
+/// Checks each change against its agent's `stored` version (read in the
+/// turn), a later change of the same agent against the earlier one's
+/// result.
+fn check_versions(mut stored: HashMap<AgentId, u64>, batch: &[AgentChange]) -> Vec<ChangeOutcome> {
     let mut outcomes = Vec::with_capacity(batch.len());
     for change in batch {
         let actual = stored.get(&change.agent_id).copied().unwrap_or(0);
@@ -282,7 +297,7 @@ fn check_versions(
         }
         outcomes.push(ChangeOutcome::Committed);
     }
-    Ok(Some(outcomes))
+    outcomes
 }
 
 /// Gives the committed changes' records the sequences after `base`, in
@@ -303,13 +318,15 @@ fn stamp(batch: &mut [AgentChange], outcomes: &[ChangeOutcome], base: u64, at: S
 }
 
 /// Whether `err` aborted the transaction only because of another
-/// transaction (a deadlock or a serialization failure): nothing was
-/// written, and the same batch may simply be tried again.
-fn is_retryable(err: &postgres::Error) -> bool {
-    use postgres::error::SqlState;
+/// transaction (a deadlock, a serialization failure, or a new agent's id
+/// that another commit stored first): nothing was written, and the same
+/// batch may simply be tried again.
+fn is_retryable(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
     err.code().is_some_and(|code| {
         *code == SqlState::T_R_DEADLOCK_DETECTED
             || *code == SqlState::T_R_SERIALIZATION_FAILURE
             || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::UNIQUE_VIOLATION
     })
 }

@@ -3,18 +3,19 @@
 //!
 //! # Commit order is sequence order
 //! The global sequence is a counter row (`meta.head`). A commit first locks
-//! it (the turn to commit, taken by the commit thread before it gathers the
-//! batch, so that what queues while other processes commit joins the
-//! batch); then one statement checks the stored versions of the batch's
-//! agents, advances the counter by the number of records it writes, and
-//! writes the agents and the events at `base + offset`. The lock serialises
-//! all processes' commits: the next writer's sequences are higher, and
-//! PostgreSQL releases the lock only after the commit is visible, so a
-//! reader never sees a sequence while a lower one is still uncommitted: a
-//! watcher that reads the log by sequence never skips an event that commits
-//! late. Group commit keeps the serialisation cheap: one process commits
-//! many changes per turn, in three round trips per batch (arrays through
-//! `unnest`), not per change.
+//! it (the turn to commit); then one statement checks the stored versions
+//! of the batch's agents, advances the counter by the number of records it
+//! writes, and writes the agents and the events at `base + offset`. The
+//! lock serialises all processes' commits: the next writer's sequences are
+//! higher, and PostgreSQL releases the lock only after the commit is
+//! visible, so a reader never sees a sequence while a lower one is still
+//! uncommitted: a watcher that reads the log by sequence never skips an
+//! event that commits late. Group commit keeps the serialisation cheap:
+//! one process commits many changes per turn (arrays through `unnest`),
+//! and the turn, the statement and COMMIT go out together, in one round
+//! trip per batch, so the lock is held only while PostgreSQL runs them.
+//! The proposals that arrive while a process waits for its turn make its
+//! next batch.
 //!
 //! Each change is checked against the agent's stored version inside the
 //! transaction (compare-and-set); a change that lost to another process is
@@ -72,10 +73,10 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {err}"))
 }
 
-/// A new connection to `url`, with a connect timeout (unless the URL sets
-/// one) and TCP keepalives.
-fn connect(url: &str) -> Result<Client> {
-    let mut config: postgres::Config = url
+/// The connection settings of `url`, with a connect timeout (unless the
+/// URL sets one) and TCP keepalives.
+fn config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| StoreError::backend("parsing the PostgreSQL URL", e))?;
     if config.get_connect_timeout().is_none() {
@@ -83,7 +84,12 @@ fn connect(url: &str) -> Result<Client> {
     }
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    config
+    Ok(config)
+}
+
+/// A new blocking connection to `url` (see [`config`]).
+fn connect(url: &str) -> Result<Client> {
+    postgres::Config::from(config(url)?)
         .connect(NoTls)
         .map_err(pg("connecting to PostgreSQL"))
 }
@@ -127,9 +133,8 @@ impl PostgresStore {
     /// The server cannot be reached, refuses the login, or holds a newer
     /// schema.
     pub fn open(url: &str) -> Result<Self> {
-        let mut client = connect(url)?;
-        schema::migrate(&mut client)?;
-        let writer = Writer::new(client)?;
+        schema::migrate(&mut connect(url)?)?;
+        let writer = Writer::connect(url)?;
         Ok(PostgresStore {
             url: url.to_string(),
             writer_id: *AgentId::generate().as_uuid().as_bytes(),
@@ -172,11 +177,11 @@ impl PostgresStore {
     fn with_writer<T>(&self, f: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
         let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let writer = match slot.as_mut() {
-            Some(writer) if !writer.client.is_closed() => writer,
+            Some(writer) if !writer.is_closed() => writer,
             _ => slot.insert(Writer::connect(&self.url)?),
         };
         let result = f(writer);
-        if result.is_err() && writer.client.is_closed() {
+        if result.is_err() && writer.is_closed() {
             *slot = None;
         }
         result
@@ -203,18 +208,6 @@ impl Store for PostgresStore {
         clock: &dyn Clock,
     ) -> Result<Vec<ChangeOutcome>> {
         commit::commit(self, id, batch, clock)
-    }
-
-    fn take_commit_turn(&self) -> Result<()> {
-        self.with_writer(commit::take_turn)
-    }
-
-    fn end_commit_turn(&self) -> Result<()> {
-        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        match slot.as_mut() {
-            Some(writer) if !writer.client.is_closed() => commit::end_turn(writer),
-            _ => Ok(()),
-        }
     }
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
@@ -344,7 +337,7 @@ impl Store for PostgresStore {
         let Some(bounds) = retention.bounds(head, clock) else {
             return Ok(0);
         };
-        self.with_writer(|w| compact::compact(&mut w.client, &bounds, max_rows))
+        self.with_reader(|client| compact::compact(client, &bounds, max_rows))
     }
 
     fn close(&self) -> Result<()> {
