@@ -427,22 +427,24 @@ fn postgres_readers_are_bounded_under_a_burst_of_reads() {
 /// Holds the turn to commit on a connection of its own, as another
 /// process's commit does between its first statement and COMMIT.
 fn hold_turn(url: &str) -> ::postgres::Client {
-    let mut holder = ::postgres::Client::connect(url, ::postgres::NoTls).expect("holder connection");
+    let mut holder =
+        ::postgres::Client::connect(url, ::postgres::NoTls).expect("holder connection");
     holder
         .batch_execute("BEGIN; SELECT value FROM meta WHERE key = 'head' FOR UPDATE")
         .expect("take the turn");
     holder
 }
 
+/// What a background commit sends back: its outcomes and first sequence.
+type Finished =
+    std::sync::mpsc::Receiver<Result<(Vec<ChangeOutcome>, u64), crate::store::StoreError>>;
+
 /// Runs a commit of one registration on `store` on a thread of its own:
 /// its outcome and first sequence arrive on the returned channel.
 fn commit_in_background(
     store: &std::sync::Arc<PostgresStore>,
     id: u64,
-) -> (
-    std::sync::mpsc::Receiver<Result<(Vec<ChangeOutcome>, u64), crate::store::StoreError>>,
-    std::thread::JoinHandle<()>,
-) {
+) -> (Finished, std::thread::JoinHandle<()>) {
     let (done, finished) = std::sync::mpsc::channel();
     let writer = std::sync::Arc::clone(store);
     let thread = std::thread::spawn(move || {
@@ -524,7 +526,10 @@ fn postgres_commit_that_loses_its_connection_in_the_turn_writes_nothing() {
     assert!(!a.batch_committed(BatchId(7)).expect("read the batch"));
     let mut next = [register(AgentId::generate())];
     assert_eq!(commit(&*a, &mut next), vec![ChangeOutcome::Committed]);
-    assert_eq!(next[0].records[0].sequence, 1, "the failed commit wrote nothing");
+    assert_eq!(
+        next[0].records[0].sequence, 1,
+        "the failed commit wrote nothing"
+    );
 }
 
 /// A process that finds a lease taken tries again on the same connection
