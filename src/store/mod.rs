@@ -351,6 +351,19 @@ pub trait Store: Send + Sync + 'static {
         clock: &dyn Clock,
     ) -> Result<Vec<ChangeOutcome>>;
 
+    /// Called by the commit thread when a proposal arrives, before it
+    /// gathers the batch behind it. A store whose commits from several
+    /// processes take turns waits here for this process's turn, so that
+    /// what queues while the others commit joins the batch; the next
+    /// [`Store::commit`] uses the turn. Default: no turns, nothing to wait
+    /// for.
+    ///
+    /// # Errors
+    /// The back end failed (the commit then tries on its own).
+    fn take_commit_turn(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Does the work the store put off while commits kept coming. The
     /// service's commit thread calls it once no proposal has arrived for a
     /// moment after a commit; nothing committed changes, so a failure is
@@ -361,6 +374,16 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// The back end failed.
     fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Ends a turn taken by [`Store::take_commit_turn`] that no commit used
+    /// (the batch was refused before it reached the store). Does nothing
+    /// when no turn is open.
+    ///
+    /// # Errors
+    /// The back end failed.
+    fn end_commit_turn(&self) -> Result<()> {
         Ok(())
     }
 

@@ -248,11 +248,17 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<Message>, writer: Arc<
                 Err(_) => break,
             }
         };
+        if matches!(first, Some(Message::Propose(..))) {
+            take_turn(&shared);
+        }
         let mut requests = take_queued(&rx, first, &mut queue, max_batch);
         let mut writer = lock(&writer);
         writer.compaction.waiters.append(&mut requests.compact);
         unsettled |= !queue.is_empty();
         writer.commit(&shared, queue.drain(..), Answering::FromRuntime);
+        if let Err(err) = shared.store.end_commit_turn() {
+            warn!(error = %crate::error::chain(&err), "ending an unused turn to commit failed");
+        }
         if requests.announced.is_some() {
             shared.follow_requested.store(false, Ordering::Release);
         }
@@ -289,6 +295,16 @@ fn settle(shared: &Shared, writer: &Mutex<Writer>) {
     }
     if let Err(err) = shared.store.settle() {
         warn!(error = %crate::error::chain(&err), "settling the store after its commits failed");
+    }
+}
+
+/// Waits for this process's turn to commit (see
+/// [`crate::store::Store::take_commit_turn`]) before the batch is gathered.
+/// A failure is logged: the commit then takes the turn itself, and reports
+/// what fails to its proposers.
+fn take_turn(shared: &Shared) {
+    if let Err(err) = shared.store.take_commit_turn() {
+        warn!(error = %crate::error::chain(&err), "waiting for the turn to commit failed");
     }
 }
 

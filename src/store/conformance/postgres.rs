@@ -456,30 +456,43 @@ fn commit_in_background(
 }
 
 #[test]
-fn postgres_commits_wait_for_the_turn() {
+fn postgres_commits_wait_for_the_turn_and_an_unused_turn_is_released() {
     let Some(url) = fresh_postgres("turns") else {
         return;
     };
     let a = std::sync::Arc::new(PostgresStore::open(&url).expect("open a"));
-    let mut holder = hold_turn(&url);
-    let (finished, thread) = commit_in_background(&a, 7);
-    // A cannot commit while another transaction holds the turn: nothing
-    // comes back in a while.
+    let b = std::sync::Arc::new(PostgresStore::open(&url).expect("open b"));
+    a.take_commit_turn().expect("a takes the turn");
+    let (finished, other) = commit_in_background(&b, 7);
+    // B cannot commit while A holds the turn: nothing comes back in a while.
     assert!(
         finished
             .recv_timeout(std::time::Duration::from_millis(300))
             .is_err(),
         "a commit went through while another process held the turn"
     );
-    holder.batch_execute("ROLLBACK").expect("release the turn");
+    a.end_commit_turn().expect("a ends its unused turn");
     let (outcome, sequence) = finished
         .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("a commits once the turn is released")
-        .expect("a's commit");
+        .expect("b commits once the turn is released")
+        .expect("b's commit");
     assert_eq!(outcome, vec![ChangeOutcome::Committed]);
-    assert_eq!(sequence, 1, "the released turn advanced nothing");
-    thread.join().expect("thread");
-    assert_eq!(a.head().expect("head"), 1);
+    assert_eq!(sequence, 1, "the unused turn advanced nothing");
+    other.join().expect("thread");
+    // A's connection is usable: its next commit takes the turn itself.
+    let mut next = [register(AgentId::generate())];
+    assert_eq!(commit(&*a, &mut next), vec![ChangeOutcome::Committed]);
+    assert_eq!(next[0].records[0].sequence, 2);
+    // Taking the turn twice before a commit is one turn, which the commit
+    // ends: another process commits after it.
+    a.take_commit_turn().expect("take");
+    a.take_commit_turn().expect("take again");
+    let mut last = [register(AgentId::generate())];
+    assert_eq!(commit(&*a, &mut last), vec![ChangeOutcome::Committed]);
+    a.end_commit_turn().expect("nothing left to end");
+    let mut after = [register(AgentId::generate())];
+    assert_eq!(commit(&*b, &mut after), vec![ChangeOutcome::Committed]);
+    assert_eq!(b.head().expect("head"), 4);
 }
 
 /// A commit whose connection is ended while it waits for the turn (its

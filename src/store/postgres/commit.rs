@@ -1,10 +1,9 @@
 //! The PostgreSQL commit path: the writer's connection and one transaction
 //! per batch, in the steps of [`write_batch`], tried again when it loses a
-//! race with another process. The transaction's statements are sent
+//! race with another process. The batch statement and COMMIT are sent
 //! together (pipelined), so the turn to commit that serialises all
-//! processes is held only while PostgreSQL runs them, never across a round
-//! trip to this process. Depends on the domain's records and
-//! [`super::batch`]; nothing above the store.
+//! processes is not held across a round trip between them. Depends on the
+//! domain's records and [`super::batch`]; nothing above the store.
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
@@ -43,6 +42,10 @@ pub(super) struct Writer {
     client: Client,
     read_versions: Statement,
     write_batch: Statement,
+    /// Whether a commit's transaction is open, holding the turn to commit
+    /// ([`TAKE_TURN`]): from [`take_turn`] to the COMMIT or ROLLBACK sent
+    /// after it.
+    in_turn: bool,
 }
 
 impl Writer {
@@ -73,6 +76,7 @@ impl Writer {
                 client,
                 read_versions,
                 write_batch,
+                in_turn: false,
             }),
             (Err(err), _) | (_, Err(err)) => Err(prepared(err)),
         }
@@ -81,6 +85,46 @@ impl Writer {
     /// Whether the connection is gone (the store then connects again).
     pub(super) fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+}
+
+/// Waits for this process's turn to commit (see [`TAKE_TURN`]) and keeps
+/// the transaction open for the next [`commit`]. While other processes
+/// commit, the proposals that queue meanwhile join the batch, so batches
+/// grow with the number of processes instead of shrinking.
+pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
+    if !w.in_turn {
+        if let Err(err) = w.runtime.block_on(w.client.batch_execute(TAKE_TURN)) {
+            // BEGIN may have run before the lock failed: leave no aborted
+            // transaction behind for the next commit to stumble on.
+            let _ = w.runtime.block_on(w.client.batch_execute("ROLLBACK"));
+            return Err(pg("waiting for the turn to commit")(err));
+        }
+        w.in_turn = true;
+    }
+    Ok(())
+}
+
+/// Ends a turn that no commit used (the batch was refused before it
+/// reached the store): rolls its transaction back.
+pub(super) fn end_turn(w: &mut Writer) -> Result<()> {
+    if w.in_turn {
+        w.in_turn = false;
+        w.runtime
+            .block_on(w.client.batch_execute("ROLLBACK"))
+            .map_err(pg("ending an unused turn to commit"))?;
+    }
+    Ok(())
+}
+
+/// Sends [`TAKE_TURN`] unless the turn is held already; the statements
+/// sent behind it run in its transaction. Whatever it answers, the turn
+/// counts as ended once the COMMIT or ROLLBACK sent behind it answers.
+async fn turn(client: &Client, held: bool) -> std::result::Result<(), tokio_postgres::Error> {
+    if held {
+        Ok(())
+    } else {
+        client.batch_execute(TAKE_TURN).await
     }
 }
 
@@ -127,12 +171,14 @@ pub(super) fn commit(
 /// exists after all (a safety net: registrations commit in the turn too).
 ///
 /// 1. When the batch allows it ([`checked_in_statement`]), one round trip
-///    sends [`TAKE_TURN`], [`WRITE_BATCH`] with every change's expected
-///    version ([`BatchRows::expect`]), and COMMIT. The statement writes
-///    nothing when a version differs; the empty transaction then commits.
+///    sends [`TAKE_TURN`] (unless the commit thread took the turn already,
+///    [`take_turn`]), [`WRITE_BATCH`] with every change's expected version
+///    ([`BatchRows::expect`]), and COMMIT. The statement writes nothing
+///    when a version differs; the empty transaction then commits.
 /// 2. Otherwise, or when a version differed, one round trip takes the turn
-///    and reads the stored versions ([`check_versions`]), and a second
-///    sends [`WRITE_BATCH`] with the changes that match, and COMMIT.
+///    (unless held) and reads the stored versions ([`check_versions`]),
+///    and a second sends [`WRITE_BATCH`] with the changes that match, and
+///    COMMIT.
 /// 3. [`stamp`] gives the records their sequences and time.
 ///
 /// A statement that fails aborts its transaction, and the COMMIT sent
@@ -149,8 +195,9 @@ fn write_batch(
             rows.add(change);
             rows.expect(change);
         }
+        let held = std::mem::take(&mut w.in_turn);
         let (turn, written, committed) = w.runtime.block_on(join3(
-            w.client.batch_execute(TAKE_TURN),
+            turn(&w.client, held),
             w.client.query_opt(&w.write_batch, &rows.params()),
             w.client.batch_execute("COMMIT"),
         ));
@@ -170,8 +217,9 @@ fn write_batch(
         }
     }
 
+    let held = std::mem::take(&mut w.in_turn);
     let (turn, stored) = w.runtime.block_on(join(
-        w.client.batch_execute(TAKE_TURN),
+        turn(&w.client, held),
         read_versions(&w.client, &w.read_versions, batch),
     ));
     let stored = match (turn, stored) {

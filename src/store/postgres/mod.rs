@@ -3,19 +3,19 @@
 //!
 //! # Commit order is sequence order
 //! The global sequence is a counter row (`meta.head`). A commit first locks
-//! it (the turn to commit); then one statement checks the stored versions
-//! of the batch's agents, advances the counter by the number of records it
-//! writes, and writes the agents and the events at `base + offset`. The
-//! lock serialises all processes' commits: the next writer's sequences are
-//! higher, and PostgreSQL releases the lock only after the commit is
-//! visible, so a reader never sees a sequence while a lower one is still
-//! uncommitted: a watcher that reads the log by sequence never skips an
-//! event that commits late. Group commit keeps the serialisation cheap:
-//! one process commits many changes per turn (arrays through `unnest`),
-//! and the turn, the statement and COMMIT go out together, in one round
-//! trip per batch, so the lock is held only while PostgreSQL runs them.
-//! The proposals that arrive while a process waits for its turn make its
-//! next batch.
+//! it (the turn to commit, taken by the commit thread before it gathers the
+//! batch, so that what queues while other processes commit joins the
+//! batch); then one statement checks the stored versions of the batch's
+//! agents, advances the counter by the number of records it writes, and
+//! writes the agents and the events at `base + offset`. The lock serialises
+//! all processes' commits: the next writer's sequences are higher, and
+//! PostgreSQL releases the lock only after the commit is visible, so a
+//! reader never sees a sequence while a lower one is still uncommitted: a
+//! watcher that reads the log by sequence never skips an event that commits
+//! late. Group commit keeps the serialisation cheap: one process commits
+//! many changes per turn (arrays through `unnest`), and the statement and
+//! COMMIT go out together: two round trips per batch, the turn and the
+//! write.
 //!
 //! Each change is checked against the agent's stored version inside the
 //! transaction (compare-and-set); a change that lost to another process is
@@ -208,6 +208,18 @@ impl Store for PostgresStore {
         clock: &dyn Clock,
     ) -> Result<Vec<ChangeOutcome>> {
         commit::commit(self, id, batch, clock)
+    }
+
+    fn take_commit_turn(&self) -> Result<()> {
+        self.with_writer(commit::take_turn)
+    }
+
+    fn end_commit_turn(&self) -> Result<()> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(writer) if !writer.is_closed() => commit::end_turn(writer),
+            _ => Ok(()),
+        }
     }
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
