@@ -42,6 +42,9 @@ pub(super) trait Arrays {
     /// [`Arrays::fields`].
     fn types(&self) -> &'static [&'static str];
 
+    /// How many rows.
+    fn rows(&self) -> usize;
+
     /// Appends the arrays to `params`, in the order of [`Arrays::fields`].
     fn params<'s>(&'s self, params: &mut Vec<Param<'s>>);
 
@@ -103,6 +106,7 @@ macro_rules! row_arrays {
         #[doc = concat!("A batch of [`", stringify!($row), "`] as column arrays.")]
         #[derive(Default)]
         pub(super) struct $arrays<$a> {
+            rows: usize,
             $( $field: Vec<$ty>, )+
             $($( $xfield: Vec<$xty>, )+)?
         }
@@ -113,6 +117,7 @@ macro_rules! row_arrays {
 
             /// Adds a row.
             pub(super) fn push(&mut self, row: $row<$a>) {
+                self.rows += 1;
                 $( self.$field.push(row.$field); )+
                 $($( self.$xfield.push(row.$xfield); )+)?
             }
@@ -125,6 +130,10 @@ macro_rules! row_arrays {
 
             fn types(&self) -> &'static [&'static str] {
                 &[$($pg,)+ $($($xpg,)+)?]
+            }
+
+            fn rows(&self) -> usize {
+                self.rows
             }
 
             fn params<'s>(
@@ -175,8 +184,7 @@ mod tests {
         assert_eq!(pairs.fields(), ["key", "value", "offset"]);
         let mut params = Vec::new();
         pairs.params(&mut params);
-        assert_eq!(params.len(), 3);
-        assert_eq!(pairs.key, ["a"]);
+        assert_eq!((params.len(), pairs.rows()), (3, 1));
         assert_eq!(Pairs::COLUMNS, ["key", "value"]);
         assert_eq!(list("x", Pairs::COLUMNS), "x.key, x.value");
         assert_eq!(assignments("x", Pairs::COLUMNS, "key"), "value = x.value");

@@ -101,10 +101,10 @@ impl Tables<'_> {
 /// The one statement of a commit: check the expected versions, advance the
 /// counter by the batch's event count, then write the agents and events
 /// with sequences `base + offset`, record the batch id, and notify.
-/// Returns the base. When a stored version differs from the expected one
-/// (an absent agent counts as version 0), it writes nothing and returns no
-/// row; a new agent whose id exists after all fails it (a unique
-/// violation), which aborts the transaction.
+/// Returns the base and how many agents it created (fewer than asked when
+/// one of the ids exists after all). When a stored version differs from
+/// the expected one (an absent agent counts as version 0), it writes
+/// nothing and returns no row.
 pub(super) static WRITE_BATCH: LazyLock<String> = LazyLock::new(|| {
     let tables = Tables::default();
     let mut p = Placeholders::after(SCALARS);
@@ -128,6 +128,8 @@ ins AS (
     INSERT INTO agents ({new_columns}, created_at, updated_at, last_sequence)
     SELECT {new_values}, $2, $2, h.base + n.last_offset
     FROM h, {new_agents} AS n({new_fields})
+    ON CONFLICT (agent_id) DO NOTHING
+    RETURNING 1
 ),
 upd AS (
     UPDATE agents AS a SET {update_set}, updated_at = $2, last_sequence = h.base + u.last_offset
@@ -145,7 +147,7 @@ w AS (
     ON CONFLICT (writer_id) DO UPDATE
         SET last_batch = excluded.last_batch, seen_at = excluded.seen_at
 )
-SELECT h.base, pg_notify('{channel}', (h.base + $1)::text || ' ' || encode($3, 'hex'))
+SELECT h.base, (SELECT count(*) FROM ins), pg_notify('{channel}', (h.base + $1)::text || ' ' || encode($3, 'hex'))
 FROM h",
         new_columns = list("", NewAgents::COLUMNS),
         new_values = list("n", NewAgents::COLUMNS),
@@ -191,6 +193,11 @@ impl<'a> BatchRows<'a> {
         self.expected_ids
             .push(change.agent_id.as_bytes().as_slice());
         self.expected_versions.push(change.prior_version as i64);
+    }
+
+    /// How many agents the rows create.
+    pub(super) fn new_agents(&self) -> usize {
+        self.tables.new_agents.rows()
     }
 
     /// Adds the rows of a change whose prior version was found to match.

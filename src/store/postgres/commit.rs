@@ -1,90 +1,61 @@
 //! The PostgreSQL commit path: the writer's connection and one transaction
 //! per batch, in the steps of [`write_batch`], tried again when it loses a
-//! race with another process. The batch statement and COMMIT are sent
-//! together (pipelined), so the turn to commit that serialises all
-//! processes is not held across a round trip between them. Depends on the
-//! domain's records and [`super::batch`]; nothing above the store.
+//! race with another process. Depends on the domain's records and
+//! [`super::batch`]; nothing above the store.
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
-use futures_util::future::{join, join3};
-use tokio::runtime::Runtime;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use postgres::{Client, Statement};
 
-use super::{PostgresStore, batch::BatchRows, batch::WRITE_BATCH, config, pg};
+use super::{PostgresStore, batch::BatchRows, batch::WRITE_BATCH, connect, pg};
 use crate::{
     domain::{AgentId, Clock, clock::to_stored_precision},
     store::{AgentChange, BatchId, ChangeOutcome, Result, StoreError},
 };
 
-/// The stored versions of a batch's agents, read in the turn to commit
-/// ([`TAKE_TURN`]) when the batch statement cannot check them itself:
-/// every commit writes under that lock, so the versions read here stay
-/// current until this COMMIT, without locking the agents' rows.
+/// Step 1 of a commit: the stored versions of the batch's agents. Read in
+/// the turn to commit ([`TAKE_TURN`]): every commit writes under that lock,
+/// so the versions read here stay current until this COMMIT, without
+/// locking the agents' rows.
 const READ_VERSIONS: &str =
     "SELECT agent_id, version FROM agents WHERE agent_id = ANY($1::bytea[])";
 
 /// Begins a commit's transaction and takes the head row's lock, which
 /// serialises commits from here to COMMIT: the turn to commit. Every
-/// commit takes it before it reads or writes anything else, and the
-/// statements after it take their snapshots once it is granted, so they
-/// see every commit before this one.
+/// commit takes it before it reads or writes anything else. One round
+/// trip, as a plain BEGIN would be.
 const TAKE_TURN: &str = "BEGIN; SELECT value FROM meta WHERE key = 'head' FOR UPDATE";
 
 /// How many times a batch is tried again after losing a race with another
 /// process (see [`write_batch`]).
 const RACE_RETRIES: usize = 3;
 
-/// The writer's connection, its prepared statements, and the runtime that
-/// drives the connection while the commit thread waits for an answer.
+/// The writer's connection and its prepared statements.
 pub(super) struct Writer {
-    runtime: Runtime,
-    client: Client,
+    pub client: Client,
     read_versions: Statement,
     write_batch: Statement,
     /// Whether a commit's transaction is open, holding the turn to commit
-    /// ([`TAKE_TURN`]): from [`take_turn`] to the COMMIT or ROLLBACK sent
-    /// after it.
+    /// ([`TAKE_TURN`]): from [`take_turn`] or the start of an attempt, to
+    /// its COMMIT or ROLLBACK.
     in_turn: bool,
 }
 
 impl Writer {
     /// A new connection to `url`, with the statements prepared.
     pub(super) fn connect(url: &str) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::backend("starting the writer connection's runtime", e))?;
-        let (client, connection) = runtime
-            .block_on(config(url)?.connect(NoTls))
-            .map_err(pg("connecting to PostgreSQL"))?;
-        runtime.spawn(async move {
-            // A lost connection fails the commit that uses it, which
-            // reports it; the next commit connects again.
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "the writer connection ended");
-            }
-        });
-        let (read_versions, write_batch) = runtime.block_on(join(
-            client.prepare(READ_VERSIONS),
-            client.prepare(&WRITE_BATCH),
-        ));
-        let prepared = pg("preparing statements");
-        match (read_versions, write_batch) {
-            (Ok(read_versions), Ok(write_batch)) => Ok(Writer {
-                runtime,
-                client,
-                read_versions,
-                write_batch,
-                in_turn: false,
-            }),
-            (Err(err), _) | (_, Err(err)) => Err(prepared(err)),
-        }
+        Writer::new(connect(url)?)
     }
 
-    /// Whether the connection is gone (the store then connects again).
-    pub(super) fn is_closed(&self) -> bool {
-        self.client.is_closed()
+    /// Prepares the statements on `client`.
+    pub(super) fn new(mut client: Client) -> Result<Self> {
+        let mut prepare = |sql: &str| client.prepare(sql).map_err(pg("preparing statements"));
+        Ok(Writer {
+            read_versions: prepare(READ_VERSIONS)?,
+            write_batch: prepare(&WRITE_BATCH)?,
+            client,
+            in_turn: false,
+        })
     }
 }
 
@@ -94,10 +65,10 @@ impl Writer {
 /// grow with the number of processes instead of shrinking.
 pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
     if !w.in_turn {
-        if let Err(err) = w.runtime.block_on(w.client.batch_execute(TAKE_TURN)) {
+        if let Err(err) = w.client.batch_execute(TAKE_TURN) {
             // BEGIN may have run before the lock failed: leave no aborted
             // transaction behind for the next commit to stumble on.
-            let _ = w.runtime.block_on(w.client.batch_execute("ROLLBACK"));
+            let _ = w.client.batch_execute("ROLLBACK");
             return Err(pg("waiting for the turn to commit")(err));
         }
         w.in_turn = true;
@@ -110,22 +81,11 @@ pub(super) fn take_turn(w: &mut Writer) -> Result<()> {
 pub(super) fn end_turn(w: &mut Writer) -> Result<()> {
     if w.in_turn {
         w.in_turn = false;
-        w.runtime
-            .block_on(w.client.batch_execute("ROLLBACK"))
+        w.client
+            .batch_execute("ROLLBACK")
             .map_err(pg("ending an unused turn to commit"))?;
     }
     Ok(())
-}
-
-/// Sends [`TAKE_TURN`] unless the turn is held already; the statements
-/// sent behind it run in its transaction. Whatever it answers, the turn
-/// counts as ended once the COMMIT or ROLLBACK sent behind it answers.
-async fn turn(client: &Client, held: bool) -> std::result::Result<(), tokio_postgres::Error> {
-    if held {
-        Ok(())
-    } else {
-        client.batch_execute(TAKE_TURN).await
-    }
 }
 
 /// What every attempt at one batch's commit writes alike.
@@ -170,130 +130,95 @@ pub(super) fn commit(
 /// process that locks in another order), or one of the batch's new ids
 /// exists after all (a safety net: registrations commit in the turn too).
 ///
-/// 1. When the batch allows it ([`checked_in_statement`]), one round trip
-///    sends [`TAKE_TURN`] (unless the commit thread took the turn already,
-///    [`take_turn`]), [`WRITE_BATCH`] with every change's expected version
-///    ([`BatchRows::expect`]), and COMMIT. The statement writes nothing
-///    when a version differs; the empty transaction then commits.
-/// 2. Otherwise, or when a version differed, one round trip takes the turn
-///    (unless held) and reads the stored versions ([`check_versions`]),
-///    and a second sends [`WRITE_BATCH`] with the changes that match, and
-///    COMMIT.
-/// 3. [`stamp`] gives the records their sequences and time.
+/// 0. [`take_turn`], unless the commit thread took it already;
+/// 1. each change is checked against its agent's stored version, by the
+///    statement of step 2 itself or, when that cannot, by
+///    [`check_versions`] before it;
+/// 2. [`WRITE_BATCH`] writes the [`BatchRows`] of the changes that passed
+///    at sequences after the counter, which it advances;
+/// 3. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`];
+/// 4. [`stamp`] gives the records their sequences and time.
 ///
-/// A statement that fails aborts its transaction, and the COMMIT sent
-/// behind it rolls it back: nothing of the attempt stays. When COMMIT's
-/// answer is lost, the outcome is [`StoreError::CommitOutcomeUnknown`].
+/// An attempt that ends before its COMMIT is rolled back here.
 fn write_batch(
     w: &mut Writer,
     of: &Batch<'_>,
     batch: &mut [AgentChange],
 ) -> Result<Option<Vec<ChangeOutcome>>> {
+    take_turn(w)?;
+    let written = write_in_turn(w, of, batch);
+    if w.in_turn {
+        // Ended before COMMIT: nothing of it stays.
+        let rolled_back = end_turn(w);
+        if written.is_ok() {
+            rolled_back?;
+        }
+    }
+    written
+}
+
+/// Steps 1 to 4 of [`write_batch`], in the open turn: first as one
+/// statement that checks the versions itself ([`BatchRows::expect`]), when
+/// the batch allows it ([`checked_in_statement`]); when that finds a
+/// version changed, or the batch does not allow it, with the versions read
+/// first.
+fn write_in_turn(
+    w: &mut Writer,
+    of: &Batch<'_>,
+    batch: &mut [AgentChange],
+) -> Result<Option<Vec<ChangeOutcome>>> {
+    let mut written = None;
     if checked_in_statement(batch) {
         let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
         for change in batch.iter() {
             rows.add(change);
             rows.expect(change);
         }
-        let held = std::mem::take(&mut w.in_turn);
-        let (turn, written, committed) = w.runtime.block_on(join3(
-            turn(&w.client, held),
-            w.client.query_opt(&w.write_batch, &rows.params()),
-            w.client.batch_execute("COMMIT"),
-        ));
-        let written = match (turn, written) {
-            (Ok(()), written) => written,
-            (Err(err), _) => Err(err),
+        let Some(row) = write_rows(w, &rows)? else {
+            return Ok(None);
         };
-        match ended(written, committed, "writing a batch")? {
-            None => return Ok(None),
-            Some(Some(row)) => {
-                let outcomes = vec![ChangeOutcome::Committed; batch.len()];
-                stamp(batch, &outcomes, base(&row), of.at);
-                return Ok(Some(outcomes));
-            }
-            // A version differed: nothing was written.
-            Some(None) => {}
-        }
+        written = row.map(|row| {
+            (
+                row,
+                rows.new_agents(),
+                vec![ChangeOutcome::Committed; batch.len()],
+            )
+        });
     }
-
-    let held = std::mem::take(&mut w.in_turn);
-    let (turn, stored) = w.runtime.block_on(join(
-        turn(&w.client, held),
-        read_versions(&w.client, &w.read_versions, batch),
-    ));
-    let stored = match (turn, stored) {
-        (Ok(()), Ok(stored)) => stored,
-        (Err(err), _) | (_, Err(err)) => {
-            let rolled_back = w.runtime.block_on(w.client.batch_execute("ROLLBACK"));
-            if is_retryable(&err) && rolled_back.is_ok() {
+    let (row, new_agents, outcomes) = match written {
+        Some(written) => written,
+        None => {
+            let Some(outcomes) = check_versions(&mut w.client, &w.read_versions, batch)? else {
                 return Ok(None);
+            };
+            let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
+            for (change, outcome) in batch.iter().zip(&outcomes) {
+                if *outcome == ChangeOutcome::Committed {
+                    rows.add(change);
+                }
             }
-            return Err(pg("reading agent versions")(err));
+            let Some(Some(row)) = write_rows(w, &rows)? else {
+                // Lost to another transaction, or (without expectations) no
+                // row: tried again.
+                return Ok(None);
+            };
+            (row, rows.new_agents(), outcomes)
         }
     };
-    let outcomes = check_versions(stored, batch);
-    let mut rows = BatchRows::new(of.writer_id, of.id, of.at);
-    for (change, outcome) in batch.iter().zip(&outcomes) {
-        if *outcome == ChangeOutcome::Committed {
-            rows.add(change);
-        }
+    let base = row.get::<_, i64>(0) as u64;
+    let created: i64 = row.get(1);
+    if created != new_agents as i64 {
+        // Rolled back by the caller.
+        return Ok(None);
     }
-    let (written, committed) = w.runtime.block_on(join(
-        w.client.query_opt(&w.write_batch, &rows.params()),
-        w.client.batch_execute("COMMIT"),
-    ));
-    match ended(written, committed, "writing a batch")? {
-        Some(Some(row)) => {
-            stamp(batch, &outcomes, base(&row), of.at);
-            Ok(Some(outcomes))
-        }
-        // Lost to another transaction, or (without expectations) no row:
-        // tried again.
-        _ => Ok(None),
-    }
-}
-
-/// What a transaction whose last statement answered `written` and whose
-/// COMMIT, sent behind it, answered `committed` did: `Some` with the
-/// statement's row when it committed; `None` when PostgreSQL aborted it
-/// for another transaction's sake ([`is_retryable`]) and COMMIT rolled it
-/// back, so the batch may be tried again.
-///
-/// # Errors
-/// [`StoreError::CommitOutcomeUnknown`] when COMMIT failed without an
-/// earlier statement's error telling that the transaction was aborted:
-/// the commit may have happened. Otherwise the statement's error, with
-/// `context`: nothing was written.
-fn ended(
-    written: std::result::Result<Option<Row>, tokio_postgres::Error>,
-    committed: std::result::Result<(), tokio_postgres::Error>,
-    context: &'static str,
-) -> Result<Option<Option<Row>>> {
-    match (written, committed) {
-        (Ok(row), Ok(())) => Ok(Some(row)),
-        // The server refused a statement: the transaction was aborted
-        // there, whatever became of COMMIT's answer.
-        (Err(err), committed) if err.code().is_some() => {
-            if is_retryable(&err) && committed.is_ok() {
-                Ok(None)
-            } else {
-                Err(pg(context)(err))
-            }
-        }
-        (Ok(_), Err(err)) | (Err(_), Err(err)) => Err(StoreError::CommitOutcomeUnknown {
-            source: Box::new(err),
-        }),
-        // COMMIT answered, so the connection delivered every answer: a
-        // failed statement aborted the transaction and COMMIT rolled it
-        // back.
-        (Err(err), Ok(())) => Err(pg(context)(err)),
-    }
-}
-
-/// The base sequence a [`WRITE_BATCH`] row reports.
-fn base(row: &Row) -> u64 {
-    row.get::<_, i64>(0) as u64
+    w.in_turn = false;
+    w.client
+        .batch_execute("COMMIT")
+        .map_err(|e| StoreError::CommitOutcomeUnknown {
+            source: Box::new(e),
+        })?;
+    stamp(batch, &outcomes, base, of.at);
+    Ok(Some(outcomes))
 }
 
 /// Whether [`WRITE_BATCH`] can check `batch`'s versions itself: each agent
@@ -307,31 +232,43 @@ fn checked_in_statement(batch: &[AgentChange]) -> bool {
     })
 }
 
-/// Reads the stored versions of the batch's agents.
-async fn read_versions(
-    client: &Client,
+/// Runs [`WRITE_BATCH`] with `rows`: `None` when PostgreSQL aborted it for
+/// another transaction's sake ([`is_retryable`]); `Some(None)` when an
+/// expected version did not match (nothing written).
+fn write_rows(w: &mut Writer, rows: &BatchRows<'_>) -> Result<Option<Option<postgres::Row>>> {
+    match w.client.query_opt(&w.write_batch, &rows.params()) {
+        Ok(row) => Ok(Some(row)),
+        Err(err) if is_retryable(&err) => Ok(None),
+        Err(err) => Err(pg("writing a batch")(err)),
+    }
+}
+
+/// Reads the stored versions of the batch's agents (in the turn) and checks
+/// each change against its agent's (a later change of the same agent
+/// against the earlier one's result). `None` when PostgreSQL aborted the
+/// transaction for another's sake ([`is_retryable`]).
+fn check_versions(
+    client: &mut Client,
     read_versions: &Statement,
     batch: &[AgentChange],
-) -> std::result::Result<HashMap<AgentId, u64>, tokio_postgres::Error> {
+) -> Result<Option<Vec<ChangeOutcome>>> {
     let ids: Vec<&[u8]> = batch
         .iter()
         .map(|c| c.agent_id.as_bytes().as_slice())
         .collect();
-    let rows = client.query(read_versions, &[&ids]).await?;
-    Ok(rows
+    let stored = match client.query(read_versions, &[&ids]) {
+        Ok(rows) => rows,
+        Err(err) if is_retryable(&err) => return Ok(None),
+        Err(err) => return Err(pg("reading agent versions")(err)),
+    };
+    let mut stored: HashMap<AgentId, u64> = stored
         .iter()
         .filter_map(|row| {
             let bytes: &[u8] = row.get(0);
             let key: [u8; 16] = bytes.try_into().ok()?;
             Some((AgentId::from_bytes(key), row.get::<_, i64>(1) as u64))
         })
-        .collect())
-}
-
-/// Checks each change against its agent's `stored` version (read in the
-/// turn), a later change of the same agent against the earlier one's
-/// result.
-fn check_versions(mut stored: HashMap<AgentId, u64>, batch: &[AgentChange]) -> Vec<ChangeOutcome> {
+        .collect();
     let mut outcomes = Vec::with_capacity(batch.len());
     for change in batch {
         let actual = stored.get(&change.agent_id).copied().unwrap_or(0);
@@ -345,7 +282,7 @@ fn check_versions(mut stored: HashMap<AgentId, u64>, batch: &[AgentChange]) -> V
         }
         outcomes.push(ChangeOutcome::Committed);
     }
-    outcomes
+    Ok(Some(outcomes))
 }
 
 /// Gives the committed changes' records the sequences after `base`, in
@@ -366,15 +303,13 @@ fn stamp(batch: &mut [AgentChange], outcomes: &[ChangeOutcome], base: u64, at: S
 }
 
 /// Whether `err` aborted the transaction only because of another
-/// transaction (a deadlock, a serialization failure, or a new agent's id
-/// that another commit stored first): nothing was written, and the same
-/// batch may simply be tried again.
-fn is_retryable(err: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
+/// transaction (a deadlock or a serialization failure): nothing was
+/// written, and the same batch may simply be tried again.
+fn is_retryable(err: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
     err.code().is_some_and(|code| {
         *code == SqlState::T_R_DEADLOCK_DETECTED
             || *code == SqlState::T_R_SERIALIZATION_FAILURE
             || *code == SqlState::LOCK_NOT_AVAILABLE
-            || *code == SqlState::UNIQUE_VIOLATION
     })
 }

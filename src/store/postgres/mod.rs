@@ -13,9 +13,8 @@
 //! reader never sees a sequence while a lower one is still uncommitted: a
 //! watcher that reads the log by sequence never skips an event that commits
 //! late. Group commit keeps the serialisation cheap: one process commits
-//! many changes per turn (arrays through `unnest`), and the statement and
-//! COMMIT go out together: two round trips per batch, the turn and the
-//! write.
+//! many changes per turn, in three round trips per batch (arrays through
+//! `unnest`), not per change.
 //!
 //! Each change is checked against the agent's stored version inside the
 //! transaction (compare-and-set); a change that lost to another process is
@@ -73,10 +72,10 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {err}"))
 }
 
-/// The connection settings of `url`, with a connect timeout (unless the
-/// URL sets one) and TCP keepalives.
-fn config(url: &str) -> Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url
+/// A new connection to `url`, with a connect timeout (unless the URL sets
+/// one) and TCP keepalives.
+fn connect(url: &str) -> Result<Client> {
+    let mut config: postgres::Config = url
         .parse()
         .map_err(|e| StoreError::backend("parsing the PostgreSQL URL", e))?;
     if config.get_connect_timeout().is_none() {
@@ -84,12 +83,7 @@ fn config(url: &str) -> Result<tokio_postgres::Config> {
     }
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    Ok(config)
-}
-
-/// A new blocking connection to `url` (see [`config`]).
-fn connect(url: &str) -> Result<Client> {
-    postgres::Config::from(config(url)?)
+    config
         .connect(NoTls)
         .map_err(pg("connecting to PostgreSQL"))
 }
@@ -133,8 +127,9 @@ impl PostgresStore {
     /// The server cannot be reached, refuses the login, or holds a newer
     /// schema.
     pub fn open(url: &str) -> Result<Self> {
-        schema::migrate(&mut connect(url)?)?;
-        let writer = Writer::connect(url)?;
+        let mut client = connect(url)?;
+        schema::migrate(&mut client)?;
+        let writer = Writer::new(client)?;
         Ok(PostgresStore {
             url: url.to_string(),
             writer_id: *AgentId::generate().as_uuid().as_bytes(),
@@ -177,11 +172,11 @@ impl PostgresStore {
     fn with_writer<T>(&self, f: impl FnOnce(&mut Writer) -> Result<T>) -> Result<T> {
         let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let writer = match slot.as_mut() {
-            Some(writer) if !writer.is_closed() => writer,
+            Some(writer) if !writer.client.is_closed() => writer,
             _ => slot.insert(Writer::connect(&self.url)?),
         };
         let result = f(writer);
-        if result.is_err() && writer.is_closed() {
+        if result.is_err() && writer.client.is_closed() {
             *slot = None;
         }
         result
@@ -217,7 +212,7 @@ impl Store for PostgresStore {
     fn end_commit_turn(&self) -> Result<()> {
         let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match slot.as_mut() {
-            Some(writer) if !writer.is_closed() => commit::end_turn(writer),
+            Some(writer) if !writer.client.is_closed() => commit::end_turn(writer),
             _ => Ok(()),
         }
     }
@@ -349,7 +344,7 @@ impl Store for PostgresStore {
         let Some(bounds) = retention.bounds(head, clock) else {
             return Ok(0);
         };
-        self.with_reader(|client| compact::compact(client, &bounds, max_rows))
+        self.with_writer(|w| compact::compact(&mut w.client, &bounds, max_rows))
     }
 
     fn close(&self) -> Result<()> {
