@@ -189,19 +189,25 @@ pub async fn get_agent(client: &mut Client, id: &str) -> pb::Agent {
         .expect("agent")
 }
 
-/// A registered, deployed and started agent (ONLINE).
-pub async fn online(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
-    let agent = register(client, labels).await;
+/// A registered and deployed agent (DEPLOYED): its id.
+pub async fn deployed(client: &mut Client, labels: &[(&str, &str)]) -> String {
+    let id = register(client, labels).await.agent_id;
     client
         .deploy_agent(pb::DeployAgentRequest {
-            agent_id: agent.agent_id.clone(),
+            agent_id: id.clone(),
             ..Default::default()
         })
         .await
         .expect("deploy");
+    id
+}
+
+/// A registered, deployed and started agent (ONLINE).
+pub async fn online(client: &mut Client, labels: &[(&str, &str)]) -> pb::Agent {
+    let id = deployed(client, labels).await;
     client
         .start_agent(pb::StartAgentRequest {
-            agent_id: agent.agent_id.clone(),
+            agent_id: id,
             ..Default::default()
         })
         .await

@@ -100,16 +100,7 @@ async fn register_and_get_agent() {
     assert_eq!(err.code(), Code::AlreadyExists);
     assert_eq!(reason(&err), "AGENT_ALREADY_EXISTS");
 
-    let got = client
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let got = common::get_agent(&mut client, &id).await;
     assert_eq!(got.state, S::Deployed as i32);
     assert_eq!(got.version, 3);
     assert_eq!(got.history_count, 3);
@@ -548,16 +539,7 @@ async fn malformed_input_is_invalid_argument_naming_the_field() {
         .expect_err("too large");
     assert_ne!(err.code(), Code::Ok);
     assert_eq!(head(&mut c).await, before, "nothing was applied");
-    let got = c
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id,
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let got = common::get_agent(&mut c, &id).await;
     assert_eq!(got.version, 1);
 }
 

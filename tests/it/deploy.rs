@@ -121,16 +121,7 @@ async fn the_container_image_serves() {
     let addr = listening_address(&host, &container).await;
     let mut client = common::connect(&format!("http://{addr}")).await;
     let agent = common::register(&mut client, &[("team", "ops")]).await;
-    let got = client
-        .get_agent(pb::GetAgentRequest {
-            agent_id: agent.agent_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let got = common::get_agent(&mut client, &agent.agent_id).await;
     assert_eq!(got.state, pb::AgentState::Registered as i32);
     assert_eq!(docker(&host, &["exec", &container, "id", "-u"]), "65532");
     let store = docker(

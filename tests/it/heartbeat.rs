@@ -25,14 +25,7 @@ fn beat(agent_id: &str, load: Option<f64>, task: &str) -> pb::HeartbeatRequest {
 async fn a_start_waits_for_the_first_heartbeat() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let agent = register(&mut c, &[]).await;
-    let id = agent.agent_id.clone();
-    c.deploy_agent(pb::DeployAgentRequest {
-        agent_id: id.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("deploy");
+    let id = common::deployed(&mut c, &[]).await;
     let started = c
         .start_agent(pb::StartAgentRequest {
             agent_id: id.clone(),
@@ -72,16 +65,7 @@ async fn a_start_waits_for_the_first_heartbeat() {
         .into_inner()
         .heartbeats;
     assert_eq!(counted, 3);
-    let got = c
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let got = common::get_agent(&mut c, &id).await;
     assert_eq!(got.last_heartbeat.expect("heartbeat").current_task, "c");
     assert_eq!(
         got.state,

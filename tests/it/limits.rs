@@ -58,16 +58,7 @@ async fn an_agent_over_its_transition_rate_waits() {
         "{delay:?}"
     );
     assert!(refused.message().contains(&id), "{}", refused.message());
-    let unchanged = c
-        .get_agent(pb::GetAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let unchanged = common::get_agent(&mut c, &id).await;
     assert_eq!(unchanged.state, pb::AgentState::Online as i32);
     // Other agents are not held back.
     common::online(&mut c, &[]).await;

@@ -96,15 +96,7 @@ async fn wait_follows_agents_to_online_or_to_their_error() {
     let url = server.url();
     let mut client = server.client().await;
     let already = common::online(&mut client, &[]).await;
-    let agent = common::register(&mut client, &[]).await;
-    let id = agent.agent_id.clone();
-    client
-        .deploy_agent(pb::DeployAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("deploy");
+    let id = common::deployed(&mut client, &[]).await;
 
     let waiting = {
         let (url, id, already) = (url.clone(), id.clone(), already.agent_id.clone());
@@ -200,14 +192,7 @@ async fn wait_resumes_across_a_server_restart() {
     let first = TestServer::start_on(store(), ServiceConfig::default()).await;
     let (addr, url) = (first.addr, first.url());
     let mut client = first.client().await;
-    let id = common::register(&mut client, &[]).await.agent_id;
-    client
-        .deploy_agent(pb::DeployAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("deploy");
+    let id = common::deployed(&mut client, &[]).await;
     let waiting = {
         let (url, id) = (url.clone(), id.clone());
         tokio::spawn(async move {

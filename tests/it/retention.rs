@@ -63,16 +63,7 @@ async fn compaction_on_sqlite_survives_restart() {
         .into_inner();
     assert_eq!(history.total_count, 50);
     assert_eq!(history.transitions.first().map(|t| t.sequence), Some(251));
-    let got = c
-        .get_agent(pb::GetAgentRequest {
-            agent_id: agent.agent_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let got = common::get_agent(&mut c, &agent.agent_id).await;
     assert_eq!((got.version, got.history_count), (300, 300));
     server.shutdown().await.expect("stop");
 

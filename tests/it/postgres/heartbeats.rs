@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use agent_lifecycle::api::grpc::pb;
 
 use super::{database, start};
-use crate::common::{self, Client, process::ServerProcess};
+use crate::common::{self, process::ServerProcess};
 
 /// Two processes on the database `url`, with the health monitor's
 /// `heartbeat_interval` and `heartbeat_timeout` (no grace); the directory
@@ -32,19 +32,6 @@ fn two_processes(
     (dir, a, b)
 }
 
-/// A new agent, registered and deployed through `client`: its id.
-async fn deployed(client: &mut Client) -> String {
-    let id = common::register(client, &[]).await.agent_id;
-    client
-        .deploy_agent(pb::DeployAgentRequest {
-            agent_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("deploy");
-    id
-}
-
 /// Heartbeats count whichever process receives them: two processes share
 /// them through the database, so the health monitor (in whichever process
 /// holds its lease) sees the heartbeats sent to the other one. Heartbeats
@@ -59,7 +46,7 @@ async fn heartbeats_count_whichever_process_receives_them() {
     let (_dir, a, b) = two_processes(&url, "1s", "4s");
     let mut ca = a.client().await;
     let mut cb = b.client().await;
-    let id = deployed(&mut ca).await;
+    let id = common::deployed(&mut ca, &[]).await;
     ca.start_agent(pb::StartAgentRequest {
         agent_id: id.clone(),
         wait_for_heartbeat: Some(true),
@@ -140,7 +127,7 @@ async fn streamed_heartbeats_complete_starts_the_other_process_committed() {
     let mut cb = b.client().await;
     let mut ids = Vec::new();
     for _ in 0..30 {
-        ids.push(deployed(&mut ca).await);
+        ids.push(common::deployed(&mut ca, &[]).await);
     }
     let (beats, queued) = tokio::sync::mpsc::unbounded_channel();
     let stream = {
