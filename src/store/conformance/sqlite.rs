@@ -441,8 +441,8 @@ fn sqlite_cursors_conform_and_survive_reopen() {
 }
 
 /// A file of schema version 6, made by the migration steps up to 6 only and
-/// holding one agent, opens: it is migrated to version 7, its agent loads,
-/// and its cursors work and survive a reopen.
+/// holding one agent, opens: it is migrated to the latest version, its
+/// agent loads, and its cursors work and survive a reopen.
 #[test]
 fn sqlite_migrates_a_version_6_database_to_cursors() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -508,8 +508,68 @@ fn sqlite_migrates_a_version_6_database_to_cursors() {
     store.close().expect("close");
     drop(store);
     let conn = rusqlite::Connection::open(&path).expect("raw open");
-    assert_eq!(user_version(&conn), 7);
+    let latest = crate::store::sqlite::schema::STEPS.last().map(|s| s.version);
+    assert_eq!(Some(user_version(&conn)), latest);
     drop(conn);
     let reopened = SqliteStore::open(&path).expect("reopen");
     assert_eq!(reopened.cursor("driver").expect("cursor"), 1);
+}
+
+/// The writer's last batch is committed when its last event is in the file
+/// (removed here behind the store's back, as a rolled-back COMMIT leaves
+/// it), and a batch that wrote no event when it recorded its id; about
+/// any other batch the store answers an error, not a guess. Commits do
+/// not write `meta.head`: the head read from the log, across a reopen.
+#[test]
+fn sqlite_tells_whether_its_last_batch_reached_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("batches.db");
+    let store = SqliteStore::open(&path).expect("open");
+    store.load().expect("load");
+    let id = AgentId::generate();
+    let mut first = [register(id), register(AgentId::generate())];
+    let outcomes = store
+        .commit(BatchId(11), &mut first, &SystemClock)
+        .expect("commit");
+    assert_eq!(outcomes, vec![ChangeOutcome::Committed; 2]);
+    assert!(store.batch_committed(BatchId(11)).expect("last batch"));
+    assert!(
+        store.batch_committed(BatchId(10)).is_err(),
+        "a batch that is not the writer's last has no answer"
+    );
+
+    // Only conflicts: nothing written, and still committed.
+    let mut conflicts = [register(id)];
+    let outcomes = store
+        .commit(BatchId(12), &mut conflicts, &SystemClock)
+        .expect("commit");
+    assert_eq!(outcomes, vec![ChangeOutcome::Conflict { actual: 1 }]);
+    assert!(store.batch_committed(BatchId(12)).expect("eventless batch"));
+
+    let agent = after(None, &first[0]);
+    let mut next = [step(&agent, AgentState::Deploying)];
+    assert_eq!(
+        store
+            .commit(BatchId(13), &mut next, &SystemClock)
+            .expect("commit"),
+        vec![ChangeOutcome::Committed]
+    );
+    assert_eq!(next[0].records[0].sequence, 3);
+    assert!(store.batch_committed(BatchId(13)).expect("last batch"));
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        let stored_head: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| {
+                r.get(0)
+            })
+            .expect("meta head");
+        assert_eq!(stored_head, 0, "commits leave meta.head alone");
+        conn.execute("DELETE FROM events WHERE sequence = 3", [])
+            .expect("remove the batch's event");
+    }
+    assert!(!store.batch_committed(BatchId(13)).expect("rolled back"));
+    assert_eq!(store.head().expect("head"), 2);
+    drop(store);
+    let reopened = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(reopened.load().expect("load").head, 2);
 }

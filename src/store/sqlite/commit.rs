@@ -3,7 +3,13 @@
 //! codec; nothing above the store.
 //!
 //! A commit appends the batch's events and writes an agent's row only when
-//! it creates the agent. `meta.synced` is the sequence up to which the
+//! it creates the agent. It records neither the head nor the batch's id
+//! apart from the events: the head is the newest event's sequence, and
+//! the writer remembers its last attempt ([`Attempt`]), whose last event
+//! tells whether it reached the file. Only a batch that wrote no event
+//! records its id in `meta`. `meta.indexed` moves in steps of
+//! [`INDEXED_STEP`], so that most commits write the log's pages and no
+//! other. `meta.synced` is the sequence up to which the
 //! agents' rows hold every event; a commit that brings the log's tail after
 //! it to [`REFRESH_LAG`] events, a compaction about to delete events after it,
 //! and start-up bring the rows up to date ([`refresh_agent_rows`]). Meanwhile the
@@ -13,9 +19,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::{Tuning, Writer, index::Unindexed, read_meta, sql};
+use super::{Tuning, Writer, index::Unindexed, read_head, read_meta, sql};
 use crate::{
     domain::{AgentId, AgentState, Clock, TransitionRecord, clock::to_stored_precision},
     store::{
@@ -28,13 +34,29 @@ use crate::{
 /// up to date.
 pub(super) const REFRESH_LAG: u64 = 1024;
 
+/// How far a commit lets the index run ahead of `meta.indexed` before it
+/// records the new value: readers then scan a tail up to
+/// `INDEX_LAG + INDEXED_STEP` events long, and a commit writes `meta`
+/// about once in every `INDEXED_STEP` events instead of every time.
+pub(super) const INDEXED_STEP: u64 = 512;
+
+/// The last commit a writer attempted: enough to tell, after its COMMIT
+/// failed, whether it reached the file.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Attempt {
+    id: BatchId,
+    /// The sequence of its last event; `None` when it wrote none, and so
+    /// recorded its id as `meta.last_batch` instead.
+    last_sequence: Option<u64>,
+}
+
 /// What the one writer knows of the file between commits, so that a commit
 /// need not read it. Each commit takes it out and puts it back once
 /// committed: after a failed commit it is empty, and the next commit reads
 /// the file again.
 #[derive(Debug, Default)]
 pub(super) struct WriterCache {
-    /// `meta.head`.
+    /// The head ([`read_head`]).
     pub head: Option<u64>,
     /// `meta.indexed`.
     pub indexed: Option<u64>,
@@ -60,7 +82,7 @@ impl Counters {
         let cached_or_read =
             |cached: Option<u64>, key| cached.map_or_else(|| read_meta(conn, key), Ok);
         Ok(Counters {
-            head: cached_or_read(cache.head, "head")?,
+            head: cache.head.map_or_else(|| read_head(conn), Ok)?,
             indexed: cached_or_read(cache.indexed, "indexed")?,
             synced: cached_or_read(cache.synced, "synced")?,
         })
@@ -70,9 +92,10 @@ impl Counters {
 /// Commits `batch` (see [`crate::store::Store::commit`]):
 /// 1. [`write_changes`]: each change's records get their sequences and
 ///    time and are written, or the change is refused as a conflict;
-/// 2. [`record_batch`]: `meta.head` and `meta.last_batch`;
+/// 2. the attempt, remembered by the writer; [`record_batch`] only when
+///    the batch wrote no event;
 /// 3. [`Unindexed::index`]: the index entries that fall due, then
-///    `meta.indexed`;
+///    `meta.indexed` once it moved by [`INDEXED_STEP`];
 /// 4. [`refresh_agent_rows`], once the tail after `meta.synced` is long enough;
 /// 5. COMMIT; its failure is [`StoreError::CommitOutcomeUnknown`].
 ///
@@ -86,16 +109,24 @@ pub(super) fn commit(
     batch: &mut [AgentChange],
     clock: &dyn Clock,
 ) -> Result<Vec<ChangeOutcome>> {
-    let Writer { conn, cache } = writer;
+    let Writer {
+        conn,
+        cache,
+        attempt,
+    } = writer;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql("beginning a commit"))?;
     // The writer holds the file's lock, so nobody else moves the counters.
     let mut taken = std::mem::take(cache);
     let mut counters = Counters::of(&taken, &tx)?;
+    let before = counters.head;
     let at = to_stored_precision(clock.now());
     let outcomes = write_changes(&tx, &mut taken.versions, &mut counters, batch, at)?;
-    record_batch(&tx, counters.head, id)?;
+    let last_sequence = (counters.head > before).then_some(counters.head);
+    if last_sequence.is_none() {
+        record_batch(&tx, id)?;
+    }
     let committed = batch
         .iter()
         .zip(&outcomes)
@@ -104,7 +135,9 @@ pub(super) fn commit(
     let indexed = taken
         .unindexed
         .index(&tx, committed, counters.indexed, counters.head, tuning)?;
-    if indexed != counters.indexed {
+    let step = INDEXED_STEP.min(tuning.index_lag);
+    if indexed > counters.indexed && (indexed >= counters.indexed + step || indexed == counters.head)
+    {
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
             .and_then(|mut stmt| stmt.execute([indexed as i64]))
             .map_err(sql("indexing agents' events"))?;
@@ -114,6 +147,7 @@ pub(super) fn commit(
         refresh_agent_rows(&tx, counters.synced, counters.head)?;
         counters.synced = counters.head;
     }
+    *attempt = Some(Attempt { id, last_sequence });
     tx.commit().map_err(|e| StoreError::CommitOutcomeUnknown {
         source: Box::new(e),
     })?;
@@ -135,7 +169,7 @@ pub(super) fn commit(
 /// # Errors
 /// The back end failed; the cache is then emptied as after a failed commit.
 pub(super) fn settle(writer: &mut Writer) -> Result<()> {
-    let Writer { conn, cache } = writer;
+    let Writer { conn, cache, .. } = writer;
     let (Some(head), Some(indexed)) = (cache.head, cache.indexed) else {
         return Ok(());
     };
@@ -184,15 +218,46 @@ fn write_changes(
     Ok(outcomes)
 }
 
-/// Records the new head and the batch's id in `meta`.
-fn record_batch(tx: &Transaction<'_>, head: u64, id: BatchId) -> Result<()> {
-    tx.prepare_cached(
-        "UPDATE meta SET value = CASE key WHEN 'head' THEN ?1 ELSE ?2 END
-         WHERE key IN ('head', 'last_batch')",
-    )
-    .and_then(|mut stmt| stmt.execute(params![head as i64, id.0 as i64]))
-    .map_err(sql("advancing the head"))?;
+/// Records the id of a batch that wrote no event as `meta.last_batch`.
+fn record_batch(tx: &Transaction<'_>, id: BatchId) -> Result<()> {
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_batch'")
+        .and_then(|mut stmt| stmt.execute([id.0 as i64]))
+        .map_err(sql("recording the batch"))?;
     Ok(())
+}
+
+/// Whether the batch `id`, the writer's last attempt, reached the file: its
+/// last event is in the log, or (a batch that wrote none) its id is
+/// `meta.last_batch`. Only one writer commits to the file and compaction
+/// keeps the newest events, so the event at that sequence is the batch's.
+///
+/// # Errors
+/// The back end failed, or `id` is not the writer's last attempt.
+pub(super) fn batch_committed(writer: &Writer, id: BatchId) -> Result<bool> {
+    match writer.attempt {
+        Some(Attempt {
+            id: last,
+            last_sequence: Some(sequence),
+        }) if last == id => {
+            let found: Option<i64> = writer
+                .conn
+                .prepare_cached("SELECT sequence FROM events WHERE sequence = ?1")
+                .and_then(|mut stmt| stmt.query_row([sequence as i64], |r| r.get(0)).optional())
+                .map_err(sql("reading a batch's last event"))?;
+            Ok(found.is_some())
+        }
+        Some(Attempt {
+            id: last,
+            last_sequence: None,
+        }) if last == id => Ok(read_meta(&writer.conn, "last_batch")? == id.0),
+        _ => Err(StoreError::backend(
+            "reading whether a batch was committed",
+            std::io::Error::other(format!(
+                "batch {} is not this writer's last commit",
+                id.0
+            )),
+        )),
+    }
 }
 
 const INSERT_AGENT: &str =

@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{Writer, commit::refresh_agent_rows, index::Unindexed, read_meta, sql};
+use super::{Writer, commit::refresh_agent_rows, index::Unindexed, read_head, read_meta, sql};
 use crate::store::{Result, RetentionBounds, codec::to_micros};
 
 /// Deletes the longest prefix of the log, at most `max_rows` long, that
@@ -55,16 +55,20 @@ fn deletable_prefix(
 /// Deletes the events up to `last` and their index entries, in one
 /// transaction that first brings the agents' rows past them.
 fn delete_through(writer: &mut Writer, last: u64) -> Result<()> {
-    let Writer { conn, cache } = writer;
+    let Writer { conn, cache, .. } = writer;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql("compacting"))?;
     let synced = read_meta(&tx, "synced")?;
+    let head = read_head(&tx)?;
     if synced < last {
-        let stored_head = read_meta(&tx, "head")?;
-        refresh_agent_rows(&tx, synced, stored_head)?;
+        refresh_agent_rows(&tx, synced, head)?;
         cache.synced = None;
     }
+    // The head outlives the events: recorded before they go, in case
+    // these are all of them.
+    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'head'", [head as i64])
+        .map_err(sql("compacting"))?;
     tx.execute(
         "DELETE FROM agent_events WHERE (agent_id, sequence) IN
          (SELECT agent_id, sequence FROM events WHERE sequence <= ?1)",

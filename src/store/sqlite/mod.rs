@@ -11,10 +11,12 @@
 //!   [`commit`]).
 //! - `agent_events`, `principal_events`: the log indexed by agent and by
 //!   principal (see [`index`]).
-//! - `meta`: the sequence counter (`head`), advanced inside each commit's
-//!   transaction; the id of the last committed batch (`last_batch`), which
-//!   tells a writer whether a commit that reported an error reached the
-//!   file after all; `indexed` and `synced`.
+//! - `meta`: `indexed` and `synced`, and what the log itself does not
+//!   always hold: `head`, the head as of the last compaction (the head is
+//!   the newest event's sequence when that is larger, see [`read_head`]),
+//!   and `last_batch`, the id of the last committed batch that wrote no
+//!   event. A commit writes neither, so that most commits write the log's
+//!   pages and nothing else (see [`commit`]).
 //!
 //! # Connections
 //! One writer connection (the service's commit thread, behind a mutex; also
@@ -49,7 +51,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use self::{
-    commit::{REFRESH_LAG, WriterCache, refresh_agent_rows},
+    commit::{Attempt, REFRESH_LAG, WriterCache, refresh_agent_rows},
     index::{INDEX_GROUP, INDEX_LAG},
     rows::{SELECT_AGENTS, agent_from_row},
 };
@@ -92,6 +94,9 @@ struct Tuning {
 struct Writer {
     conn: Connection,
     cache: WriterCache,
+    /// The last commit this writer attempted, kept across a failed one
+    /// (see [`commit::batch_committed`]).
+    attempt: Option<Attempt>,
 }
 
 /// The SQLite back end.
@@ -130,6 +135,20 @@ fn read_meta(conn: &Connection, key: &str) -> Result<u64> {
         .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
         .map_err(sql("reading the meta table"))?;
     Ok(value.map_or(0, |v| v as u64))
+}
+
+/// The highest sequence ever committed: the newest event's, or the head
+/// the last compaction recorded in `meta` when it deleted every event
+/// (0 on an empty file). Both are reads of one B-tree's edge.
+fn read_head(conn: &Connection) -> Result<u64> {
+    let head: i64 = conn
+        .prepare_cached(
+            "SELECT max(coalesce((SELECT max(sequence) FROM events), 0),
+                        coalesce((SELECT value FROM meta WHERE key = 'head'), 0))",
+        )
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+        .map_err(sql("reading the head"))?;
+    Ok(head as u64)
 }
 
 impl SqliteStore {
@@ -197,6 +216,7 @@ impl SqliteStore {
             writer: Mutex::new(Writer {
                 conn: writer,
                 cache: WriterCache::default(),
+                attempt: None,
             }),
             readers: Pool::new(MAX_READERS, READER_WAIT),
             oldest: AtomicU64::new(1),
@@ -267,11 +287,11 @@ fn lock_file(path: &Path) -> Result<std::fs::File> {
 impl Store for SqliteStore {
     fn load(&self) -> Result<Recovered> {
         let mut writer = self.lock_writer();
-        let Writer { conn, cache } = &mut *writer;
+        let Writer { conn, cache, .. } = &mut *writer;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("loading agents"))?;
-        let head = read_meta(&tx, "head")?;
+        let head = read_head(&tx)?;
         let synced = read_meta(&tx, "synced")?;
         if synced < head {
             refresh_agent_rows(&tx, synced, head)?;
@@ -300,7 +320,7 @@ impl Store for SqliteStore {
     }
 
     fn batch_committed(&self, id: BatchId) -> Result<bool> {
-        Ok(read_meta(&self.lock_writer().conn, "last_batch")? == id.0)
+        commit::batch_committed(&self.lock_writer(), id)
     }
 
     fn settle(&self) -> Result<()> {
@@ -308,7 +328,7 @@ impl Store for SqliteStore {
     }
 
     fn head(&self) -> Result<u64> {
-        self.with_reader(|conn| read_meta(conn, "head"))
+        self.with_reader(read_head)
     }
 
     fn identities(&self, ids: &[AgentId]) -> Result<Vec<(AgentId, AgentIdentity)>> {

@@ -21,7 +21,7 @@ pub(in crate::store) struct Step {
 
 /// The migrations, oldest first. The last one's version is the version this
 /// program writes.
-pub(in crate::store) const STEPS: [Step; 7] = [
+pub(in crate::store) const STEPS: [Step; 8] = [
     // 1: `agents` (identity and state as of the last transition), `events`
     // (the log, keyed by sequence, indexed by agent) and `meta`.
     Step {
@@ -142,6 +142,15 @@ CREATE TABLE IF NOT EXISTS cursors (
     sequence INTEGER NOT NULL
 ) WITHOUT ROWID;
 ",
+    },
+    // 8: no table changes. Commits no longer write `meta.head` and
+    // `meta.last_batch` (see the store's `commit`): the head is the newest
+    // event's sequence when that is larger than `meta.head`, which
+    // compaction records. A program of version 7 would read a stale head.
+    Step {
+        version: 8,
+        context: "migrating the schema to version 8",
+        sql: "",
     },
 ];
 
