@@ -508,7 +508,9 @@ fn sqlite_migrates_a_version_6_database_to_cursors() {
     store.close().expect("close");
     drop(store);
     let conn = rusqlite::Connection::open(&path).expect("raw open");
-    let latest = crate::store::sqlite::schema::STEPS.last().map(|s| s.version);
+    let latest = crate::store::sqlite::schema::STEPS
+        .last()
+        .map(|s| s.version);
     assert_eq!(Some(user_version(&conn)), latest);
     drop(conn);
     let reopened = SqliteStore::open(&path).expect("reopen");

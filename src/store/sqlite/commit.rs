@@ -21,7 +21,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::{Tuning, Writer, index::Unindexed, read_head, read_meta, sql};
+use super::{
+    Tuning, Writer,
+    index::{INDEXED_STEP, Unindexed},
+    read_head, read_meta, sql,
+};
 use crate::{
     domain::{AgentId, AgentState, Clock, TransitionRecord, clock::to_stored_precision},
     store::{
@@ -33,12 +37,6 @@ use crate::{
 /// Events after `meta.synced` after which a commit brings the agents' rows
 /// up to date.
 pub(super) const REFRESH_LAG: u64 = 1024;
-
-/// How far a commit lets the index run ahead of `meta.indexed` before it
-/// records the new value: readers then scan a tail up to
-/// `INDEX_LAG + INDEXED_STEP` events long, and a commit writes `meta`
-/// about once in every `INDEXED_STEP` events instead of every time.
-pub(super) const INDEXED_STEP: u64 = 512;
 
 /// The last commit a writer attempted: enough to tell, after its COMMIT
 /// failed, whether it reached the file.
@@ -136,7 +134,8 @@ pub(super) fn commit(
         .unindexed
         .index(&tx, committed, counters.indexed, counters.head, tuning)?;
     let step = INDEXED_STEP.min(tuning.index_lag);
-    if indexed > counters.indexed && (indexed >= counters.indexed + step || indexed == counters.head)
+    if indexed > counters.indexed
+        && (indexed >= counters.indexed + step || indexed == counters.head)
     {
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed'")
             .and_then(|mut stmt| stmt.execute([indexed as i64]))
@@ -252,10 +251,7 @@ pub(super) fn batch_committed(writer: &Writer, id: BatchId) -> Result<bool> {
         }) if last == id => Ok(read_meta(&writer.conn, "last_batch")? == id.0),
         _ => Err(StoreError::backend(
             "reading whether a batch was committed",
-            std::io::Error::other(format!(
-                "batch {} is not this writer's last commit",
-                id.0
-            )),
+            std::io::Error::other(format!("batch {} is not this writer's last commit", id.0)),
         )),
     }
 }

@@ -67,8 +67,11 @@ fn delete_through(writer: &mut Writer, last: u64) -> Result<()> {
     }
     // The head outlives the events: recorded before they go, in case
     // these are all of them.
-    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'head'", [head as i64])
-        .map_err(sql("compacting"))?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'head'",
+        [head as i64],
+    )
+    .map_err(sql("compacting"))?;
     tx.execute(
         "DELETE FROM agent_events WHERE (agent_id, sequence) IN
          (SELECT agent_id, sequence FROM events WHERE sequence <= ?1)",

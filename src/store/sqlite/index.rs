@@ -13,8 +13,10 @@
 //! memory ([`Unindexed`]). A commit indexes a key's events once they make a
 //! group of [`INDEX_GROUP`], which lands in one place of the table (one page
 //! of the WAL for all of them, instead of one per event), and every event
-//! that falls [`INDEX_LAG`] behind the head, which it then records as
-//! `meta.indexed`. Once commits stop for a moment the store settles
+//! that falls [`INDEX_LAG`] behind the head; it records how far that is as
+//! `meta.indexed` once the value moved by [`INDEXED_STEP`], so a reader's
+//! tail is at most `INDEX_LAG + INDEXED_STEP` events long. Once commits
+//! stop for a moment the store settles
 //! ([`crate::store::Store::settle`]): the whole tail is indexed and
 //! `meta.indexed` reaches the head, so reads on a quiet file scan no tail.
 
@@ -32,9 +34,18 @@ use crate::{
 /// event older than this many events that is not indexed yet.
 pub(in crate::store) const INDEX_LAG: u64 = 4096;
 
+/// How far a commit lets the index run ahead of `meta.indexed` before it
+/// records the new value: readers then scan a tail up to
+/// `INDEX_LAG + INDEXED_STEP` events long, and a commit writes `meta`
+/// about once in every `INDEXED_STEP` events instead of every time.
+pub(super) const INDEXED_STEP: u64 = 512;
+
 /// Unindexed events of one agent (or one principal) that a commit indexes
-/// together, in one place of the index.
-pub(in crate::store) const INDEX_GROUP: usize = 64;
+/// together, in one place of the index. A principal (a fleet has few,
+/// often one) fills a group every this many of its events, and each group
+/// writes its page of the index once; an agent's events mostly fall due
+/// by [`INDEX_LAG`] before its group fills.
+pub(in crate::store) const INDEX_GROUP: usize = 512;
 
 /// The sequence up to which `agent_events` and `principal_events` are
 /// complete.
