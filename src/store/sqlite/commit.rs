@@ -4,15 +4,17 @@
 //!
 //! A commit appends the batch's events and writes an agent's row only when
 //! it creates the agent. It records neither the head nor the batch's id
-//! apart from the events: the head is the newest event's sequence, and
-//! the writer remembers its last attempt ([`Attempt`]), whose last event
-//! tells whether it reached the file. Only a batch that wrote no event
-//! records its id in `meta`. `meta.indexed` moves in steps of
+//! apart from the events: the head is the newest event's sequence, and the
+//! writer remembers its last attempt ([`Attempt`]), whose last event tells
+//! whether it reached the file. Only a batch that wrote no event records
+//! its id in `meta`, and `meta.indexed` moves in steps of
 //! [`INDEXED_STEP`], so that most commits write the log's pages and no
-//! other. `meta.synced` is the sequence up to which the
-//! agents' rows hold every event; a commit that brings the log's tail after
-//! it to [`REFRESH_LAG`] events, a compaction about to delete events after it,
-//! and start-up bring the rows up to date ([`refresh_agent_rows`]). Meanwhile the
+//! other.
+//!
+//! `meta.synced` is the sequence up to which the agents' rows hold every
+//! event; a commit that brings the log's tail after it to [`REFRESH_LAG`]
+//! events, a compaction about to delete events after it, and start-up
+//! bring the rows up to date ([`refresh_agent_rows`]). Meanwhile the
 //! writer keeps each agent's version in memory ([`WriterCache::versions`]),
 //! so that a commit still refuses a change whose prior version is not the
 //! stored one.

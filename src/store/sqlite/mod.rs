@@ -14,9 +14,10 @@
 //! - `meta`: `indexed` and `synced`, and what the log itself does not
 //!   always hold: `head`, the head as of the last compaction (the head is
 //!   the newest event's sequence when that is larger, see [`read_head`]),
-//!   and `last_batch`, the id of the last committed batch that wrote no
-//!   event. A commit writes neither, so that most commits write the log's
-//!   pages and nothing else (see [`commit`]).
+//!   and `last_batch`, the id of the last committed batch whose changes
+//!   were all refused, so that it wrote no event. A batch that writes
+//!   events writes neither, so that most commits write the log's pages and
+//!   nothing else (see [`commit`]).
 //!
 //! # Connections
 //! One writer connection (the service's commit thread, behind a mutex; also
