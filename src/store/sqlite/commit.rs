@@ -21,7 +21,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
 use super::{
     Tuning, Writer,
@@ -235,26 +235,19 @@ fn record_batch(tx: &Transaction<'_>, id: BatchId) -> Result<()> {
 /// # Errors
 /// The back end failed, or `id` is not the writer's last attempt.
 pub(super) fn batch_committed(writer: &Writer, id: BatchId) -> Result<bool> {
-    match writer.attempt {
-        Some(Attempt {
-            id: last,
-            last_sequence: Some(sequence),
-        }) if last == id => {
-            let found: Option<i64> = writer
-                .conn
-                .prepare_cached("SELECT sequence FROM events WHERE sequence = ?1")
-                .and_then(|mut stmt| stmt.query_row([sequence as i64], |r| r.get(0)).optional())
-                .map_err(sql("reading a batch's last event"))?;
-            Ok(found.is_some())
-        }
-        Some(Attempt {
-            id: last,
-            last_sequence: None,
-        }) if last == id => Ok(read_meta(&writer.conn, "last_batch")? == id.0),
-        _ => Err(StoreError::backend(
+    let Some(attempt) = writer.attempt.filter(|attempt| attempt.id == id) else {
+        return Err(StoreError::backend(
             "reading whether a batch was committed",
             std::io::Error::other(format!("batch {} is not this writer's last commit", id.0)),
-        )),
+        ));
+    };
+    match attempt.last_sequence {
+        Some(sequence) => writer
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE sequence = ?1)")
+            .and_then(|mut stmt| stmt.query_row([sequence as i64], |r| r.get(0)))
+            .map_err(sql("reading a batch's last event")),
+        None => Ok(read_meta(&writer.conn, "last_batch")? == id.0),
     }
 }
 
