@@ -21,8 +21,9 @@ source "$PGDIR/env"
 limits=$(mktemp)
 pids=()
 cleanup() {
-    [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null
+    if [ "${#pids[@]}" -gt 0 ]; then kill -TERM "${pids[@]}" 2>/dev/null || true; fi
     rm -f "$limits"
+    bash scripts/postgres.sh stop "$PGDIR"
 }
 trap cleanup EXIT
 printf '[limits]\nagent_transitions_per_second = 1000000\nagent_transition_burst = 1000000\n' > "$limits"
@@ -32,10 +33,10 @@ fresh_database() {
     "$PGSH_BINDIR/psql" -X -q "$ADMIN" -c "CREATE DATABASE $db"
     echo "${ADMIN%/*}/$db"
 }
-# run NAME PROCESSES DATABASES: prints "NAME transitions/s server-us/op"
+# run PROCESSES DATABASES (shared or separate): sets RATE (transitions/s)
+# and CPU (server CPU per transition, all processes), medians of 3 runs.
 run() {
-    local name=$1 n=$2 databases=$3 url urls=() l
-    pids=()
+    local n=$1 databases=$2 url urls=() l out
     url=$(fresh_database)
     for i in $(seq 1 "$n"); do
         if [ "$databases" = separate ] && [ "$i" -gt 1 ]; then url=$(fresh_database); fi
@@ -44,18 +45,18 @@ run() {
         read -r l <&"$fd"
         urls+=("http://${l#listening on }")
     done
-    local out
     out=$("$BIN" --server "$(IFS=,; echo "${urls[*]}")" bench transition --concurrency 64 \
         --connections 6 --duration "${SECS}s" --warmup 2s --runs 3 | grep '^median')
     kill -TERM "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
     pids=()
-    echo "$name $(echo "$out" | grep -oE '[0-9.]+ transitions/s' | grep -oE '^[0-9.]+') $(echo "$out" | grep -oE '[0-9.]+ us/op' | grep -oE '^[0-9.]+')"
+    RATE=$(echo "$out" | grep -oE '[0-9.]+ transitions/s' | grep -oE '^[0-9.]+')
+    CPU=$(echo "$out" | grep -oE '[0-9.]+ us/op' | grep -oE '^[0-9.]+')
 }
 printf '%-6s %15s %23s %23s\n' round "1 process/s" "3 on one database" "3 sharing nothing"
 for r in $(seq 1 "$ROUNDS"); do
-    read -r _ one one_cpu < <(run one 1 shared)
-    read -r _ shared shared_cpu < <(run shared 3 shared)
-    read -r _ apart apart_cpu < <(run apart 3 separate)
+    run 1 shared; one=$RATE one_cpu=$CPU
+    run 3 shared; shared=$RATE shared_cpu=$CPU
+    run 3 separate; apart=$RATE apart_cpu=$CPU
     awk -v r="$r" -v a="$one" -v ac="$one_cpu" -v b="$shared" -v bc="$shared_cpu" \
         -v c="$apart" -v cc="$apart_cpu" 'BEGIN { printf "%-6s %8.0f %5.1fus %9.0f %5.2f %5.1fus %9.0f %5.2f %5.1fus\n", r, a, ac, b, b / a, bc, c, c / a, cc }'
 done
