@@ -11,47 +11,25 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${1:-target/release/agent-lifecycle}
 RUNS=${2:-3}
-PGDIR=${PGDIR:-target/bench-pg}
-line=$(bash scripts/postgres.sh start "$PGDIR" | tail -1)
-ADMIN=${line#TEST_DATABASE_URL=}
-# shellcheck disable=SC1091
-source "$PGDIR/env"
-pids=()
-cleanup() { [ ${#pids[@]} -eq 0 ] || kill -TERM "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true; }
-trap cleanup EXIT
-start() { # N DB: starts N servers on DB, sets urls and pids
-    urls=() pids=()
-    local url="${ADMIN%/*}/$2"
-    for _ in $(seq 1 "$1"); do
-        exec {fd}< <("$BIN" serve --store "$url" --listen 127.0.0.1:0 --log warn)
-        pids+=($!)
-        read -r l <&"$fd"
-        urls+=("http://${l#listening on }")
-    done
-}
+# shellcheck source=bench-pg.sh
+source scripts/bench-pg.sh
 load() { # SERVERS PID [ARGS...]
     local servers=$1 pid=$2; shift 2
     "$BIN" --server "$servers" bench transition --concurrency 64 --connections 6 \
         --duration 8s --warmup 2s --runs 1 --server-pid "$pid" "$@" | grep -E '^median'
 }
-db="bench_apply_$$"
-"$PGSH_BINDIR/psql" -X -q "$ADMIN" -c "CREATE DATABASE $db"
-start 2 "$db"
+serve_on 2 "$(fresh_database)"
 echo "=== load on A (${urls[0]}); A = pid ${pids[0]}, B = pid ${pids[1]}"
 for r in $(seq 1 "$RUNS"); do
     echo "run $r, CPU of A (own transitions): $(load "${urls[0]}" "${pids[0]}")"
     echo "run $r, CPU of B (applying A's):    $(load "${urls[0]}" "${pids[1]}")"
 done
-cleanup; pids=()
+stop_servers
 for n in 1 2 3; do
-    db="bench_apply_${n}_$$"
-    "$PGSH_BINDIR/psql" -X -q "$ADMIN" -c "CREATE DATABASE $db"
-    start "$n" "$db"
-    list=$(IFS=,; echo "${urls[*]}")
+    serve_on "$n" "$(fresh_database)"
     all=$(IFS=,; echo "${pids[*]}")
     echo "=== $n process(es), 64 in flight over 6 connections spread over them"
-    "$BIN" --server "$list" bench transition --concurrency 64 --connections 6 \
+    "$BIN" --server "$(server_list)" bench transition --concurrency 64 --connections 6 \
         --duration 8s --warmup 2s --runs "$RUNS" --server-pid "$all" | grep -E '^(run|median)'
-    cleanup; pids=()
+    stop_servers
 done
-bash scripts/postgres.sh stop "$PGDIR"

@@ -13,42 +13,21 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${1:-target/release/agent-lifecycle}
 ROUNDS=${2:-3} SECS=${3:-8}
-PGDIR=${PGDIR:-target/bench-pg}
-line=$(bash scripts/postgres.sh start "$PGDIR")
-ADMIN=${line#TEST_DATABASE_URL=}
-# shellcheck disable=SC1091
-source "$PGDIR/env"
-limits=$(mktemp)
-pids=()
-cleanup() {
-    if [ "${#pids[@]}" -gt 0 ]; then kill -TERM "${pids[@]}" 2>/dev/null || true; fi
-    rm -f "$limits"
-    bash scripts/postgres.sh stop "$PGDIR"
-}
-trap cleanup EXIT
-printf '[limits]\nagent_transitions_per_second = 1000000\nagent_transition_burst = 1000000\n' > "$limits"
-shopt -s inherit_errexit
-fresh_database() {
-    local db="curve_$$_$(date +%s%N)"
-    "$PGSH_BINDIR/psql" -X -q "$ADMIN" -c "CREATE DATABASE $db"
-    echo "${ADMIN%/*}/$db"
-}
+# shellcheck source=bench-pg.sh
+source scripts/bench-pg.sh
 # run PROCESSES DATABASES (shared or separate): sets RATE (transitions/s)
 # and CPU (server CPU per transition, all processes), medians of 3 runs.
 run() {
-    local n=$1 databases=$2 url urls=() l out
+    local n=$1 databases=$2 url out
     url=$(fresh_database)
-    for i in $(seq 1 "$n"); do
-        if [ "$databases" = separate ] && [ "$i" -gt 1 ]; then url=$(fresh_database); fi
-        exec {fd}< <("$BIN" serve --config "$limits" --store "$url" --listen 127.0.0.1:0 --log warn)
-        pids+=($!)
-        read -r l <&"$fd"
-        urls+=("http://${l#listening on }")
+    serve_on 1 "$url"
+    for _ in $(seq 2 "$n"); do
+        if [ "$databases" = separate ]; then url=$(fresh_database); fi
+        serve_on 1 "$url"
     done
-    out=$("$BIN" --server "$(IFS=,; echo "${urls[*]}")" bench transition --concurrency 64 \
+    out=$("$BIN" --server "$(server_list)" bench transition --concurrency 64 \
         --connections 6 --duration "${SECS}s" --warmup 2s --runs 3 | grep '^median')
-    kill -TERM "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
-    pids=()
+    stop_servers
     RATE=$(echo "$out" | grep -oE '[0-9.]+ transitions/s' | grep -oE '^[0-9.]+')
     CPU=$(echo "$out" | grep -oE '[0-9.]+ us/op' | grep -oE '^[0-9.]+')
 }

@@ -7,28 +7,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${1:-target/release/agent-lifecycle}
-PGDIR=${PGDIR:-target/bench-pg}
-line=$(bash scripts/postgres.sh start "$PGDIR")
-ADMIN=${line#TEST_DATABASE_URL=}
-# shellcheck disable=SC1091
-source "$PGDIR/env"
-# The per-agent transition limit (1000/s by default) raised out of the way:
-# the one-client run drives one agent faster than that.
-limits=$(mktemp)
-trap 'rm -f "$limits"' EXIT
-printf '[limits]\nagent_transitions_per_second = 1000000\nagent_transition_burst = 1000000\n' > "$limits"
+# shellcheck source=bench-pg.sh
+source scripts/bench-pg.sh
 for n in 1 2 3; do
-    db="bench_${n}_$$"
-    "$PGSH_BINDIR/psql" -X -q "$ADMIN" -c "CREATE DATABASE $db"
-    url="${ADMIN%/*}/$db"
-    pids=() urls=()
-    for _ in $(seq 1 "$n"); do
-        exec {fd}< <("$BIN" serve --config "$limits" --store "$url" --listen 127.0.0.1:0 --log warn)
-        pids+=($!)
-        read -r l <&"$fd"
-        urls+=("http://${l#listening on }")
-    done
-    list=$(IFS=,; echo "${urls[*]}")
+    serve_on "$n" "$(fresh_database)"
+    list=$(server_list)
     echo "=== $n process(es) on PostgreSQL"
     "$BIN" --server "$list" bench transition --concurrency 64 --connections 6 \
         --duration 10s --warmup 3s --runs 3 | grep -E '^run|median|sequences'
@@ -37,8 +20,7 @@ for n in 1 2 3; do
         "$BIN" --server "$list" bench transition --concurrency 1 --connections 1 \
             --duration 10s --warmup 2s --runs 3 | grep -E '^run|median'
     fi
-    kill -TERM "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+    stop_servers
 done
 echo "=== pgbench baseline"
 PGBENCH_SECONDS=10 PGBENCH_RUNS=3 bash scripts/pgbench.sh "$PGDIR"
-bash scripts/postgres.sh stop "$PGDIR"
